@@ -1,0 +1,31 @@
+/* Shared definitions of the dselectk C kernels. No Python here: kernels are plain C99, never
+ * allocate, never exit, and take caller-owned, C-contiguous buffers with explicit sizes. */
+#ifndef DSK_H
+#define DSK_H
+
+#include <stddef.h>
+
+#ifndef DSK_HAVE_OPENMP
+#define DSK_HAVE_OPENMP 0
+#endif
+
+/* Largest supported m = ceil(log2 n): the backward keeps O(m) prefix products on the stack. */
+#define DSK_MAX_BITS 30
+
+/* Thread count used by every OpenMP loop (and by the vendored BLAS): see threads.c. */
+int dsk_get_num_threads(void);
+void dsk_set_num_threads(int n);
+int dsk_blas_get_num_threads(void);
+
+#define DSK_PRAGMA(x) _Pragma(#x)
+#if DSK_HAVE_OPENMP
+/* Parallel loop over independent rows, only when there is enough work to pay for the threads.
+ * The thread count is passed explicitly (num_threads) rather than through omp_set_num_threads,
+ * whose setting would only apply to the thread that called it. */
+#define DSK_PARALLEL_FOR(work) \
+    DSK_PRAGMA(omp parallel for schedule(static) num_threads(dsk_get_num_threads()) if((work) > 32768))
+#else
+#define DSK_PARALLEL_FOR(work)
+#endif
+
+#endif /* DSK_H */

@@ -1,0 +1,344 @@
+/* Body of the gate kernels, included twice by gates.c: once with real = float, once with
+ * real = double (FN appends _f32 / _f64). Reductions (dot products, sums of logs) accumulate in
+ * double so that float32 results stay close to the float64 reference. Declarations and the meaning
+ * of every argument are in gates.h. */
+
+static inline real FN(smooth_step_value)(real t, real gamma) {
+    const real half = gamma / 2;
+    if (t <= -half) return 0;
+    if (t >= half) return 1;
+    const real v = -2 / (gamma * gamma * gamma) * t * t * t + 3 / (2 * gamma) * t + (real)0.5;
+    /* rounding can push the cubic a hair outside [0, 1] near the ends of the fractional region */
+    return v < 0 ? 0 : (v > 1 ? 1 : v);
+}
+
+static inline real FN(smooth_step_slope)(real t, real gamma) {
+    const real half = gamma / 2;
+    if (t <= -half || t >= half) return 0; /* S is C^1: the cubic's slope is 0 at +-gamma/2 too */
+    return -6 / (gamma * gamma * gamma) * t * t + 3 / (2 * gamma);
+}
+
+void FN(smooth_step_forward)(real *s, const real *t, long N, real gamma) {
+    DSK_PARALLEL_FOR(N)
+    for (long i = 0; i < N; i++) s[i] = FN(smooth_step_value)(t[i], gamma);
+}
+
+void FN(smooth_step_backward)(real *dt, const real *dout, const real *t, long N, real gamma) {
+    DSK_PARALLEL_FOR(N)
+    for (long i = 0; i < N; i++) dt[i] = dout[i] * FN(smooth_step_slope)(t[i], gamma);
+}
+
+/* One selector row: r (n) from s (m), by doubling. After bit b the first 2^(b+1) codes hold the
+ * products over bits 0..b; code j + 2^b has bit b set (factor s_b), code j has it clear (1 - s_b).
+ * Since 2^(m-1) < n, only the last doubling can reach past n, and those codes are dropped. */
+static void FN(selector_row_forward)(real *r, const real *s, int m, long n) {
+    r[0] = 1;
+    for (int b = 0; b < m; b++) {
+        const long half = 1L << b;
+        const real on = s[b], off = 1 - s[b];
+        for (long j = 0; j < half; j++) {
+            if (j + half < n) r[j + half] = r[j] * on;
+            r[j] *= off;
+        }
+    }
+}
+
+/* One selector row's backward: ds (m) += sum_{j<n} dr_j dr_j/ds, with
+ *   dr_j = coef_w * dw_j + coef_h * h'(r_j) + coef_p,   h'(r) = -(log(r + eps) + r / (r + eps)).
+ * dr_j/ds_b is the product of the other m - 1 factors, taken from prefix and suffix products so
+ * that no division is needed (factors are exactly 0 once S(Z) is binary). dw may be NULL. */
+static void FN(selector_row_backward)(double *ds, const real *s, int m, long n, const real *dw,
+                                      double coef_w, const real *r, double coef_h, double coef_p,
+                                      double eps) {
+    double prefix[DSK_MAX_BITS + 1];
+    for (int b = 0; b < m; b++) ds[b] = 0;
+    for (long j = 0; j < n; j++) {
+        double drj = coef_p;
+        if (dw) drj += coef_w * (double)dw[j];
+        if (coef_h != 0) {
+            const double rj = (double)r[j];
+            drj -= coef_h * (log(rj + eps) + rj / (rj + eps));
+        }
+        if (drj == 0) continue;
+        prefix[0] = 1;
+        for (int b = 0; b < m; b++)
+            prefix[b + 1] = prefix[b] * (((j >> b) & 1) ? (double)s[b] : 1 - (double)s[b]);
+        double suffix = 1;
+        for (int b = m - 1; b >= 0; b--) {
+            const int bit = (j >> b) & 1;
+            const double term = prefix[b] * suffix;
+            ds[b] += bit ? drj * term : -drj * term;
+            suffix *= bit ? (double)s[b] : 1 - (double)s[b];
+        }
+    }
+}
+
+void FN(selector_forward)(real *r, const real *s, long R, int m, long n) {
+    DSK_PARALLEL_FOR(R * n)
+    for (long i = 0; i < R; i++) FN(selector_row_forward)(r + i * n, s + i * m, m, n);
+}
+
+void FN(selector_backward)(real *ds, const real *dr, const real *s, long R, int m, long n) {
+    DSK_PARALLEL_FOR(R * n * m)
+    for (long i = 0; i < R; i++) {
+        double acc[DSK_MAX_BITS];
+        FN(selector_row_backward)(acc, s + i * m, m, n, dr + i * n, 1.0, NULL, 0.0, 0.0, 0.0);
+        for (int b = 0; b < m; b++) ds[i * m + b] = (real)acc[b];
+    }
+}
+
+/* softmax of one row v (len) into out (len), in place allowed */
+static void FN(softmax_row)(real *out, const real *v, long len, real scale) {
+    real vmax = v[0];
+    for (long j = 1; j < len; j++) vmax = v[j] > vmax ? v[j] : vmax;
+    double sum = 0;
+    for (long j = 0; j < len; j++) {
+        out[j] = (real)exp((double)(scale * (v[j] - vmax)));
+        sum += out[j];
+    }
+    const real inv = (real)(1.0 / sum);
+    for (long j = 0; j < len; j++) out[j] *= inv;
+}
+
+/* dv (len) = p * (dp - <p, dp>), the backward of p = softmax(v); dp may alias dv. */
+static void FN(softmax_row_backward)(real *dv, const real *dp, const real *p, long len, real scale) {
+    double dot = 0;
+    for (long j = 0; j < len; j++) dot += (double)p[j] * dp[j];
+    for (long j = 0; j < len; j++) dv[j] = (real)(scale * p[j] * ((double)dp[j] - dot));
+}
+
+void FN(dselect_k_forward)(real *w, real *sigma, real *sz, real *r, const real *alpha,
+                           const real *Z, long B, int k, int m, long n, real gamma) {
+    DSK_PARALLEL_FOR(B * k * n)
+    for (long b = 0; b < B; b++) {
+        real *wb = w + b * n, *sigb = sigma + b * k;
+        FN(softmax_row)(sigb, alpha + b * k, k, 1);
+        for (long j = 0; j < n; j++) wb[j] = 0;
+        for (int i = 0; i < k; i++) {
+            const long row = b * k + i;
+            real *s = sz + row * m, *ri = r + row * n;
+            for (int c = 0; c < m; c++) s[c] = FN(smooth_step_value)(Z[row * m + c], gamma);
+            FN(selector_row_forward)(ri, s, m, n);
+            const real si = sigb[i];
+            for (long j = 0; j < n; j++) wb[j] += si * ri[j];
+        }
+    }
+}
+
+void FN(dselect_k_backward)(real *dalpha, real *dZ, const real *dw, const real *sigma,
+                            const real *sz, const real *r, const real *Z, long B, int k, int m,
+                            long n, real gamma, double lambda, double xi, double eps) {
+    /* The regularizers are batch means, hence the 1/B on their coefficients. */
+    const double coef_h = lambda / (double)B, coef_xi = xi / (double)B;
+    DSK_PARALLEL_FOR(B * k * n * m)
+    for (long b = 0; b < B; b++) {
+        const real *sigb = sigma + b * k, *dwb = dw ? dw + b * n : NULL;
+        real *dab = dalpha + b * k;
+        /* dsigma_i = <dw, r_i>, then through the softmax; written into dalpha first */
+        for (int i = 0; i < k; i++) {
+            double dot = 0;
+            if (dwb)
+                for (long j = 0; j < n; j++) dot += (double)dwb[j] * r[(b * k + i) * n + j];
+            dab[i] = (real)dot;
+        }
+        FN(softmax_row_backward)(dab, dab, sigb, k, 1);
+        for (int i = 0; i < k; i++) {
+            const long row = b * k + i;
+            const real *ri = r + row * n;
+            double coef_p = 0;
+            if (coef_xi != 0) { /* d/dr_j of xi / (eps + sum_j r_j) is the same for every j < n */
+                double mass = 0;
+                for (long j = 0; j < n; j++) mass += ri[j];
+                coef_p = -coef_xi / ((eps + mass) * (eps + mass));
+            }
+            double ds[DSK_MAX_BITS];
+            FN(selector_row_backward)(ds, sz + row * m, m, n, dwb, (double)sigb[i], ri, coef_h,
+                                      coef_p, eps);
+            for (int c = 0; c < m; c++)
+                dZ[row * m + c] = (real)(ds[c] * FN(smooth_step_slope)(Z[row * m + c], gamma));
+        }
+    }
+}
+
+double FN(selector_entropy)(const real *r, long R, long n, double eps) {
+    double total = 0;
+    for (long i = 0; i < R * n; i++) total -= (double)r[i] * log((double)r[i] + eps);
+    return total;
+}
+
+double FN(selector_mass_penalty)(const real *r, long R, long n, double eps) {
+    double total = 0;
+    for (long i = 0; i < R; i++) {
+        double mass = 0;
+        for (long j = 0; j < n; j++) mass += r[i * n + j];
+        total += 1 / (eps + mass);
+    }
+    return total;
+}
+
+void FN(softmax_forward)(real *w, const real *logits, long B, long n) {
+    DSK_PARALLEL_FOR(B * n)
+    for (long b = 0; b < B; b++) FN(softmax_row)(w + b * n, logits + b * n, n, 1);
+}
+
+void FN(softmax_backward)(real *dlogits, const real *dw, const real *w, long B, long n) {
+    DSK_PARALLEL_FOR(B * n)
+    for (long b = 0; b < B; b++) FN(softmax_row_backward)(dlogits + b * n, dw + b * n, w + b * n, n, 1);
+}
+
+void FN(topk_forward)(real *w, const real *logits, long B, long n, long k) {
+    DSK_PARALLEL_FOR(B * n * k)
+    for (long b = 0; b < B; b++) {
+        const real *v = logits + b * n;
+        real *wb = w + b * n;
+        /* w doubles as the "already kept" mark while the k largest are picked */
+        for (long j = 0; j < n; j++) wb[j] = 0;
+        real vmax = 0;
+        for (long t = 0; t < k; t++) {
+            long best = -1;
+            for (long j = 0; j < n; j++)
+                if (wb[j] == 0 && (best < 0 || v[j] > v[best])) best = j;
+            wb[best] = 1;
+            if (t == 0) vmax = v[best];
+        }
+        double sum = 0;
+        for (long j = 0; j < n; j++)
+            if (wb[j] != 0) {
+                wb[j] = (real)exp((double)(v[j] - vmax));
+                sum += wb[j];
+            }
+        const real inv = (real)(1.0 / sum);
+        for (long j = 0; j < n; j++) wb[j] *= inv;
+    }
+}
+
+static inline double FN(softplus)(double x) { return x > 0 ? x + log1p(exp(-x)) : log1p(exp(x)); }
+
+void FN(noisy_logits_forward)(real *h, const real *clean, const real *raw_noise,
+                              const real *normal, long N) {
+    DSK_PARALLEL_FOR(N)
+    for (long i = 0; i < N; i++) h[i] = (real)(clean[i] + normal[i] * FN(softplus)(raw_noise[i]));
+}
+
+void FN(noisy_logits_backward)(real *draw, const real *dh, const real *raw_noise,
+                               const real *normal, long N) {
+    DSK_PARALLEL_FOR(N)
+    for (long i = 0; i < N; i++) {
+        const double sig = 1 / (1 + exp(-(double)raw_noise[i]));
+        draw[i] = (real)(dh[i] * normal[i] * sig);
+    }
+}
+
+void FN(softmax_selector_forward)(real *w, real *sigma, real *P, const real *alpha,
+                                  const real *beta, long B, int k, long n, real T) {
+    DSK_PARALLEL_FOR(B * k * n)
+    for (long b = 0; b < B; b++) {
+        real *wb = w + b * n, *sigb = sigma + b * k;
+        FN(softmax_row)(sigb, alpha + b * k, k, 1);
+        for (long j = 0; j < n; j++) wb[j] = 0;
+        for (int i = 0; i < k; i++) {
+            real *Pi = P + (b * k + i) * n;
+            FN(softmax_row)(Pi, beta + (b * k + i) * n, n, 1 / T);
+            for (long j = 0; j < n; j++) wb[j] += sigb[i] * Pi[j];
+        }
+    }
+}
+
+void FN(softmax_selector_backward)(real *dalpha, real *dbeta, const real *dw, const real *sigma,
+                                   const real *P, long B, int k, long n, real T, double lambda,
+                                   double eps) {
+    const double coef_h = lambda / (double)B;
+    DSK_PARALLEL_FOR(B * k * n)
+    for (long b = 0; b < B; b++) {
+        const real *sigb = sigma + b * k, *dwb = dw ? dw + b * n : NULL;
+        real *dab = dalpha + b * k;
+        for (int i = 0; i < k; i++) {
+            const real *Pi = P + (b * k + i) * n;
+            real *dPi = dbeta + (b * k + i) * n; /* dP first, then turned into dbeta in place */
+            double dot = 0;
+            for (long j = 0; j < n; j++) {
+                double dp = 0;
+                if (dwb) {
+                    dot += (double)dwb[j] * Pi[j];
+                    dp = (double)sigb[i] * dwb[j];
+                }
+                if (coef_h != 0) dp -= coef_h * (log((double)Pi[j] + eps) + Pi[j] / (Pi[j] + eps));
+                dPi[j] = (real)dp;
+            }
+            dab[i] = (real)dot;
+            FN(softmax_row_backward)(dPi, dPi, Pi, n, 1 / T);
+        }
+        FN(softmax_row_backward)(dab, dab, sigb, k, 1);
+    }
+}
+
+/* Pointer to expert j's output rows for examples b.. in either layout. */
+static inline const real *FN(expert_rows)(const real *f, long j, long b, long n, long B, long d,
+                                          int bnd) {
+    return bnd ? f + (b * n + j) * d : f + (j * B + b) * d;
+}
+
+void FN(mix_experts_forward)(real *y, const real *f, const real *w, const unsigned char *active,
+                             long n, long B, long d, int bnd, int per_example) {
+    DSK_PARALLEL_FOR(B * n * d)
+    for (long b = 0; b < B; b++) {
+        real *yb = y + b * d;
+        for (long c = 0; c < d; c++) yb[c] = 0;
+        for (long j = 0; j < n; j++) {
+            if (active && !active[j]) continue;
+            const real wj = per_example ? w[b * n + j] : w[j];
+            if (wj == 0) continue; /* exact zero: contributes nothing, skip the read */
+            const real *fj = FN(expert_rows)(f, j, b, n, B, d, bnd);
+            for (long c = 0; c < d; c++) yb[c] += wj * fj[c];
+        }
+    }
+}
+
+void FN(mix_experts_backward)(real *dw, real *df, const real *dy, const real *f, const real *w,
+                              const unsigned char *active, long n, long B, long d, int bnd,
+                              int per_example) {
+    /* df_j[b] = w_bj dy_b, dw_bj = <dy_b, f_j[b]>. Parallel over experts for the static gate (each
+     * dw_j is a sum over the whole batch), over examples for the per-example gate. */
+    if (!per_example) {
+        DSK_PARALLEL_FOR(B * n * d)
+        for (long j = 0; j < n; j++) {
+            const int on = !active || active[j];
+            double acc = 0;
+            for (long b = 0; b < B; b++) {
+                real *dfj = (real *)FN(expert_rows)(df, j, b, n, B, d, bnd);
+                const real *dyb = dy + b * d;
+                if (!on) {
+                    for (long c = 0; c < d; c++) dfj[c] = 0;
+                    continue;
+                }
+                const real *fj = FN(expert_rows)(f, j, b, n, B, d, bnd);
+                for (long c = 0; c < d; c++) {
+                    dfj[c] = w[j] * dyb[c];
+                    acc += (double)dyb[c] * fj[c];
+                }
+            }
+            dw[j] = (real)acc;
+        }
+    } else {
+        DSK_PARALLEL_FOR(B * n * d)
+        for (long b = 0; b < B; b++) {
+            const real *dyb = dy + b * d;
+            for (long j = 0; j < n; j++) {
+                real *dfj = (real *)FN(expert_rows)(df, j, b, n, B, d, bnd);
+                if (active && !active[j]) {
+                    for (long c = 0; c < d; c++) dfj[c] = 0;
+                    dw[b * n + j] = 0;
+                    continue;
+                }
+                const real *fj = FN(expert_rows)(f, j, b, n, B, d, bnd);
+                const real wj = w[b * n + j];
+                double acc = 0;
+                for (long c = 0; c < d; c++) {
+                    dfj[c] = wj * dyb[c];
+                    acc += (double)dyb[c] * fj[c];
+                }
+                dw[b * n + j] = (real)acc;
+            }
+        }
+    }
+}

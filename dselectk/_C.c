@@ -1,0 +1,966 @@
+/* dselectk._C: the one binding module between Python and the C kernels of csrc/.
+ *
+ * Every function here does the same four things, in this order:
+ *   1. converts and validates its arguments (dtype, ndim, shape, finiteness, scalar ranges),
+ *      raising TypeError / ValueError that name the argument, what it got and what was expected;
+ *   2. allocates (or validates the caller's out=) output arrays;
+ *   3. releases the GIL around the pure-C kernel;
+ *   4. drops every reference it holds through one exit path (the Hold list below).
+ * Inputs are never written. Non-contiguous, misaligned or byte-swapped inputs are copied to a
+ * C-contiguous native array first; an out= array must already be C-contiguous and writeable.
+ * All array arguments of one call must share one dtype: float32 or float64 (no silent casting).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <numpy/arrayobject.h>
+
+#include <limits.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "dsk.h"
+#include "gates.h"
+#include "linear.h"
+
+#ifndef DSK_BLAS_NAME
+#define DSK_BLAS_NAME "unknown"
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * Reference holding: every array a function creates goes into a Hold, released at the one exit.
+ */
+#define HOLD_MAX 16
+typedef struct {
+    PyArrayObject *a[HOLD_MAX];
+    int count;
+} Hold;
+
+static PyArrayObject *hold(Hold *h, PyArrayObject *a) {
+    if (a) h->a[h->count++] = a;
+    return a;
+}
+
+static void release(Hold *h) {
+    for (int i = 0; i < h->count; i++) Py_DECREF(h->a[i]);
+    h->count = 0;
+}
+
+#define DATA(a) PyArray_DATA(a)
+#define OPTDATA(a) ((a) ? PyArray_DATA(a) : NULL)
+
+/* Call the float or the double instance of a kernel. */
+#define DISPATCH(typenum, fn, ...)                                                                \
+    do {                                                                                         \
+        if ((typenum) == NPY_FLOAT) fn##_f32(__VA_ARGS__);                                       \
+        else fn##_f64(__VA_ARGS__);                                                              \
+    } while (0)
+
+/* ---------------------------------------------------------------------------------------------
+ * Converters
+ */
+static void format_shape(char *buf, size_t size, int ndim, const npy_intp *dims) {
+    size_t used = (size_t)snprintf(buf, size, "(");
+    for (int i = 0; i < ndim && used < size; i++)
+        used += (size_t)snprintf(buf + used, size - used, i ? ", %ld" : "%ld", (long)dims[i]);
+    if (used < size) snprintf(buf + used, size - used, ndim == 1 ? ",)" : ")");
+}
+
+static const char *dtype_name(int typenum) {
+    return typenum == NPY_FLOAT ? "float32" : typenum == NPY_DOUBLE ? "float64" : "?";
+}
+
+static int first_nonfinite(PyArrayObject *a, npy_intp *where) {
+    const npy_intp size = PyArray_SIZE(a);
+    if (PyArray_TYPE(a) == NPY_FLOAT) {
+        const float *p = (const float *)DATA(a);
+        for (npy_intp i = 0; i < size; i++)
+            if (!isfinite(p[i])) { *where = i; return 1; }
+    } else {
+        const double *p = (const double *)DATA(a);
+        for (npy_intp i = 0; i < size; i++)
+            if (!isfinite(p[i])) { *where = i; return 1; }
+    }
+    return 0;
+}
+
+/* An input array argument.
+ *   *typenum: NPY_NOTYPE for the first array of a call (it must be float32 or float64 and sets
+ *             the call's dtype), else the dtype every later array must have exactly.
+ *   dims:     the expected shape; entries < 0 are free and are filled in from the array.
+ *   shape_doc: the expected shape in the paper's symbols, for messages, e.g. "(B, k, m)".
+ *   finite:   reject NaN / Inf.
+ * Returns a new reference to a C-contiguous, aligned, native-byte-order array, or NULL with an
+ * exception set. */
+static PyArrayObject *input_array(PyObject *obj, const char *name, int *typenum, int ndim,
+                                  npy_intp *dims, const char *shape_doc, int finite) {
+    char got[128], want[128];
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a numpy.ndarray of float32 or float64, got %s",
+                     name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    const int tn = PyArray_TYPE(arr);
+    if (*typenum == NPY_NOTYPE) {
+        if (tn != NPY_FLOAT && tn != NPY_DOUBLE) {
+            PyErr_Format(PyExc_TypeError, "argument '%s' must have dtype float32 or float64, got %s",
+                         name, PyArray_DESCR(arr)->typeobj->tp_name);
+            return NULL;
+        }
+        *typenum = tn;
+    } else if (tn != *typenum) {
+        PyErr_Format(PyExc_TypeError,
+                     "argument '%s' has dtype %s, expected %s like the other arrays of this call "
+                     "(all arrays must share one dtype: float32 or float64)",
+                     name, tn == NPY_FLOAT || tn == NPY_DOUBLE ? dtype_name(tn)
+                                                               : PyArray_DESCR(arr)->typeobj->tp_name,
+                     dtype_name(*typenum));
+        return NULL;
+    }
+    format_shape(got, sizeof got, PyArray_NDIM(arr), PyArray_DIMS(arr));
+    if (PyArray_NDIM(arr) != ndim) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must be %d-D with shape %s, got shape %s",
+                     name, ndim, shape_doc, got);
+        return NULL;
+    }
+    for (int i = 0; i < ndim; i++) {
+        if (dims[i] >= 0 && PyArray_DIM(arr, i) != dims[i]) {
+            npy_intp shown[NPY_MAXDIMS]; /* free dims print as the array's own */
+            for (int j = 0; j < ndim; j++) shown[j] = dims[j] >= 0 ? dims[j] : PyArray_DIM(arr, j);
+            format_shape(want, sizeof want, ndim, shown);
+            PyErr_Format(PyExc_ValueError, "argument '%s' must have shape %s = %s, got %s", name,
+                         shape_doc, want, got);
+            return NULL;
+        }
+    }
+    for (int i = 0; i < ndim; i++) dims[i] = PyArray_DIM(arr, i);
+    /* copies only when the array is not already C-contiguous, aligned and native */
+    PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, *typenum, NPY_ARRAY_IN_ARRAY);
+    if (!conv) return NULL;
+    npy_intp where;
+    if (finite && first_nonfinite(conv, &where)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' contains NaN or Inf (first at flat index %ld); "
+                     "expected finite values", name, (long)where);
+        Py_DECREF(conv);
+        return NULL;
+    }
+    return conv;
+}
+
+/* Same, for an argument that may be None (returns NULL without an exception then). */
+static int optional_input(PyObject *obj, const char *name, int *typenum, int ndim, npy_intp *dims,
+                          const char *shape_doc, int finite, PyArrayObject **result) {
+    *result = NULL;
+    if (obj == NULL || obj == Py_None) return 0;
+    *result = input_array(obj, name, typenum, ndim, dims, shape_doc, finite);
+    return *result ? 0 : -1;
+}
+
+static int overlaps(PyArrayObject *a, PyArrayObject *b) {
+    const char *a0 = PyArray_BYTES(a), *b0 = PyArray_BYTES(b);
+    const char *a1 = a0 + PyArray_NBYTES(a), *b1 = b0 + PyArray_NBYTES(b);
+    return PyArray_NBYTES(a) > 0 && PyArray_NBYTES(b) > 0 && a0 < b1 && b0 < a1;
+}
+
+/* An output array: a new one when out is NULL/None, else the caller's out= validated (exact dtype
+ * and shape, C-contiguous, writeable, sharing no memory with any input in h). New reference. */
+static PyArrayObject *output_array(PyObject *out, const char *name, int typenum, int ndim,
+                                   const npy_intp *dims, Hold *inputs) {
+    if (out == NULL || out == Py_None)
+        return (PyArrayObject *)PyArray_EMPTY(ndim, (npy_intp *)dims, typenum, 0);
+    char got[128], want[128];
+    if (!PyArray_Check(out)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a numpy.ndarray or None, got %s", name,
+                     Py_TYPE(out)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)out;
+    format_shape(got, sizeof got, PyArray_NDIM(arr), PyArray_DIMS(arr));
+    format_shape(want, sizeof want, ndim, dims);
+    if (PyArray_TYPE(arr) != typenum || !PyArray_ISNOTSWAPPED(arr)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must have dtype %s (native byte order)", name,
+                     dtype_name(typenum));
+        return NULL;
+    }
+    if (PyArray_NDIM(arr) != ndim || !PyArray_CompareLists(PyArray_DIMS(arr), (npy_intp *)dims, ndim)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must have shape %s, got %s", name, want, got);
+        return NULL;
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr) || !PyArray_ISWRITEABLE(arr)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must be a C-contiguous, aligned, writeable array",
+                     name);
+        return NULL;
+    }
+    for (int i = 0; inputs && i < inputs->count; i++)
+        if (overlaps(arr, inputs->a[i])) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' shares memory with an input; inputs are never "
+                         "overwritten, pass a separate array", name);
+            return NULL;
+        }
+    Py_INCREF(arr);
+    return arr;
+}
+
+static PyArrayObject *new_array(int typenum, int ndim, const npy_intp *dims) {
+    return (PyArrayObject *)PyArray_EMPTY(ndim, (npy_intp *)dims, typenum, 0);
+}
+
+/* PyErr_Format has no %g, hence the snprintf */
+static int check_scalar(double v, const char *name, int strictly_positive) {
+    if ((strictly_positive ? v > 0 : v >= 0) && isfinite(v)) return 0;
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s must be a finite number %s 0, got %g", name, strictly_positive ? ">" : ">=", v);
+    PyErr_SetString(PyExc_ValueError, msg);
+    return -1;
+}
+#define check_gamma(v, name) check_scalar((v), (name), 1)
+#define check_nonneg(v, name) check_scalar((v), (name), 0)
+
+static int check_batch(npy_intp B, const char *name) {
+    if (B < 1) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' has an empty batch (B = 0); expected at least one "
+                     "example", name);
+        return -1;
+    }
+    return 0;
+}
+
+/* m = ceil(log2 n): bits of the binary code of n experts. n must be >= 2. */
+static int n_bits(npy_intp n) {
+    int m = 0;
+    while (((npy_intp)1 << m) < n) m++;
+    return m;
+}
+
+static int check_n(npy_intp n) {
+    if (n < 2) {
+        PyErr_Format(PyExc_ValueError, "n (the number of experts) must be >= 2, got %ld", (long)n);
+        return -1;
+    }
+    if (n > ((npy_intp)1 << DSK_MAX_BITS)) {
+        PyErr_Format(PyExc_ValueError, "n (the number of experts) must be <= 2**%d, got %ld", DSK_MAX_BITS,
+                     (long)n);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_k(npy_intp k, npy_intp n, const char *what) {
+    if (k < 1 || k > n) {
+        PyErr_Format(PyExc_ValueError, "k (%s) must satisfy 1 <= k <= n = %ld, got k = %ld", what,
+                     (long)n, (long)k);
+        return -1;
+    }
+    return 0;
+}
+
+/* The BLAS of openblas32 takes 32-bit ints. */
+static int check_blas_dims(npy_intp a, npy_intp b, npy_intp c) {
+    if (a > INT_MAX || b > INT_MAX || c > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "a dimension exceeds 2**31 - 1, the limit of the 32-bit BLAS");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Smooth-step
+ */
+PyDoc_STRVAR(smooth_step_forward_doc,
+"smooth_step_forward(t, gamma, out=None) -> s\n\n"
+"S(t; gamma) elementwise for a 1-D array t (Section 3.1.3).");
+
+static PyObject *py_smooth_step_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"t", "gamma", "out", NULL};
+    PyObject *t_obj, *out_obj = NULL, *result = NULL;
+    double gamma;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Od|O", kwlist, &t_obj, &gamma, &out_obj)) return NULL;
+    if (check_gamma(gamma, "gamma") < 0) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[1] = {-1};
+    PyArrayObject *t = hold(&h, input_array(t_obj, "t", &tn, 1, dims, "(N,)", 1));
+    if (!t) goto done;
+    PyArrayObject *s = hold(&h, output_array(out_obj, "out", tn, 1, dims, &h));
+    if (!s) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, smooth_step_forward, DATA(s), DATA(t), (long)dims[0], gamma);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)s);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(smooth_step_backward_doc,
+"smooth_step_backward(dout, t, gamma) -> dt\n\n"
+"dt = dout * S'(t; gamma) for 1-D arrays.");
+
+static PyObject *py_smooth_step_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dout", "t", "gamma", NULL};
+    PyObject *dout_obj, *t_obj, *result = NULL;
+    double gamma;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOd", kwlist, &dout_obj, &t_obj, &gamma)) return NULL;
+    if (check_gamma(gamma, "gamma") < 0) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[1] = {-1};
+    PyArrayObject *dout = hold(&h, input_array(dout_obj, "dout", &tn, 1, dims, "(N,)", 1));
+    if (!dout) goto done;
+    PyArrayObject *t = hold(&h, input_array(t_obj, "t", &tn, 1, dims, "(N,)", 1));
+    if (!t) goto done;
+    PyArrayObject *dt = hold(&h, new_array(tn, 1, dims));
+    if (!dt) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, smooth_step_backward, DATA(dt), DATA(dout), DATA(t), (long)dims[0], gamma);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)dt);
+done:
+    release(&h);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Single-expert selector
+ */
+PyDoc_STRVAR(selector_forward_doc,
+"selector_forward(s, n, out=None) -> r\n\n"
+"Single-expert selector r(s) of eq. (4) for each row of s (R, m), m = ceil(log2 n); r is (R, n).\n"
+"s[:, 0] is the least significant bit; codes n..2**m-1 are dropped.");
+
+static PyObject *py_selector_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"s", "n", "out", NULL};
+    PyObject *s_obj, *out_obj = NULL, *result = NULL;
+    Py_ssize_t n;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "On|O", kwlist, &s_obj, &n, &out_obj)) return NULL;
+    if (check_n(n) < 0) return NULL;
+    const int m = n_bits(n);
+    int tn = NPY_NOTYPE;
+    npy_intp sdims[2] = {-1, m};
+    PyArrayObject *s = hold(&h, input_array(s_obj, "s", &tn, 2, sdims, "(R, m), m = ceil(log2 n)", 1));
+    if (!s) goto done;
+    npy_intp rdims[2] = {sdims[0], n};
+    PyArrayObject *r = hold(&h, output_array(out_obj, "out", tn, 2, rdims, &h));
+    if (!r) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, selector_forward, DATA(r), DATA(s), (long)sdims[0], m, (long)n);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)r);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(selector_backward_doc,
+"selector_backward(dr, s, n) -> ds\n\n"
+"Gradient ds (R, m) of <dr, r(s)> for dr (R, n), s (R, m).");
+
+static PyObject *py_selector_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dr", "s", "n", NULL};
+    PyObject *dr_obj, *s_obj, *result = NULL;
+    Py_ssize_t n;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOn", kwlist, &dr_obj, &s_obj, &n)) return NULL;
+    if (check_n(n) < 0) return NULL;
+    const int m = n_bits(n);
+    int tn = NPY_NOTYPE;
+    npy_intp rdims[2] = {-1, n}, sdims[2] = {-1, m};
+    PyArrayObject *dr = hold(&h, input_array(dr_obj, "dr", &tn, 2, rdims, "(R, n)", 1));
+    if (!dr) goto done;
+    sdims[0] = rdims[0];
+    PyArrayObject *s = hold(&h, input_array(s_obj, "s", &tn, 2, sdims, "(R, m), m = ceil(log2 n)", 1));
+    if (!s) goto done;
+    PyArrayObject *ds = hold(&h, new_array(tn, 2, sdims));
+    if (!ds) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, selector_backward, DATA(ds), DATA(dr), DATA(s), (long)sdims[0], m, (long)n);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)ds);
+done:
+    release(&h);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * DSelect-k
+ */
+PyDoc_STRVAR(dselect_k_forward_doc,
+"dselect_k_forward(alpha, Z, n, gamma, out=None) -> (w, sigma, sz, r)\n\n"
+"DSelect-k on logits, eq. (6), for a batch: alpha (B, k), Z (B, k, m), m = ceil(log2 n).\n"
+"w (B, n) are the expert weights; sigma = softmax(alpha) (B, k), sz = S(Z) (B, k, m) and the\n"
+"selector outputs r (B, k, n) are the cache dselect_k_backward needs. The static gate is B = 1.");
+
+static PyObject *py_dselect_k_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"alpha", "Z", "n", "gamma", "out", NULL};
+    PyObject *alpha_obj, *Z_obj, *out_obj = NULL, *result = NULL;
+    Py_ssize_t n;
+    double gamma;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOnd|O", kwlist, &alpha_obj, &Z_obj, &n, &gamma, &out_obj))
+        return NULL;
+    if (check_n(n) < 0 || check_gamma(gamma, "gamma") < 0) return NULL;
+    const int m = n_bits(n);
+    int tn = NPY_NOTYPE;
+    npy_intp adims[2] = {-1, -1};
+    PyArrayObject *alpha = hold(&h, input_array(alpha_obj, "alpha", &tn, 2, adims, "(B, k)", 1));
+    if (!alpha) goto done;
+    const npy_intp B = adims[0], k = adims[1];
+    if (check_batch(B, "alpha") < 0 || check_k(k, n, "alpha.shape[1], the number of selectors") < 0) goto done;
+    npy_intp zdims[3] = {B, k, m};
+    PyArrayObject *Z = hold(&h, input_array(Z_obj, "Z", &tn, 3, zdims, "(B, k, m), m = ceil(log2 n)", 1));
+    if (!Z) goto done;
+    npy_intp wdims[2] = {B, n}, rdims[3] = {B, k, n};
+    PyArrayObject *w = hold(&h, output_array(out_obj, "out", tn, 2, wdims, &h));
+    PyArrayObject *sigma = hold(&h, new_array(tn, 2, adims));
+    PyArrayObject *sz = hold(&h, new_array(tn, 3, zdims));
+    PyArrayObject *r = hold(&h, new_array(tn, 3, rdims));
+    if (!w || !sigma || !sz || !r) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, dselect_k_forward, DATA(w), DATA(sigma), DATA(sz), DATA(r), DATA(alpha), DATA(Z),
+             (long)B, (int)k, m, (long)n, gamma);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OOOO)", w, sigma, sz, r);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(dselect_k_backward_doc,
+"dselect_k_backward(dw, sigma, sz, r, Z, gamma, lam=0.0, xi=0.0, eps=1e-6) -> (dalpha, dZ)\n\n"
+"Gradients of <dw, w> + lam * mean_b Omega_b + xi * mean_b sum_i 1/(eps + sum_{j<n} r_bij) with\n"
+"respect to alpha (B, k) and Z (B, k, m). dw (B, n) may be None (regularizers only);\n"
+"sigma, sz, r come from dselect_k_forward. Omega_b = sum_i h(r_bi), h(r) = -sum_j r_j log(r_j + eps).");
+
+static PyObject *py_dselect_k_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dw", "sigma", "sz", "r", "Z", "gamma", "lam", "xi", "eps", NULL};
+    PyObject *dw_obj, *sigma_obj, *sz_obj, *r_obj, *Z_obj, *result = NULL;
+    double gamma, lam = 0, xi = 0, eps = 1e-6;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOd|ddd", kwlist, &dw_obj, &sigma_obj, &sz_obj, &r_obj,
+                                     &Z_obj, &gamma, &lam, &xi, &eps))
+        return NULL;
+    if (check_gamma(gamma, "gamma") < 0 || check_nonneg(lam, "lam") < 0 || check_nonneg(xi, "xi") < 0 ||
+        check_gamma(eps, "eps") < 0)
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp rdims[3] = {-1, -1, -1};
+    PyArrayObject *r = hold(&h, input_array(r_obj, "r", &tn, 3, rdims, "(B, k, n)", 0));
+    if (!r) goto done;
+    const npy_intp B = rdims[0], k = rdims[1], n = rdims[2];
+    if (check_batch(B, "r") < 0 || check_n(n) < 0 || check_k(k, n, "r.shape[1]") < 0) goto done;
+    const int m = n_bits(n);
+    npy_intp sdims[2] = {B, k}, zdims[3] = {B, k, m}, wdims[2] = {B, n};
+    PyArrayObject *dw = NULL, *sigma, *sz, *Z;
+    if (optional_input(dw_obj, "dw", &tn, 2, wdims, "(B, n)", 1, &dw) < 0) goto done;
+    hold(&h, dw);
+    if (!(sigma = hold(&h, input_array(sigma_obj, "sigma", &tn, 2, sdims, "(B, k)", 0)))) goto done;
+    if (!(sz = hold(&h, input_array(sz_obj, "sz", &tn, 3, zdims, "(B, k, m)", 0)))) goto done;
+    if (!(Z = hold(&h, input_array(Z_obj, "Z", &tn, 3, zdims, "(B, k, m)", 1)))) goto done;
+    PyArrayObject *dalpha = hold(&h, new_array(tn, 2, sdims));
+    PyArrayObject *dZ = hold(&h, new_array(tn, 3, zdims));
+    if (!dalpha || !dZ) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, dselect_k_backward, DATA(dalpha), DATA(dZ), OPTDATA(dw), DATA(sigma), DATA(sz), DATA(r),
+             DATA(Z), (long)B, (int)k, m, (long)n, gamma, lam, xi, eps);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OO)", dalpha, dZ);
+done:
+    release(&h);
+    return result;
+}
+
+/* selector_entropy / selector_mass_penalty share everything but the kernel */
+static PyObject *selector_reduction(PyObject *args, PyObject *kw, int which) {
+    static char *kwlist[] = {"r", "eps", NULL};
+    PyObject *r_obj, *result = NULL;
+    double eps = 1e-6, value = 0;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|d", kwlist, &r_obj, &eps)) return NULL;
+    if (check_gamma(eps, "eps") < 0) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[2] = {-1, -1};
+    PyArrayObject *r = hold(&h, input_array(r_obj, "r", &tn, 2, dims, "(R, n)", 1));
+    if (!r) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (tn == NPY_FLOAT)
+        value = which ? selector_mass_penalty_f32(DATA(r), (long)dims[0], (long)dims[1], eps)
+                      : selector_entropy_f32(DATA(r), (long)dims[0], (long)dims[1], eps);
+    else
+        value = which ? selector_mass_penalty_f64(DATA(r), (long)dims[0], (long)dims[1], eps)
+                      : selector_entropy_f64(DATA(r), (long)dims[0], (long)dims[1], eps);
+    Py_END_ALLOW_THREADS
+    result = PyFloat_FromDouble(value);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(selector_entropy_doc,
+"selector_entropy(r, eps=1e-6) -> float\n\n"
+"Sum over the rows of r (R, n) of h(r_row) = -sum_j r_j log(r_j + eps) (natural log).");
+static PyObject *py_selector_entropy(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    return selector_reduction(args, kw, 0);
+}
+
+PyDoc_STRVAR(selector_mass_penalty_doc,
+"selector_mass_penalty(r, eps=1e-6) -> float\n\n"
+"Sum over the rows of r (R, n) of 1 / (eps + sum_j r_j) (Appendix B.2, without xi).");
+static PyObject *py_selector_mass_penalty(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    return selector_reduction(args, kw, 1);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Softmax and Top-k
+ */
+PyDoc_STRVAR(softmax_forward_doc,
+"softmax_forward(logits, out=None) -> w\n\nRow-wise softmax of logits (B, n).");
+PyDoc_STRVAR(topk_forward_doc,
+"topk_forward(logits, k, out=None) -> w\n\n"
+"softmax(KeepTopK(logits, k)) row-wise for logits (B, n): the k largest entries keep their\n"
+"softmax mass, the others are exactly 0. Ties go to the lower index.");
+
+/* softmax_forward (k == 0) and topk_forward share argument handling */
+static PyObject *logits_gate(PyObject *args, PyObject *kw, int topk) {
+    static char *kwlist_sm[] = {"logits", "out", NULL};
+    static char *kwlist_tk[] = {"logits", "k", "out", NULL};
+    PyObject *l_obj, *out_obj = NULL, *result = NULL;
+    Py_ssize_t k = 0;
+    Hold h = {0};
+    if (topk ? !PyArg_ParseTupleAndKeywords(args, kw, "On|O", kwlist_tk, &l_obj, &k, &out_obj)
+             : !PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist_sm, &l_obj, &out_obj))
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[2] = {-1, -1};
+    PyArrayObject *logits = hold(&h, input_array(l_obj, "logits", &tn, 2, dims, "(B, n)", 1));
+    if (!logits) goto done;
+    if (check_batch(dims[0], "logits") < 0) goto done;
+    if (dims[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'logits' must have at least one column (n >= 1)");
+        goto done;
+    }
+    if (topk && check_k(k, dims[1], "the number of experts kept") < 0) goto done;
+    PyArrayObject *w = hold(&h, output_array(out_obj, "out", tn, 2, dims, &h));
+    if (!w) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (topk) DISPATCH(tn, topk_forward, DATA(w), DATA(logits), (long)dims[0], (long)dims[1], (long)k);
+    else DISPATCH(tn, softmax_forward, DATA(w), DATA(logits), (long)dims[0], (long)dims[1]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)w);
+done:
+    release(&h);
+    return result;
+}
+
+static PyObject *py_softmax_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    return logits_gate(args, kw, 0);
+}
+static PyObject *py_topk_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    return logits_gate(args, kw, 1);
+}
+
+PyDoc_STRVAR(softmax_backward_doc,
+"softmax_backward(dw, w) -> dlogits\n\n"
+"dlogits = w * (dw - <w, dw>) row-wise; dw, w (B, n). Also the Top-k backward (w from topk_forward):\n"
+"entries outside the top k have w = 0 and receive no gradient.");
+
+static PyObject *py_softmax_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dw", "w", NULL};
+    PyObject *dw_obj, *w_obj, *result = NULL;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", kwlist, &dw_obj, &w_obj)) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[2] = {-1, -1};
+    PyArrayObject *dw = hold(&h, input_array(dw_obj, "dw", &tn, 2, dims, "(B, n)", 1));
+    if (!dw) goto done;
+    if (check_batch(dims[0], "dw") < 0) goto done;
+    PyArrayObject *w = hold(&h, input_array(w_obj, "w", &tn, 2, dims, "(B, n)", 1));
+    if (!w) goto done;
+    PyArrayObject *dl = hold(&h, new_array(tn, 2, dims));
+    if (!dl) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, softmax_backward, DATA(dl), DATA(dw), DATA(w), (long)dims[0], (long)dims[1]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)dl);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(noisy_logits_forward_doc,
+"noisy_logits_forward(clean, raw_noise, normal) -> h\n\n"
+"Noisy Top-k logits h = clean + normal * softplus(raw_noise); all 1-D of one length.");
+PyDoc_STRVAR(noisy_logits_backward_doc,
+"noisy_logits_backward(dh, raw_noise, normal) -> draw\n\n"
+"draw = dh * normal * sigmoid(raw_noise); the gradient to clean is dh itself.");
+
+static PyObject *noisy_logits(PyObject *args, PyObject *kw, int backward) {
+    static char *kwlist_f[] = {"clean", "raw_noise", "normal", NULL};
+    static char *kwlist_b[] = {"dh", "raw_noise", "normal", NULL};
+    PyObject *a_obj, *raw_obj, *normal_obj, *result = NULL;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO", backward ? kwlist_b : kwlist_f, &a_obj, &raw_obj,
+                                     &normal_obj))
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[1] = {-1};
+    PyArrayObject *a = hold(&h, input_array(a_obj, backward ? "dh" : "clean", &tn, 1, dims, "(N,)", 1));
+    if (!a) goto done;
+    PyArrayObject *raw = hold(&h, input_array(raw_obj, "raw_noise", &tn, 1, dims, "(N,)", 1));
+    if (!raw) goto done;
+    PyArrayObject *normal = hold(&h, input_array(normal_obj, "normal", &tn, 1, dims, "(N,)", 1));
+    if (!normal) goto done;
+    PyArrayObject *o = hold(&h, new_array(tn, 1, dims));
+    if (!o) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (backward) DISPATCH(tn, noisy_logits_backward, DATA(o), DATA(a), DATA(raw), DATA(normal), (long)dims[0]);
+    else DISPATCH(tn, noisy_logits_forward, DATA(o), DATA(a), DATA(raw), DATA(normal), (long)dims[0]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)o);
+done:
+    release(&h);
+    return result;
+}
+
+static PyObject *py_noisy_logits_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    return noisy_logits(args, kw, 0);
+}
+static PyObject *py_noisy_logits_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    return noisy_logits(args, kw, 1);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Softmax-selector ablation gate (Appendix C.2)
+ */
+PyDoc_STRVAR(softmax_selector_forward_doc,
+"softmax_selector_forward(alpha, beta, T) -> (w, sigma, P)\n\n"
+"Ablation gate w = sum_i softmax(alpha)_i softmax(beta_i / T); alpha (B, k), beta (B, k, n), T > 0.\n"
+"sigma (B, k) and P (B, k, n) are the cache for the backward.");
+
+static PyObject *py_softmax_selector_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"alpha", "beta", "T", NULL};
+    PyObject *alpha_obj, *beta_obj, *result = NULL;
+    double T;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOd", kwlist, &alpha_obj, &beta_obj, &T)) return NULL;
+    if (check_gamma(T, "T (the temperature)") < 0) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp adims[2] = {-1, -1};
+    PyArrayObject *alpha = hold(&h, input_array(alpha_obj, "alpha", &tn, 2, adims, "(B, k)", 1));
+    if (!alpha) goto done;
+    if (check_batch(adims[0], "alpha") < 0) goto done;
+    npy_intp bdims[3] = {adims[0], adims[1], -1};
+    PyArrayObject *beta = hold(&h, input_array(beta_obj, "beta", &tn, 3, bdims, "(B, k, n)", 1));
+    if (!beta) goto done;
+    const npy_intp B = adims[0], k = adims[1], n = bdims[2];
+    if (check_n(n) < 0 || check_k(k, n, "alpha.shape[1], the number of selectors") < 0) goto done;
+    npy_intp wdims[2] = {B, n};
+    PyArrayObject *w = hold(&h, new_array(tn, 2, wdims));
+    PyArrayObject *sigma = hold(&h, new_array(tn, 2, adims));
+    PyArrayObject *P = hold(&h, new_array(tn, 3, bdims));
+    if (!w || !sigma || !P) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, softmax_selector_forward, DATA(w), DATA(sigma), DATA(P), DATA(alpha), DATA(beta), (long)B,
+             (int)k, (long)n, T);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OOO)", w, sigma, P);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(softmax_selector_backward_doc,
+"softmax_selector_backward(dw, sigma, P, T, lam=0.0, eps=1e-6) -> (dalpha, dbeta)\n\n"
+"Gradients of <dw, w> + lam * mean_b sum_i h(P_bi) for the ablation gate; dw (B, n) may be None.");
+
+static PyObject *py_softmax_selector_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dw", "sigma", "P", "T", "lam", "eps", NULL};
+    PyObject *dw_obj, *sigma_obj, *P_obj, *result = NULL;
+    double T, lam = 0, eps = 1e-6;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOd|dd", kwlist, &dw_obj, &sigma_obj, &P_obj, &T, &lam, &eps))
+        return NULL;
+    if (check_gamma(T, "T (the temperature)") < 0 || check_nonneg(lam, "lam") < 0 || check_gamma(eps, "eps") < 0)
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp pdims[3] = {-1, -1, -1};
+    PyArrayObject *P = hold(&h, input_array(P_obj, "P", &tn, 3, pdims, "(B, k, n)", 0));
+    if (!P) goto done;
+    const npy_intp B = pdims[0], k = pdims[1], n = pdims[2];
+    if (check_batch(B, "P") < 0 || check_n(n) < 0 || check_k(k, n, "P.shape[1]") < 0) goto done;
+    npy_intp sdims[2] = {B, k}, wdims[2] = {B, n};
+    PyArrayObject *dw = NULL, *sigma;
+    if (optional_input(dw_obj, "dw", &tn, 2, wdims, "(B, n)", 1, &dw) < 0) goto done;
+    hold(&h, dw);
+    if (!(sigma = hold(&h, input_array(sigma_obj, "sigma", &tn, 2, sdims, "(B, k)", 0)))) goto done;
+    PyArrayObject *dalpha = hold(&h, new_array(tn, 2, sdims));
+    PyArrayObject *dbeta = hold(&h, new_array(tn, 3, pdims));
+    if (!dalpha || !dbeta) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, softmax_selector_backward, DATA(dalpha), DATA(dbeta), OPTDATA(dw), DATA(sigma), DATA(P),
+             (long)B, (int)k, (long)n, T, lam, eps);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OO)", dalpha, dbeta);
+done:
+    release(&h);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Mixing expert outputs
+ */
+static int parse_layout(const char *layout, int *bnd) {
+    if (strcmp(layout, "nbd") == 0) *bnd = 0;
+    else if (strcmp(layout, "bnd") == 0) *bnd = 1;
+    else {
+        PyErr_Format(PyExc_ValueError, "layout must be 'nbd' (f is (n, B, d)) or 'bnd' (f is (B, n, d)), got '%s'",
+                     layout);
+        return -1;
+    }
+    return 0;
+}
+
+/* Validates f (layout) and w ((n,) static or (B, n) per-example) and computes the active mask:
+ * an expert is inactive when skip_zero and its weight is exactly 0 for every example. */
+static int mix_inputs(PyObject *f_obj, PyObject *w_obj, const char *layout, int skip_zero, int *tn, Hold *h,
+                      PyArrayObject **f, PyArrayObject **w, int *bnd, npy_intp *n, npy_intp *B, npy_intp *d,
+                      int *per_example, unsigned char **active_out) {
+    if (parse_layout(layout, bnd) < 0) return -1;
+    npy_intp fdims[3] = {-1, -1, -1};
+    if (!(*f = hold(h, input_array(f_obj, "f", tn, 3, fdims, *bnd ? "(B, n, d)" : "(n, B, d)", 1)))) return -1;
+    *n = *bnd ? fdims[1] : fdims[0];
+    *B = *bnd ? fdims[0] : fdims[1];
+    *d = fdims[2];
+    if (check_batch(*B, "f") < 0) return -1;
+    if (*n < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'f' holds no experts (n = 0)");
+        return -1;
+    }
+    if (!PyArray_Check(w_obj)) {
+        PyErr_Format(PyExc_TypeError, "argument 'w' must be a numpy.ndarray, got %s", Py_TYPE(w_obj)->tp_name);
+        return -1;
+    }
+    *per_example = PyArray_NDIM((PyArrayObject *)w_obj) == 2;
+    npy_intp wdims[2] = {*per_example ? *B : *n, *n};
+    if (!(*w = hold(h, input_array(w_obj, "w", tn, *per_example ? 2 : 1, *per_example ? wdims : wdims + 1,
+                                  *per_example ? "(B, n)" : "(n,)", 1))))
+        return -1;
+    unsigned char *active = *active_out = PyMem_Malloc((size_t)*n);
+    if (!active) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (npy_intp j = 0; j < *n; j++) active[j] = 1;
+    if (skip_zero) {
+        for (npy_intp j = 0; j < *n; j++) active[j] = 0;
+        const npy_intp rows = *per_example ? *B : 1;
+        for (npy_intp b = 0; b < rows; b++)
+            for (npy_intp j = 0; j < *n; j++) {
+                const double v = *tn == NPY_FLOAT ? ((float *)DATA(*w))[b * *n + j] : ((double *)DATA(*w))[b * *n + j];
+                if (v != 0) active[j] = 1;
+            }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(mix_experts_forward_doc,
+"mix_experts_forward(f, w, layout='nbd', skip_zero=True, out=None) -> y\n\n"
+"y (B, d) = sum_j w_j f_j. f is (n, B, d) for layout 'nbd' or (B, n, d) for 'bnd'; w is (n,) for a\n"
+"static gate or (B, n) per example. With skip_zero, experts whose weight is exactly 0 for the whole\n"
+"batch are not read.");
+
+static PyObject *py_mix_experts_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"f", "w", "layout", "skip_zero", "out", NULL};
+    PyObject *f_obj, *w_obj, *out_obj = NULL, *result = NULL;
+    const char *layout = "nbd";
+    int skip_zero = 1, tn = NPY_NOTYPE, bnd, per_example;
+    npy_intp n, B, d;
+    unsigned char *active = NULL;
+    PyArrayObject *f, *w;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|spO", kwlist, &f_obj, &w_obj, &layout, &skip_zero, &out_obj))
+        return NULL;
+    if (mix_inputs(f_obj, w_obj, layout, skip_zero, &tn, &h, &f, &w, &bnd, &n, &B, &d, &per_example, &active) < 0)
+        goto done;
+    npy_intp ydims[2] = {B, d};
+    PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 2, ydims, &h));
+    if (!y) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, mix_experts_forward, DATA(y), DATA(f), DATA(w), active, (long)n, (long)B, (long)d, bnd,
+             per_example);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)y);
+done:
+    PyMem_Free(active);
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(mix_experts_backward_doc,
+"mix_experts_backward(dy, f, w, layout='nbd', skip_zero=True) -> (dw, df)\n\n"
+"Gradients of <dy, y> for y = mix_experts_forward(f, w): dw like w, df like f. Experts skipped by\n"
+"skip_zero (weight exactly 0 for the whole batch) get dw = 0 and df = 0 and are not read: the\n"
+"gates of this package pass no gradient through an exact zero weight.");
+
+static PyObject *py_mix_experts_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dy", "f", "w", "layout", "skip_zero", NULL};
+    PyObject *dy_obj, *f_obj, *w_obj, *result = NULL;
+    const char *layout = "nbd";
+    int skip_zero = 1, tn = NPY_NOTYPE, bnd, per_example;
+    npy_intp n, B, d;
+    unsigned char *active = NULL;
+    PyArrayObject *f, *w, *dy;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|sp", kwlist, &dy_obj, &f_obj, &w_obj, &layout, &skip_zero))
+        return NULL;
+    if (mix_inputs(f_obj, w_obj, layout, skip_zero, &tn, &h, &f, &w, &bnd, &n, &B, &d, &per_example, &active) < 0)
+        goto done;
+    npy_intp ydims[2] = {B, d};
+    if (!(dy = hold(&h, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, d)", 1)))) goto done;
+    PyArrayObject *dw = hold(&h, new_array(tn, PyArray_NDIM(w), PyArray_DIMS(w)));
+    PyArrayObject *df = hold(&h, new_array(tn, 3, PyArray_DIMS(f)));
+    if (!dw || !df) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, mix_experts_backward, DATA(dw), DATA(df), DATA(dy), DATA(f), DATA(w), active, (long)n, (long)B,
+             (long)d, bnd, per_example);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OO)", dw, df);
+done:
+    PyMem_Free(active);
+    release(&h);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Affine maps (BLAS)
+ */
+PyDoc_STRVAR(linear_forward_doc,
+"linear_forward(x, W, b=None, out=None) -> y\n\n"
+"y (B, o) = x (B, p) W^T + b, W (o, p), b (o,) or None. One SGEMM/DGEMM of the vendored OpenBLAS.");
+
+static PyObject *py_linear_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "W", "b", "out", NULL};
+    PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *result = NULL;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj)) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp xdims[2] = {-1, -1};
+    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1));
+    if (!x) goto done;
+    if (check_batch(xdims[0], "x") < 0) goto done;
+    npy_intp wdims[2] = {-1, xdims[1]};
+    PyArrayObject *W = hold(&h, input_array(W_obj, "W", &tn, 2, wdims, "(o, p)", 1)), *b = NULL;
+    if (!W) goto done;
+    npy_intp bdims[1] = {wdims[0]};
+    if (optional_input(b_obj, "b", &tn, 1, bdims, "(o,)", 1, &b) < 0) goto done;
+    hold(&h, b);
+    if (check_blas_dims(xdims[0], xdims[1], wdims[0]) < 0) goto done;
+    npy_intp ydims[2] = {xdims[0], wdims[0]};
+    PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 2, ydims, &h));
+    if (!y) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, linear_forward, DATA(y), DATA(x), DATA(W), OPTDATA(b), (int)xdims[0], (int)xdims[1], (int)wdims[0]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)y);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(linear_backward_doc,
+"linear_backward(dy, x, W, need_dx=True, need_db=True) -> (dx, dW, db)\n\n"
+"Gradients of <dy, x W^T + b>: dx (B, p) (None unless need_dx), dW (o, p), db (o,) (None unless need_db).");
+
+static PyObject *py_linear_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dy", "x", "W", "need_dx", "need_db", NULL};
+    PyObject *dy_obj, *x_obj, *W_obj, *result = NULL;
+    int need_dx = 1, need_db = 1;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pp", kwlist, &dy_obj, &x_obj, &W_obj, &need_dx, &need_db))
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp xdims[2] = {-1, -1};
+    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1));
+    if (!x) goto done;
+    if (check_batch(xdims[0], "x") < 0) goto done;
+    npy_intp wdims[2] = {-1, xdims[1]};
+    PyArrayObject *W = hold(&h, input_array(W_obj, "W", &tn, 2, wdims, "(o, p)", 1));
+    if (!W) goto done;
+    npy_intp ydims[2] = {xdims[0], wdims[0]}, bdims[1] = {wdims[0]};
+    PyArrayObject *dy = hold(&h, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, o)", 1));
+    if (!dy) goto done;
+    if (check_blas_dims(xdims[0], xdims[1], wdims[0]) < 0) goto done;
+    PyArrayObject *dx = need_dx ? hold(&h, new_array(tn, 2, xdims)) : NULL;
+    PyArrayObject *dW = hold(&h, new_array(tn, 2, wdims));
+    PyArrayObject *db = need_db ? hold(&h, new_array(tn, 1, bdims)) : NULL;
+    if ((need_dx && !dx) || !dW || (need_db && !db)) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, linear_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(dy), DATA(x), DATA(W), (int)xdims[0],
+             (int)xdims[1], (int)wdims[0]);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OOO)", dx ? (PyObject *)dx : Py_None, dW, db ? (PyObject *)db : Py_None);
+done:
+    release(&h);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Threads and build information
+ */
+static PyObject *py_set_num_threads(PyObject *Py_UNUSED(self), PyObject *arg) {
+    const long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1 || n > 4096) {
+        PyErr_Format(PyExc_ValueError, "the number of threads must be between 1 and 4096, got %ld", n);
+        return NULL;
+    }
+    dsk_set_num_threads((int)n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_num_threads(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
+    return PyLong_FromLong(dsk_get_num_threads());
+}
+
+static PyObject *py_build_info(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
+    return Py_BuildValue("{s:O,s:s,s:i,s:i}", "openmp", DSK_HAVE_OPENMP ? Py_True : Py_False, "blas",
+                         DSK_BLAS_NAME, "num_threads", dsk_get_num_threads(), "blas_num_threads",
+                         dsk_blas_get_num_threads());
+}
+
+#define KW(name) {#name, (PyCFunction)(void (*)(void))py_##name, METH_VARARGS | METH_KEYWORDS, name##_doc}
+static PyMethodDef methods[] = {
+    KW(smooth_step_forward),
+    KW(smooth_step_backward),
+    KW(selector_forward),
+    KW(selector_backward),
+    KW(dselect_k_forward),
+    KW(dselect_k_backward),
+    KW(selector_entropy),
+    KW(selector_mass_penalty),
+    KW(softmax_forward),
+    KW(softmax_backward),
+    KW(topk_forward),
+    KW(noisy_logits_forward),
+    KW(noisy_logits_backward),
+    KW(softmax_selector_forward),
+    KW(softmax_selector_backward),
+    KW(mix_experts_forward),
+    KW(mix_experts_backward),
+    KW(linear_forward),
+    KW(linear_backward),
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads of the OpenMP loops and the BLAS."},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: OpenMP, BLAS and thread settings."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "dselectk._C",
+                                    "C kernels of dselectk (see dselectk.functional for the documented API).",
+                                    -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    return PyModule_Create(&module);
+}

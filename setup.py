@@ -1,0 +1,115 @@
+"""Build of the dselectk C extension.
+
+Everything that is not plain setuptools lives in ``build_ext_dselectk``:
+
+* BLAS comes from the ``scipy-openblas32`` wheel, a *build* requirement (pyproject.toml). Its
+  ``libscipy_openblas.so`` is copied into the installed package (``dselectk/_lib/``) and the
+  extension finds it through a relative rpath (``$ORIGIN/_lib``), so at run time nothing imports
+  ``scipy_openblas32``: its maintainers ask third parties not to depend on it at run time, where it
+  would clash with SciPy's copy. The symbols carry the ``scipy_`` prefix, so they cannot collide
+  with another OpenBLAS loaded in the same process either.
+* OpenMP is compile-tested (``-fopenmp``); without it the build falls back to serial loops with a
+  warning. ``DSELECTK_NO_OPENMP=1`` opts out.
+* ``DSELECTK_WERROR=1`` adds ``-Werror`` (CI sets it); the C code builds clean with -Wall -Wextra.
+"""
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+KERNEL_SOURCES = [
+    "csrc/gates.c",
+    "csrc/linear.c",
+    "csrc/threads.c",
+]
+BINDING_SOURCES = ["dselectk/_C.c"]
+
+
+def _openblas():
+    """(include dir, lib dir, library file name) of the scipy-openblas32 build dependency."""
+    try:
+        import scipy_openblas32
+    except ImportError as exc:  # pragma: no cover - only without build isolation
+        raise RuntimeError(
+            "building dselectk needs the scipy-openblas32 wheel (a build dependency): "
+            "`pip install .` installs it automatically; with --no-build-isolation run "
+            "`pip install scipy-openblas32` first"
+        ) from exc
+    return (
+        scipy_openblas32.get_include_dir(),
+        scipy_openblas32.get_lib_dir(),
+        scipy_openblas32.get_library(fullname=True),
+    )
+
+
+class build_ext_dselectk(build_ext):
+    def _compiles_with_openmp(self):
+        tmp = tempfile.mkdtemp()
+        try:
+            src = os.path.join(tmp, "omp_probe.c")
+            with open(src, "w") as f:
+                f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
+            objs = self.compiler.compile([src], output_dir=tmp, extra_postargs=["-fopenmp"])
+            self.compiler.link_executable(objs, "omp_probe", output_dir=tmp, extra_postargs=["-fopenmp"])
+            return True
+        except Exception:  # any compiler or linker failure means "no OpenMP"
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build_extensions(self):
+        include_dir, lib_dir, lib_file = _openblas()
+        use_openmp = os.environ.get("DSELECTK_NO_OPENMP", "") not in ("1", "true", "yes")
+        if use_openmp and not self._compiles_with_openmp():
+            warnings.warn("dselectk: the compiler does not support -fopenmp; building serial kernels")
+            use_openmp = False
+        elif not use_openmp:
+            print("dselectk: DSELECTK_NO_OPENMP set, building serial kernels", file=sys.stderr)
+
+        cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+        if os.environ.get("DSELECTK_WERROR", "") in ("1", "true", "yes"):
+            cflags.append("-Werror")
+        ldflags = ["-Wl,-rpath,$ORIGIN/_lib"]
+        if use_openmp:
+            cflags.append("-fopenmp")
+            ldflags.append("-fopenmp")
+
+        import numpy
+
+        lib_name = lib_file[3:].rsplit(".so", 1)[0]  # libscipy_openblas.so -> scipy_openblas
+        for ext in self.extensions:
+            ext.include_dirs += ["csrc", include_dir, numpy.get_include()]
+            ext.library_dirs += [lib_dir]
+            ext.libraries += [lib_name]
+            ext.extra_compile_args += cflags
+            ext.extra_link_args += ldflags
+            ext.define_macros += [
+                ("DSK_HAVE_OPENMP", "1" if use_openmp else "0"),
+                ("DSK_BLAS_NAME", '"scipy-openblas32 (' + lib_file + ')"'),
+                ("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"),
+            ]
+        super().build_extensions()
+        # Vendor the BLAS next to the extension in the build tree: <package>/_lib/libscipy_openblas.so
+        self._vendor_blas(os.path.join(self.build_lib, "dselectk"), lib_dir, lib_file)
+
+    def run(self):
+        super().run()
+        if self.inplace:  # editable installs and `build_ext --inplace` load from the source tree
+            _, lib_dir, lib_file = _openblas()
+            self._vendor_blas(os.path.join(os.path.dirname(os.path.abspath(__file__)), "dselectk"), lib_dir, lib_file)
+
+    @staticmethod
+    def _vendor_blas(package_dir, lib_dir, lib_file):
+        dest_dir = os.path.join(package_dir, "_lib")
+        os.makedirs(dest_dir, exist_ok=True)
+        shutil.copy2(os.path.join(lib_dir, lib_file), os.path.join(dest_dir, lib_file))
+
+
+setup(
+    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=["csrc/dsk.h", "csrc/gates.h", "csrc/gates_impl.h", "csrc/linear.h"])],
+    cmdclass={"build_ext": build_ext_dselectk},
+)

@@ -1,0 +1,476 @@
+"""Slow, plain NumPy reference implementations used as the test oracle for the C kernels.
+
+Everything here is written straight from the equations of
+
+    Hazimeh et al., "DSelect-k: Differentiable Selection in the Mixture of Experts with
+    Applications to Multi-Task Learning", NeurIPS 2021
+
+(Section 3.1, Section 3.2, Appendix B.2 and the "Ablation" part of Appendix C.2), plus the
+Top-k gate of Shazeer et al. (2017). The code favours readability over speed: explicit loops
+over experts, selectors and bits; no clever recursions.
+
+Conventions (documented once here, relied on by the tests):
+
+* Binary codes: expert i (1-based, i = 1..n) has code l = i - 1. Bit b (0-based) of l is read
+  from s[..., b], so s[..., 0] is the LEAST significant bit (the paper's z_1, eq. (4)). The
+  official TensorFlow code reads its bits most significant first; that is a relabelling of the
+  encoding variables and gives the same family of gates.
+* m = ceil(log2 n) encoding bits (Section 3.1 for n a power of two; for other n this is the
+  smallest m with n <= 2^m, as in the official code). Codes n .. 2^m - 1 belong to no expert and
+  are dropped, so for n not a power of two a selector's n entries can sum to less than 1
+  (Appendix B.2).
+* Regularisers (entropy, mass penalty) are summed over the k selectors and AVERAGED over any
+  leading batch dimensions; coefficients (lambda, xi) are applied by callers.
+* Dtypes: floating inputs keep their dtype (float32 in -> float32 out, float64 in -> float64
+  out); non-floating inputs are treated as float64. Internally a computation may run in a wider
+  type, and the result is cast back at the end.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "smooth_step",
+    "smooth_step_derivative",
+    "n_bits",
+    "selector",
+    "softmax",
+    "dselect_k",
+    "dselect_k_per_example",
+    "selector_entropy",
+    "selector_mass_penalty",
+    "dselect_k_objective_terms",
+    "top_k",
+    "noisy_logits",
+    "softmax_selector",
+    "softmax_selector_entropy",
+    "mix_experts",
+    "numerical_gradient",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# small private helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _float_dtype(*arrays):
+    """The floating dtype that the result of an operation on `arrays` should have."""
+    dtype = np.result_type(*arrays)
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.dtype(np.float64)
+    return dtype
+
+
+def _as_float(x):
+    """`x` as an ndarray with a floating dtype (its own if floating, float64 otherwise)."""
+    x = np.asarray(x)
+    return x.astype(_float_dtype(x), copy=False)
+
+
+def _check_gamma(gamma):
+    gamma = float(gamma)
+    if not (gamma > 0.0) or math.isinf(gamma):
+        raise ValueError(f"gamma must be a positive finite number, got {gamma}")
+    return gamma
+
+
+def _batch_mean(per_example, dtype):
+    """Mean over every entry of `per_example` (the leading batch dims); a scalar stays itself."""
+    per_example = np.asarray(per_example, dtype=np.float64)
+    flat = per_example.reshape(-1)
+    if len(flat) == 0:
+        raise ValueError("cannot average over an empty batch")
+    total = 0.0
+    for value in flat:
+        total += float(value)
+    return dtype.type(total / len(flat))
+
+
+# ----------------------------------------------------------------------------------------------
+# smooth-step (Section 3.1.3)
+# ----------------------------------------------------------------------------------------------
+
+
+def smooth_step(t, gamma):
+    """Smooth-step S(t), Section 3.1.3 (the cubic piecewise polynomial before eq. (6)).
+
+    S(t) = 0                                   if t <= -gamma/2
+         = -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2  if -gamma/2 <= t <= gamma/2
+         = 1                                   if t >= gamma/2
+    Applied elementwise; returns an array of the same shape and dtype as `t`.
+    """
+    t = _as_float(t)
+    gamma = _check_gamma(gamma)
+    out = np.empty(t.shape, dtype=np.float64)
+    flat_t = t.reshape(-1)
+    flat_out = out.reshape(-1)
+    for idx in range(flat_t.size):
+        ti = float(flat_t[idx])
+        if ti <= -gamma / 2.0:
+            flat_out[idx] = 0.0
+        elif ti >= gamma / 2.0:
+            flat_out[idx] = 1.0
+        else:
+            flat_out[idx] = -2.0 / gamma**3 * ti**3 + 3.0 / (2.0 * gamma) * ti + 0.5
+    return out.astype(t.dtype)
+
+
+def smooth_step_derivative(t, gamma):
+    """Derivative S'(t) of the smooth-step of Section 3.1.3.
+
+    S'(t) = -6/gamma^3 t^2 + 3/(2 gamma)  for -gamma/2 < t < gamma/2, and 0 otherwise
+    (the paper notes S'(-gamma/2) = S'(gamma/2) = 0, so S is continuously differentiable).
+    Applied elementwise; same shape and dtype as `t`.
+    """
+    t = _as_float(t)
+    gamma = _check_gamma(gamma)
+    out = np.empty(t.shape, dtype=np.float64)
+    flat_t = t.reshape(-1)
+    flat_out = out.reshape(-1)
+    for idx in range(flat_t.size):
+        ti = float(flat_t[idx])
+        if -gamma / 2.0 < ti < gamma / 2.0:
+            flat_out[idx] = -6.0 / gamma**3 * ti**2 + 3.0 / (2.0 * gamma)
+        else:
+            flat_out[idx] = 0.0
+    return out.astype(t.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# single expert selector (Section 3.1.1, eq. (3)-(4); Appendix B.2)
+# ----------------------------------------------------------------------------------------------
+
+
+def n_bits(n):
+    """Number of encoding bits m = ceil(log2 n) (Section 3.1.1: m = log2 n; Appendix B.2).
+
+    Computed with integers: the smallest m >= 0 with 2^m >= n.
+    n = 2 -> 1, 3 -> 2, 4 -> 2, 5 -> 3, 8 -> 3, 9 -> 4 (and the degenerate n = 1 -> 0).
+    """
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"number of experts must be >= 1, got {n}")
+    m = 0
+    while 2**m < n:
+        m += 1
+    return m
+
+
+def selector(s, n):
+    """Single expert selector r(s), eq. (4) (eq. (3) for n = 4), for s of shape (..., m).
+
+    r_i = prod_{b in B(i-1)} s_b * prod_{b not in B(i-1)} (1 - s_b),  i = 1..n,
+    where B(l) is the set of set bits of l and s[..., 0] is the least significant bit.
+    Only the first n of the 2^m codes are returned (Appendix B.2), so the entries sum to 1 when n
+    is a power of two and to at most 1 otherwise. Returns shape (..., n), dtype of `s`.
+    """
+    s = _as_float(s)
+    m = n_bits(n)
+    if s.ndim < 1 or s.shape[-1] != m:
+        raise ValueError(f"selector for n={n} needs s of shape (..., {m}), got {s.shape}")
+    r = np.empty(s.shape[:-1] + (n,), dtype=s.dtype)
+    for i in range(1, n + 1):
+        code = i - 1
+        entry = np.ones(s.shape[:-1], dtype=s.dtype)
+        for b in range(m):
+            bit_is_set = (code >> b) & 1
+            if bit_is_set:
+                entry = entry * s[..., b]
+            else:
+                entry = entry * (1 - s[..., b])
+        r[..., i - 1] = entry
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax and the DSelect-k gate (eq. (6); Section 3.2)
+# ----------------------------------------------------------------------------------------------
+
+
+def softmax(v, axis=-1):
+    """Numerically stable softmax sigma(v) along `axis` (the sigma of Sections 2-3).
+
+    sigma(v)_i = exp(v_i - max v) / sum_j exp(v_j - max v). Same shape and dtype as `v`.
+    """
+    v = _as_float(v)
+    shifted = v - np.max(v, axis=axis, keepdims=True)
+    e = np.exp(shifted)
+    return (e / np.sum(e, axis=axis, keepdims=True)).astype(v.dtype, copy=False)
+
+
+def dselect_k(alpha, Z, n, gamma):
+    """DSelect-k gate, eq. (6): w = sum_{i=1..k} softmax(alpha)_i * r(S(z^(i))).
+
+    alpha: (..., k) selector logits; Z: (..., k, m) encoding logits, m = n_bits(n).
+    Leading batch dims broadcast: static gate alpha (k,), Z (k, m) -> w (n,);
+    per-example gate alpha (B, k), Z (B, k, m) -> w (B, n).
+    """
+    alpha = _as_float(alpha)
+    Z = _as_float(Z)
+    dtype = _float_dtype(alpha, Z)
+    alpha = alpha.astype(dtype, copy=False)
+    Z = Z.astype(dtype, copy=False)
+    m = n_bits(n)
+    if alpha.ndim < 1 or Z.ndim < 2:
+        raise ValueError(f"need alpha (..., k) and Z (..., k, m); got {alpha.shape}, {Z.shape}")
+    k = alpha.shape[-1]
+    if Z.shape[-2] != k or Z.shape[-1] != m:
+        raise ValueError(f"Z must have shape (..., {k}, {m}) for n={n}, got {Z.shape}")
+
+    selector_weights = softmax(alpha, axis=-1)  # (..., k)
+    batch_shape = np.broadcast_shapes(alpha.shape[:-1], Z.shape[:-2])
+    w = np.zeros(batch_shape + (n,), dtype=dtype)
+    for i in range(k):
+        r_i = selector(smooth_step(Z[..., i, :], gamma), n)  # (..., n)
+        w = w + selector_weights[..., i, None] * r_i
+    return w
+
+
+def dselect_k_per_example(x, G, b_G, W, b_W, n, gamma):
+    """Per-example DSelect-k, Section 3.2: v = sum_i softmax(G x + b_G)_i r(S(W^(i) x + b_W^(i))).
+
+    x: (B, p); G: (k, p); b_G: (k,); W: (k, m, p); b_W: (k, m). (The paper omits the biases
+    "to simplify the presentation"; the official layer has them.)
+    alpha[b] = G x_b + b_G (B, k); Z[b, i, :] = W[i] x_b + b_W[i] (B, k, m); returns w (B, n).
+    """
+    x, G, b_G, W, b_W = (_as_float(a) for a in (x, G, b_G, W, b_W))
+    dtype = _float_dtype(x, G, b_G, W, b_W)
+    x, G, b_G, W, b_W = (a.astype(dtype, copy=False) for a in (x, G, b_G, W, b_W))
+    if x.ndim != 2:
+        raise ValueError(f"x must have shape (B, p), got {x.shape}")
+    B, p = x.shape
+    k = G.shape[0]
+    m = n_bits(n)
+    if G.shape != (k, p) or b_G.shape != (k,):
+        raise ValueError(f"G must be ({k}, {p}) and b_G ({k},), got {G.shape}, {b_G.shape}")
+    if W.shape != (k, m, p) or b_W.shape != (k, m):
+        raise ValueError(
+            f"W must be ({k}, {m}, {p}) and b_W ({k}, {m}), got {W.shape}, {b_W.shape}"
+        )
+
+    alpha = np.empty((B, k), dtype=dtype)
+    Z = np.empty((B, k, m), dtype=dtype)
+    for b in range(B):
+        alpha[b] = G @ x[b] + b_G
+        for i in range(k):
+            Z[b, i, :] = W[i] @ x[b] + b_W[i]
+    return dselect_k(alpha, Z, n, gamma)
+
+
+# ----------------------------------------------------------------------------------------------
+# regularisers (Section 3.1.3 / 3.2 entropy; Appendix B.2 mass penalty)
+# ----------------------------------------------------------------------------------------------
+
+
+def selector_entropy(r, eps=1e-6):
+    """Entropy regulariser Omega = sum_{i=1..k} h(r_i), Sections 3.1.3 and 3.2.
+
+    h(r) = -sum_j r_j log(r_j + eps) (natural log; eps as in the official code).
+    r: (..., k, n) selector outputs. For r of shape (k, n) this is the plain sum over selectors;
+    with leading batch dims it is the MEAN over the batch of that per-example sum.
+    Returns a scalar of r's dtype.
+    """
+    r = _as_float(r)
+    if r.ndim < 2:
+        raise ValueError(f"r must have shape (..., k, n), got {r.shape}")
+    k, n = r.shape[-2], r.shape[-1]
+    omega = np.zeros(r.shape[:-2], dtype=np.float64)
+    for i in range(k):
+        h_i = np.zeros(r.shape[:-2], dtype=np.float64)
+        for j in range(n):
+            r_ij = r[..., i, j].astype(np.float64)
+            h_i = h_i - r_ij * np.log(r_ij + eps)
+        omega = omega + h_i
+    return _batch_mean(omega, r.dtype)
+
+
+def selector_mass_penalty(r, eps=1e-6):
+    """Penalty for n not a power of two, Appendix B.2, without its coefficient xi.
+
+    penalty = sum_{i=1..k} 1 / (eps + sum_{j<n} r_ij) for r of shape (..., k, n), averaged over
+    leading batch dims like selector_entropy. (The paper has no eps; it is added to avoid
+    division by zero, as in the COMET code.) Returns a scalar of r's dtype.
+    """
+    r = _as_float(r)
+    if r.ndim < 2:
+        raise ValueError(f"r must have shape (..., k, n), got {r.shape}")
+    k, n = r.shape[-2], r.shape[-1]
+    penalty = np.zeros(r.shape[:-2], dtype=np.float64)
+    for i in range(k):
+        mass_i = np.zeros(r.shape[:-2], dtype=np.float64)
+        for j in range(n):
+            mass_i = mass_i + r[..., i, j].astype(np.float64)
+        penalty = penalty + 1.0 / (eps + mass_i)
+    return _batch_mean(penalty, r.dtype)
+
+
+def dselect_k_objective_terms(alpha, Z, n, gamma, eps=1e-6):
+    """The gate's pieces of the regularised objective (Section 3.1.3, Appendix B.2).
+
+    Returns (w, Omega, penalty): w = dselect_k(alpha, Z, n, gamma) (eq. (6)),
+    Omega = selector_entropy(r, eps), penalty = selector_mass_penalty(r, eps), where
+    r[..., i, :] = selector(smooth_step(Z[..., i, :], gamma), n) are the k selector outputs.
+    """
+    w = dselect_k(alpha, Z, n, gamma)
+    r = selector(smooth_step(Z, gamma), n)  # (..., k, n): one selector per row of Z
+    omega = selector_entropy(r, eps)
+    penalty = selector_mass_penalty(r, eps)
+    dtype = w.dtype
+    return w, dtype.type(omega), dtype.type(penalty)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k gate (Shazeer et al. 2017, Section 2 of the paper)
+# ----------------------------------------------------------------------------------------------
+
+
+def top_k(logits, k):
+    """Top-k gate: softmax(KeepTopK(logits, k)) along the last axis (Shazeer et al. 2017).
+
+    Keeps the k largest logits of each row (ties broken toward the LOWER index, via a stable
+    sort of -logits), takes a softmax over the kept entries, and puts exact zeros elsewhere.
+    logits: (..., n); returns the same shape and dtype.
+    """
+    logits = _as_float(logits)
+    n = logits.shape[-1]
+    k = int(k)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    out = np.zeros(logits.shape, dtype=logits.dtype)
+    rows_in = logits.reshape(-1, n)
+    rows_out = out.reshape(-1, n)
+    for row in range(rows_in.shape[0]):
+        v = rows_in[row]
+        order = np.argsort(-v, kind="stable")  # largest first; equal values keep index order
+        kept = order[:k]
+        rows_out[row, kept] = softmax(v[kept])
+    return out
+
+
+def noisy_logits(clean, raw_noise, normal):
+    """Noisy Top-k logits (Shazeer et al. 2017): clean + normal * softplus(raw_noise).
+
+    softplus(x) = log(1 + exp(x)) computed stably as np.logaddexp(0, x); `normal` holds the
+    N(0, 1) draws. Shapes broadcast; result has the common floating dtype.
+    """
+    clean, raw_noise, normal = (_as_float(a) for a in (clean, raw_noise, normal))
+    dtype = _float_dtype(clean, raw_noise, normal)
+    softplus = np.logaddexp(0.0, raw_noise.astype(np.float64))
+    result = clean.astype(np.float64) + normal.astype(np.float64) * softplus
+    return result.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# ablation gate (Appendix C.2)
+# ----------------------------------------------------------------------------------------------
+
+
+def softmax_selector(alpha, beta, T):
+    """Ablation gate of Appendix C.2: h(alpha, beta) = sum_i softmax(alpha)_i softmax(beta^(i)/T).
+
+    alpha: (..., k); beta: (..., k, n); T > 0 is the softmax temperature (annealed by callers).
+    Returns (w, P) with P[..., i, :] = softmax(beta[..., i, :] / T) over the n experts, shape
+    (..., k, n), and w = sum_i softmax(alpha)_i P_i, shape (..., n).
+    """
+    alpha = _as_float(alpha)
+    beta = _as_float(beta)
+    dtype = _float_dtype(alpha, beta)
+    alpha = alpha.astype(dtype, copy=False)
+    beta = beta.astype(dtype, copy=False)
+    T = float(T)
+    if not T > 0.0:
+        raise ValueError(f"temperature T must be positive, got {T}")
+    k = alpha.shape[-1]
+    if beta.ndim < 2 or beta.shape[-2] != k:
+        raise ValueError(f"beta must have shape (..., {k}, n), got {beta.shape}")
+    n = beta.shape[-1]
+
+    P = softmax(beta / dtype.type(T), axis=-1)  # (..., k, n)
+    selector_weights = softmax(alpha, axis=-1)  # (..., k)
+    batch_shape = np.broadcast_shapes(alpha.shape[:-1], beta.shape[:-2])
+    w = np.zeros(batch_shape + (n,), dtype=dtype)
+    for i in range(k):
+        w = w + selector_weights[..., i, None] * P[..., i, :]
+    return w, P
+
+
+def softmax_selector_entropy(P, eps=1e-6):
+    """Entropy regulariser of the Appendix C.2 ablation gate: sum_i h(P_i), h as in Section 3.1.3.
+
+    Same reduction rule as selector_entropy (sum over the k selectors, mean over leading batch
+    dims), applied to the softmax selectors P of shape (..., k, n).
+    """
+    return selector_entropy(P, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# mixing expert outputs (eq. (2a) / (7): y = sum_j f_j(x) w_j)
+# ----------------------------------------------------------------------------------------------
+
+
+def mix_experts(f, w, layout):
+    """Mixture output y = sum_{j=1..n} w_j f_j(x), as in eq. (2a) / (7).
+
+    f: stacked expert outputs, shape (n, B, d) if layout == "nbd" or (B, n, d) if "bnd".
+    w: (n,) static weights (the same for every example) or (B, n) per-example weights.
+    Returns y of shape (B, d) with y[b] = sum_j w[b, j] f_j[b]; an explicit loop over experts.
+    """
+    f = _as_float(f)
+    w = _as_float(w)
+    dtype = _float_dtype(f, w)
+    if f.ndim != 3:
+        raise ValueError(f"f must be 3-D, got {f.shape}")
+    if layout == "nbd":
+        n, B, d = f.shape
+    elif layout == "bnd":
+        B, n, d = f.shape
+    else:
+        raise ValueError(f"layout must be 'nbd' or 'bnd', got {layout!r}")
+    if w.shape not in ((n,), (B, n)):
+        raise ValueError(f"w must have shape ({n},) or ({B}, {n}), got {w.shape}")
+
+    y = np.zeros((B, d), dtype=np.float64)
+    for j in range(n):
+        if layout == "nbd":
+            f_j = f[j, :, :].astype(np.float64)  # (B, d)
+        else:
+            f_j = f[:, j, :].astype(np.float64)  # (B, d)
+        if w.ndim == 1:
+            weight_j = float(w[j])  # one scalar for every example
+        else:
+            weight_j = w[:, j].astype(np.float64)[:, None]  # (B, 1)
+        y = y + weight_j * f_j
+    return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# finite differences (helper for gradient tests)
+# ----------------------------------------------------------------------------------------------
+
+
+def numerical_gradient(f, x, h=1e-6):
+    """Central finite differences: grad[idx] = (f(x + h e_idx) - f(x - h e_idx)) / (2h).
+
+    `f` takes no arguments and reads the array `x` in place; each x[idx] is perturbed by +h and
+    -h, f() is evaluated, and x[idx] is restored exactly (also if f raises). The denominator is
+    the difference actually stored in x (equal to 2h up to rounding of x's dtype; with float32
+    x use a larger h). Returns an array with x's shape and dtype.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError("x must be a NumPy array that f() reads in place")
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        original = x[idx].copy()
+        try:
+            x[idx] = original + h
+            x_plus = float(x[idx])
+            f_plus = float(f())
+            x[idx] = original - h
+            x_minus = float(x[idx])
+            f_minus = float(f())
+        finally:
+            x[idx] = original
+        grad[idx] = (f_plus - f_minus) / (x_plus - x_minus)
+    return grad
