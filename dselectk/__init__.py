@@ -1,4 +1,65 @@
-"""dselectk: DSelect-k and other Mixture-of-Experts gates as C kernels on NumPy arrays."""
+"""dselectk: DSelect-k and other Mixture-of-Experts gates as C kernels on NumPy arrays.
+
+    import dselectk as dk
+    gate = dk.DSelectKGate(n_experts=16, k=4, gamma=1.0, entropy_reg=0.1)
+    w = gate.forward()          # expert weights, on the simplex, <= k nonzeros once S(Z) is binary
+
+The kernels live in ``dselectk.functional``; gate objects with parameters and gradients in
+``dselectk.gates``. See the README for the math in the paper's notation.
+"""
+import os as _os
+
 from . import _C
+from . import functional
+from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 
 __version__ = "0.1.0"
+__all__ = [
+    "DSelectKGate",
+    "TopKGate",
+    "SoftmaxGate",
+    "SoftmaxSelectorGate",
+    "functional",
+    "build_info",
+    "set_num_threads",
+    "get_num_threads",
+]
+
+
+def set_num_threads(n):
+    """Threads used by the C kernels' OpenMP loops and by the vendored OpenBLAS (one knob for both;
+    the kernels never call BLAS from inside an OpenMP region). Default: $DSELECTK_NUM_THREADS, else
+    the number of CPUs this process may run on."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"the number of threads must be an int, got {type(n).__name__}")
+    _C.set_num_threads(n)
+
+
+def get_num_threads():
+    """The thread count set by :func:`set_num_threads`."""
+    return _C.get_num_threads()
+
+
+def build_info():
+    """How the extension was built: {'openmp': bool, 'blas': str, 'num_threads': int,
+    'blas_num_threads': int}."""
+    return _C.build_info()
+
+
+def _default_threads():
+    env = _os.environ.get("DSELECTK_NUM_THREADS")
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"DSELECTK_NUM_THREADS must be a positive integer, got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"DSELECTK_NUM_THREADS must be a positive integer, got {env!r}")
+        return value
+    try:
+        return len(_os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return _os.cpu_count() or 1
+
+
+set_num_threads(_default_threads())

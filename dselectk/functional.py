@@ -1,0 +1,379 @@
+"""Functional API: every gate kernel as a NumPy function (forward and backward).
+
+Symbols are the paper's (Hazimeh et al., "DSelect-k", NeurIPS 2021): n experts, k selectors,
+m = ceil(log2 n) bits per selector, gamma the smooth-step width, alpha the selector logits, Z the
+binary-encoding logits, lambda (``lam``) the entropy coefficient, xi the coefficient of the penalty
+for n not a power of two (Appendix B.2).
+
+Rules shared by every function:
+
+* Arrays are ``numpy.ndarray`` of float32 or float64, and all arrays of one call share one dtype
+  (a mismatch raises ``TypeError``; nothing is cast silently). Outputs have the inputs' dtype.
+* Shapes are checked: a wrong ndim or size raises ``ValueError`` naming the argument, the shape
+  it got and the shape expected in the paper's symbols. So do NaN/Inf in any input,
+  k < 1 or k > n, n < 2, gamma <= 0, T <= 0, negative lambda/xi and an empty batch.
+* Non-contiguous (or byte-swapped) inputs are accepted and copied once to a C-contiguous array;
+  inputs are never modified. ``out=`` must be a C-contiguous, writeable array of the exact
+  dtype and shape that shares no memory with an input.
+* Forward functions that a backward needs return ``(output, cache)``; the cache is a small
+  named tuple of arrays. The C kernels release the GIL, so calls from several threads run in
+  parallel.
+* Bit convention: ``s[..., 0]`` (the paper's z_1) is the least significant bit: expert j
+  (0-based) is selected when the binary number s[m-1]...s[0] equals j (eq. 4). The official
+  TensorFlow code reads the bits the other way round; it is a relabelling of the experts.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _C
+
+__all__ = [
+    "n_bits",
+    "smooth_step",
+    "smooth_step_backward",
+    "selector",
+    "selector_backward",
+    "dselect_k",
+    "dselect_k_forward",
+    "dselect_k_backward",
+    "dselect_k_regularization",
+    "dselect_k_per_example_forward",
+    "dselect_k_per_example_backward",
+    "softmax",
+    "softmax_backward",
+    "top_k",
+    "top_k_backward",
+    "noisy_logits",
+    "noisy_logits_backward",
+    "softmax_selector_forward",
+    "softmax_selector_backward",
+    "softmax_selector_entropy",
+    "mix_experts",
+    "mix_experts_backward",
+    "linear",
+    "linear_backward",
+]
+
+
+def _array(x, name):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"argument '{name}' must be a numpy.ndarray of float32 or float64, got {type(x).__name__}")
+    return x
+
+
+def _int(v, name, minimum):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return int(v)
+
+
+def _out_view(out, shape, flat_shape):
+    """A reshaped view of the caller's out= (never a copy, which would drop the result)."""
+    if out is None:
+        return None
+    out = _array(out, "out")
+    if out.shape != tuple(shape):
+        raise ValueError(f"argument 'out' must have shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError("argument 'out' must be a C-contiguous, aligned, writeable array")
+    return out.reshape(flat_shape)
+
+
+def n_bits(n):
+    """m = ceil(log2 n), the number of bits of each selector's binary code, for n >= 2 experts."""
+    n = _int(n, "n (the number of experts)", 2)
+    return (n - 1).bit_length()
+
+
+# --- smooth-step -----------------------------------------------------------------------------
+
+def smooth_step(t, gamma=1.0, out=None):
+    """S(t; gamma), elementwise (Section 3.1.3): 0 for t <= -gamma/2, 1 for t >= gamma/2, and
+    -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between. Any shape; returns an array like t."""
+    t = _array(t, "t")
+    return _C.smooth_step_forward(t.reshape(-1), gamma, _out_view(out, t.shape, -1)).reshape(t.shape)
+
+
+def smooth_step_backward(dout, t, gamma=1.0):
+    """dt = dout * S'(t; gamma): the backward of :func:`smooth_step`. S' is 0 outside
+    (-gamma/2, gamma/2), so an entry whose S(t) is exactly 0 or 1 receives no gradient."""
+    t, dout = _array(t, "t"), _array(dout, "dout")
+    if dout.shape != t.shape:
+        raise ValueError(f"argument 'dout' must have the shape of t {t.shape}, got {dout.shape}")
+    return _C.smooth_step_backward(dout.reshape(-1), t.reshape(-1), gamma).reshape(t.shape)
+
+
+# --- single-expert selector ------------------------------------------------------------------
+
+def _rows(a, name, last):
+    a = _array(a, name)
+    if a.ndim < 1 or a.shape[-1] != last:
+        raise ValueError(f"argument '{name}' must have shape (..., {last}), got {a.shape}")
+    return a.reshape(-1, last), a.shape[:-1]
+
+
+def selector(s, n, out=None):
+    """Single-expert selector r(s) of eq. (4): s (..., m) with m = ceil(log2 n) -> r (..., n),
+    r_j = prod_b (s_b if bit b of j is set else 1 - s_b). For a binary s, r is the one-hot code of
+    the expert whose index is the binary number s; for n not a power of two the codes n..2^m-1 are
+    dropped (Appendix B.2), so r can sum to less than 1. O(2^m) per row."""
+    s2, lead = _rows(s, "s", n_bits(n))
+    return _C.selector_forward(s2, n, _out_view(out, lead + (n,), (-1, n))).reshape(lead + (n,))
+
+
+def selector_backward(dr, s, n):
+    """Gradient ds (..., m) of <dr, r(s)>; dr (..., n). Exact where s is 0 or 1 (no division)."""
+    s2, lead = _rows(s, "s", n_bits(n))
+    dr2, _ = _rows(dr, "dr", n)
+    return _C.selector_backward(dr2, s2, n).reshape(lead + (n_bits(n),))
+
+
+# --- DSelect-k -------------------------------------------------------------------------------
+
+class DSelectKCache(NamedTuple):
+    """What :func:`dselect_k_backward` needs from the forward pass (batch-first, B = 1 when static)."""
+    sigma: np.ndarray  # softmax(alpha), (B, k)
+    sz: np.ndarray  # S(Z), (B, k, m)
+    r: np.ndarray  # selector outputs r(S(z^(i))), (B, k, n)
+    Z: np.ndarray  # the logits Z, (B, k, m)
+    gamma: float
+    static: bool  # alpha was (k,) and Z (k, m)
+
+
+def _batched_alpha_Z(alpha, Z):
+    alpha, Z = _array(alpha, "alpha"), _array(Z, "Z")
+    if alpha.ndim == 1:
+        if Z.ndim != 2:
+            raise ValueError(f"argument 'Z' must be (k, m) for a static alpha of shape (k,), got {Z.shape}")
+        return alpha[None], Z[None], True
+    if alpha.ndim == 2:
+        if Z.ndim != 3:
+            raise ValueError(f"argument 'Z' must be (B, k, m) for alpha of shape (B, k), got {Z.shape}")
+        return alpha, Z, False
+    raise ValueError(f"argument 'alpha' must be (k,) (static gate) or (B, k) (per example), got {alpha.shape}")
+
+
+def dselect_k_forward(alpha, Z, n, gamma=1.0):
+    """DSelect-k, eq. (6): w = sum_i softmax(alpha)_i r(S(z^(i))).
+
+    alpha (k,) and Z (k, m) give the static gate's weights w (n,); alpha (B, k) and Z (B, k, m)
+    (per-example logits) give w (B, n). Returns ``(w, cache)`` for :func:`dselect_k_backward`.
+    w is on the probability simplex when n is a power of two, and has at most k nonzeros once S(Z)
+    is binary."""
+    n = _int(n, "n (the number of experts)", 2)
+    a2, Z3, static = _batched_alpha_Z(alpha, Z)
+    w, sigma, sz, r = _C.dselect_k_forward(a2, Z3, n, gamma)
+    cache = DSelectKCache(sigma, sz, r, np.ascontiguousarray(Z3), float(gamma), static)
+    return (w[0] if static else w), cache
+
+
+def dselect_k(alpha, Z, n, gamma=1.0):
+    """Expert weights of DSelect-k (see :func:`dselect_k_forward`), without the cache."""
+    return dselect_k_forward(alpha, Z, n, gamma)[0]
+
+
+def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
+    """Gradients (dalpha, dZ) of  <dw, w> + lam * Omega + xi * penalty  where, averaged over the
+    batch, Omega = sum_i h(r(S(z^(i)))) with h(r) = -sum_j r_j log(r_j + eps) (the entropy
+    regularizer of Section 3.1.3) and penalty = sum_i 1 / (eps + sum_{j<n} r(S(z^(i)))_j)
+    (Appendix B.2; useful only when n is not a power of two). ``dw`` like w, or None for the
+    regularizers alone. Shapes of dalpha/dZ follow alpha/Z."""
+    B = cache.r.shape[0]
+    if dw is not None:
+        dw = _array(dw, "dw")
+        want = (cache.r.shape[2],) if cache.static else (B, cache.r.shape[2])
+        if dw.shape != want:
+            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
+        dw = dw.reshape(B, -1)
+    dalpha, dZ = _C.dselect_k_backward(dw, cache.sigma, cache.sz, cache.r, cache.Z, cache.gamma, lam, xi, eps)
+    return (dalpha[0], dZ[0]) if cache.static else (dalpha, dZ)
+
+
+def dselect_k_regularization(cache, eps=1e-6):
+    """(Omega, penalty): the entropy regularizer sum_i h(r_i) and the Appendix B.2 mass penalty
+    sum_i 1 / (eps + sum_j r_ij), each averaged over the batch (coefficients not applied)."""
+    B, k, n = cache.r.shape
+    r2 = cache.r.reshape(B * k, n)
+    return _C.selector_entropy(r2, eps) / B, _C.selector_mass_penalty(r2, eps) / B
+
+
+class DSelectKPerExampleCache(NamedTuple):
+    x: np.ndarray  # (B, p)
+    G: np.ndarray  # (k, p)
+    W2: np.ndarray  # W reshaped to (k*m, p)
+    gate: DSelectKCache
+
+
+def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
+    """Per-example DSelect-k (Section 3.2): alpha = x G^T + b_G (B, k) and
+    z^(i) = W^(i) x + b_W^(i) (B, k, m), then eq. (6) per example.
+
+    x (B, p), G (k, p), b_G (k,), W (k, m, p), b_W (k, m). Returns ``(w, cache)`` with w (B, n)."""
+    n = _int(n, "n (the number of experts)", 2)
+    x, G, b_G, W, b_W = (_array(a, nm) for a, nm in ((x, "x"), (G, "G"), (b_G, "b_G"), (W, "W"), (b_W, "b_W")))
+    m = n_bits(n)
+    if G.ndim != 2:
+        raise ValueError(f"argument 'G' must be (k, p), got {G.shape}")
+    k = G.shape[0]
+    if W.shape[:2] != (k, m) or W.ndim != 3:
+        raise ValueError(f"argument 'W' must be (k, m, p) = ({k}, {m}, p) for n = {n}, got {W.shape}")
+    if b_W.shape != (k, m):
+        raise ValueError(f"argument 'b_W' must be (k, m) = ({k}, {m}), got {b_W.shape}")
+    alpha = _C.linear_forward(x, G, b_G)
+    W2 = W.reshape(k * m, -1)
+    Z = _C.linear_forward(x, W2, b_W.reshape(-1)).reshape(-1, k, m)
+    w, sigma, sz, r = _C.dselect_k_forward(alpha, Z, n, gamma)
+    return w, DSelectKPerExampleCache(x, G, W2, DSelectKCache(sigma, sz, r, Z, float(gamma), False))
+
+
+def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx=True):
+    """Gradients of <dw, w> + lam * Omega + xi * penalty (batch means) for the per-example gate.
+    Returns a dict with keys 'x' (None unless need_dx), 'G', 'b_G', 'W', 'b_W'."""
+    dalpha, dZ = dselect_k_backward(dw, cache.gate, lam, xi, eps)
+    B, k, m = dZ.shape
+    dZ2 = dZ.reshape(B, k * m)
+    dx_a, dG, db_G = _C.linear_backward(dalpha, cache.x, cache.G, need_dx)
+    dx_z, dW2, db_W = _C.linear_backward(dZ2, cache.x, cache.W2, need_dx)
+    return {
+        "x": dx_a + dx_z if need_dx else None,
+        "G": dG,
+        "b_G": db_G,
+        "W": dW2.reshape(k, m, -1),
+        "b_W": db_W.reshape(k, m),
+    }
+
+
+# --- softmax and Top-k -----------------------------------------------------------------------
+
+def _logits_rows(logits):
+    logits = _array(logits, "logits")
+    if logits.ndim == 1:
+        return logits[None], True
+    if logits.ndim == 2:
+        return logits, False
+    raise ValueError(f"argument 'logits' must be (n,) (static) or (B, n) (per example), got {logits.shape}")
+
+
+def softmax(logits, out=None):
+    """The dense softmax gate sigma(logits) (Section 2), over the last axis of (n,) or (B, n)."""
+    l2, static = _logits_rows(logits)
+    w = _C.softmax_forward(l2, _out_view(out, logits.shape, l2.shape))
+    return w[0] if static else w
+
+
+def softmax_backward(dw, w):
+    """dlogits = w * (dw - <w, dw>): backward of :func:`softmax` (and of :func:`top_k`)."""
+    w2, static = _logits_rows(_array(w, "w"))
+    dw = _array(dw, "dw")
+    if dw.shape != w.shape:
+        raise ValueError(f"argument 'dw' must have the shape of w {w.shape}, got {dw.shape}")
+    d = _C.softmax_backward(dw.reshape(w2.shape), w2)
+    return d[0] if static else d
+
+
+def top_k(logits, k, out=None):
+    """Top-k gate (Shazeer et al.): softmax(KeepTopK(logits, k)) over the last axis of (n,) or
+    (B, n); exactly k nonzeros per row, ties broken toward the lower index."""
+    l2, static = _logits_rows(logits)
+    k = _int(k, "k", 1)
+    w = _C.topk_forward(l2, k, _out_view(out, logits.shape, l2.shape))
+    return w[0] if static else w
+
+
+def top_k_backward(dw, w):
+    """Backward of :func:`top_k`: the gradient flows through the k kept entries only (the others
+    have w = 0), which is the softmax backward applied to w."""
+    return softmax_backward(dw, w)
+
+
+def noisy_logits(clean, raw_noise, normal):
+    """Noisy Top-k logits: clean + normal * softplus(raw_noise) (Shazeer et al.), where raw_noise
+    is the second linear map of the input and normal is N(0, 1) noise drawn by the caller. Any
+    shape, all three alike. Use it at training time only."""
+    clean, raw_noise, normal = _array(clean, "clean"), _array(raw_noise, "raw_noise"), _array(normal, "normal")
+    for a, nm in ((raw_noise, "raw_noise"), (normal, "normal")):
+        if a.shape != clean.shape:
+            raise ValueError(f"argument '{nm}' must have the shape of clean {clean.shape}, got {a.shape}")
+    return _C.noisy_logits_forward(clean.reshape(-1), raw_noise.reshape(-1), normal.reshape(-1)).reshape(clean.shape)
+
+
+def noisy_logits_backward(dh, raw_noise, normal):
+    """(dclean, draw_noise) for :func:`noisy_logits`: dclean = dh, draw = dh * normal * sigmoid(raw)."""
+    dh, raw_noise, normal = _array(dh, "dh"), _array(raw_noise, "raw_noise"), _array(normal, "normal")
+    for a, nm in ((raw_noise, "raw_noise"), (normal, "normal")):
+        if a.shape != dh.shape:
+            raise ValueError(f"argument '{nm}' must have the shape of dh {dh.shape}, got {a.shape}")
+    draw = _C.noisy_logits_backward(dh.reshape(-1), raw_noise.reshape(-1), normal.reshape(-1))
+    return dh.copy(), draw.reshape(dh.shape)
+
+
+# --- softmax-selector ablation gate (Appendix C.2) -------------------------------------------
+
+class SoftmaxSelectorCache(NamedTuple):
+    sigma: np.ndarray  # softmax(alpha), (B, k)
+    P: np.ndarray  # softmax(beta^(i) / T), (B, k, n)
+    T: float
+    static: bool
+
+
+def softmax_selector_forward(alpha, beta, T=1.0):
+    """The ablation gate of Appendix C.2: w = sum_i softmax(alpha)_i softmax(beta^(i) / T), each
+    binary-encoded selector replaced by a softmax over the n experts with temperature T.
+    alpha (k,), beta (k, n) -> w (n,), or batched (B, k), (B, k, n) -> (B, n). Returns (w, cache)."""
+    a2, b3, static = _batched_alpha_Z(alpha, beta)
+    w, sigma, P = _C.softmax_selector_forward(a2, b3, T)
+    return (w[0] if static else w), SoftmaxSelectorCache(sigma, P, float(T), static)
+
+
+def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
+    """(dalpha, dbeta) of <dw, w> + lam * sum_i h(softmax(beta^(i) / T)) (batch mean)."""
+    B, k, n = cache.P.shape
+    if dw is not None:
+        dw = _array(dw, "dw")
+        want = (n,) if cache.static else (B, n)
+        if dw.shape != want:
+            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
+        dw = dw.reshape(B, n)
+    da, db = _C.softmax_selector_backward(dw, cache.sigma, cache.P, cache.T, lam, eps)
+    return (da[0], db[0]) if cache.static else (da, db)
+
+
+def softmax_selector_entropy(cache, eps=1e-6):
+    """sum_i h(softmax(beta^(i) / T)), averaged over the batch (the Ablation (Entropy) regularizer)."""
+    B, k, n = cache.P.shape
+    return _C.selector_entropy(cache.P.reshape(B * k, n), eps) / B
+
+
+# --- mixing the experts ----------------------------------------------------------------------
+
+def mix_experts(f, w, layout="nbd", skip_zero=True, out=None):
+    """y = sum_j w_j f_j (eq. 1): f (n, B, d) for layout 'nbd' or (B, n, d) for 'bnd'; w (n,) for a
+    static gate or (B, n) per example; y (B, d). With ``skip_zero`` an expert whose weight is
+    exactly 0 for the whole batch is never read, which is where a sparse gate saves work."""
+    return _C.mix_experts_forward(_array(f, "f"), _array(w, "w"), layout, skip_zero, out)
+
+
+def mix_experts_backward(dy, f, w, layout="nbd", skip_zero=True):
+    """(dw, df) for :func:`mix_experts`. An expert skipped by ``skip_zero`` gets dw_j = 0 and
+    df_j = 0: none of this package's gates passes gradient through an exact zero weight (Top-k's
+    dropped entries and DSelect-k's zero weights, which need a binary entry of S(Z), both have zero
+    derivative), so the skipped products would be multiplied by zero anyway. Pass
+    ``skip_zero=False`` for the full gradient with respect to arbitrary w."""
+    return _C.mix_experts_backward(_array(dy, "dy"), _array(f, "f"), _array(w, "w"), layout, skip_zero)
+
+
+# --- affine maps -----------------------------------------------------------------------------
+
+def linear(x, W, b=None, out=None):
+    """y = x W^T + b with x (B, p), W (o, p), b (o,) or None: one GEMM of the vendored OpenBLAS."""
+    return _C.linear_forward(_array(x, "x"), _array(W, "W"), b, out)
+
+
+def linear_backward(dy, x, W, need_dx=True, need_db=True):
+    """(dx, dW, db) of <dy, x W^T + b>; dx / db are None when not asked for."""
+    return _C.linear_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), need_dx, need_db)
