@@ -11,6 +11,8 @@
 
 /* Largest supported m = ceil(log2 n): the backward keeps O(m) prefix products on the stack. */
 #define DSK_MAX_BITS 30
+/* Up to this m the selector backward runs through the doubling tree with O(2^m) stack buffers. */
+#define DSK_TREE_MAX_BITS 10
 
 /* Thread count used by every OpenMP loop (and by the vendored BLAS): see threads.c. */
 int dsk_get_num_threads(void);

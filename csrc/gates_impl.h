@@ -43,22 +43,66 @@ static void FN(selector_row_forward)(real *r, const real *s, int m, long n) {
     }
 }
 
-/* One selector row's backward: ds (m) += sum_{j<n} dr_j dr_j/ds, with
- *   dr_j = coef_w * dw_j + coef_h * h'(r_j) + coef_p,   h'(r) = -(log(r + eps) + r / (r + eps)).
- * dr_j/ds_b is the product of the other m - 1 factors, taken from prefix and suffix products so
- * that no division is needed (factors are exactly 0 once S(Z) is binary). dw may be NULL. */
+/* dr_j of one selector row: coef_w * dw_j + coef_h * h'(r_j) + coef_p, where
+ * h'(r) = -(log(r + eps) + r / (r + eps)) is the derivative of the entropy term -r log(r + eps). */
+static inline double FN(selector_entry_grad)(long j, const real *dw, double coef_w, const real *r,
+                                             double coef_h, double coef_p, double eps) {
+    double drj = coef_p;
+    if (dw) drj += coef_w * (double)dw[j];
+    if (coef_h != 0) {
+        const double rj = (double)r[j];
+        drj -= coef_h * (log(rj + eps) + rj / (rj + eps));
+    }
+    return drj;
+}
+
+/* One selector row's backward: ds (m) = sum_{j<n} dr_j dr_j/ds with dr_j from selector_entry_grad
+ * (dw may be NULL). Reverse mode through the doubling of selector_row_forward: with L_b the
+ * products over bits < b (2^b entries) and G_{b+1} the gradient after bit b,
+ *   ds_b = sum_j L_b[j] (G_{b+1}[j + 2^b] - G_{b+1}[j]),
+ *   G_b[j] = (1 - s_b) G_{b+1}[j] + s_b G_{b+1}[j + 2^b].
+ * O(2^m) per row and no division, so it is exact where s is 0 or 1. The levels live in a stack
+ * buffer (kernels never allocate), which bounds m; larger m use the O(n m) prefix/suffix form. */
 static void FN(selector_row_backward)(double *ds, const real *s, int m, long n, const real *dw,
                                       double coef_w, const real *r, double coef_h, double coef_p,
                                       double eps) {
+    if (m <= DSK_TREE_MAX_BITS) {
+        double levels[1 << DSK_TREE_MAX_BITS]; /* level b (b < m) at offset 2^b - 1 */
+        double grad[1 << DSK_TREE_MAX_BITS];
+        levels[0] = 1;
+        for (int b = 0; b + 1 < m; b++) {
+            const long half = 1L << b;
+            const double *cur = levels + half - 1;
+            double *next = levels + 2 * half - 1;
+            const double on = (double)s[b], off = 1 - on;
+            for (long j = 0; j < half; j++) {
+                next[j] = cur[j] * off;
+                next[j + half] = cur[j] * on;
+            }
+        }
+        const long codes = 1L << m;
+        for (long j = 0; j < n; j++) grad[j] = FN(selector_entry_grad)(j, dw, coef_w, r, coef_h, coef_p, eps);
+        for (long j = n; j < codes; j++) grad[j] = 0; /* dropped codes carry no gradient */
+        for (int b = m - 1; b >= 0; b--) {
+            const long half = 1L << b;
+            const double *cur = levels + half - 1;
+            const double on = (double)s[b], off = 1 - on;
+            double acc = 0;
+            for (long j = 0; j < half; j++) {
+                const double g0 = grad[j], g1 = grad[j + half];
+                acc += cur[j] * (g1 - g0);
+                grad[j] = off * g0 + on * g1;
+            }
+            ds[b] = acc;
+        }
+        return;
+    }
+    /* large m: dr_j/ds_b is the product of the other m - 1 factors, from prefix and suffix
+     * products */
     double prefix[DSK_MAX_BITS + 1];
     for (int b = 0; b < m; b++) ds[b] = 0;
     for (long j = 0; j < n; j++) {
-        double drj = coef_p;
-        if (dw) drj += coef_w * (double)dw[j];
-        if (coef_h != 0) {
-            const double rj = (double)r[j];
-            drj -= coef_h * (log(rj + eps) + rj / (rj + eps));
-        }
+        const double drj = FN(selector_entry_grad)(j, dw, coef_w, r, coef_h, coef_p, eps);
         if (drj == 0) continue;
         prefix[0] = 1;
         for (int b = 0; b < m; b++)

@@ -9,7 +9,14 @@ The kernels live in ``dselectk.functional``; gate objects with parameters and gr
 """
 import os as _os
 
-from . import _C
+try:
+    from . import _C
+except ImportError as _exc:  # the source tree without a build, most often
+    raise ImportError(
+        f"dselectk's C extension could not be loaded from {_os.path.dirname(__file__)} ({_exc}). "
+        "If that is the source checkout, install the package (`pip install .`) and run from another "
+        "directory, or build it in place with `pip install -e .`."
+    ) from _exc
 from . import functional
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 
