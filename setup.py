@@ -24,6 +24,8 @@ from setuptools.command.build_ext import build_ext
 KERNEL_SOURCES = [
     "csrc/gates.c",
     "csrc/linear.c",
+    "csrc/nn.c",
+    "csrc/optim.c",
     "csrc/threads.c",
 ]
 BINDING_SOURCES = ["dselectk/_C.c"]
@@ -110,6 +112,6 @@ class build_ext_dselectk(build_ext):
 
 
 setup(
-    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=["csrc/dsk.h", "csrc/gates.h", "csrc/gates_impl.h", "csrc/linear.h"])],
+    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=["csrc/dsk.h", "csrc/gates.h", "csrc/gates_impl.h", "csrc/linear.h", "csrc/nn.h", "csrc/nn_impl.h", "csrc/optim.h"])],
     cmdclass={"build_ext": build_ext_dselectk},
 )

@@ -22,6 +22,8 @@
 #include "dsk.h"
 #include "gates.h"
 #include "linear.h"
+#include "nn.h"
+#include "optim.h"
 
 #ifndef DSK_BLAS_NAME
 #define DSK_BLAS_NAME "unknown"
@@ -906,6 +908,595 @@ done:
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * Layers, dropout, losses and optimizer steps (csrc/nn.h, csrc/optim.h)
+ */
+
+/* An array the call updates in place (an accumulated gradient, a parameter slab, an optimizer
+ * state): never copied, so it must already be a C-contiguous, aligned, writeable, native-order
+ * ndarray of the call's dtype (*typenum as in input_array) and shape (entries of dims < 0 are
+ * free and are filled in), sharing no memory with any array in others. New reference, or NULL
+ * with an exception set. */
+static PyArrayObject *inplace_array(PyObject *obj, const char *name, int *typenum, int ndim, npy_intp *dims,
+                                    const char *shape_doc, Hold *others, int finite) {
+    char got[128], want[128];
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a numpy.ndarray of float32 or float64 (it is "
+                     "updated in place), got %s", name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    const int tn = PyArray_TYPE(arr);
+    if (*typenum == NPY_NOTYPE && tn != NPY_FLOAT && tn != NPY_DOUBLE) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must have dtype float32 or float64, got %s", name,
+                     PyArray_DESCR(arr)->typeobj->tp_name);
+        return NULL;
+    }
+    if (*typenum != NPY_NOTYPE && tn != *typenum) {
+        PyErr_Format(PyExc_TypeError,
+                     "argument '%s' has dtype %s, expected %s like the other arrays of this call "
+                     "(all arrays must share one dtype: float32 or float64)",
+                     name, tn == NPY_FLOAT || tn == NPY_DOUBLE ? dtype_name(tn)
+                                                               : PyArray_DESCR(arr)->typeobj->tp_name,
+                     dtype_name(*typenum));
+        return NULL;
+    }
+    if (!PyArray_ISNOTSWAPPED(arr)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be in native byte order (it is updated in place)", name);
+        return NULL;
+    }
+    format_shape(got, sizeof got, PyArray_NDIM(arr), PyArray_DIMS(arr));
+    if (PyArray_NDIM(arr) != ndim) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must be %d-D with shape %s, got shape %s", name, ndim,
+                     shape_doc, got);
+        return NULL;
+    }
+    for (int i = 0; i < ndim; i++) {
+        if (dims[i] >= 0 && PyArray_DIM(arr, i) != dims[i]) {
+            npy_intp shown[NPY_MAXDIMS];
+            for (int j = 0; j < ndim; j++) shown[j] = dims[j] >= 0 ? dims[j] : PyArray_DIM(arr, j);
+            format_shape(want, sizeof want, ndim, shown);
+            PyErr_Format(PyExc_ValueError, "argument '%s' must have shape %s = %s, got %s", name, shape_doc,
+                         want, got);
+            return NULL;
+        }
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(arr) || !PyArray_ISALIGNED(arr) || !PyArray_ISWRITEABLE(arr)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must be a C-contiguous, aligned, writeable array: it is "
+                     "updated in place, so it cannot be copied", name);
+        return NULL;
+    }
+    for (int i = 0; others && i < others->count; i++)
+        if (overlaps(arr, others->a[i])) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' shares memory with another array argument of this "
+                         "call; pass separate arrays", name);
+            return NULL;
+        }
+    npy_intp where;
+    if (finite && first_nonfinite(arr, &where)) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' contains NaN or Inf (first at flat index %ld); "
+                     "expected finite values", name, (long)where);
+        return NULL;
+    }
+    *typenum = tn;
+    for (int i = 0; i < ndim; i++) dims[i] = PyArray_DIM(arr, i);
+    Py_INCREF(arr);
+    return arr;
+}
+
+/* An integer argument in [minimum, maximum] (seeds, step counters): a Python int or anything with
+ * __index__ (numpy integers), not a bool or a float. */
+static int parse_count(PyObject *obj, const char *name, unsigned long long minimum, unsigned long long maximum,
+                       unsigned long long *value) {
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an integer, got %s", name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *i = PyNumber_Index(obj);
+    if (!i) return -1;
+    int overflow = 0, ok = 0;
+    const long long s = PyLong_AsLongLongAndOverflow(i, &overflow);
+    if (s == -1 && !overflow && PyErr_Occurred()) {
+        Py_DECREF(i);
+        return -1;
+    }
+    if (overflow == 0 && s >= 0) {
+        *value = (unsigned long long)s;
+        ok = 1;
+    } else if (overflow > 0) {
+        *value = PyLong_AsUnsignedLongLong(i);
+        if (PyErr_Occurred()) PyErr_Clear(); /* > 2**64 - 1: reported below */
+        else ok = 1;
+    }
+    if (!ok || *value < minimum || *value > maximum) {
+        PyErr_Format(PyExc_ValueError, "%s must be an integer in [%llu, %llu], got %S", name, minimum, maximum, i);
+        Py_DECREF(i);
+        return -1;
+    }
+    Py_DECREF(i);
+    return 0;
+}
+
+/* A probability-like scalar in [0, 1): dropout rate, Adam's betas. */
+static int check_unit(double v, const char *name) {
+    if (v >= 0 && v < 1) return 0; /* false for NaN */
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s must be a finite number in [0, 1), got %g", name, v);
+    PyErr_SetString(PyExc_ValueError, msg);
+    return -1;
+}
+
+/* Every value of a (finite, C-contiguous) array in [lo, hi]; names the first that is not. */
+static int check_range(PyArrayObject *a, const char *name, double lo, double hi, const char *expected) {
+    const npy_intp size = PyArray_SIZE(a);
+    for (npy_intp i = 0; i < size; i++) {
+        const double v = PyArray_TYPE(a) == NPY_FLOAT ? (double)((const float *)DATA(a))[i]
+                                                       : ((const double *)DATA(a))[i];
+        if (v < lo || v > hi) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "argument '%s' must hold values %s, got %s[%ld] = %g", name, expected, name,
+                     (long)i, v);
+            PyErr_SetString(PyExc_ValueError, msg);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Per-example loss weights (B,): optional, finite and >= 0. */
+static int loss_weights(PyObject *obj, int *tn, npy_intp B, Hold *h, PyArrayObject **w) {
+    npy_intp dims[1] = {B};
+    if (optional_input(obj, "weights", tn, 1, dims, "(B,)", 1, w) < 0) return -1;
+    hold(h, *w);
+    return *w ? check_range(*w, "weights", 0, HUGE_VAL, ">= 0") : 0;
+}
+
+PyDoc_STRVAR(dense_forward_doc,
+"dense_forward(x, W, b=None, out=None) -> y\n\n"
+"y (B, o) = x (B, p) W (p, o) + b (o,); b may be None. W is (in, out), unlike linear_forward's\n"
+"(out, in). One SGEMM/DGEMM of the vendored OpenBLAS.");
+
+static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "W", "b", "out", NULL};
+    PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *result = NULL;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj)) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp xdims[2] = {-1, -1};
+    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *b = NULL;
+    if (!x) goto done;
+    if (check_batch(xdims[0], "x") < 0) goto done;
+    npy_intp wdims[2] = {xdims[1], -1};
+    PyArrayObject *W = hold(&h, input_array(W_obj, "W", &tn, 2, wdims, "(p, o)", 1));
+    if (!W) goto done;
+    npy_intp bdims[1] = {wdims[1]};
+    if (optional_input(b_obj, "b", &tn, 1, bdims, "(o,)", 1, &b) < 0) goto done;
+    hold(&h, b);
+    if (check_blas_dims(xdims[0], xdims[1], wdims[1]) < 0) goto done;
+    npy_intp ydims[2] = {xdims[0], wdims[1]};
+    PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 2, ydims, &h));
+    if (!y) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, dense_forward, DATA(y), DATA(x), DATA(W), OPTDATA(b), (int)xdims[0], (int)xdims[1], (int)wdims[1]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)y);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(dense_backward_doc,
+"dense_backward(dy, x, W, dW, db=None, need_dx=True) -> dx or None\n\n"
+"Backward of dense_forward for dy (B, o), x (B, p), W (p, o). ACCUMULATES in place:\n"
+"dW (p, o) += x^T dy and db (o,) += dy summed over the batch (skipped when db is None); dW and db\n"
+"must be C-contiguous, writeable arrays of the call's dtype and exact shape that share no memory\n"
+"with the inputs (they are never copied). Returns dx = dy W^T (B, p), or None unless need_dx.");
+
+static PyObject *py_dense_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dy", "x", "W", "dW", "db", "need_dx", NULL};
+    PyObject *dy_obj, *x_obj, *W_obj, *dW_obj, *db_obj = Py_None, *result = NULL;
+    int need_dx = 1;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|Op", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
+                                     &need_dx))
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp xdims[2] = {-1, -1};
+    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *db = NULL, *dx = NULL;
+    if (!x) goto done;
+    if (check_batch(xdims[0], "x") < 0) goto done;
+    npy_intp wdims[2] = {xdims[1], -1};
+    PyArrayObject *W = hold(&h, input_array(W_obj, "W", &tn, 2, wdims, "(p, o)", 1));
+    if (!W) goto done;
+    npy_intp ydims[2] = {xdims[0], wdims[1]}, bdims[1] = {wdims[1]};
+    PyArrayObject *dy = hold(&h, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, o)", 1));
+    if (!dy) goto done;
+    if (check_blas_dims(xdims[0], xdims[1], wdims[1]) < 0) goto done;
+    PyArrayObject *dW = inplace_array(dW_obj, "dW", &tn, 2, wdims, "(p, o)", &h, 0);
+    if (!hold(&h, dW)) goto done;
+    if (db_obj != Py_None && !(db = hold(&h, inplace_array(db_obj, "db", &tn, 1, bdims, "(o,)", &h, 0))))
+        goto done;
+    if (need_dx && !(dx = hold(&h, new_array(tn, 2, xdims)))) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, dense_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(dy), DATA(x), DATA(W), (int)xdims[0],
+             (int)xdims[1], (int)wdims[1]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(dx ? (PyObject *)dx : Py_None);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(relu_forward_doc, "relu_forward(x, out=None) -> y\n\ny = max(x, 0) for a 1-D array x.");
+
+static PyObject *py_relu_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "out", NULL};
+    PyObject *x_obj, *out_obj = NULL, *result = NULL;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist, &x_obj, &out_obj)) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[1] = {-1};
+    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 1, dims, "(N,)", 1));
+    if (!x) goto done;
+    PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 1, dims, &h));
+    if (!y) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, relu_forward, DATA(y), DATA(x), (long)dims[0]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)y);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(relu_backward_doc,
+"relu_backward(dy, y) -> dx\n\ndx = dy where y > 0, else 0; dy and y (the forward's output) 1-D of one length.");
+
+static PyObject *py_relu_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dy", "y", NULL};
+    PyObject *dy_obj, *y_obj, *result = NULL;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", kwlist, &dy_obj, &y_obj)) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[1] = {-1};
+    PyArrayObject *dy = hold(&h, input_array(dy_obj, "dy", &tn, 1, dims, "(N,)", 1));
+    if (!dy) goto done;
+    PyArrayObject *y = hold(&h, input_array(y_obj, "y", &tn, 1, dims, "(N,)", 1));
+    if (!y) goto done;
+    PyArrayObject *dx = hold(&h, new_array(tn, 1, dims));
+    if (!dx) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, relu_backward, DATA(dx), DATA(dy), DATA(y), (long)dims[0]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)dx);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(dropout_forward_doc,
+"dropout_forward(x, rate, seed, step, training=True) -> y\n\n"
+"Inverted dropout of a 1-D x: each entry is kept with probability 1 - rate and scaled by\n"
+"1 / (1 - rate). The mask is a counter-based hash of (seed, step, flat index) (csrc/nn.h): not\n"
+"stored, the same in dropout_backward, independent of the thread count. 0 <= rate < 1; seed and\n"
+"step are integers in [0, 2**64 - 1]. training=False or rate == 0 returns a copy of x.");
+PyDoc_STRVAR(dropout_backward_doc,
+"dropout_backward(dy, rate, seed, step, training=True) -> dx\n\n"
+"dx = dy * mask / (1 - rate) with the mask of dropout_forward(x, rate, seed, step, training).");
+
+static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
+    static char *kwlist_f[] = {"x", "rate", "seed", "step", "training", NULL};
+    static char *kwlist_b[] = {"dy", "rate", "seed", "step", "training", NULL};
+    PyObject *x_obj, *seed_obj, *step_obj, *result = NULL;
+    double rate;
+    int training = 1;
+    unsigned long long seed, step;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OdOO|p", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
+                                     &step_obj, &training))
+        return NULL;
+    if (check_unit(rate, "rate (the dropout probability)") < 0 ||
+        parse_count(seed_obj, "seed", 0, UINT64_MAX, &seed) < 0 ||
+        parse_count(step_obj, "step", 0, UINT64_MAX, &step) < 0)
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[1] = {-1};
+    PyArrayObject *x = hold(&h, input_array(x_obj, backward ? "dy" : "x", &tn, 1, dims, "(N,)", 1));
+    if (!x) goto done;
+    PyArrayObject *y = hold(&h, new_array(tn, 1, dims));
+    if (!y) goto done;
+    const double r = training ? rate : 0;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, dropout_forward, DATA(y), DATA(x), (long)dims[0], r, (uint64_t)seed, (uint64_t)step);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)y);
+done:
+    release(&h);
+    return result;
+}
+
+static PyObject *py_dropout_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    return dropout(args, kw, 0);
+}
+static PyObject *py_dropout_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    return dropout(args, kw, 1);
+}
+
+PyDoc_STRVAR(bce_with_logits_doc,
+"bce_with_logits(logits, targets, weights=None) -> (loss, dlogits)\n\n"
+"Binary cross-entropy on logits z (B,) with targets t (B,) in [0, 1] and optional weights w (B,)\n"
+"(finite, >= 0): loss = sum_b w_b l_b / B with l = max(z, 0) - z t + log(1 + exp(-|z|)) (stable);\n"
+"dlogits (B,) is the gradient of that mean.");
+
+static PyObject *py_bce_with_logits(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"logits", "targets", "weights", NULL};
+    PyObject *z_obj, *t_obj, *w_obj = Py_None, *result = NULL;
+    double loss = 0;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &z_obj, &t_obj, &w_obj)) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[1] = {-1};
+    PyArrayObject *z = hold(&h, input_array(z_obj, "logits", &tn, 1, dims, "(B,)", 1)), *w = NULL;
+    if (!z) goto done;
+    if (check_batch(dims[0], "logits") < 0) goto done;
+    PyArrayObject *t = hold(&h, input_array(t_obj, "targets", &tn, 1, dims, "(B,)", 1));
+    if (!t || check_range(t, "targets", 0, 1, "in [0, 1]") < 0) goto done;
+    if (loss_weights(w_obj, &tn, dims[0], &h, &w) < 0) goto done;
+    PyArrayObject *dz = hold(&h, new_array(tn, 1, dims));
+    if (!dz) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (tn == NPY_FLOAT) loss = bce_with_logits_f32(DATA(dz), DATA(z), DATA(t), OPTDATA(w), (long)dims[0]);
+    else loss = bce_with_logits_f64(DATA(dz), DATA(z), DATA(t), OPTDATA(w), (long)dims[0]);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(dO)", loss, dz);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(mse_doc,
+"mse(pred, target, weights=None) -> (loss, dpred)\n\n"
+"Squared error summed over the d outputs of each example, averaged over the batch: pred, target\n"
+"(B, d), optional weights w (B,) (finite, >= 0); loss = sum_b w_b sum_c (pred - target)^2 / B.\n"
+"dpred (B, d) is the gradient of that mean.");
+
+static PyObject *py_mse(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"pred", "target", "weights", NULL};
+    PyObject *p_obj, *t_obj, *w_obj = Py_None, *result = NULL;
+    double loss = 0;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &p_obj, &t_obj, &w_obj)) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[2] = {-1, -1};
+    PyArrayObject *pred = hold(&h, input_array(p_obj, "pred", &tn, 2, dims, "(B, d)", 1)), *w = NULL;
+    if (!pred) goto done;
+    if (check_batch(dims[0], "pred") < 0) goto done;
+    PyArrayObject *target = hold(&h, input_array(t_obj, "target", &tn, 2, dims, "(B, d)", 1));
+    if (!target) goto done;
+    if (loss_weights(w_obj, &tn, dims[0], &h, &w) < 0) goto done;
+    PyArrayObject *dp = hold(&h, new_array(tn, 2, dims));
+    if (!dp) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (tn == NPY_FLOAT)
+        loss = mse_f32(DATA(dp), DATA(pred), DATA(target), OPTDATA(w), (long)dims[0], (long)dims[1]);
+    else loss = mse_f64(DATA(dp), DATA(pred), DATA(target), OPTDATA(w), (long)dims[0], (long)dims[1]);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(dO)", loss, dp);
+done:
+    release(&h);
+    return result;
+}
+
+/* Class labels (B,): an ndarray of any integer dtype, each in [0, C); returned as C-contiguous
+ * int64 (new reference), or NULL naming the first bad label and its index. */
+static PyArrayObject *labels_array(PyObject *obj, npy_intp B, npy_intp C) {
+    char got[128];
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "argument 'labels' must be a numpy.ndarray of integer class indices, got %s",
+                     Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    if (!PyArray_ISINTEGER(arr)) {
+        PyErr_Format(PyExc_TypeError, "argument 'labels' must have an integer dtype (class indices), got %s",
+                     PyArray_DESCR(arr)->typeobj->tp_name);
+        return NULL;
+    }
+    format_shape(got, sizeof got, PyArray_NDIM(arr), PyArray_DIMS(arr));
+    if (PyArray_NDIM(arr) != 1 || PyArray_DIM(arr, 0) != B) {
+        PyErr_Format(PyExc_ValueError, "argument 'labels' must have shape (B,) = (%ld,), got %s", (long)B, got);
+        return NULL;
+    }
+    /* unsigned labels go through uint64 (uint64 -> int64 is not a safe cast), signed through int64 */
+    const int unsig = PyArray_ISUNSIGNED(arr);
+    PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, unsig ? NPY_UINT64 : NPY_INT64, NPY_ARRAY_IN_ARRAY);
+    if (!conv) return NULL;
+    for (npy_intp i = 0; i < B; i++) {
+        const int bad = unsig ? ((const uint64_t *)DATA(conv))[i] >= (uint64_t)C
+                              : ((const int64_t *)DATA(conv))[i] < 0 || ((const int64_t *)DATA(conv))[i] >= C;
+        if (bad) {
+            if (unsig)
+                PyErr_Format(PyExc_ValueError, "argument 'labels' must hold class indices in [0, C) = [0, %ld), "
+                             "got labels[%ld] = %llu", (long)C, (long)i,
+                             (unsigned long long)((const uint64_t *)DATA(conv))[i]);
+            else
+                PyErr_Format(PyExc_ValueError, "argument 'labels' must hold class indices in [0, C) = [0, %ld), "
+                             "got labels[%ld] = %lld", (long)C, (long)i, (long long)((const int64_t *)DATA(conv))[i]);
+            Py_DECREF(conv);
+            return NULL;
+        }
+    }
+    if (!unsig) return conv;
+    PyArrayObject *s = (PyArrayObject *)PyArray_FROM_OTF((PyObject *)conv, NPY_INT64,
+                                                         NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    Py_DECREF(conv);
+    return s;
+}
+
+PyDoc_STRVAR(softmax_cross_entropy_doc,
+"softmax_cross_entropy(logits, labels, weights=None) -> (loss, dlogits)\n\n"
+"Cross-entropy of softmax(logits) (B, C) against integer class labels (B,) (any integer dtype,\n"
+"each in [0, C)), optional weights w (B,) (finite, >= 0): loss = sum_b w_b l_b / B with\n"
+"l_b = logsumexp(logits_b) - logits_b[labels_b] (stable); dlogits (B, C) is its gradient.");
+
+static PyObject *py_softmax_cross_entropy(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"logits", "labels", "weights", NULL};
+    PyObject *z_obj, *l_obj, *w_obj = Py_None, *result = NULL;
+    double loss = 0;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &z_obj, &l_obj, &w_obj)) return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp dims[2] = {-1, -1};
+    PyArrayObject *z = hold(&h, input_array(z_obj, "logits", &tn, 2, dims, "(B, C)", 1)), *w = NULL;
+    if (!z) goto done;
+    if (check_batch(dims[0], "logits") < 0) goto done;
+    if (dims[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'logits' must have at least one class (C >= 1)");
+        goto done;
+    }
+    PyArrayObject *labels = hold(&h, labels_array(l_obj, dims[0], dims[1]));
+    if (!labels) goto done;
+    if (loss_weights(w_obj, &tn, dims[0], &h, &w) < 0) goto done;
+    PyArrayObject *dz = hold(&h, new_array(tn, 2, dims));
+    if (!dz) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    if (tn == NPY_FLOAT)
+        loss = softmax_cross_entropy_f32(DATA(dz), DATA(z), DATA(labels), OPTDATA(w), (long)dims[0], (long)dims[1]);
+    else loss = softmax_cross_entropy_f64(DATA(dz), DATA(z), DATA(labels), OPTDATA(w), (long)dims[0], (long)dims[1]);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(dO)", loss, dz);
+done:
+    release(&h);
+    return result;
+}
+
+/* params (N) and grads (N) of an optimizer step: params sets the dtype and N, is updated in place
+ * and must be finite; grads is read only, finite, and shares no memory with params. */
+static int slab_pair(PyObject *p_obj, PyObject *g_obj, int *tn, npy_intp *N, Hold *h, PyArrayObject **params,
+                     PyArrayObject **grads) {
+    if (!(*params = hold(h, inplace_array(p_obj, "params", tn, 1, N, "(N,)", h, 1)))) return -1;
+    if (!(*grads = hold(h, input_array(g_obj, "grads", tn, 1, N, "(N,)", 1)))) return -1;
+    if (overlaps(*grads, *params)) {
+        PyErr_SetString(PyExc_ValueError, "argument 'grads' shares memory with 'params'; pass separate arrays");
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(sgd_step_doc,
+"sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nesterov=False) -> None\n\n"
+"One SGD step (torch.optim.SGD, no dampening) on the 1-D slabs params (updated in place), grads\n"
+"and velocity (updated in place; may be None when momentum == 0, and is not touched then):\n"
+"g = grads + weight_decay * params; v = momentum * v + g;\n"
+"params -= lr * (g + momentum * v if nesterov else v)  (params -= lr * g when momentum == 0).\n"
+"lr > 0, momentum >= 0, weight_decay >= 0; nesterov needs momentum > 0.");
+
+static PyObject *py_sgd_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"params", "grads", "velocity", "lr", "momentum", "weight_decay", "nesterov", NULL};
+    PyObject *p_obj, *g_obj, *v_obj, *result = NULL;
+    double lr, momentum = 0, weight_decay = 0;
+    int nesterov = 0;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOd|ddp", kwlist, &p_obj, &g_obj, &v_obj, &lr, &momentum,
+                                     &weight_decay, &nesterov))
+        return NULL;
+    if (check_scalar(lr, "lr", 1) < 0 || check_nonneg(momentum, "momentum") < 0 ||
+        check_nonneg(weight_decay, "weight_decay") < 0)
+        return NULL;
+    if (nesterov && momentum == 0) {
+        PyErr_SetString(PyExc_ValueError, "nesterov=True needs momentum > 0 (as torch.optim.SGD), got momentum 0");
+        return NULL;
+    }
+    int tn = NPY_NOTYPE;
+    npy_intp N[1] = {-1};
+    PyArrayObject *params, *grads, *velocity = NULL;
+    if (slab_pair(p_obj, g_obj, &tn, N, &h, &params, &grads) < 0) goto done;
+    if (v_obj == Py_None) {
+        if (momentum != 0) {
+            PyErr_SetString(PyExc_ValueError, "argument 'velocity' must be an array of shape (N,) when momentum > 0, "
+                            "got None");
+            goto done;
+        }
+    } else if (!(velocity = hold(&h, inplace_array(v_obj, "velocity", &tn, 1, N, "(N,)", &h, 0)))) {
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, sgd_step, DATA(params), momentum != 0 ? OPTDATA(velocity) : NULL, DATA(grads), (long)N[0], lr,
+             momentum, weight_decay, nesterov);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(adam_step_doc,
+"adam_step(params, grads, m, v, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0) -> None\n\n"
+"One Adam step (Kingma & Ba; torch.optim.Adam, L2 weight decay) on the 1-D slabs params, m, v\n"
+"(updated in place) and grads; step >= 1 is this update's 1-based number:\n"
+"g = grads + weight_decay * params; m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;\n"
+"params -= lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps).\n"
+"lr > 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0.");
+
+static PyObject *py_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"params", "grads", "m", "v", "step", "lr", "beta1", "beta2", "eps", "weight_decay", NULL};
+    PyObject *p_obj, *g_obj, *m_obj, *v_obj, *step_obj, *result = NULL;
+    double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
+    unsigned long long step;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|ddddd", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &step_obj, &lr,
+                                     &beta1, &beta2, &eps, &weight_decay))
+        return NULL;
+    if (parse_count(step_obj, "step", 1, LONG_MAX, &step) < 0 || check_scalar(lr, "lr", 1) < 0 ||
+        check_unit(beta1, "beta1") < 0 || check_unit(beta2, "beta2") < 0 || check_scalar(eps, "eps", 1) < 0 ||
+        check_nonneg(weight_decay, "weight_decay") < 0)
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp N[1] = {-1};
+    PyArrayObject *params, *grads, *m, *v;
+    if (slab_pair(p_obj, g_obj, &tn, N, &h, &params, &grads) < 0) goto done;
+    if (!(m = hold(&h, inplace_array(m_obj, "m", &tn, 1, N, "(N,)", &h, 0)))) goto done;
+    if (!(v = hold(&h, inplace_array(v_obj, "v", &tn, 1, N, "(N,)", &h, 0)))) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, adam_step, DATA(params), DATA(m), DATA(v), DATA(grads), (long)N[0], (long)step, lr, beta1, beta2,
+             eps, weight_decay);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(adagrad_step_doc,
+"adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0) -> None\n\n"
+"One Adagrad step (torch.optim.Adagrad without lr decay) on the 1-D slabs params, accum (updated\n"
+"in place) and grads: g = grads + weight_decay * params; accum += g^2;\n"
+"params -= lr * g / (sqrt(accum) + eps). lr > 0, eps > 0, weight_decay >= 0.");
+
+static PyObject *py_adagrad_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"params", "grads", "accum", "lr", "eps", "weight_decay", NULL};
+    PyObject *p_obj, *g_obj, *a_obj, *result = NULL;
+    double lr = 1e-2, eps = 1e-10, weight_decay = 0;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|ddd", kwlist, &p_obj, &g_obj, &a_obj, &lr, &eps, &weight_decay))
+        return NULL;
+    if (check_scalar(lr, "lr", 1) < 0 || check_scalar(eps, "eps", 1) < 0 ||
+        check_nonneg(weight_decay, "weight_decay") < 0)
+        return NULL;
+    int tn = NPY_NOTYPE;
+    npy_intp N[1] = {-1};
+    PyArrayObject *params, *grads, *accum;
+    if (slab_pair(p_obj, g_obj, &tn, N, &h, &params, &grads) < 0) goto done;
+    if (!(accum = hold(&h, inplace_array(a_obj, "accum", &tn, 1, N, "(N,)", &h, 0)))) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, adagrad_step, DATA(params), DATA(accum), DATA(grads), (long)N[0], lr, eps, weight_decay);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(&h);
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Threads and build information
  */
 static PyObject *py_set_num_threads(PyObject *Py_UNUSED(self), PyObject *arg) {
@@ -950,6 +1541,18 @@ static PyMethodDef methods[] = {
     KW(mix_experts_backward),
     KW(linear_forward),
     KW(linear_backward),
+    KW(dense_forward),
+    KW(dense_backward),
+    KW(relu_forward),
+    KW(relu_backward),
+    KW(dropout_forward),
+    KW(dropout_backward),
+    KW(bce_with_logits),
+    KW(mse),
+    KW(softmax_cross_entropy),
+    KW(sgd_step),
+    KW(adam_step),
+    KW(adagrad_step),
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads of the OpenMP loops and the BLAS."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: OpenMP, BLAS and thread settings."},

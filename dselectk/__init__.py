@@ -17,8 +17,10 @@ except ImportError as _exc:  # the source tree without a build, most often
         "If that is the source checkout, install the package (`pip install .`) and run from another "
         "directory, or build it in place with `pip install -e .`."
     ) from _exc
-from . import functional
+from . import functional, metrics, optim
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
+from .models import MMoE, MoE, SharedBottom, load, save
+from .trainer import AnnealTemperature, History, evaluate, fit, predict
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,7 +28,19 @@ __all__ = [
     "TopKGate",
     "SoftmaxGate",
     "SoftmaxSelectorGate",
+    "MMoE",
+    "MoE",
+    "SharedBottom",
+    "fit",
+    "evaluate",
+    "predict",
+    "History",
+    "AnnealTemperature",
+    "save",
+    "load",
     "functional",
+    "metrics",
+    "optim",
     "build_info",
     "set_num_threads",
     "get_num_threads",

@@ -55,6 +55,18 @@ __all__ = [
     "mix_experts_backward",
     "linear",
     "linear_backward",
+    "dense_forward",
+    "dense_backward",
+    "relu_forward",
+    "relu_backward",
+    "dropout_forward",
+    "dropout_backward",
+    "bce_with_logits",
+    "mse",
+    "softmax_cross_entropy",
+    "sgd_step",
+    "adam_step",
+    "adagrad_step",
 ]
 
 
@@ -377,3 +389,141 @@ def linear(x, W, b=None, out=None):
 def linear_backward(dy, x, W, need_dx=True, need_db=True):
     """(dx, dW, db) of <dy, x W^T + b>; dx / db are None when not asked for."""
     return _C.linear_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), need_dx, need_db)
+
+
+# --- layers, dropout, losses and optimizer steps (experts, task towers, training) -------------
+#
+# The layer backwards ACCUMULATE parameter gradients into caller-owned arrays (views into a
+# model's gradient slab), so a parameter used twice just receives two calls. Losses return
+# ``(loss, dlogits)``: the loss is a Python float, the MEAN over the batch; with per-example
+# weights w (B,) (finite, >= 0) it is sum_b w_b l_b / B (divided by B, not by sum_b w_b, so that a
+# weight of 0 removes an example without rescaling the others); dlogits is the gradient of that
+# mean with respect to the first argument. The optimizer steps update a flat parameter slab and
+# its state slabs in place, one C call for all parameters, and follow torch.optim's rules.
+
+def dense_forward(x, W, b=None, out=None):
+    """y (B, o) = x (B, p) @ W (p, o) + b (o,) (b may be None): one GEMM. Note that W is
+    (in, out) here, unlike :func:`linear` whose W is (out, in)."""
+    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out)
+
+
+def dense_backward(dy, x, W, dW, db=None, need_dx=True):
+    """Backward of :func:`dense_forward` for the upstream gradient dy (B, o).
+
+    ACCUMULATES in place: ``dW (p, o) += x^T dy`` (a GEMM with beta = 1) and
+    ``db (o,) += dy.sum(axis=0)`` (skipped when db is None). dW and db are never copied: they
+    must be C-contiguous, aligned, writeable arrays of the call's dtype and exact shape (e.g.
+    views into a gradient slab) sharing no memory with dy, x or W. Returns dx = dy W^T (B, p),
+    or None when ``need_dx`` is false (the first layer)."""
+    return _C.dense_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), dW, db, need_dx)
+
+
+def relu_forward(x, out=None):
+    """y = max(x, 0), elementwise, any shape."""
+    x = _array(x, "x")
+    return _C.relu_forward(x.reshape(-1), _out_view(out, x.shape, -1)).reshape(x.shape)
+
+
+def relu_backward(dy, y):
+    """dx = dy where y > 0, else 0; y is the output of :func:`relu_forward` (so the subgradient
+    at 0 is taken as 0)."""
+    dy, y = _array(dy, "dy"), _array(y, "y")
+    if dy.shape != y.shape:
+        raise ValueError(f"argument 'dy' must have the shape of y {y.shape}, got {dy.shape}")
+    return _C.relu_backward(dy.reshape(-1), y.reshape(-1)).reshape(y.shape)
+
+
+def dropout_forward(x, rate, seed, step, training=True):
+    """Inverted dropout: each entry of x (any shape) is kept with probability 1 - rate and
+    scaled by 1 / (1 - rate), so the expectation is x; the others are 0.
+
+    The mask is not stored: entry i (its flat index in C order) is kept when a counter-based
+    hash (splitmix64, csrc/nn.h) of (seed, step, i) mapped to [0, 1) is >= rate. So it is
+    deterministic, :func:`dropout_backward` recomputes the same mask from the same arguments, and
+    it does not depend on the thread count. Pass a new ``step`` (e.g. the training step or a
+    per-layer counter) for a new mask. 0 <= rate < 1; seed and step are integers in
+    [0, 2**64 - 1]. ``training=False`` or rate == 0 returns a copy of x."""
+    x = _array(x, "x")
+    return _C.dropout_forward(x.reshape(-1), rate, seed, step, training).reshape(x.shape)
+
+
+def dropout_backward(dy, rate, seed, step, training=True):
+    """dx = dy * mask / (1 - rate) with the mask of ``dropout_forward(x, rate, seed, step,
+    training)`` (dy has x's shape); a copy of dy when training is false or rate == 0."""
+    dy = _array(dy, "dy")
+    return _C.dropout_backward(dy.reshape(-1), rate, seed, step, training).reshape(dy.shape)
+
+
+def _column(a, name):
+    """(B,) or (B, 1) -> (B,)"""
+    a = _array(a, name)
+    if a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1):
+        return a.reshape(-1)
+    raise ValueError(f"argument '{name}' must have shape (B,) or (B, 1), got {a.shape}")
+
+
+def bce_with_logits(logits, targets, weights=None):
+    """Binary cross-entropy on logits: returns ``(loss, dlogits)``.
+
+    logits and targets are (B,) or (B, 1) (either, independently); targets in [0, 1] (soft labels
+    allowed); weights (B,) or None. Per example l = max(z, 0) - z t + log(1 + exp(-|z|)) (stable
+    for any z), loss = sum_b w_b l_b / B, dlogits = w (sigmoid(z) - t) / B with logits' shape."""
+    z = _column(logits, "logits")
+    loss, dz = _C.bce_with_logits(z, _column(targets, "targets"), weights)
+    return loss, dz.reshape(logits.shape)
+
+
+def mse(pred, target, weights=None):
+    """Squared error: returns ``(loss, dpred)``.
+
+    pred and target (B,) or (B, d), of one shape ((B,) and (B, 1) count as the same). Per example
+    l_b = sum over the d outputs of (pred - target)^2 -- the plain squared error when d = 1, and
+    NOT divided by d -- and loss = sum_b w_b l_b / B with weights (B,) or None (all 1).
+    dpred = 2 w (pred - target) / B with pred's shape."""
+    pred, target = _array(pred, "pred"), _array(target, "target")
+    for a, nm in ((pred, "pred"), (target, "target")):
+        if a.ndim not in (1, 2):
+            raise ValueError(f"argument '{nm}' must have shape (B,) or (B, d), got {a.shape}")
+    p2 = pred if pred.ndim == 2 else pred.reshape(-1, 1)
+    t2 = target if target.ndim == 2 else target.reshape(-1, 1)
+    if t2.shape != p2.shape:
+        raise ValueError(f"argument 'target' must have the shape of pred {pred.shape}, got {target.shape}")
+    loss, dp = _C.mse(p2, t2, weights)
+    return loss, dp.reshape(pred.shape)
+
+
+def softmax_cross_entropy(logits, labels, weights=None):
+    """Softmax cross-entropy: returns ``(loss, dlogits)``.
+
+    logits (B, C); labels (B,) an integer ndarray of any integer dtype (converted to int64), each
+    in [0, C) (ValueError naming the first bad label and its index); weights (B,) or None.
+    l_b = logsumexp(logits_b) - logits_b[labels_b] (stable), loss = sum_b w_b l_b / B,
+    dlogits = w (softmax(logits) - onehot(labels)) / B."""
+    return _C.softmax_cross_entropy(_array(logits, "logits"), labels, weights)
+
+
+def sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
+    """One SGD step, torch.optim.SGD's rule (dampening 0), in place on 1-D slabs of one dtype and
+    length: g = grads + weight_decay * params; if momentum > 0: velocity = momentum * velocity + g
+    and params -= lr * (g + momentum * velocity if nesterov else velocity); else params -= lr * g
+    (velocity may then be None, and is not touched). lr > 0, momentum >= 0, weight_decay >= 0;
+    nesterov needs momentum > 0 (as in PyTorch). grads is not modified; NaN/Inf in params or
+    grads raise ValueError."""
+    _C.sgd_step(params, grads, velocity, lr, momentum, weight_decay, nesterov)
+
+
+def adam_step(params, grads, m, v, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    """One Adam step (Kingma & Ba, with bias correction; torch.optim.Adam's rule and defaults) in
+    place on the 1-D slabs params, m, v; ``step`` >= 1 is the 1-based number of this update:
+    g = grads + weight_decay * params (L2, not AdamW); m = beta1 m + (1 - beta1) g;
+    v = beta2 v + (1 - beta2) g^2; params -= lr / (1 - beta1**step) * m /
+    (sqrt(v) / sqrt(1 - beta2**step) + eps). lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0."""
+    _C.adam_step(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay)
+
+
+def adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0):
+    """One Adagrad step (torch.optim.Adagrad's rule and defaults, lr_decay 0) in place on the 1-D
+    slabs params and accum: g = grads + weight_decay * params; accum += g^2;
+    params -= lr * g / (sqrt(accum) + eps). PyTorch's initial_accumulator_value is the initial
+    fill of accum (see :class:`dselectk.optim.Adagrad`). lr > 0, eps > 0, weight_decay >= 0."""
+    _C.adagrad_step(params, grads, accum, lr, eps, weight_decay)

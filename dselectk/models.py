@@ -1,0 +1,327 @@
+"""Models: plain compositions of layers and gates, no autograd.
+
+* :class:`MMoE`: the multi-gate Mixture of Experts of Figure 1(b): n shared experts, one gate per
+  task choosing among them, one tower per task. The task losses are combined with user weights,
+  e.g. the paper's alpha * L_1 + (1 - alpha) * L_2, plus every gate's regularizer.
+* :class:`MoE`: one gate mixing n experts whose outputs are the prediction (Figure 1(a)).
+* :class:`SharedBottom`: one shared Dense stack, then task towers (the paper's baseline).
+
+Each model has ``forward(X, training) -> [output per task]``, ``loss(outputs, Y) ->
+(total, per-task losses, output gradients)``, ``backward(output gradients)``, and keeps all
+parameters and gradients in one :class:`~dselectk.layers.ParameterSlab` (``model.slab``).
+``dselectk.save`` / ``dselectk.load`` store a model in one ``.npz``.
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+
+from . import functional as F
+from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
+from .layers import MLP, ParameterSlab
+
+__all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES", "GATES"]
+
+LOSSES = ("mse", "bce", "softmax_ce")
+GATES = ("dselect_k", "top_k", "softmax", "softmax_selector")
+FORMAT, FORMAT_VERSION = "dselectk-model", 1
+
+
+def _loss_fn(name):
+    return {"mse": F.mse, "bce": F.bce_with_logits, "softmax_ce": F.softmax_cross_entropy}[name]
+
+
+def _per_task(value, n_tasks, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_tasks:
+            raise ValueError(f"{name} has {len(value)} entries, expected one per task ({n_tasks})")
+        return list(value)
+    return [value] * n_tasks
+
+
+class _Model:
+    """Shared machinery: tasks, losses, the parameter slab, prediction transforms."""
+
+    def _setup_tasks(self, n_tasks, task_losses, task_outputs, task_weights):
+        if not isinstance(n_tasks, int) or n_tasks < 1:
+            raise ValueError(f"n_tasks must be a positive int, got {n_tasks!r}")
+        self.n_tasks = n_tasks
+        self.task_losses = _per_task(task_losses, n_tasks, "task_losses")
+        for loss in self.task_losses:
+            if loss not in LOSSES:
+                raise ValueError(f"unknown loss {loss!r}; expected one of {LOSSES}")
+        self.task_outputs = [int(o) for o in _per_task(task_outputs, n_tasks, "task_outputs")]
+        for loss, out in zip(self.task_losses, self.task_outputs):
+            if out < 1 or (loss == "bce" and out != 1) or (loss == "softmax_ce" and out < 2):
+                raise ValueError(f"task output size {out} does not fit loss {loss!r} (bce: 1, softmax_ce: the "
+                                 "number of classes >= 2, mse: >= 1)")
+        weights = [1.0] * n_tasks if task_weights is None else _per_task(task_weights, n_tasks, "task_weights")
+        if any(not np.isfinite(w) or w < 0 for w in weights):
+            raise ValueError(f"task_weights must be finite and >= 0, got {weights}")
+        self.task_weights = [float(w) for w in weights]
+
+    def _finish(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.slab = ParameterSlab(self.named_modules(), self.dtype)
+
+    # -- parameters --------------------------------------------------------------------------
+    def zero_grad(self):
+        self.slab.zero_grad()
+
+    def parameters(self):
+        """{name: array view} of every parameter (views into ``self.slab.data``)."""
+        return self.slab.named()
+
+    def num_parameters(self):
+        return len(self.slab)
+
+    # -- losses ------------------------------------------------------------------------------
+    def loss(self, outputs, targets, sample_weights=None):
+        """(total, [loss per task], [d total / d output per task]) for one batch.
+
+        total = sum_t task_weight_t * L_t + sum over gates of their regularizers (call after
+        forward). ``sample_weights``: None or a list with, per task, None or (B,) non-negative
+        weights (an example with weight 0 does not count for that task)."""
+        per_task, douts, total = [], [], 0.0
+        sw = sample_weights or [None] * self.n_tasks
+        for t, (out, y) in enumerate(zip(outputs, targets)):
+            name = self.task_losses[t]
+            if name == "mse" and y.ndim == 1:
+                y = y.reshape(out.shape)
+            value, dout = _loss_fn(name)(out, y, sw[t])
+            per_task.append(value)
+            douts.append(dout * self.task_weights[t] if self.task_weights[t] != 1.0 else dout)
+            total += self.task_weights[t] * value
+        total += self.regularization()
+        return total, per_task, douts
+
+    def regularization(self):
+        return float(sum(g.regularization() for g in self.gates))
+
+    def transform_outputs(self, outputs):
+        """Raw outputs -> predictions: probabilities for bce (B,) and softmax_ce (B, C), values
+        for mse ((B,) when the task has one output)."""
+        preds = []
+        for name, out in zip(self.task_losses, outputs):
+            if name == "bce":
+                preds.append(1.0 / (1.0 + np.exp(-out.reshape(-1))))
+            elif name == "softmax_ce":
+                preds.append(F.softmax(out))
+            else:
+                preds.append(out.reshape(-1) if out.shape[1] == 1 else out)
+        return preds
+
+    def train_mode(self, training):
+        for g in self.gates:
+            if hasattr(g, "train"):
+                g.train(training)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
+
+
+def _make_gate(kind, n_experts, k, gamma, entropy_reg, xi, per_example, input_dim, noisy, temperature, rng, dtype):
+    if kind not in GATES:
+        raise ValueError(f"unknown gate {kind!r}; expected one of {GATES}")
+    if kind == "dselect_k":
+        return DSelectKGate(n_experts, k, gamma=gamma, entropy_reg=entropy_reg, xi=xi, per_example=per_example,
+                            input_dim=input_dim, seed=rng, dtype=dtype)
+    if kind == "top_k":
+        return TopKGate(n_experts, k, per_example=per_example, input_dim=input_dim, noisy=noisy, seed=rng,
+                        dtype=dtype)
+    if kind == "softmax":
+        return SoftmaxGate(n_experts, per_example=per_example, input_dim=input_dim, seed=rng, dtype=dtype)
+    if per_example:
+        raise ValueError("the softmax_selector (ablation) gate is static only: per_example must be False")
+    return SoftmaxSelectorGate(n_experts, k, temperature=temperature, entropy_reg=entropy_reg, seed=rng,
+                               dtype=dtype)
+
+
+class MMoE(_Model):
+    """Multi-gate Mixture of Experts (Figure 1(b)).
+
+    Parameters
+    ----------
+    input_dim : p, features of X.
+    n_tasks : number of tasks T (one gate and one tower each).
+    n_experts : n; every expert is Dense(u) -> ReLU (-> Dropout) for u in ``expert_units``.
+    expert_units : hidden widths of each expert; the last is the width d of the mixed output.
+    tower_units : hidden widths of each task tower, followed by the task's output layer.
+    task_losses : "mse", "bce" (logits) or "softmax_ce" (logits, integer labels), or a list per task.
+    task_outputs : output size per task (bce: 1; softmax_ce: the number of classes).
+    task_weights : the loss weights (e.g. [alpha, 1 - alpha]); default all 1.
+    gate : "dselect_k", "top_k", "softmax" or "softmax_selector" (the Appendix C.2 ablation).
+    k, gamma, entropy_reg (lambda), xi, per_example, noisy, temperature : gate settings (see the
+        gate classes); ``entropy_reg`` is also the ablation gate's entropy coefficient.
+    dropout : dropout rate after each expert and tower hidden layer.
+    seed : initialization (and dropout) seed.
+    """
+
+    def __init__(self, input_dim, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses="mse",
+                 task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
+                 per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0, dtype="float32"):
+        self.config = dict(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=list(expert_units),
+                           tower_units=list(tower_units), task_losses=task_losses, task_outputs=task_outputs,
+                           task_weights=task_weights, gate=gate, k=k, gamma=gamma, entropy_reg=entropy_reg, xi=xi,
+                           per_example=per_example, noisy=noisy, temperature=temperature, dropout=dropout, seed=seed,
+                           dtype=str(np.dtype(dtype)))
+        self._build(input_dim, n_tasks, n_experts, list(expert_units), list(tower_units), task_losses, task_outputs,
+                    task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed,
+                    dtype, towers=True)
+
+    def _build(self, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
+               task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype,
+               towers):
+        self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        self.input_dim = F._int(input_dim, "input_dim", 1)
+        self.n_experts = F._int(n_experts, "n_experts", 2)
+        rng = np.random.default_rng(seed)
+        dtype = np.dtype(dtype)
+        if towers:
+            if not expert_units:
+                raise ValueError("expert_units must list at least one hidden width")
+            self.experts = [MLP(self.input_dim, expert_units, rng, dropout, None, dtype) for _ in range(self.n_experts)]
+        else:  # MoE: the experts' outputs are the prediction
+            if self.n_tasks != 1:
+                raise ValueError("MoE has one task; use MMoE for several")
+            self.experts = [MLP(self.input_dim, expert_units, rng, dropout, self.task_outputs[0], dtype)
+                            for _ in range(self.n_experts)]
+        d = self.experts[0].out_dim
+        self.gates = [_make_gate(gate, self.n_experts, k, gamma, entropy_reg, xi, per_example, self.input_dim, noisy,
+                                 temperature, rng, dtype) for _ in range(self.n_tasks)]
+        self.towers = [MLP(d, tower_units, rng, dropout, out, dtype) if towers else MLP(d, (), rng)
+                       for out in self.task_outputs]
+        self._finish(dtype)
+        self._cache = None
+
+    def named_modules(self):
+        mods = []
+        for j, e in enumerate(self.experts):
+            mods += e.named_modules(f"expert{j}")
+        mods += [(f"gate{t}", g) for t, g in enumerate(self.gates)]
+        for t, tw in enumerate(self.towers):
+            mods += tw.named_modules(f"tower{t}")
+        return mods
+
+    def forward(self, X, training=False):
+        """[raw output per task] for X (B, input_dim): logits for bce/softmax_ce tasks."""
+        self.train_mode(training)
+        f = np.stack([e.forward(X, training) for e in self.experts])  # (n, B, d)
+        ws, outs = [], []
+        for gate, tower in zip(self.gates, self.towers):
+            w = gate.forward(X) if gate.per_example else gate.forward()
+            ws.append(w)
+            outs.append(tower.forward(F.mix_experts(f, w), training))
+        self._cache = (f, ws)
+        return outs
+
+    def backward(self, douts):
+        """Accumulates every parameter's gradient (gate regularizers included) for the output
+        gradients ``douts`` of the last forward."""
+        f, ws = self._cache
+        df_total = np.zeros_like(f)
+        for gate, tower, w, dout in zip(self.gates, self.towers, ws, douts):
+            dy = tower.backward(dout)
+            dw, df = F.mix_experts_backward(dy, f, w)
+            df_total += df
+            gate.backward(dw)
+        for j, e in enumerate(self.experts):
+            e.backward(df_total[j], need_dx=False)
+
+    def gate_weights(self):
+        """Expert weights per task at the last forward, (T, n): per-example gates averaged over the batch."""
+        _, ws = self._cache
+        return np.stack([w if w.ndim == 1 else w.mean(axis=0) for w in ws])
+
+
+class MoE(MMoE):
+    """Mixture of Experts (Figure 1(a)): one gate mixes n experts whose outputs are the prediction.
+    Each expert is an MLP with hidden widths ``expert_units`` and a linear output of ``output_dim``.
+    Other parameters as :class:`MMoE`."""
+
+    def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", k=2,
+                 gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False, noisy=False, temperature=1.0, dropout=0.0,
+                 seed=0, dtype="float32"):
+        self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=list(expert_units), loss=loss,
+                           output_dim=output_dim, gate=gate, k=k, gamma=gamma, entropy_reg=entropy_reg, xi=xi,
+                           per_example=per_example, noisy=noisy, temperature=temperature, dropout=dropout, seed=seed,
+                           dtype=str(np.dtype(dtype)))
+        self._build(input_dim, 1, n_experts, list(expert_units), [], loss, output_dim, None, gate, k, gamma,
+                    entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype, towers=False)
+
+
+class SharedBottom(_Model):
+    """The shared-bottom baseline: one Dense -> ReLU stack (``bottom_units``) shared by all tasks,
+    then a tower per task (``tower_units`` and the task's output layer). No gates."""
+
+    def __init__(self, input_dim, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse", task_outputs=1,
+                 task_weights=None, dropout=0.0, seed=0, dtype="float32"):
+        self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=list(bottom_units),
+                           tower_units=list(tower_units), task_losses=task_losses, task_outputs=task_outputs,
+                           task_weights=task_weights, dropout=dropout, seed=seed, dtype=str(np.dtype(dtype)))
+        self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        self.input_dim = F._int(input_dim, "input_dim", 1)
+        rng = np.random.default_rng(seed)
+        dtype = np.dtype(dtype)
+        self.bottom = MLP(self.input_dim, list(bottom_units), rng, dropout, None, dtype)
+        self.towers = [MLP(self.bottom.out_dim, list(tower_units), rng, dropout, out, dtype) for out in self.task_outputs]
+        self.gates = []
+        self._finish(dtype)
+        self._cache = None
+
+    def named_modules(self):
+        mods = self.bottom.named_modules("bottom")
+        for t, tw in enumerate(self.towers):
+            mods += tw.named_modules(f"tower{t}")
+        return mods
+
+    def forward(self, X, training=False):
+        h = self.bottom.forward(X, training)
+        return [tw.forward(h, training) for tw in self.towers]
+
+    def backward(self, douts):
+        dh = None
+        for tw, dout in zip(self.towers, douts):
+            d = tw.backward(dout)
+            dh = d if dh is None else dh + d
+        self.bottom.backward(dh, need_dx=False)
+
+
+_CLASSES = {"MMoE": MMoE, "MoE": MoE, "SharedBottom": SharedBottom}
+
+
+def save(model, path):
+    """Write ``model`` to one ``.npz``: the parameter slab, and JSON metadata (class, constructor
+    arguments, parameter index, format version). Loadable with ``allow_pickle=False``."""
+    meta = dict(format=FORMAT, version=FORMAT_VERSION, cls=type(model).__name__, config=model.config,
+                index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
+    np.savez(path, params=model.slab.data, meta=np.array(json.dumps(meta)))
+
+
+def load(path):
+    """Rebuild a model saved by :func:`save`. Raises ValueError for a file that is not a dselectk
+    model, was written by another format version, or is corrupted."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"][()]))
+            params = z["params"]
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable dselectk model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a dselectk model file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: written by model format version {meta.get('version')!r}; this dselectk reads "
+                         f"version {FORMAT_VERSION}")
+    cls = _CLASSES.get(meta.get("cls"))
+    if cls is None:
+        raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
+    model = cls(**meta["config"])
+    index = [[name, list(shape), offset] for name, shape, offset in model.slab.index]
+    if index != meta["index"] or params.shape != model.slab.data.shape or params.dtype != model.slab.data.dtype:
+        raise ValueError(f"{path}: the stored parameters do not match the architecture in its metadata")
+    if not np.all(np.isfinite(params)):
+        raise ValueError(f"{path}: the stored parameters contain NaN or Inf")
+    model.slab.data[...] = params
+    return model

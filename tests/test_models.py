@@ -1,0 +1,293 @@
+"""Models and trainer: whole-model gradients by finite differences, training sanity, early
+stopping, save/load, determinism, bad input."""
+import numpy as np
+import pytest
+
+import dselectk as dk
+from dselectk import models as Mo
+from dselectk import trainer as T
+
+GATE_KINDS = [
+    dict(gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.3, xi=0.5),
+    dict(gate="dselect_k", k=2, gamma=2.0, entropy_reg=0.1, per_example=True),
+    dict(gate="top_k", k=2),
+    dict(gate="top_k", k=2, per_example=True),
+    dict(gate="softmax"),
+    dict(gate="softmax", per_example=True),
+    dict(gate="softmax_selector", k=2, entropy_reg=0.2, temperature=0.7),
+]
+
+
+def _data(rng, N, p, losses, outputs):
+    X = rng.standard_normal((N, p))
+    Y = []
+    for loss, out in zip(losses, outputs):
+        if loss == "bce":
+            Y.append((rng.random(N) < 0.5).astype(float))
+        elif loss == "softmax_ce":
+            Y.append(rng.integers(0, out, N))
+        else:
+            Y.append(rng.standard_normal((N, out)) if out > 1 else rng.standard_normal(N))
+    return X, Y
+
+
+def _fd_check(model, X, Y, rng, n_entries=60):
+    """Gradient of the total objective (weighted task losses + regularizers) in the slab against
+    central differences, on a random subset of entries."""
+    Yc = T._check_Y(model, Y, X.shape[0])
+
+    def objective():
+        outs = model.forward(X, training=True)
+        return model.loss(outs, Yc)[0]
+
+    model.zero_grad()
+    outs = model.forward(X, training=True)
+    _, _, douts = model.loss(outs, Yc)
+    model.backward(douts)
+    grad = model.slab.grad.copy()
+    data = model.slab.data
+    idx = rng.choice(data.size, min(n_entries, data.size), replace=False)
+    # always include every gate parameter: they are the point of this package
+    names = {name: (shape, off) for name, shape, off in model.slab.index}
+    gate_idx = [off + i for name, (shape, off) in names.items() if name.startswith("gate")
+                for i in range(int(np.prod(shape)))]
+    for i in np.unique(np.concatenate([idx, np.array(gate_idx, dtype=int)])):
+        old = data[i]
+        data[i] = old + 1e-6
+        fp = objective()
+        data[i] = old - 1e-6
+        fm = objective()
+        data[i] = old
+        num = (fp - fm) / 2e-6
+        assert abs(grad[i] - num) <= 2e-6 * max(1.0, abs(num)), (model.slab.index, i, grad[i], num)
+
+
+def _spread_gates(model, rng):
+    """Move gate parameters off their tiny initial values (and away from Top-k ties) so that
+    every term of the gradient is exercised; DSelect-k's Z stays inside the fractional region."""
+    for g in model.gates:
+        for name, v in g.params.items():
+            if name in ("Z",):
+                v[...] = rng.uniform(-0.4, 0.4, v.shape) * g.gamma
+            elif name in ("W", "b_W"):
+                v[...] = rng.uniform(-0.05, 0.05, v.shape) * g.gamma
+            else:
+                v[...] = rng.standard_normal(v.shape)
+
+
+@pytest.mark.parametrize("gate_kwargs", GATE_KINDS, ids=lambda kw: kw["gate"] + ("_pe" if kw.get("per_example") else ""))
+def test_mmoe_whole_model_gradient(gate_kwargs):
+    rng = np.random.default_rng(0)
+    losses, outputs = ["bce", "mse", "softmax_ce"], [1, 2, 3]
+    model = Mo.MMoE(4, n_tasks=3, n_experts=5, expert_units=(6,), tower_units=(3,), task_losses=losses,
+                    task_outputs=outputs, task_weights=[0.3, 0.5, 0.2], dtype="float64", seed=1, **gate_kwargs)
+    _spread_gates(model, rng)
+    X, Y = _data(rng, 9, 4, losses, outputs)
+    _fd_check(model, X, Y, rng)
+
+
+@pytest.mark.parametrize("gate_kwargs", GATE_KINDS[:3], ids=["dselect_k", "dselect_k_pe", "top_k"])
+def test_moe_whole_model_gradient(gate_kwargs):
+    rng = np.random.default_rng(1)
+    model = Mo.MoE(3, n_experts=6, expert_units=(5, 4), loss="mse", output_dim=2, dtype="float64", seed=2,
+                   **gate_kwargs)
+    _spread_gates(model, rng)
+    X, Y = _data(rng, 7, 3, ["mse"], [2])
+    _fd_check(model, X, Y, rng)
+
+
+def test_shared_bottom_whole_model_gradient():
+    rng = np.random.default_rng(2)
+    model = Mo.SharedBottom(5, n_tasks=2, bottom_units=(7, 6), tower_units=(4,), task_losses=["bce", "mse"],
+                            task_weights=[0.9, 0.1], dtype="float64", seed=3)
+    X, Y = _data(rng, 8, 5, ["bce", "mse"], [1, 1])
+    _fd_check(model, X, Y, rng, n_entries=200)
+
+
+def _synthetic_two_task(rng, N=3000, p=8):
+    X = rng.standard_normal((N, p)).astype(np.float32)
+    v1, v2 = rng.standard_normal(p), rng.standard_normal(p)
+    y1 = np.tanh(X @ v1) + 0.5 * np.maximum(X @ v2, 0)
+    y2 = (np.sin(X @ v2) + 0.1 * rng.standard_normal(N) > 0).astype(np.float32)
+    return X, [y1.astype(np.float32), y2]
+
+
+def test_mmoe_fits_a_small_problem_and_dselect_k_becomes_binary():
+    rng = np.random.default_rng(3)
+    X, Y = _synthetic_two_task(rng)
+    model = Mo.MMoE(8, n_tasks=2, n_experts=4, expert_units=(32,), tower_units=(16,), task_losses=["mse", "bce"],
+                    gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.5, seed=0)
+    before = T.evaluate(model, X, Y)
+    hist = T.fit(model, X, Y, epochs=15, batch_size=64, lr=3e-3, verbose=0, seed=0)
+    after = T.evaluate(model, X, Y)
+    # the targets have variance ~0.6 (task 0); a fitted model explains most of it
+    assert after["task0_mse"] < 0.25 * before["task0_mse"], (before, after)
+    assert after["task1_auc"] > 0.9, after
+    assert all(s is not None for s in hist.binary_step), hist.binary_step
+    assert all(model.gates[t].is_binary() for t in range(2))
+    assert hist.selected_experts[-1].max() <= 2
+
+
+def test_early_stopping_restores_the_best_weights():
+    rng = np.random.default_rng(4)
+    X, Y = _synthetic_two_task(rng, N=400)
+    Xv, Yv = _synthetic_two_task(rng, N=200)
+    model = Mo.MMoE(8, n_tasks=2, n_experts=4, expert_units=(64,), tower_units=(64,), task_losses=["mse", "bce"],
+                    gate="top_k", k=2, seed=0)
+    snapshots = {}
+
+    class Snap:
+        def on_epoch_end(self, epoch, logs, m):
+            snapshots[epoch] = (logs["val_loss"], m.slab.data.copy())
+
+    # a large learning rate on little data overfits / oscillates, so the best epoch is not the last
+    hist = T.fit(model, X, Y, epochs=25, batch_size=32, lr=0.02, validation_data=(Xv, Yv),
+                 early_stopping_patience=3, callbacks=[Snap()], verbose=0)
+    best = min(snapshots, key=lambda e: snapshots[e][0])
+    assert hist.best_epoch == best
+    assert len(hist.epochs) < 25 or best != 25
+    np.testing.assert_array_equal(model.slab.data, snapshots[best][1])
+    assert T.evaluate(model, Xv, Yv)["loss"] == pytest.approx(snapshots[best][0], rel=1e-5)
+
+
+def test_training_is_deterministic():
+    rng = np.random.default_rng(5)
+    X, Y = _synthetic_two_task(rng, N=500)
+    runs = []
+    for _ in range(2):
+        model = Mo.MMoE(8, n_tasks=2, n_experts=4, expert_units=(16,), tower_units=(8,), task_losses=["mse", "bce"],
+                        gate="dselect_k", k=2, per_example=True, dropout=0.3, seed=7)
+        T.fit(model, X, Y, epochs=2, batch_size=50, verbose=0, seed=11)
+        runs.append(model.slab.data.copy())
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (Mo.MMoE, dict(n_tasks=2, n_experts=4, gate="dselect_k", per_example=True, task_losses=["mse", "softmax_ce"],
+                   task_outputs=[1, 3])),
+    (Mo.MoE, dict(n_experts=4, gate="top_k")),
+    (Mo.SharedBottom, dict(n_tasks=2, task_losses=["bce", "mse"])),
+])
+def test_save_load_roundtrip(tmp_path, cls, kwargs):
+    rng = np.random.default_rng(6)
+    model = cls(5, seed=3, **kwargs)
+    model.slab.data[...] += rng.standard_normal(model.slab.data.size).astype(np.float32) * 0.01
+    X = rng.standard_normal((20, 5)).astype(np.float32)
+    path = tmp_path / "m.npz"
+    dk.save(model, path)
+    loaded = dk.load(path)
+    assert type(loaded) is cls
+    for a, b in zip(T.predict(model, X), T.predict(loaded, X)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_load_rejects_bad_files(tmp_path):
+    model = Mo.MoE(3, n_experts=2, k=1, seed=0)
+    good = tmp_path / "good.npz"
+    dk.save(model, good)
+    raw = good.read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="not a readable dselectk model"):
+        dk.load(tmp_path / "trunc.npz")
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a readable dselectk model"):
+        dk.load(tmp_path / "other.npz")
+    import json
+    with np.load(good) as z:
+        meta = json.loads(str(z["meta"][()]))
+        params = z["params"]
+    meta["version"] = 999
+    np.savez(tmp_path / "future.npz", params=params, meta=np.array(json.dumps(meta)))
+    with pytest.raises(ValueError, match="format version 999"):
+        dk.load(tmp_path / "future.npz")
+    meta["version"] = 1
+    np.savez(tmp_path / "short.npz", params=params[:-1], meta=np.array(json.dumps(meta)))
+    with pytest.raises(ValueError, match="do not match"):
+        dk.load(tmp_path / "short.npz")
+
+
+def _small_model(**kw):
+    return Mo.MMoE(4, n_tasks=2, n_experts=3, expert_units=(4,), tower_units=(3,), task_losses=["bce", "softmax_ce"],
+                   task_outputs=[1, 3], seed=0, **kw)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda X, Y: (X[:, :3], Y), ValueError, r"X must have shape \(N, 4\)"),
+    (lambda X, Y: (X.tolist(), Y), TypeError, "numpy.ndarray"),
+    (lambda X, Y: (X, Y[:1]), ValueError, "1 tasks, the model has 2"),
+    (lambda X, Y: (X, [Y[0][:5], Y[1]]), ValueError, r"Y\[0\] has 5 rows"),
+    (lambda X, Y: (np.where(np.arange(40)[:, None] == 3, np.nan, X), Y), ValueError, "NaN or Inf .*row 3"),
+    (lambda X, Y: (X, [np.where(np.arange(40) == 2, np.inf, Y[0]), Y[1]]), ValueError, r"Y\[0\] contains NaN"),
+    (lambda X, Y: (X, [Y[0], np.where(np.arange(40) == 7, 3, Y[1])]), ValueError, "label 3 at row 7"),
+    (lambda X, Y: (X, [Y[0], Y[1].astype(float)]), ValueError, "integer class labels"),
+    (lambda X, Y: (X, [Y[0] * 2, Y[1]]), ValueError, r"targets in \[0, 1\]"),
+    (lambda X, Y: (X[:0], Y), ValueError, "empty"),
+])
+def test_fit_rejects_bad_input_before_training(mutate, exc, match):
+    rng = np.random.default_rng(7)
+    X, Y = _data(rng, 40, 4, ["bce", "softmax_ce"], [1, 3])
+    model = _small_model()
+    before = model.slab.data.copy()
+    Xb, Yb = mutate(X, Y)
+    with pytest.raises(exc, match=match):
+        T.fit(model, Xb, Yb, epochs=1, verbose=0)
+    np.testing.assert_array_equal(model.slab.data, before)
+
+
+def test_fit_argument_errors():
+    rng = np.random.default_rng(8)
+    X, Y = _data(rng, 40, 4, ["bce", "softmax_ce"], [1, 3])
+    model = _small_model()
+    for kwargs, match in [(dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
+                          (dict(early_stopping_patience=2), "validation_data"), (dict(optimizer="lbfgs"), "lbfgs")]:
+        with pytest.raises(ValueError, match=match):
+            T.fit(model, X, Y, verbose=0, **kwargs)
+    with pytest.raises(ValueError, match="one per task"):
+        Mo.MMoE(4, n_tasks=2, task_losses=["mse"])
+    with pytest.raises(ValueError, match="unknown gate"):
+        Mo.MMoE(4, gate="hash")
+    with pytest.raises(ValueError, match="does not fit loss"):
+        Mo.MMoE(4, task_losses="bce", task_outputs=2)
+
+
+def test_nan_loss_stops_with_epoch_and_step():
+    rng = np.random.default_rng(9)
+    X, Y = _data(rng, 64, 4, ["bce", "softmax_ce"], [1, 3])
+    model = _small_model()
+
+    class Poison:
+        def on_step_end(self, step, m):
+            if step == 5:
+                m.slab.data[0] = np.inf
+
+    with pytest.raises(FloatingPointError, match=r"epoch 2, step 2 of 4 \(global step 6\)"):
+        T.fit(model, X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[Poison()])
+
+
+def test_history_records_gate_weights_and_progress_lines():
+    rng = np.random.default_rng(10)
+    X, Y = _data(rng, 64, 4, ["bce", "softmax_ce"], [1, 3])
+    model = _small_model(gate="dselect_k", k=2)
+    lines = []
+    hist = T.fit(model, X, Y, epochs=2, batch_size=16, verbose=1, record_gate_every=2, out=lines.append,
+                 validation_data=(X, Y))
+    assert hist.gate_weights.shape == (4, 2, 3) and hist.gate_steps == [2, 4, 6, 8]
+    # n = 3 is not a power of two: the selectors' mass on the unused code is lost (Appendix B.2)
+    sums = hist.gate_weights.sum(axis=2)
+    assert np.all((sums > 0.5) & (sums <= 1 + 1e-6)), sums
+    assert np.all(np.diff(sums[:, 0]) > 0), "the xi penalty moves mass back to real experts"
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2") and "val_task0_auc" in lines[0]
+    quiet = []
+    T.fit(model, X, Y, epochs=1, verbose=0, out=quiet.append)
+    assert quiet == []
+
+
+def test_predict_transforms():
+    model = _small_model()
+    X = np.random.default_rng(11).standard_normal((10, 4)).astype(np.float32)
+    p_bce, p_ce = T.predict(model, X)
+    assert p_bce.shape == (10,) and np.all((p_bce > 0) & (p_bce < 1))
+    assert p_ce.shape == (10, 3)
+    np.testing.assert_allclose(p_ce.sum(axis=1), 1, rtol=1e-6)
+    raw = T.predict(model, X, raw=True)
+    np.testing.assert_allclose(1 / (1 + np.exp(-raw[0].reshape(-1))), p_bce, rtol=1e-6)
