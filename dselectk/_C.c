@@ -35,13 +35,21 @@
 #define HOLD_MAX 16
 typedef struct {
     PyArrayObject *a[HOLD_MAX];
+    PyObject *orig[HOLD_MAX]; /* borrowed: the caller's object a was converted from */
     int count;
 } Hold;
 
-static PyArrayObject *hold(Hold *h, PyArrayObject *a) {
-    if (a) h->a[h->count++] = a;
+/* Holds a, converted from the caller's object orig (kept to check out= against the caller's
+ * memory, not only against a copy of it). */
+static PyArrayObject *hold_from(Hold *h, PyObject *orig, PyArrayObject *a) {
+    if (a) {
+        h->orig[h->count] = orig;
+        h->a[h->count++] = a;
+    }
     return a;
 }
+
+static PyArrayObject *hold(Hold *h, PyArrayObject *a) { return hold_from(h, (PyObject *)a, a); }
 
 static void release(Hold *h) {
     for (int i = 0; i < h->count; i++) Py_DECREF(h->a[i]);
@@ -159,10 +167,31 @@ static int optional_input(PyObject *obj, const char *name, int *typenum, int ndi
     return *result ? 0 : -1;
 }
 
+/* [*lo, *hi) spans every byte an array can touch, negative strides included; 0 if it is empty. */
+static int byte_extent(PyArrayObject *a, const char **lo, const char **hi) {
+    if (PyArray_SIZE(a) == 0) return 0;
+    const char *start = PyArray_BYTES(a), *end = start + PyArray_ITEMSIZE(a);
+    for (int i = 0; i < PyArray_NDIM(a); i++) {
+        const npy_intp reach = PyArray_STRIDE(a, i) * (PyArray_DIM(a, i) - 1);
+        if (reach < 0) start += reach;
+        else end += reach;
+    }
+    *lo = start;
+    *hi = end;
+    return 1;
+}
+
+/* Conservative: arrays whose extents intersect may share memory (numpy.may_share_memory). */
 static int overlaps(PyArrayObject *a, PyArrayObject *b) {
-    const char *a0 = PyArray_BYTES(a), *b0 = PyArray_BYTES(b);
-    const char *a1 = a0 + PyArray_NBYTES(a), *b1 = b0 + PyArray_NBYTES(b);
-    return PyArray_NBYTES(a) > 0 && PyArray_NBYTES(b) > 0 && a0 < b1 && b0 < a1;
+    const char *a0, *a1, *b0, *b1;
+    return byte_extent(a, &a0, &a1) && byte_extent(b, &b0, &b1) && a0 < b1 && b0 < a1;
+}
+
+/* Whether arr may share memory with held array i or with the caller's object it came from. */
+static int overlaps_held(PyArrayObject *arr, const Hold *h, int i) {
+    if (overlaps(arr, h->a[i])) return 1;
+    return h->orig[i] != (PyObject *)h->a[i] && PyArray_Check(h->orig[i]) &&
+           overlaps(arr, (PyArrayObject *)h->orig[i]);
 }
 
 /* An output array: a new one when out is NULL/None, else the caller's out= validated (exact dtype
@@ -195,7 +224,7 @@ static PyArrayObject *output_array(PyObject *out, const char *name, int typenum,
         return NULL;
     }
     for (int i = 0; inputs && i < inputs->count; i++)
-        if (overlaps(arr, inputs->a[i])) {
+        if (overlaps_held(arr, inputs, i)) {
             PyErr_Format(PyExc_ValueError, "argument '%s' shares memory with an input; inputs are never "
                          "overwritten, pass a separate array", name);
             return NULL;
@@ -282,7 +311,7 @@ static PyObject *py_smooth_step_forward(PyObject *Py_UNUSED(self), PyObject *arg
     if (check_gamma(gamma, "gamma") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
-    PyArrayObject *t = hold(&h, input_array(t_obj, "t", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *t = hold_from(&h, t_obj, input_array(t_obj, "t", &tn, 1, dims, "(N,)", 1));
     if (!t) goto done;
     PyArrayObject *s = hold(&h, output_array(out_obj, "out", tn, 1, dims, &h));
     if (!s) goto done;
@@ -308,9 +337,9 @@ static PyObject *py_smooth_step_backward(PyObject *Py_UNUSED(self), PyObject *ar
     if (check_gamma(gamma, "gamma") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
-    PyArrayObject *dout = hold(&h, input_array(dout_obj, "dout", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *dout = hold_from(&h, dout_obj, input_array(dout_obj, "dout", &tn, 1, dims, "(N,)", 1));
     if (!dout) goto done;
-    PyArrayObject *t = hold(&h, input_array(t_obj, "t", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *t = hold_from(&h, t_obj, input_array(t_obj, "t", &tn, 1, dims, "(N,)", 1));
     if (!t) goto done;
     PyArrayObject *dt = hold(&h, new_array(tn, 1, dims));
     if (!dt) goto done;
@@ -341,7 +370,7 @@ static PyObject *py_selector_forward(PyObject *Py_UNUSED(self), PyObject *args, 
     const int m = n_bits(n);
     int tn = NPY_NOTYPE;
     npy_intp sdims[2] = {-1, m};
-    PyArrayObject *s = hold(&h, input_array(s_obj, "s", &tn, 2, sdims, "(R, m), m = ceil(log2 n)", 1));
+    PyArrayObject *s = hold_from(&h, s_obj, input_array(s_obj, "s", &tn, 2, sdims, "(R, m), m = ceil(log2 n)", 1));
     if (!s) goto done;
     npy_intp rdims[2] = {sdims[0], n};
     PyArrayObject *r = hold(&h, output_array(out_obj, "out", tn, 2, rdims, &h));
@@ -369,10 +398,10 @@ static PyObject *py_selector_backward(PyObject *Py_UNUSED(self), PyObject *args,
     const int m = n_bits(n);
     int tn = NPY_NOTYPE;
     npy_intp rdims[2] = {-1, n}, sdims[2] = {-1, m};
-    PyArrayObject *dr = hold(&h, input_array(dr_obj, "dr", &tn, 2, rdims, "(R, n)", 1));
+    PyArrayObject *dr = hold_from(&h, dr_obj, input_array(dr_obj, "dr", &tn, 2, rdims, "(R, n)", 1));
     if (!dr) goto done;
     sdims[0] = rdims[0];
-    PyArrayObject *s = hold(&h, input_array(s_obj, "s", &tn, 2, sdims, "(R, m), m = ceil(log2 n)", 1));
+    PyArrayObject *s = hold_from(&h, s_obj, input_array(s_obj, "s", &tn, 2, sdims, "(R, m), m = ceil(log2 n)", 1));
     if (!s) goto done;
     PyArrayObject *ds = hold(&h, new_array(tn, 2, sdims));
     if (!ds) goto done;
@@ -406,12 +435,12 @@ static PyObject *py_dselect_k_forward(PyObject *Py_UNUSED(self), PyObject *args,
     const int m = n_bits(n);
     int tn = NPY_NOTYPE;
     npy_intp adims[2] = {-1, -1};
-    PyArrayObject *alpha = hold(&h, input_array(alpha_obj, "alpha", &tn, 2, adims, "(B, k)", 1));
+    PyArrayObject *alpha = hold_from(&h, alpha_obj, input_array(alpha_obj, "alpha", &tn, 2, adims, "(B, k)", 1));
     if (!alpha) goto done;
     const npy_intp B = adims[0], k = adims[1];
     if (check_batch(B, "alpha") < 0 || check_k(k, n, "alpha.shape[1], the number of selectors") < 0) goto done;
     npy_intp zdims[3] = {B, k, m};
-    PyArrayObject *Z = hold(&h, input_array(Z_obj, "Z", &tn, 3, zdims, "(B, k, m), m = ceil(log2 n)", 1));
+    PyArrayObject *Z = hold_from(&h, Z_obj, input_array(Z_obj, "Z", &tn, 3, zdims, "(B, k, m), m = ceil(log2 n)", 1));
     if (!Z) goto done;
     npy_intp wdims[2] = {B, n}, rdims[3] = {B, k, n};
     PyArrayObject *w = hold(&h, output_array(out_obj, "out", tn, 2, wdims, &h));
@@ -448,7 +477,7 @@ static PyObject *py_dselect_k_backward(PyObject *Py_UNUSED(self), PyObject *args
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp rdims[3] = {-1, -1, -1};
-    PyArrayObject *r = hold(&h, input_array(r_obj, "r", &tn, 3, rdims, "(B, k, n)", 0));
+    PyArrayObject *r = hold_from(&h, r_obj, input_array(r_obj, "r", &tn, 3, rdims, "(B, k, n)", 0));
     if (!r) goto done;
     const npy_intp B = rdims[0], k = rdims[1], n = rdims[2];
     if (check_batch(B, "r") < 0 || check_n(n) < 0 || check_k(k, n, "r.shape[1]") < 0) goto done;
@@ -456,10 +485,10 @@ static PyObject *py_dselect_k_backward(PyObject *Py_UNUSED(self), PyObject *args
     npy_intp sdims[2] = {B, k}, zdims[3] = {B, k, m}, wdims[2] = {B, n};
     PyArrayObject *dw = NULL, *sigma, *sz, *Z;
     if (optional_input(dw_obj, "dw", &tn, 2, wdims, "(B, n)", 1, &dw) < 0) goto done;
-    hold(&h, dw);
-    if (!(sigma = hold(&h, input_array(sigma_obj, "sigma", &tn, 2, sdims, "(B, k)", 0)))) goto done;
-    if (!(sz = hold(&h, input_array(sz_obj, "sz", &tn, 3, zdims, "(B, k, m)", 0)))) goto done;
-    if (!(Z = hold(&h, input_array(Z_obj, "Z", &tn, 3, zdims, "(B, k, m)", 1)))) goto done;
+    hold_from(&h, dw_obj, dw);
+    if (!(sigma = hold_from(&h, sigma_obj, input_array(sigma_obj, "sigma", &tn, 2, sdims, "(B, k)", 0)))) goto done;
+    if (!(sz = hold_from(&h, sz_obj, input_array(sz_obj, "sz", &tn, 3, zdims, "(B, k, m)", 0)))) goto done;
+    if (!(Z = hold_from(&h, Z_obj, input_array(Z_obj, "Z", &tn, 3, zdims, "(B, k, m)", 1)))) goto done;
     PyArrayObject *dalpha = hold(&h, new_array(tn, 2, sdims));
     PyArrayObject *dZ = hold(&h, new_array(tn, 3, zdims));
     if (!dalpha || !dZ) goto done;
@@ -483,7 +512,7 @@ static PyObject *selector_reduction(PyObject *args, PyObject *kw, int which) {
     if (check_gamma(eps, "eps") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
-    PyArrayObject *r = hold(&h, input_array(r_obj, "r", &tn, 2, dims, "(R, n)", 1));
+    PyArrayObject *r = hold_from(&h, r_obj, input_array(r_obj, "r", &tn, 2, dims, "(R, n)", 1));
     if (!r) goto done;
     Py_BEGIN_ALLOW_THREADS
     if (tn == NPY_FLOAT)
@@ -535,7 +564,7 @@ static PyObject *logits_gate(PyObject *args, PyObject *kw, int topk) {
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
-    PyArrayObject *logits = hold(&h, input_array(l_obj, "logits", &tn, 2, dims, "(B, n)", 1));
+    PyArrayObject *logits = hold_from(&h, l_obj, input_array(l_obj, "logits", &tn, 2, dims, "(B, n)", 1));
     if (!logits) goto done;
     if (check_batch(dims[0], "logits") < 0) goto done;
     if (dims[1] < 1) {
@@ -574,10 +603,10 @@ static PyObject *py_softmax_backward(PyObject *Py_UNUSED(self), PyObject *args, 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", kwlist, &dw_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
-    PyArrayObject *dw = hold(&h, input_array(dw_obj, "dw", &tn, 2, dims, "(B, n)", 1));
+    PyArrayObject *dw = hold_from(&h, dw_obj, input_array(dw_obj, "dw", &tn, 2, dims, "(B, n)", 1));
     if (!dw) goto done;
     if (check_batch(dims[0], "dw") < 0) goto done;
-    PyArrayObject *w = hold(&h, input_array(w_obj, "w", &tn, 2, dims, "(B, n)", 1));
+    PyArrayObject *w = hold_from(&h, w_obj, input_array(w_obj, "w", &tn, 2, dims, "(B, n)", 1));
     if (!w) goto done;
     PyArrayObject *dl = hold(&h, new_array(tn, 2, dims));
     if (!dl) goto done;
@@ -607,11 +636,11 @@ static PyObject *noisy_logits(PyObject *args, PyObject *kw, int backward) {
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
-    PyArrayObject *a = hold(&h, input_array(a_obj, backward ? "dh" : "clean", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *a = hold_from(&h, a_obj, input_array(a_obj, backward ? "dh" : "clean", &tn, 1, dims, "(N,)", 1));
     if (!a) goto done;
-    PyArrayObject *raw = hold(&h, input_array(raw_obj, "raw_noise", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *raw = hold_from(&h, raw_obj, input_array(raw_obj, "raw_noise", &tn, 1, dims, "(N,)", 1));
     if (!raw) goto done;
-    PyArrayObject *normal = hold(&h, input_array(normal_obj, "normal", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *normal = hold_from(&h, normal_obj, input_array(normal_obj, "normal", &tn, 1, dims, "(N,)", 1));
     if (!normal) goto done;
     PyArrayObject *o = hold(&h, new_array(tn, 1, dims));
     if (!o) goto done;
@@ -649,11 +678,11 @@ static PyObject *py_softmax_selector_forward(PyObject *Py_UNUSED(self), PyObject
     if (check_gamma(T, "T (the temperature)") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp adims[2] = {-1, -1};
-    PyArrayObject *alpha = hold(&h, input_array(alpha_obj, "alpha", &tn, 2, adims, "(B, k)", 1));
+    PyArrayObject *alpha = hold_from(&h, alpha_obj, input_array(alpha_obj, "alpha", &tn, 2, adims, "(B, k)", 1));
     if (!alpha) goto done;
     if (check_batch(adims[0], "alpha") < 0) goto done;
     npy_intp bdims[3] = {adims[0], adims[1], -1};
-    PyArrayObject *beta = hold(&h, input_array(beta_obj, "beta", &tn, 3, bdims, "(B, k, n)", 1));
+    PyArrayObject *beta = hold_from(&h, beta_obj, input_array(beta_obj, "beta", &tn, 3, bdims, "(B, k, n)", 1));
     if (!beta) goto done;
     const npy_intp B = adims[0], k = adims[1], n = bdims[2];
     if (check_n(n) < 0 || check_k(k, n, "alpha.shape[1], the number of selectors") < 0) goto done;
@@ -687,15 +716,15 @@ static PyObject *py_softmax_selector_backward(PyObject *Py_UNUSED(self), PyObjec
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp pdims[3] = {-1, -1, -1};
-    PyArrayObject *P = hold(&h, input_array(P_obj, "P", &tn, 3, pdims, "(B, k, n)", 0));
+    PyArrayObject *P = hold_from(&h, P_obj, input_array(P_obj, "P", &tn, 3, pdims, "(B, k, n)", 0));
     if (!P) goto done;
     const npy_intp B = pdims[0], k = pdims[1], n = pdims[2];
     if (check_batch(B, "P") < 0 || check_n(n) < 0 || check_k(k, n, "P.shape[1]") < 0) goto done;
     npy_intp sdims[2] = {B, k}, wdims[2] = {B, n};
     PyArrayObject *dw = NULL, *sigma;
     if (optional_input(dw_obj, "dw", &tn, 2, wdims, "(B, n)", 1, &dw) < 0) goto done;
-    hold(&h, dw);
-    if (!(sigma = hold(&h, input_array(sigma_obj, "sigma", &tn, 2, sdims, "(B, k)", 0)))) goto done;
+    hold_from(&h, dw_obj, dw);
+    if (!(sigma = hold_from(&h, sigma_obj, input_array(sigma_obj, "sigma", &tn, 2, sdims, "(B, k)", 0)))) goto done;
     PyArrayObject *dalpha = hold(&h, new_array(tn, 2, sdims));
     PyArrayObject *dbeta = hold(&h, new_array(tn, 3, pdims));
     if (!dalpha || !dbeta) goto done;
@@ -730,7 +759,7 @@ static int mix_inputs(PyObject *f_obj, PyObject *w_obj, const char *layout, int 
                       int *per_example, unsigned char **active_out) {
     if (parse_layout(layout, bnd) < 0) return -1;
     npy_intp fdims[3] = {-1, -1, -1};
-    if (!(*f = hold(h, input_array(f_obj, "f", tn, 3, fdims, *bnd ? "(B, n, d)" : "(n, B, d)", 1)))) return -1;
+    if (!(*f = hold_from(h, f_obj, input_array(f_obj, "f", tn, 3, fdims, *bnd ? "(B, n, d)" : "(n, B, d)", 1)))) return -1;
     *n = *bnd ? fdims[1] : fdims[0];
     *B = *bnd ? fdims[0] : fdims[1];
     *d = fdims[2];
@@ -745,7 +774,7 @@ static int mix_inputs(PyObject *f_obj, PyObject *w_obj, const char *layout, int 
     }
     *per_example = PyArray_NDIM((PyArrayObject *)w_obj) == 2;
     npy_intp wdims[2] = {*per_example ? *B : *n, *n};
-    if (!(*w = hold(h, input_array(w_obj, "w", tn, *per_example ? 2 : 1, *per_example ? wdims : wdims + 1,
+    if (!(*w = hold_from(h, w_obj, input_array(w_obj, "w", tn, *per_example ? 2 : 1, *per_example ? wdims : wdims + 1,
                                   *per_example ? "(B, n)" : "(n,)", 1))))
         return -1;
     unsigned char *active = *active_out = PyMem_Malloc((size_t)*n);
@@ -819,7 +848,7 @@ static PyObject *py_mix_experts_backward(PyObject *Py_UNUSED(self), PyObject *ar
     if (mix_inputs(f_obj, w_obj, layout, skip_zero, &tn, &h, &f, &w, &bnd, &n, &B, &d, &per_example, &active) < 0)
         goto done;
     npy_intp ydims[2] = {B, d};
-    if (!(dy = hold(&h, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, d)", 1)))) goto done;
+    if (!(dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, d)", 1)))) goto done;
     PyArrayObject *dw = hold(&h, new_array(tn, PyArray_NDIM(w), PyArray_DIMS(w)));
     PyArrayObject *df = hold(&h, new_array(tn, 3, PyArray_DIMS(f)));
     if (!dw || !df) goto done;
@@ -848,15 +877,15 @@ static PyObject *py_linear_forward(PyObject *Py_UNUSED(self), PyObject *args, Py
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
-    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1));
+    PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1));
     if (!x) goto done;
     if (check_batch(xdims[0], "x") < 0) goto done;
     npy_intp wdims[2] = {-1, xdims[1]};
-    PyArrayObject *W = hold(&h, input_array(W_obj, "W", &tn, 2, wdims, "(o, p)", 1)), *b = NULL;
+    PyArrayObject *W = hold_from(&h, W_obj, input_array(W_obj, "W", &tn, 2, wdims, "(o, p)", 1)), *b = NULL;
     if (!W) goto done;
     npy_intp bdims[1] = {wdims[0]};
     if (optional_input(b_obj, "b", &tn, 1, bdims, "(o,)", 1, &b) < 0) goto done;
-    hold(&h, b);
+    hold_from(&h, b_obj, b);
     if (check_blas_dims(xdims[0], xdims[1], wdims[0]) < 0) goto done;
     npy_intp ydims[2] = {xdims[0], wdims[0]};
     PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 2, ydims, &h));
@@ -883,14 +912,14 @@ static PyObject *py_linear_backward(PyObject *Py_UNUSED(self), PyObject *args, P
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
-    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1));
+    PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1));
     if (!x) goto done;
     if (check_batch(xdims[0], "x") < 0) goto done;
     npy_intp wdims[2] = {-1, xdims[1]};
-    PyArrayObject *W = hold(&h, input_array(W_obj, "W", &tn, 2, wdims, "(o, p)", 1));
+    PyArrayObject *W = hold_from(&h, W_obj, input_array(W_obj, "W", &tn, 2, wdims, "(o, p)", 1));
     if (!W) goto done;
     npy_intp ydims[2] = {xdims[0], wdims[0]}, bdims[1] = {wdims[0]};
-    PyArrayObject *dy = hold(&h, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, o)", 1));
+    PyArrayObject *dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, o)", 1));
     if (!dy) goto done;
     if (check_blas_dims(xdims[0], xdims[1], wdims[0]) < 0) goto done;
     PyArrayObject *dx = need_dx ? hold(&h, new_array(tn, 2, xdims)) : NULL;
@@ -966,7 +995,7 @@ static PyArrayObject *inplace_array(PyObject *obj, const char *name, int *typenu
         return NULL;
     }
     for (int i = 0; others && i < others->count; i++)
-        if (overlaps(arr, others->a[i])) {
+        if (overlaps_held(arr, others, i)) {
             PyErr_Format(PyExc_ValueError, "argument '%s' shares memory with another array argument of this "
                          "call; pass separate arrays", name);
             return NULL;
@@ -1062,15 +1091,15 @@ static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
-    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *b = NULL;
+    PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *b = NULL;
     if (!x) goto done;
     if (check_batch(xdims[0], "x") < 0) goto done;
     npy_intp wdims[2] = {xdims[1], -1};
-    PyArrayObject *W = hold(&h, input_array(W_obj, "W", &tn, 2, wdims, "(p, o)", 1));
+    PyArrayObject *W = hold_from(&h, W_obj, input_array(W_obj, "W", &tn, 2, wdims, "(p, o)", 1));
     if (!W) goto done;
     npy_intp bdims[1] = {wdims[1]};
     if (optional_input(b_obj, "b", &tn, 1, bdims, "(o,)", 1, &b) < 0) goto done;
-    hold(&h, b);
+    hold_from(&h, b_obj, b);
     if (check_blas_dims(xdims[0], xdims[1], wdims[1]) < 0) goto done;
     npy_intp ydims[2] = {xdims[0], wdims[1]};
     PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 2, ydims, &h));
@@ -1101,19 +1130,19 @@ static PyObject *py_dense_backward(PyObject *Py_UNUSED(self), PyObject *args, Py
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
-    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *db = NULL, *dx = NULL;
+    PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *db = NULL, *dx = NULL;
     if (!x) goto done;
     if (check_batch(xdims[0], "x") < 0) goto done;
     npy_intp wdims[2] = {xdims[1], -1};
-    PyArrayObject *W = hold(&h, input_array(W_obj, "W", &tn, 2, wdims, "(p, o)", 1));
+    PyArrayObject *W = hold_from(&h, W_obj, input_array(W_obj, "W", &tn, 2, wdims, "(p, o)", 1));
     if (!W) goto done;
     npy_intp ydims[2] = {xdims[0], wdims[1]}, bdims[1] = {wdims[1]};
-    PyArrayObject *dy = hold(&h, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, o)", 1));
+    PyArrayObject *dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 2, ydims, "(B, o)", 1));
     if (!dy) goto done;
     if (check_blas_dims(xdims[0], xdims[1], wdims[1]) < 0) goto done;
     PyArrayObject *dW = inplace_array(dW_obj, "dW", &tn, 2, wdims, "(p, o)", &h, 0);
     if (!hold(&h, dW)) goto done;
-    if (db_obj != Py_None && !(db = hold(&h, inplace_array(db_obj, "db", &tn, 1, bdims, "(o,)", &h, 0))))
+    if (db_obj != Py_None && !(db = hold_from(&h, db_obj, inplace_array(db_obj, "db", &tn, 1, bdims, "(o,)", &h, 0))))
         goto done;
     if (need_dx && !(dx = hold(&h, new_array(tn, 2, xdims)))) goto done;
     Py_BEGIN_ALLOW_THREADS
@@ -1135,7 +1164,7 @@ static PyObject *py_relu_forward(PyObject *Py_UNUSED(self), PyObject *args, PyOb
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist, &x_obj, &out_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
-    PyArrayObject *x = hold(&h, input_array(x_obj, "x", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 1, dims, "(N,)", 1));
     if (!x) goto done;
     PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 1, dims, &h));
     if (!y) goto done;
@@ -1158,9 +1187,9 @@ static PyObject *py_relu_backward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", kwlist, &dy_obj, &y_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
-    PyArrayObject *dy = hold(&h, input_array(dy_obj, "dy", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 1, dims, "(N,)", 1));
     if (!dy) goto done;
-    PyArrayObject *y = hold(&h, input_array(y_obj, "y", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *y = hold_from(&h, y_obj, input_array(y_obj, "y", &tn, 1, dims, "(N,)", 1));
     if (!y) goto done;
     PyArrayObject *dx = hold(&h, new_array(tn, 1, dims));
     if (!dx) goto done;
@@ -1200,7 +1229,7 @@ static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
-    PyArrayObject *x = hold(&h, input_array(x_obj, backward ? "dy" : "x", &tn, 1, dims, "(N,)", 1));
+    PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, backward ? "dy" : "x", &tn, 1, dims, "(N,)", 1));
     if (!x) goto done;
     PyArrayObject *y = hold(&h, new_array(tn, 1, dims));
     if (!y) goto done;
@@ -1235,10 +1264,10 @@ static PyObject *py_bce_with_logits(PyObject *Py_UNUSED(self), PyObject *args, P
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &z_obj, &t_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
-    PyArrayObject *z = hold(&h, input_array(z_obj, "logits", &tn, 1, dims, "(B,)", 1)), *w = NULL;
+    PyArrayObject *z = hold_from(&h, z_obj, input_array(z_obj, "logits", &tn, 1, dims, "(B,)", 1)), *w = NULL;
     if (!z) goto done;
     if (check_batch(dims[0], "logits") < 0) goto done;
-    PyArrayObject *t = hold(&h, input_array(t_obj, "targets", &tn, 1, dims, "(B,)", 1));
+    PyArrayObject *t = hold_from(&h, t_obj, input_array(t_obj, "targets", &tn, 1, dims, "(B,)", 1));
     if (!t || check_range(t, "targets", 0, 1, "in [0, 1]") < 0) goto done;
     if (loss_weights(w_obj, &tn, dims[0], &h, &w) < 0) goto done;
     PyArrayObject *dz = hold(&h, new_array(tn, 1, dims));
@@ -1267,10 +1296,10 @@ static PyObject *py_mse(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &p_obj, &t_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
-    PyArrayObject *pred = hold(&h, input_array(p_obj, "pred", &tn, 2, dims, "(B, d)", 1)), *w = NULL;
+    PyArrayObject *pred = hold_from(&h, p_obj, input_array(p_obj, "pred", &tn, 2, dims, "(B, d)", 1)), *w = NULL;
     if (!pred) goto done;
     if (check_batch(dims[0], "pred") < 0) goto done;
-    PyArrayObject *target = hold(&h, input_array(t_obj, "target", &tn, 2, dims, "(B, d)", 1));
+    PyArrayObject *target = hold_from(&h, t_obj, input_array(t_obj, "target", &tn, 2, dims, "(B, d)", 1));
     if (!target) goto done;
     if (loss_weights(w_obj, &tn, dims[0], &h, &w) < 0) goto done;
     PyArrayObject *dp = hold(&h, new_array(tn, 2, dims));
@@ -1346,7 +1375,7 @@ static PyObject *py_softmax_cross_entropy(PyObject *Py_UNUSED(self), PyObject *a
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &z_obj, &l_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
-    PyArrayObject *z = hold(&h, input_array(z_obj, "logits", &tn, 2, dims, "(B, C)", 1)), *w = NULL;
+    PyArrayObject *z = hold_from(&h, z_obj, input_array(z_obj, "logits", &tn, 2, dims, "(B, C)", 1)), *w = NULL;
     if (!z) goto done;
     if (check_batch(dims[0], "logits") < 0) goto done;
     if (dims[1] < 1) {
@@ -1373,9 +1402,9 @@ done:
  * and must be finite; grads is read only, finite, and shares no memory with params. */
 static int slab_pair(PyObject *p_obj, PyObject *g_obj, int *tn, npy_intp *N, Hold *h, PyArrayObject **params,
                      PyArrayObject **grads) {
-    if (!(*params = hold(h, inplace_array(p_obj, "params", tn, 1, N, "(N,)", h, 1)))) return -1;
-    if (!(*grads = hold(h, input_array(g_obj, "grads", tn, 1, N, "(N,)", 1)))) return -1;
-    if (overlaps(*grads, *params)) {
+    if (!(*params = hold_from(h, p_obj, inplace_array(p_obj, "params", tn, 1, N, "(N,)", h, 1)))) return -1;
+    if (!(*grads = hold_from(h, g_obj, input_array(g_obj, "grads", tn, 1, N, "(N,)", 1)))) return -1;
+    if (overlaps(*grads, *params) || (PyArray_Check(g_obj) && overlaps((PyArrayObject *)g_obj, *params))) {
         PyErr_SetString(PyExc_ValueError, "argument 'grads' shares memory with 'params'; pass separate arrays");
         return -1;
     }
@@ -1416,7 +1445,7 @@ static PyObject *py_sgd_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject
                             "got None");
             goto done;
         }
-    } else if (!(velocity = hold(&h, inplace_array(v_obj, "velocity", &tn, 1, N, "(N,)", &h, 0)))) {
+    } else if (!(velocity = hold_from(&h, v_obj, inplace_array(v_obj, "velocity", &tn, 1, N, "(N,)", &h, 0)))) {
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
@@ -1454,8 +1483,8 @@ static PyObject *py_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObjec
     npy_intp N[1] = {-1};
     PyArrayObject *params, *grads, *m, *v;
     if (slab_pair(p_obj, g_obj, &tn, N, &h, &params, &grads) < 0) goto done;
-    if (!(m = hold(&h, inplace_array(m_obj, "m", &tn, 1, N, "(N,)", &h, 0)))) goto done;
-    if (!(v = hold(&h, inplace_array(v_obj, "v", &tn, 1, N, "(N,)", &h, 0)))) goto done;
+    if (!(m = hold_from(&h, m_obj, inplace_array(m_obj, "m", &tn, 1, N, "(N,)", &h, 0)))) goto done;
+    if (!(v = hold_from(&h, v_obj, inplace_array(v_obj, "v", &tn, 1, N, "(N,)", &h, 0)))) goto done;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, adam_step, DATA(params), DATA(m), DATA(v), DATA(grads), (long)N[0], (long)step, lr, beta1, beta2,
              eps, weight_decay);
@@ -1486,7 +1515,7 @@ static PyObject *py_adagrad_step(PyObject *Py_UNUSED(self), PyObject *args, PyOb
     npy_intp N[1] = {-1};
     PyArrayObject *params, *grads, *accum;
     if (slab_pair(p_obj, g_obj, &tn, N, &h, &params, &grads) < 0) goto done;
-    if (!(accum = hold(&h, inplace_array(a_obj, "accum", &tn, 1, N, "(N,)", &h, 0)))) goto done;
+    if (!(accum = hold_from(&h, a_obj, inplace_array(a_obj, "accum", &tn, 1, N, "(N,)", &h, 0)))) goto done;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, adagrad_step, DATA(params), DATA(accum), DATA(grads), (long)N[0], lr, eps, weight_decay);
     Py_END_ALLOW_THREADS

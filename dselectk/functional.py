@@ -16,7 +16,8 @@ Rules shared by every function:
   inputs are never modified. ``out=`` must be a C-contiguous, writeable array of the exact
   dtype and shape that shares no memory with an input.
 * Forward functions that a backward needs return ``(output, cache)``; the cache is a small
-  named tuple of arrays. The C kernels release the GIL, so calls from several threads run in
+  named tuple of arrays. It refers to (does not copy) the caller's inputs, as the layers' caches
+  do: modify them between forward and backward and the gradients follow the modified values. The C kernels release the GIL, so calls from several threads run in
   parallel.
 * Bit convention: ``s[..., 0]`` (the paper's z_1) is the least significant bit: expert j
   (0-based) is selected when the binary number s[m-1]...s[0] equals j (eq. 4). The official
@@ -76,12 +77,26 @@ def _array(x, name):
     return x
 
 
-def _int(v, name, minimum):
+def _int(v, name, minimum, maximum=2**31 - 1):
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    if v < minimum or v > maximum:
+        raise ValueError(f"{name} must be in [{minimum}, {maximum}], got {v}")
     return int(v)
+
+
+def _float_array(a, name, dtype, shape, shape_doc):
+    """a as validated for the C kernels, but checked here where the kernel would name its own
+    (internal) argument: same float dtype as the call, the expected shape, finite values."""
+    a = _array(a, name)
+    if a.dtype.type is not dtype.type:  # byte order aside: the kernels copy swapped arrays
+        raise TypeError(f"argument '{name}' has dtype {a.dtype}, expected {dtype} like 'x' "
+                        "(all arrays must share one dtype: float32 or float64)")
+    if a.shape != tuple(shape):
+        raise ValueError(f"argument '{name}' must have shape {shape_doc} = {tuple(shape)}, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"argument '{name}' contains NaN or Inf; expected finite values")
+    return a
 
 
 def _out_view(out, shape, flat_shape):
@@ -141,7 +156,9 @@ def selector(s, n, out=None):
 def selector_backward(dr, s, n):
     """Gradient ds (..., m) of <dr, r(s)>; dr (..., n). Exact where s is 0 or 1 (no division)."""
     s2, lead = _rows(s, "s", n_bits(n))
-    dr2, _ = _rows(dr, "dr", n)
+    dr2, dr_lead = _rows(dr, "dr", n)
+    if dr_lead != lead:
+        raise ValueError(f"argument 'dr' must have shape {lead + (n,)} to match s {s.shape}, got {dr.shape}")
     return _C.selector_backward(dr2, s2, n).reshape(lead + (n_bits(n),))
 
 
@@ -157,15 +174,16 @@ class DSelectKCache(NamedTuple):
     static: bool  # alpha was (k,) and Z (k, m)
 
 
-def _batched_alpha_Z(alpha, Z):
-    alpha, Z = _array(alpha, "alpha"), _array(Z, "Z")
+def _batched_alpha_Z(alpha, Z, name="Z", last="m"):
+    """(alpha (B, k), second (B, k, last), static) from the static or batched forms."""
+    alpha, Z = _array(alpha, "alpha"), _array(Z, name)
     if alpha.ndim == 1:
         if Z.ndim != 2:
-            raise ValueError(f"argument 'Z' must be (k, m) for a static alpha of shape (k,), got {Z.shape}")
+            raise ValueError(f"argument '{name}' must be (k, {last}) for a static alpha of shape (k,), got {Z.shape}")
         return alpha[None], Z[None], True
     if alpha.ndim == 2:
         if Z.ndim != 3:
-            raise ValueError(f"argument 'Z' must be (B, k, m) for alpha of shape (B, k), got {Z.shape}")
+            raise ValueError(f"argument '{name}' must be (B, k, {last}) for alpha of shape (B, k), got {Z.shape}")
         return alpha, Z, False
     raise ValueError(f"argument 'alpha' must be (k,) (static gate) or (B, k) (per example), got {alpha.shape}")
 
@@ -227,18 +245,23 @@ def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
 
     x (B, p), G (k, p), b_G (k,), W (k, m, p), b_W (k, m). Returns ``(w, cache)`` with w (B, n)."""
     n = _int(n, "n (the number of experts)", 2)
-    x, G, b_G, W, b_W = (_array(a, nm) for a, nm in ((x, "x"), (G, "G"), (b_G, "b_G"), (W, "W"), (b_W, "b_W")))
+    x, G = _array(x, "x"), _array(G, "G")
     m = n_bits(n)
-    if G.ndim != 2:
-        raise ValueError(f"argument 'G' must be (k, p), got {G.shape}")
+    if x.dtype.type not in (np.float32, np.float64):
+        raise TypeError(f"argument 'x' must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"argument 'x' must be 2-D with shape (B, p), got shape {x.shape}")
+    B, p = x.shape
+    if G.ndim != 2 or G.shape[0] < 1:
+        raise ValueError(f"argument 'G' must be (k, p) with k >= 1 selectors, got {G.shape}")
     k = G.shape[0]
-    if W.shape[:2] != (k, m) or W.ndim != 3:
-        raise ValueError(f"argument 'W' must be (k, m, p) = ({k}, {m}, p) for n = {n}, got {W.shape}")
-    if b_W.shape != (k, m):
-        raise ValueError(f"argument 'b_W' must be (k, m) = ({k}, {m}), got {b_W.shape}")
-    alpha = _C.linear_forward(x, G, b_G)
+    G = _float_array(G, "G", x.dtype, (k, p), "(k, p)")
+    b_G = _float_array(b_G, "b_G", x.dtype, (k,), "(k,)")
+    W = _float_array(W, "W", x.dtype, (k, m, p), "(k, m, p), m = ceil(log2 n)")
+    b_W = _float_array(b_W, "b_W", x.dtype, (k, m), "(k, m)")
+    alpha = linear(x, G, b_G)
     W2 = W.reshape(k * m, -1)
-    Z = _C.linear_forward(x, W2, b_W.reshape(-1)).reshape(-1, k, m)
+    Z = linear(x, W2, b_W.reshape(-1)).reshape(-1, k, m)
     w, sigma, sz, r = _C.dselect_k_forward(alpha, Z, n, gamma)
     return w, DSelectKPerExampleCache(x, G, W2, DSelectKCache(sigma, sz, r, Z, float(gamma), False))
 
@@ -249,8 +272,8 @@ def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx
     dalpha, dZ = dselect_k_backward(dw, cache.gate, lam, xi, eps)
     B, k, m = dZ.shape
     dZ2 = dZ.reshape(B, k * m)
-    dx_a, dG, db_G = _C.linear_backward(dalpha, cache.x, cache.G, need_dx)
-    dx_z, dW2, db_W = _C.linear_backward(dZ2, cache.x, cache.W2, need_dx)
+    dx_a, dG, db_G = linear_backward(dalpha, cache.x, cache.G, need_dx)
+    dx_z, dW2, db_W = linear_backward(dZ2, cache.x, cache.W2, need_dx)
     return {
         "x": dx_a + dx_z if need_dx else None,
         "G": dG,
@@ -262,13 +285,13 @@ def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx
 
 # --- softmax and Top-k -----------------------------------------------------------------------
 
-def _logits_rows(logits):
-    logits = _array(logits, "logits")
+def _logits_rows(logits, name="logits"):
+    logits = _array(logits, name)
     if logits.ndim == 1:
         return logits[None], True
     if logits.ndim == 2:
         return logits, False
-    raise ValueError(f"argument 'logits' must be (n,) (static) or (B, n) (per example), got {logits.shape}")
+    raise ValueError(f"argument '{name}' must be (n,) (static) or (B, n) (per example), got {logits.shape}")
 
 
 def softmax(logits, out=None):
@@ -280,7 +303,7 @@ def softmax(logits, out=None):
 
 def softmax_backward(dw, w):
     """dlogits = w * (dw - <w, dw>): backward of :func:`softmax` (and of :func:`top_k`)."""
-    w2, static = _logits_rows(_array(w, "w"))
+    w2, static = _logits_rows(w, "w")
     dw = _array(dw, "dw")
     if dw.shape != w.shape:
         raise ValueError(f"argument 'dw' must have the shape of w {w.shape}, got {dw.shape}")
@@ -290,9 +313,12 @@ def softmax_backward(dw, w):
 
 def top_k(logits, k, out=None):
     """Top-k gate (Shazeer et al.): softmax(KeepTopK(logits, k)) over the last axis of (n,) or
-    (B, n); exactly k nonzeros per row, ties broken toward the lower index."""
+    (B, n); k nonzeros per row (fewer only where a kept logit is so far below the largest that its
+    exp underflows: ~100 in float32, ~745 in float64), ties broken toward the lower index."""
     l2, static = _logits_rows(logits)
-    k = _int(k, "k", 1)
+    k = _int(k, "k", 1, maximum=float("inf"))
+    if k > l2.shape[1]:
+        raise ValueError(f"k must satisfy 1 <= k <= n = {l2.shape[1]}, got k = {k}")
     w = _C.topk_forward(l2, k, _out_view(out, logits.shape, l2.shape))
     return w[0] if static else w
 
@@ -337,7 +363,7 @@ def softmax_selector_forward(alpha, beta, T=1.0):
     """The ablation gate of Appendix C.2: w = sum_i softmax(alpha)_i softmax(beta^(i) / T), each
     binary-encoded selector replaced by a softmax over the n experts with temperature T.
     alpha (k,), beta (k, n) -> w (n,), or batched (B, k), (B, k, n) -> (B, n). Returns (w, cache)."""
-    a2, b3, static = _batched_alpha_Z(alpha, beta)
+    a2, b3, static = _batched_alpha_Z(alpha, beta, "beta", "n")
     w, sigma, P = _C.softmax_selector_forward(a2, b3, T)
     return (w[0] if static else w), SoftmaxSelectorCache(sigma, P, float(T), static)
 
