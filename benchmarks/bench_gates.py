@@ -64,6 +64,11 @@ def dselectk_per_example(x, G, b_G, W, b_W, n, gamma, dw, lam):
 
 
 def median_time(fn, repeat):
+    """Median wall time of fn over `repeat` runs, after one warm-up run. Sleeps first: the other
+    side's idle BLAS threads keep spinning for a while after its last call (NumPy's OpenBLAS for
+    ~2^28 cycles) and would steal the cores this side is timed on."""
+    time.sleep(0.5)
+    fn()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

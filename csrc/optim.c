@@ -19,16 +19,19 @@
     }                                                                                              \
     void adam_step_##sfx(real *params, real *m, real *v, const real *grads, long N, long step,     \
                          double lr, double beta1, double beta2, double eps, double weight_decay) { \
-        const double step_size = lr / (1 - pow(beta1, (double)step));                              \
-        const double bc2_sqrt = sqrt(1 - pow(beta2, (double)step));                                \
+        /* bias corrections folded into two scalars; the per-entry arithmetic is in real       \
+         * precision (as torch.optim does for float32) so that it vectorizes */                 \
+        const real step_size = (real)(lr / (1 - pow(beta1, (double)step)));                       \
+        const real inv_bc2_sqrt = (real)(1 / sqrt(1 - pow(beta2, (double)step)));                 \
+        const real b1 = (real)beta1, b2 = (real)beta2, wd = (real)weight_decay, e = (real)eps;   \
         DSK_PARALLEL_FOR(N)                                                                        \
         for (long i = 0; i < N; i++) {                                                             \
-            const double g = (double)grads[i] + weight_decay * (double)params[i];                  \
-            const double mi = beta1 * (double)m[i] + (1 - beta1) * g;                              \
-            const double vi = beta2 * (double)v[i] + (1 - beta2) * g * g;                          \
-            m[i] = (real)mi;                                                                       \
-            v[i] = (real)vi;                                                                       \
-            params[i] = (real)((double)params[i] - step_size * mi / (sqrt(vi) / bc2_sqrt + eps));  \
+            const real g = grads[i] + wd * params[i];                                              \
+            const real mi = b1 * m[i] + (1 - b1) * g;                                              \
+            const real vi = b2 * v[i] + (1 - b2) * g * g;                                          \
+            m[i] = mi;                                                                             \
+            v[i] = vi;                                                                             \
+            params[i] -= step_size * mi / (SQRT(vi) * inv_bc2_sqrt + e);                           \
         }                                                                                          \
     }                                                                                              \
     void adagrad_step_##sfx(real *params, real *accum, const real *grads, long N, double lr,       \
@@ -42,5 +45,9 @@
         }                                                                                          \
     }
 
+#define SQRT sqrtf
 DSK_DEFINE_OPTIM(float, f32)
+#undef SQRT
+#define SQRT sqrt
 DSK_DEFINE_OPTIM(double, f64)
+#undef SQRT

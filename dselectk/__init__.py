@@ -9,6 +9,17 @@ The kernels live in ``dselectk.functional``; gate objects with parameters and gr
 """
 import os as _os
 
+import numpy as _np  # noqa: F401  (loaded first, so the settings below do not reach NumPy's own BLAS)
+
+# The kernels alternate between BLAS calls and OpenMP loops. Idle OpenBLAS threads spin for ~2^28
+# cycles and idle libgomp threads for 300k spins by default, so on few cores each pool's spinning
+# workers steal the cores the other pool is computing on (measured here: a per-example gate step
+# took 16 ms at 2 threads and 9 ms at 1). Short spins before sleeping fix that. The variables are
+# read once, when the libraries load, so they are set only around loading the extension, and a
+# value the user has set is left alone.
+_SPIN_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
+_set_here = [k for k in _SPIN_DEFAULTS if k not in _os.environ]
+_os.environ.update({k: _SPIN_DEFAULTS[k] for k in _set_here})
 try:
     from . import _C
 except ImportError as _exc:  # the source tree without a build, most often
@@ -17,6 +28,9 @@ except ImportError as _exc:  # the source tree without a build, most often
         "If that is the source checkout, install the package (`pip install .`) and run from another "
         "directory, or build it in place with `pip install -e .`."
     ) from _exc
+finally:
+    for _k in _set_here:
+        _os.environ.pop(_k, None)
 from . import functional, metrics, optim
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
