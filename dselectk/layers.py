@@ -12,7 +12,7 @@ import numpy as np
 
 from . import functional as F
 
-__all__ = ["Dense", "ReLU", "Dropout", "MLP", "ParameterSlab", "glorot_uniform"]
+__all__ = ["Dense", "ReLU", "Dropout", "SumUnits", "MLP", "ParameterSlab", "glorot_uniform"]
 
 
 def glorot_uniform(rng, fan_in, fan_out, dtype):
@@ -40,9 +40,6 @@ class Dense:
 
 
 class ReLU:
-    params: dict = {}
-    grads: dict = {}
-
     def __init__(self):
         self.params, self.grads, self._y = {}, {}, None
 
@@ -79,11 +76,26 @@ class Dropout:
         return F.dropout_backward(dout, self.rate, self.seed, self.step)
 
 
-class MLP:
-    """A stack of Dense -> ReLU (-> Dropout) blocks, then an optional linear output layer.
+class SumUnits:
+    """y (B, 1) = sum of the units of x (B, u): the experts of the paper's synthetic data
+    (Appendix C.2) output the sum of their ReLU units."""
 
-    ``units`` lists the hidden widths; ``output_dim`` (None for no output layer) adds a final
-    Dense without activation. With no units and no output layer the MLP is the identity."""
+    def __init__(self):
+        self.params, self.grads, self._shape = {}, {}, None
+
+    def forward(self, x, training=False):
+        self._shape = x.shape
+        return x.sum(axis=1, keepdims=True)
+
+    def backward(self, dout, need_dx=True):
+        return np.ascontiguousarray(np.broadcast_to(dout, self._shape))
+
+
+class MLP:
+    """A stack of Dense -> ReLU (-> Dropout) blocks, then an optional output: a linear layer of
+    ``output_dim`` units, or with ``output_dim="sum"`` the sum of the last hidden layer's units.
+
+    ``units`` lists the hidden widths. With no units and no output layer the MLP is the identity."""
 
     def __init__(self, in_dim, units, rng, dropout=0.0, output_dim=None, dtype=np.float32):
         self.layers = []
@@ -93,7 +105,10 @@ class MLP:
             if dropout > 0:
                 self.layers.append(Dropout(dropout, seed=int(rng.integers(2**62))))
             d = int(u)
-        if output_dim is not None:
+        if output_dim == "sum":
+            self.layers.append(SumUnits())
+            d = 1
+        elif output_dim is not None:
             self.layers.append(Dense(d, output_dim, rng, dtype))
             d = int(output_dim)
         self.out_dim = d

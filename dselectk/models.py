@@ -62,6 +62,8 @@ class _Model:
             raise ValueError(f"task_weights must be finite and >= 0, got {weights}")
         self.task_weights = [float(w) for w in weights]
 
+    frozen_mask = None  # boolean mask over the slab, see freeze()
+
     def _finish(self, dtype):
         self.dtype = np.dtype(dtype)
         self.slab = ParameterSlab(self.named_modules(), self.dtype)
@@ -76,6 +78,24 @@ class _Model:
 
     def num_parameters(self):
         return len(self.slab)
+
+    def freeze(self, *prefixes):
+        """Freeze every parameter whose name starts with one of ``prefixes`` (e.g. "expert" or
+        "expert3."; names as in ``parameters()``): ``fit`` zeroes their gradients and keeps their
+        values through optimizer steps. Used by the gate-recovery experiment (frozen experts)."""
+        mask = np.zeros(len(self.slab), bool)
+        found = False
+        for name, shape, offset in self.slab.index:
+            if name.startswith(prefixes):
+                mask[offset:offset + int(np.prod(shape, dtype=np.int64))] = True
+                found = True
+        if not found:
+            raise ValueError(f"no parameter name starts with {prefixes}; names look like "
+                             f"{[n for n, _, _ in self.slab.index[:3]]}")
+        self.frozen_mask = mask if self.frozen_mask is None else (self.frozen_mask | mask)
+
+    def unfreeze(self):
+        self.frozen_mask = None
 
     # -- losses ------------------------------------------------------------------------------
     def loss(self, outputs, targets, sample_weights=None):
@@ -148,7 +168,11 @@ class MMoE(_Model):
     n_tasks : number of tasks T (one gate and one tower each).
     n_experts : n; every expert is Dense(u) -> ReLU (-> Dropout) for u in ``expert_units``.
     expert_units : hidden widths of each expert; the last is the width d of the mixed output.
-    tower_units : hidden widths of each task tower, followed by the task's output layer.
+    expert_output : None (the experts output their last ReLU layer), or "sum" (each expert outputs
+        the sum of its last layer's units, d = 1: the experts of the paper's synthetic data).
+    tower_units : hidden widths of each task tower, followed by the task's output layer; None for
+        no tower at all (the mixed expert output is the task's output, as in Appendix C.2; the
+        experts' output width must then equal the task's output size).
     task_losses : "mse", "bce" (logits) or "softmax_ce" (logits, integer labels), or a list per task.
     task_outputs : output size per task (bce: 1; softmax_ce: the number of classes).
     task_weights : the loss weights (e.g. [alpha, 1 - alpha]); default all 1.
@@ -161,19 +185,24 @@ class MMoE(_Model):
 
     def __init__(self, input_dim, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses="mse",
                  task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
-                 per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0, dtype="float32"):
+                 per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0, dtype="float32",
+                 expert_output=None):
+        tower_units = None if tower_units is None else list(tower_units)
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=list(expert_units),
-                           tower_units=list(tower_units), task_losses=task_losses, task_outputs=task_outputs,
+                           expert_output=expert_output,
+                           tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
                            task_weights=task_weights, gate=gate, k=k, gamma=gamma, entropy_reg=entropy_reg, xi=xi,
                            per_example=per_example, noisy=noisy, temperature=temperature, dropout=dropout, seed=seed,
                            dtype=str(np.dtype(dtype)))
-        self._build(input_dim, n_tasks, n_experts, list(expert_units), list(tower_units), task_losses, task_outputs,
+        if expert_output not in (None, "sum"):
+            raise ValueError(f"expert_output must be None or 'sum', got {expert_output!r}")
+        self._build(input_dim, n_tasks, n_experts, list(expert_units), tower_units, task_losses, task_outputs,
                     task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed,
-                    dtype, towers=True)
+                    dtype, towers=True, expert_output=expert_output)
 
     def _build(self, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
                task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype,
-               towers):
+               towers, expert_output=None):
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
         self.input_dim = F._int(input_dim, "input_dim", 1)
         self.n_experts = F._int(n_experts, "n_experts", 2)
@@ -182,7 +211,8 @@ class MMoE(_Model):
         if towers:
             if not expert_units:
                 raise ValueError("expert_units must list at least one hidden width")
-            self.experts = [MLP(self.input_dim, expert_units, rng, dropout, None, dtype) for _ in range(self.n_experts)]
+            self.experts = [MLP(self.input_dim, expert_units, rng, dropout, expert_output, dtype)
+                            for _ in range(self.n_experts)]
         else:  # MoE: the experts' outputs are the prediction
             if self.n_tasks != 1:
                 raise ValueError("MoE has one task; use MMoE for several")
@@ -191,8 +221,13 @@ class MMoE(_Model):
         d = self.experts[0].out_dim
         self.gates = [_make_gate(gate, self.n_experts, k, gamma, entropy_reg, xi, per_example, self.input_dim, noisy,
                                  temperature, rng, dtype) for _ in range(self.n_tasks)]
-        self.towers = [MLP(d, tower_units, rng, dropout, out, dtype) if towers else MLP(d, (), rng)
-                       for out in self.task_outputs]
+        if towers and tower_units is None:  # no towers: the mixture is the output
+            bad = [out for out in self.task_outputs if out != d]
+            if bad:
+                raise ValueError(f"tower_units=None needs every task output size to equal the experts' output width "
+                                 f"{d}, got task_outputs {self.task_outputs}")
+        self.towers = [MLP(d, tower_units, rng, dropout, out, dtype) if towers and tower_units is not None
+                       else MLP(d, (), rng) for out in self.task_outputs]
         self._finish(dtype)
         self._cache = None
 

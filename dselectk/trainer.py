@@ -290,7 +290,12 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
                     raise FloatingPointError(f"the training loss became {total} at {where}; try a lower "
                                              "learning rate")
                 model.backward(douts)
+                if model.frozen_mask is not None:
+                    model.slab.grad[model.frozen_mask] = 0
+                    frozen_values = model.slab.data[model.frozen_mask]
                 opt.step()
+                if model.frozen_mask is not None:  # also against weight decay moving them
+                    model.slab.data[model.frozen_mask] = frozen_values
             except ValueError as exc:  # the kernels reject NaN/Inf that training produced
                 if "NaN or Inf" not in str(exc):
                     raise

@@ -291,3 +291,50 @@ def test_predict_transforms():
     np.testing.assert_allclose(p_ce.sum(axis=1), 1, rtol=1e-6)
     raw = T.predict(model, X, raw=True)
     np.testing.assert_allclose(1 / (1 + np.exp(-raw[0].reshape(-1))), p_bce, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gate", ["dselect_k", "top_k", "softmax_selector"])
+def test_sum_experts_without_towers_gradient(gate):
+    """The Appendix C.2 architecture: experts that sum their ReLU units, the mixture is the output."""
+    rng = np.random.default_rng(12)
+    model = Mo.MMoE(5, n_tasks=3, n_experts=4, expert_units=(4,), expert_output="sum", tower_units=None,
+                    task_losses="mse", gate=gate, k=2, entropy_reg=0.1, dtype="float64", seed=4)
+    assert all(len(t.layers) == 0 for t in model.towers)
+    _spread_gates(model, rng)
+    X, Y = _data(rng, 11, 5, ["mse"] * 3, [1] * 3)
+    _fd_check(model, X, Y, rng, n_entries=100)
+    # y_t = sum_j w_tj * sum_u relu(x W_j + b_j)_u, written out
+    out = model.forward(X)
+    w = model.gate_weights()
+    f = np.stack([np.maximum(X @ e.layers[0].params["W"] + e.layers[0].params["b"], 0).sum(axis=1)
+                  for e in model.experts])
+    np.testing.assert_allclose(np.stack([o[:, 0] for o in out]), w @ f, rtol=1e-12)
+
+
+def test_tower_less_mmoe_needs_matching_output_width():
+    with pytest.raises(ValueError, match="tower_units=None"):
+        Mo.MMoE(5, n_tasks=1, expert_units=(4,), tower_units=None, task_losses="mse")
+    with pytest.raises(ValueError, match="expert_output"):
+        Mo.MMoE(5, expert_output="max")
+
+
+def test_frozen_parameters_do_not_move(tmp_path):
+    rng = np.random.default_rng(13)
+    X, Y = _data(rng, 200, 6, ["bce"], [1])
+    model = Mo.MMoE(6, n_tasks=1, n_experts=8, expert_units=(4,), tower_units=(), task_losses="bce", gate="dselect_k",
+                    k=4, seed=1)
+    model.freeze("expert")
+    names = model.parameters()
+    before = {n: v.copy() for n, v in names.items()}
+    T.fit(model, X, Y, epochs=3, batch_size=32, lr=0.01, verbose=0, optimizer_kwargs=dict(weight_decay=0.01))
+    after = model.parameters()
+    for n in names:
+        if n.startswith("expert"):
+            np.testing.assert_array_equal(after[n], before[n], err_msg=n)
+        else:
+            assert not np.array_equal(after[n], before[n]), f"{n} should train"
+    with pytest.raises(ValueError, match="no parameter name starts with"):
+        model.freeze("nothing")
+    model.unfreeze()
+    T.fit(model, X, Y, epochs=1, verbose=0)
+    assert not np.array_equal(model.parameters()["expert0.0.W"], before["expert0.0.W"])
