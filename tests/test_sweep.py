@@ -30,7 +30,6 @@ from dselectk import sweep as S
 from dselectk.sweep import Sweep, SweepResult, TrialError, load_records, summarize
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS_DIR)
 
 GRID = {"x": [-1, 0, 1, 2, 3], "y": [-1.5, -0.5, 0.5]}  # minimum of the quadratic at x=1, y=-0.5
 
@@ -312,7 +311,11 @@ def test_resume_after_sigkill(tmp_path):
         "import sys; from dselectk.sweep import Sweep; import test_sweep as T\n"
         f"Sweep(T.slow_quadratic, {grid!r}, results_path={path!r}, **{args!r}).run('serial', progress=False)\n"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, ROOT]))
+    # the child imports dselectk from where this process did (site-packages after `pip install .`;
+    # the checkout only when it is built in place), never the unbuilt source tree
+    import dselectk
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(dselectk.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, package_parent]))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
