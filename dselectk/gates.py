@@ -46,6 +46,14 @@ def _rng(seed):
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
+def _logits_params(rng, n, per_example, input_dim, dtype):
+    """Parameters of the logits a = A x + b (per example: A uniform in (-0.05, 0.05), b zeros) or of
+    static logits (zeros), as the Top-k and softmax gates use them."""
+    if per_example:
+        return {"A": rng.uniform(-0.05, 0.05, (n, input_dim)).astype(dtype), "b": np.zeros(n, dtype)}
+    return {"logits": np.zeros(n, dtype)}
+
+
 class _Gate:
     """Shared plumbing: parameters, gradients, input checks."""
 
@@ -219,14 +227,10 @@ class TopKGate(_Gate):
         self.n_experts, self.k, self.per_example, self.input_dim, self.dtype = n, k, bool(per_example), input_dim, dtype
         self.noisy, self.training = bool(noisy), True
         self._rng = _rng(seed)
-        if self.per_example:
-            self.params = {"A": self._rng.uniform(-0.05, 0.05, (n, input_dim)).astype(dtype),
-                           "b": np.zeros(n, dtype)}
-            if self.noisy:
-                self.params["A_noise"] = np.zeros((n, input_dim), dtype)
-                self.params["b_noise"] = np.zeros(n, dtype)
-        else:
-            self.params = {"logits": np.zeros(n, dtype)}
+        self.params = _logits_params(self._rng, n, self.per_example, input_dim, dtype)
+        if self.noisy:
+            self.params["A_noise"] = np.zeros((n, input_dim), dtype)
+            self.params["b_noise"] = np.zeros(n, dtype)
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}
         self._cache = None
         self._last_w = None
@@ -291,11 +295,7 @@ class SoftmaxGate(_Gate):
     def __init__(self, n_experts, per_example=False, input_dim=None, seed=None, dtype=np.float64):
         n, _, input_dim, dtype = _check_common(n_experts, None, per_example, input_dim, dtype)
         self.n_experts, self.per_example, self.input_dim, self.dtype = n, bool(per_example), input_dim, dtype
-        rng = _rng(seed)
-        if self.per_example:
-            self.params = {"A": rng.uniform(-0.05, 0.05, (n, input_dim)).astype(dtype), "b": np.zeros(n, dtype)}
-        else:
-            self.params = {"logits": np.zeros(n, dtype)}
+        self.params = _logits_params(_rng(seed), n, self.per_example, input_dim, dtype)
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}
         self._cache = None
         self._last_w = None
