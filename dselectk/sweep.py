@@ -1085,7 +1085,16 @@ class Sweep:
                     backend.restart()
                 while error is None and not backend.broken and queue and len(in_flight) < backend.window:
                     trial = queue.popleft()
-                    in_flight[backend.submit(trial)] = trial
+                    try:
+                        future = backend.submit(trial)
+                    except _cf.process.BrokenProcessPool:
+                        # a worker died after the last wait returned (another trial's normal end
+                        # was seen first): the pool refuses new work at once, while the dead
+                        # trial's future reports the crash below; retry this one after the restart
+                        queue.appendleft(trial)
+                        backend.broken = True
+                        break
+                    in_flight[future] = trial
                 if not in_flight:
                     continue
                 for future in backend.wait(in_flight):
