@@ -210,6 +210,11 @@ def evaluate(model, X, Y, batch_size=1024, sample_weights=None, metrics=None):
 
 # --- training -------------------------------------------------------------------------------
 
+def _where(epoch, b, steps_per_epoch, step):
+    """Where training is, for error messages (b and step count the steps already finished)."""
+    return f"epoch {epoch}, step {b + 1} of {steps_per_epoch} (global step {step + 1})"
+
+
 def _record_gates(model, history, step):
     if not model.gates:
         return
@@ -281,14 +286,13 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
         loss_sum = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            where = f"epoch {epoch}, step {b + 1} of {steps_per_epoch} (global step {step + 1})"
             try:
                 model.zero_grad()
                 outputs = model.forward(X[idx], training=True)
                 total, _, douts = model.loss(outputs, [y[idx] for y in Y], _take(W, idx))
                 if not np.isfinite(total):
-                    raise FloatingPointError(f"the training loss became {total} at {where}; try a lower "
-                                             "learning rate")
+                    raise FloatingPointError(f"the training loss became {total} at "
+                                             f"{_where(epoch, b, steps_per_epoch, step)}; try a lower learning rate")
                 model.backward(douts)
                 if model.frozen_mask is not None:
                     model.slab.grad[model.frozen_mask] = 0
@@ -299,7 +303,8 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
             except ValueError as exc:  # the kernels reject NaN/Inf that training produced
                 if "NaN or Inf" not in str(exc):
                     raise
-                raise FloatingPointError(f"training diverged at {where}: {exc}; try a lower learning rate") from exc
+                raise FloatingPointError(f"training diverged at {_where(epoch, b, steps_per_epoch, step)}: {exc}; "
+                                         "try a lower learning rate") from exc
             step += 1
             loss_sum += total * len(idx)
             _update_binary_steps(model, history, step)

@@ -74,32 +74,29 @@ def slow_quadratic(config, seed):
     return quadratic(config, seed)
 
 
+def _first_time(marker):
+    """True exactly once per marker file, across processes: the file is created exclusively."""
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
 def crash_once(config, seed):
-    """Kills its own (worker) process the first time it runs on x == config["crash_x"]: the marker
-    file config["marker"] is created exclusively, so only one attempt ever crashes."""
-    if config["x"] == config["crash_x"]:
-        try:
-            fd = os.open(config["marker"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            pass
-        else:
-            os.close(fd)
-            _log_call(config, seed)
-            os._exit(3)
+    """Kills its own (worker) process the first time it runs on x == config["crash_x"]."""
+    if config["x"] == config["crash_x"] and _first_time(config["marker"]):
+        _log_call(config, seed)
+        os._exit(3)
     return quadratic(config, seed)
 
 
 def raise_once(config, seed):
     """Raises OSError the first time it runs on x == config["fail_x"] (a transient failure)."""
-    if config["x"] == config["fail_x"]:
-        try:
-            fd = os.open(config["marker"], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            pass
-        else:
-            os.close(fd)
-            _log_call(config, seed)
-            raise OSError("transient failure")
+    if config["x"] == config["fail_x"] and _first_time(config["marker"]):
+        _log_call(config, seed)
+        raise OSError("transient failure")
     return quadratic(config, seed)
 
 
