@@ -21,7 +21,7 @@ import numpy as np
 
 from . import functional as F
 
-__all__ = ["DSelectKGate", "TopKGate", "SoftmaxGate", "SoftmaxSelectorGate"]
+__all__ = ["DSelectKGate", "TopKGate", "SoftmaxGate", "SoftmaxSelectorGate", "StaticDSelectKBank"]
 
 _DTYPES = (np.float32, np.float64)
 
@@ -209,6 +209,72 @@ class DSelectKGate(_Gate):
         """Fraction of the entries of S(Z) that are exactly 0 or 1 at the last forward."""
         sz = self._gate_cache().sz
         return float(np.mean((sz == 0) | (sz == 1)))
+
+
+class StaticDSelectKBank:
+    """T static DSelect-k gates of one configuration (an MMoE's task gates) evaluated together.
+
+    ``forward()`` stacks every gate's alpha (k,) and Z (k, m) into alpha (T, k), Z (T, k, m) and runs
+    the batched kernel once, giving the (T, n) weights; ``backward(dw)`` takes dw (T, n) and
+    accumulates into each gate's ``grads`` exactly what ``gate.backward(dw[t])`` would. Each gate's
+    cache and last weights are set as views, so its diagnostics (``is_binary``,
+    ``selected_experts``, ``regularization``) work as after its own forward. One kernel call
+    instead of T keeps a 128-task model from being bound by per-gate Python overhead.
+
+    The kernel averages the regularizers over its batch dimension, here the T gates; lambda and xi
+    are therefore passed multiplied by T, so each gate's gradient gets its own full regularizer.
+    """
+
+    def __init__(self, gates):
+        gates = list(gates)
+        if not gates:
+            raise ValueError("StaticDSelectKBank needs at least one gate")
+        first = gates[0]
+        for g in gates:
+            if not isinstance(g, DSelectKGate) or g.per_example:
+                raise TypeError(f"StaticDSelectKBank takes static DSelectKGate objects, got {g!r}")
+            if (g._config(), g.eps, g.dtype) != (first._config(), first.eps, first.dtype):
+                raise ValueError(f"the gates of a StaticDSelectKBank must share one configuration: {g!r} vs {first!r}")
+        self.gates = gates
+        self._cache = None
+
+    @classmethod
+    def applies_to(cls, gates):
+        """True when ``gates`` are static DSelect-k gates of one configuration."""
+        gates = list(gates)
+        return bool(gates) and all(isinstance(g, DSelectKGate) and not g.per_example and
+                                   (g._config(), g.eps, g.dtype) == (gates[0]._config(), gates[0].eps, gates[0].dtype)
+                                   for g in gates)
+
+    def forward(self):
+        first = self.gates[0]
+        alpha = np.stack([g.params["alpha"] for g in self.gates])  # (T, k)
+        Z = np.stack([g.params["Z"] for g in self.gates])  # (T, k, m)
+        w, cache = F.dselect_k_forward(alpha, Z, first.n_experts, first.gamma)  # w (T, n)
+        for t, g in enumerate(self.gates):
+            g._cache = F.DSelectKCache(cache.sigma[t:t + 1], cache.sz[t:t + 1], cache.r[t:t + 1], cache.Z[t:t + 1],
+                                       cache.gamma, True)
+            g._last_w = w[t]
+        self._cache = cache
+        return w
+
+    def backward(self, dw):
+        if self._cache is None:
+            raise RuntimeError("backward() called before forward()")
+        first, T = self.gates[0], len(self.gates)
+        dalpha, dZ = F.dselect_k_backward(dw, self._cache, first.entropy_reg * T, first._xi_effective * T,
+                                          first.eps)
+        for t, g in enumerate(self.gates):
+            g.grads["alpha"] += dalpha[t]
+            g.grads["Z"] += dZ[t]
+
+    def regularization(self):
+        """Sum over the gates of lambda * Omega + xi * penalty at the last forward."""
+        if self._cache is None:
+            raise RuntimeError("regularization() called before forward()")
+        first, T = self.gates[0], len(self.gates)
+        omega, penalty = F.dselect_k_regularization(self._cache, first.eps)  # means over the T gates
+        return T * (first.entropy_reg * omega + first._xi_effective * penalty)
 
 
 class TopKGate(_Gate):

@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 
 from . import functional as F
-from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
+from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate
 from .layers import MLP, ParameterSlab
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES", "GATES"]
@@ -118,6 +118,9 @@ class _Model:
         return total, per_task, douts
 
     def regularization(self):
+        bank = getattr(self, "_bank", None)
+        if bank is not None and len(self._cache) == 4:  # the bank ran the last forward
+            return float(bank.regularization())
         return float(sum(g.regularization() for g in self.gates))
 
     def transform_outputs(self, outputs):
@@ -181,7 +184,14 @@ class MMoE(_Model):
         gate classes); ``entropy_reg`` is also the ablation gate's entropy coefficient.
     dropout : dropout rate after each expert and tower hidden layer.
     seed : initialization (and dropout) seed.
+
+    With static gates (``per_example=False``) the forward pass computes only the experts that some
+    task's weights use (an exact nonzero) and mixes them for all tasks in one GEMM; static DSelect-k
+    gates run as one batched kernel call (:class:`~dselectk.gates.StaticDSelectKBank`). Setting
+    ``model.static_fast_path = False`` gives the plain per-task path (same results to rounding).
     """
+
+    static_fast_path = True
 
     def __init__(self, input_dim, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses="mse",
                  task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
@@ -230,6 +240,7 @@ class MMoE(_Model):
                        else MLP(d, (), rng) for out in self.task_outputs]
         self._finish(dtype)
         self._cache = None
+        self._bank = StaticDSelectKBank(self.gates) if StaticDSelectKBank.applies_to(self.gates) else None
 
     def named_modules(self):
         mods = []
@@ -243,6 +254,8 @@ class MMoE(_Model):
     def forward(self, X, training=False):
         """[raw output per task] for X (B, input_dim): logits for bce/softmax_ce tasks."""
         self.train_mode(training)
+        if self.static_fast_path and all(not g.per_example for g in self.gates):
+            return self._forward_static(X, training)
         f = np.stack([e.forward(X, training) for e in self.experts])  # (n, B, d)
         ws, outs = [], []
         for gate, tower in zip(self.gates, self.towers):
@@ -252,9 +265,30 @@ class MMoE(_Model):
         self._cache = (f, ws)
         return outs
 
+    def _forward_static(self, X, training):
+        """Every gate static: the weights of all T tasks form one (T, n) matrix W. Experts whose
+        column of W is exactly zero (no task uses them: conditional computation, Section 2) are not
+        run, and the T mixtures of the a active experts are one GEMM, (T, a) x (a, B*d)."""
+        if self._bank is not None:
+            W = self._bank.forward()  # (T, n), one kernel call for all gates
+        else:
+            W = np.stack([g.forward() for g in self.gates])
+        active = np.flatnonzero(W.any(axis=0))
+        if active.size == 0:  # possible only for DSelect-k with n not a power of two: all mass on padding codes
+            active = np.arange(1)
+        f = np.stack([self.experts[j].forward(X, training) for j in active])  # (a, B, d)
+        a, B, d = f.shape
+        W_active = np.ascontiguousarray(W[:, active])  # (T, a)
+        mixed = F.dense_forward(W_active, f.reshape(a, B * d)).reshape(self.n_tasks, B, d)
+        outs = [tower.forward(mixed[t], training) for t, tower in enumerate(self.towers)]
+        self._cache = (f, list(W), active, W_active)
+        return outs
+
     def backward(self, douts):
         """Accumulates every parameter's gradient (gate regularizers included) for the output
         gradients ``douts`` of the last forward."""
+        if len(self._cache) == 4:
+            return self._backward_static(douts)
         f, ws = self._cache
         df_total = np.zeros_like(f)
         for gate, tower, w, dout in zip(self.gates, self.towers, ws, douts):
@@ -265,9 +299,29 @@ class MMoE(_Model):
         for j, e in enumerate(self.experts):
             e.backward(df_total[j], need_dx=False)
 
+    def _backward_static(self, douts):
+        f, ws, active, W_active = self._cache
+        a, B, d = f.shape
+        dmixed = np.stack([tower.backward(dout) for tower, dout in zip(self.towers, douts)])  # (T, B, d)
+        df = np.zeros((a, B * d), f.dtype)
+        dW_active = F.dense_backward(dmixed.reshape(self.n_tasks, B * d), W_active, f.reshape(a, B * d), df)
+        # A weight that is exactly zero passes no gradient to its gate (as mix_experts_backward's
+        # skip_zero): the gates' derivatives vanish there anyway, this only removes rounding noise.
+        dW_active[W_active == 0] = 0
+        dW = np.zeros((self.n_tasks, self.n_experts), f.dtype)
+        dW[:, active] = dW_active
+        if self._bank is not None:
+            self._bank.backward(dW)
+        else:
+            for gate, dw in zip(self.gates, dW):
+                gate.backward(dw)
+        df = df.reshape(a, B, d)
+        for i, j in enumerate(active):
+            self.experts[j].backward(df[i], need_dx=False)
+
     def gate_weights(self):
         """Expert weights per task at the last forward, (T, n): per-example gates averaged over the batch."""
-        _, ws = self._cache
+        ws = self._cache[1]
         return np.stack([w if w.ndim == 1 else w.mean(axis=0) for w in ws])
 
 

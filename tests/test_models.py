@@ -338,3 +338,77 @@ def test_frozen_parameters_do_not_move(tmp_path):
     model.unfreeze()
     T.fit(model, X, Y, epochs=1, verbose=0)
     assert not np.array_equal(model.parameters()["expert0.0.W"], before["expert0.0.W"])
+
+
+STATIC_KINDS = [kw for kw in GATE_KINDS if not kw.get("per_example")]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["fractional", "binary"])
+@pytest.mark.parametrize("gate_kwargs", STATIC_KINDS, ids=lambda kw: kw["gate"])
+def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary):
+    """Static gates: one GEMM over the active experts (and one batched call for DSelect-k) gives
+    the outputs, loss and every gradient of the plain per-task mixing, and skips unused experts."""
+    rng = np.random.default_rng(21)
+    losses, outputs = ["bce", "mse", "softmax_ce", "mse"], [1, 2, 3, 1]
+    fast = Mo.MMoE(4, n_tasks=4, n_experts=6, expert_units=(5,), tower_units=(3,), task_losses=losses,
+                   task_outputs=outputs, dtype="float64", seed=3, **gate_kwargs)
+    _spread_gates(fast, rng)
+    if binary and gate_kwargs["gate"] == "dselect_k":
+        for g in fast.gates:  # S(Z) saturated: each task uses at most k = 2 of the 6 experts
+            g.params["Z"][...] = np.where(rng.random(g.params["Z"].shape) < 0.5, -1, 1) * g.gamma
+            g.params["Z"][:, 0] = -g.gamma  # codes < 4: experts 4 and 5 are never selected
+    slow = Mo.MMoE(4, n_tasks=4, n_experts=6, expert_units=(5,), tower_units=(3,), task_losses=losses,
+                   task_outputs=outputs, dtype="float64", seed=3, **gate_kwargs)
+    slow.slab.data[...] = fast.slab.data
+    slow.static_fast_path = False
+    X, Y = _data(rng, 10, 4, losses, outputs)
+    Yc = T._check_Y(fast, Y, 10)
+    calls = []
+    for j, e in enumerate(fast.experts):
+        e.forward = (lambda orig, j: lambda x, training=False: (calls.append(j), orig(x, training))[1])(e.forward, j)
+    results = []
+    for model in (fast, slow):
+        model.zero_grad()
+        outs = model.forward(X, training=True)
+        total, per_task, douts = model.loss(outs, Yc)
+        model.backward(douts)
+        results.append((outs, total, model.slab.grad.copy(), model.gate_weights()))
+    (o1, t1, g1, w1), (o2, t2, g2, w2) = results
+    for a, b in zip(o1, o2):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert t1 == pytest.approx(t2, rel=1e-12)
+    np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(w1, w2)
+    used = np.flatnonzero(w1.any(axis=0))
+    assert sorted(calls) == list(used)
+    if binary and gate_kwargs["gate"] == "dselect_k":
+        assert fast.gates[0].is_binary() and len(used) <= 4
+        assert fast.regularization() == pytest.approx(slow.regularization(), rel=1e-12)
+
+
+def test_static_dselect_k_bank_equals_separate_gates():
+    from dselectk.gates import DSelectKGate, StaticDSelectKBank
+    rng = np.random.default_rng(5)
+    gates = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i) for i in range(5)]
+    for g in gates:
+        g.params["Z"][...] = rng.uniform(-0.8, 0.8, g.params["Z"].shape)
+        g.params["alpha"][...] = rng.standard_normal(3)
+    twins = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i) for i in range(5)]
+    for g, h in zip(gates, twins):
+        for name in g.params:
+            h.params[name][...] = g.params[name]
+    bank = StaticDSelectKBank(gates)
+    W = bank.forward()
+    dW = rng.standard_normal(W.shape)
+    bank.backward(dW)
+    for t, h in enumerate(twins):
+        np.testing.assert_allclose(W[t], h.forward(), rtol=1e-14)
+        h.backward(dW[t])
+        for name in h.grads:
+            np.testing.assert_allclose(gates[t].grads[name], h.grads[name], rtol=1e-12, atol=1e-15)
+        assert gates[t].regularization() == pytest.approx(h.regularization(), rel=1e-12)
+    assert bank.regularization() == pytest.approx(sum(h.regularization() for h in twins), rel=1e-12)
+    with pytest.raises(ValueError, match="one configuration"):
+        StaticDSelectKBank([DSelectKGate(6, 3), DSelectKGate(6, 2)])
+    with pytest.raises(TypeError, match="static DSelectKGate"):
+        StaticDSelectKBank([DSelectKGate(6, 3, per_example=True, input_dim=2)])
