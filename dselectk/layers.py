@@ -126,6 +126,15 @@ class MLP:
     def named_modules(self, prefix):
         return [(f"{prefix}.{i}", layer) for i, layer in enumerate(self.layers) if layer.params]
 
+    def flops_per_row(self, training=True, need_dx=False):
+        """Floating-point operations of the dense layers for one input row: 2 * in * out per
+        layer forward; a training step adds 2 * in * out for dW and, except for the first layer
+        unless ``need_dx``, 2 * in * out for the input gradient. Element-wise work is not counted."""
+        sizes = [2 * l.in_dim * l.out_dim for l in self.layers if isinstance(l, Dense)]
+        if not training:
+            return sum(sizes)
+        return sum(3 * f for f in sizes) - (0 if need_dx or not sizes else sizes[0])
+
 
 class ParameterSlab:
     """All parameters of a model in one contiguous array (and all gradients in a second one of the

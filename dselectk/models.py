@@ -189,9 +189,19 @@ class MMoE(_Model):
     task's weights use (an exact nonzero) and mixes them for all tasks in one GEMM; static DSelect-k
     gates run as one batched kernel call (:class:`~dselectk.gates.StaticDSelectKBank`). Setting
     ``model.static_fast_path = False`` gives the plain per-task path (same results to rounding).
+    With per-example gates, when fewer than ``sparse_threshold`` (0.75) of the batch's (example,
+    expert) pairs have a nonzero weight in some task, each expert runs only on the examples that use
+    it (gather -> dense -> scatter, forward and backward); ``sparse_threshold = 0`` turns this off.
+    Results are the same to rounding, except that expert dropout then draws its masks for the
+    computed rows only (same distribution, other draws). ``model.flops`` counts the expert FLOPs
+    executed in training steps and those of the dense model (``reset_flops()``; ``fit`` records
+    them per epoch as ``expert_flops`` and ``expert_flops_dense``).
     """
 
     static_fast_path = True
+    # Per-example gates: below this fraction of (example, expert) pairs in use, experts run on
+    # their own examples only; at or above it, on the whole batch (gathering would cost more).
+    sparse_threshold = 0.75
 
     def __init__(self, input_dim, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses="mse",
                  task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
@@ -241,6 +251,7 @@ class MMoE(_Model):
         self._finish(dtype)
         self._cache = None
         self._bank = StaticDSelectKBank(self.gates) if StaticDSelectKBank.applies_to(self.gates) else None
+        self.reset_flops()
 
     def named_modules(self):
         mods = []
@@ -256,14 +267,38 @@ class MMoE(_Model):
         self.train_mode(training)
         if self.static_fast_path and all(not g.per_example for g in self.gates):
             return self._forward_static(X, training)
-        f = np.stack([e.forward(X, training) for e in self.experts])  # (n, B, d)
-        ws, outs = [], []
-        for gate, tower in zip(self.gates, self.towers):
-            w = gate.forward(X) if gate.per_example else gate.forward()
-            ws.append(w)
-            outs.append(tower.forward(F.mix_experts(f, w), training))
-        self._cache = (f, ws)
+        ws = [gate.forward(X) if gate.per_example else gate.forward() for gate in self.gates]
+        B, n = X.shape[0], self.n_experts
+        used = np.zeros((B, n), bool)  # (example, expert) pairs with a nonzero weight in some task
+        for w in ws:
+            used |= w != 0
+        if used.mean() < self.sparse_threshold:
+            # Conditional computation: expert j runs only on the examples that use it (gather ->
+            # dense -> scatter). The other rows of f stay 0 and are never read: their weights are 0.
+            rows = [np.flatnonzero(used[:, j]) for j in range(n)]
+            f = np.zeros((n, B, self.experts[0].out_dim), self.dtype)
+            for j, e in enumerate(self.experts):
+                if rows[j].size:
+                    f[j, rows[j]] = e.forward(X[rows[j]], training)
+            self._count_flops(sum(r.size for r in rows), B, training)
+        else:
+            rows = None
+            f = np.stack([e.forward(X, training) for e in self.experts])  # (n, B, d)
+            self._count_flops(n * B, B, training)
+        outs = [tower.forward(F.mix_experts(f, w), training) for w, tower in zip(ws, self.towers)]
+        self._cache = (f, ws, rows)
         return outs
+
+    def _count_flops(self, expert_rows, B, training):
+        """Adds one step's expert FLOPs, executed and for the dense model, to ``self.flops``."""
+        if training:
+            per_row = self.experts[0].flops_per_row(training=True)
+            self.flops["experts_executed"] += expert_rows * per_row
+            self.flops["experts_dense"] += self.n_experts * B * per_row
+
+    def reset_flops(self):
+        """Zeroes ``self.flops`` (``fit`` does so when it starts)."""
+        self.flops = {"experts_executed": 0, "experts_dense": 0}
 
     def _forward_static(self, X, training):
         """Every gate static: the weights of all T tasks form one (T, n) matrix W. Experts whose
@@ -281,6 +316,7 @@ class MMoE(_Model):
         W_active = np.ascontiguousarray(W[:, active])  # (T, a)
         mixed = F.dense_forward(W_active, f.reshape(a, B * d)).reshape(self.n_tasks, B, d)
         outs = [tower.forward(mixed[t], training) for t, tower in enumerate(self.towers)]
+        self._count_flops(a * B, B, training)
         self._cache = (f, list(W), active, W_active)
         return outs
 
@@ -289,7 +325,7 @@ class MMoE(_Model):
         gradients ``douts`` of the last forward."""
         if len(self._cache) == 4:
             return self._backward_static(douts)
-        f, ws = self._cache
+        f, ws, rows = self._cache
         df_total = np.zeros_like(f)
         for gate, tower, w, dout in zip(self.gates, self.towers, ws, douts):
             dy = tower.backward(dout)
@@ -297,7 +333,10 @@ class MMoE(_Model):
             df_total += df
             gate.backward(dw)
         for j, e in enumerate(self.experts):
-            e.backward(df_total[j], need_dx=False)
+            if rows is None:
+                e.backward(df_total[j], need_dx=False)
+            elif rows[j].size:
+                e.backward(df_total[j, rows[j]], need_dx=False)
 
     def _backward_static(self, douts):
         f, ws, active, W_active = self._cache

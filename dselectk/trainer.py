@@ -32,7 +32,9 @@ class History:
     """What ``fit`` recorded.
 
     * ``epochs``: one dict per epoch: loss (training, with regularizers), val_loss, per-task
-      validation metrics (``val_task0_auc``, ...), time.
+      validation metrics (``val_task0_auc``, ...), time; for MMoE/MoE models also
+      ``expert_flops`` and ``expert_flops_dense``, the expert FLOPs of the training steps so far,
+      executed and for the dense model (their ratio is what conditional computation saved).
     * ``gate_steps`` and ``gate_weights``: the steps at which expert weights were recorded and the
       weights, an array (records, T, n) (per-example gates: averaged over the batch).
     * ``selected_experts``: (records, T), the number of experts with nonzero weight per task
@@ -280,6 +282,8 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
         if hasattr(cb, "on_train_begin"):
             cb.on_train_begin(model, epochs * steps_per_epoch)
     best_loss, best_params, bad_epochs, step = np.inf, None, 0, 0
+    if hasattr(model, "reset_flops"):
+        model.reset_flops()
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         order = rng.permutation(N) if shuffle else np.arange(N)
@@ -318,6 +322,9 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
         if not record_gate_every:
             _record_gates(model, history, step)
         logs = {"epoch": epoch, "loss": loss_sum / N}
+        if hasattr(model, "flops"):  # cumulative since the start of fit
+            logs["expert_flops"] = model.flops["experts_executed"]
+            logs["expert_flops_dense"] = model.flops["experts_dense"]
         if val is not None:
             for key, value in evaluate(model, *val[:2], sample_weights=val[2], metrics=metrics).items():
                 if key != "warnings":
@@ -325,7 +332,8 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
         logs["time"] = time.perf_counter() - t0
         history.epochs.append(logs)
         if verbose >= 1:
-            extra = "  ".join(f"{k} {v:.4f}" for k, v in logs.items() if k not in ("epoch", "loss", "time"))
+            extra = "  ".join(f"{k} {v:.4f}" for k, v in logs.items()
+                              if k not in ("epoch", "loss", "time", "expert_flops", "expert_flops_dense"))
             emit(f"epoch {epoch}/{epochs}  loss {logs['loss']:.5f}  {extra}  ({logs['time']:.2f} s)")
         stop = any(bool(cb.on_epoch_end(epoch, logs, model)) for cb in callbacks if hasattr(cb, "on_epoch_end"))
         if val is not None and early_stopping_patience is not None:

@@ -412,3 +412,62 @@ def test_static_dselect_k_bank_equals_separate_gates():
         StaticDSelectKBank([DSelectKGate(6, 3), DSelectKGate(6, 2)])
     with pytest.raises(TypeError, match="static DSelectKGate"):
         StaticDSelectKBank([DSelectKGate(6, 3, per_example=True, input_dim=2)])
+
+
+PER_EXAMPLE_KINDS = [kw for kw in GATE_KINDS if kw.get("per_example") and kw["gate"] != "softmax"]  # exact zeros
+
+
+@pytest.mark.parametrize("gate_kwargs", PER_EXAMPLE_KINDS, ids=lambda kw: kw["gate"])
+def test_per_example_sparse_path_matches_the_dense_path(gate_kwargs):
+    """Per-example gates with exact zeros: experts run on their examples only (gather -> dense ->
+    scatter) with the outputs, loss and gradients of the dense path, and fewer FLOPs."""
+    rng = np.random.default_rng(8)
+    losses, outputs = ["bce", "mse"], [1, 2]
+    kw = dict(n_tasks=2, n_experts=8, expert_units=(5, 4), tower_units=(3,), task_losses=losses,
+              task_outputs=outputs, dtype="float64", seed=5, **gate_kwargs)
+    sparse, dense = Mo.MMoE(4, **kw), Mo.MMoE(4, **kw)
+    _spread_gates(sparse, rng)
+    for g in sparse.gates:
+        if g.__class__.__name__ == "DSelectKGate":  # S(Z) binary for most examples: <= 2 experts each
+            g.params["W"][...] *= 0.01
+            g.params["b_W"][...] = np.where(rng.random(g.params["b_W"].shape) < 0.5, -1, 1) * g.gamma
+    dense.slab.data[...] = sparse.slab.data
+    dense.sparse_threshold = 0.0
+    X, Y = _data(rng, 40, 4, losses, outputs)
+    Yc = T._check_Y(sparse, Y, 40)
+    results = []
+    for model in (sparse, dense):
+        model.zero_grad()
+        model.reset_flops()
+        outs = model.forward(X, training=True)
+        total, _, douts = model.loss(outs, Yc)
+        model.backward(douts)
+        results.append((outs, total, model.slab.grad.copy(), dict(model.flops)))
+    (o1, t1, g1, fl1), (o2, t2, g2, fl2) = results
+    for a, b in zip(o1, o2):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    assert t1 == pytest.approx(t2, rel=1e-12)
+    np.testing.assert_allclose(g1, g2, rtol=1e-10, atol=1e-13)
+    assert sparse._cache[2] is not None and dense._cache[2] is None  # the paths really differed
+    used = np.zeros((40, 8), bool)
+    for w in sparse._cache[1]:
+        used |= w != 0
+    per_row = sparse.experts[0].flops_per_row()
+    softmax = Mo.MMoE(4, **dict(kw, gate="softmax", k=None))
+    softmax.forward(X, training=True)
+    assert softmax._cache[2] is None  # no zero weights: the dense path
+    assert fl1["experts_executed"] == used.sum() * per_row < fl2["experts_executed"] == fl2["experts_dense"]
+    assert per_row == 3 * 2 * (4 * 5 + 5 * 4) - 2 * 4 * 5
+
+
+def test_fit_records_expert_flops_and_binary_static_gates_save_them():
+    rng = np.random.default_rng(3)
+    X, Y = _synthetic_two_task(rng, N=512)
+    model = Mo.MoE(8, n_experts=8, expert_units=(16,), loss="mse", gate="dselect_k", k=2, gamma=0.5,
+                   entropy_reg=1.0, seed=0)
+    history = T.fit(model, X, [Y[0]], epochs=6, batch_size=64, lr=0.05, verbose=0)
+    flops = history["expert_flops"]
+    dense = history["expert_flops_dense"]
+    assert dense[-1] == 6 * 512 * 8 * model.experts[0].flops_per_row()
+    assert model.gates[0].is_binary() and len(model.gates[0].selected_experts()) <= 2
+    assert flops[-1] - flops[-2] <= (dense[-1] - dense[-2]) * 2 / 8  # last epoch: at most 2 of 8 experts ran
