@@ -242,6 +242,7 @@ class MMoE(_Model):
     k, gamma, entropy_reg (lambda), xi, per_example, noisy, temperature : gate settings (see the
         gate classes); ``entropy_reg`` is also the ablation gate's entropy coefficient.
     dropout : dropout rate after each expert and tower hidden layer.
+    tower_dropout : the towers' dropout rate when it differs from ``dropout`` (None: ``dropout``).
     seed : initialization (and dropout) seed.
     embeddings : None, or dict(vocab_sizes=[V_0, ...], dims=[d_0, ...] (or one int), n_dense=0) (or
         an :class:`~dselectk.embedding.EmbeddingInput`): an embedding input front; X is then
@@ -252,7 +253,7 @@ class MMoE(_Model):
     def __init__(self, input_dim, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses="mse",
                  task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
                  per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0, dtype="float32",
-                 expert_output=None, embeddings=None):
+                 expert_output=None, embeddings=None, tower_dropout=None):
         tower_units = None if tower_units is None else list(tower_units)
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=list(expert_units),
                            expert_output=expert_output,
@@ -262,13 +263,16 @@ class MMoE(_Model):
                            dtype=str(np.dtype(dtype)))
         if expert_output not in (None, "sum"):
             raise ValueError(f"expert_output must be None or 'sum', got {expert_output!r}")
+        if tower_dropout is not None:  # in the config only when set: older readers load the others
+            self.config["tower_dropout"] = tower_dropout
         self._build(input_dim, n_tasks, n_experts, list(expert_units), tower_units, task_losses, task_outputs,
                     task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed,
-                    dtype, towers=True, expert_output=expert_output, embeddings=embeddings)
+                    dtype, towers=True, expert_output=expert_output, embeddings=embeddings,
+                    tower_dropout=tower_dropout)
 
     def _build(self, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
                task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype,
-               towers, expert_output=None, embeddings=None):
+               towers, expert_output=None, embeddings=None, tower_dropout=None):
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype)
         if emb_config is not None:
@@ -294,7 +298,8 @@ class MMoE(_Model):
             if bad:
                 raise ValueError(f"tower_units=None needs every task output size to equal the experts' output width "
                                  f"{d}, got task_outputs {self.task_outputs}")
-        self.towers = [MLP(d, tower_units, rng, dropout, out, dtype) if towers and tower_units is not None
+        tower_dropout = dropout if tower_dropout is None else tower_dropout
+        self.towers = [MLP(d, tower_units, rng, tower_dropout, out, dtype) if towers and tower_units is not None
                        else MLP(d, (), rng) for out in self.task_outputs]
         self._finish(dtype)
         self._cache = None
@@ -369,13 +374,15 @@ class MoE(MMoE):
 class SharedBottom(_Model):
     """The shared-bottom baseline: one Dense -> ReLU stack (``bottom_units``) shared by all tasks,
     then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``
-    as in :class:`MMoE`."""
+    and ``tower_dropout`` as in :class:`MMoE`."""
 
     def __init__(self, input_dim, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse", task_outputs=1,
-                 task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None):
+                 task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None, tower_dropout=None):
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=list(bottom_units),
                            tower_units=list(tower_units), task_losses=task_losses, task_outputs=task_outputs,
                            task_weights=task_weights, dropout=dropout, seed=seed, dtype=str(np.dtype(dtype)))
+        if tower_dropout is not None:
+            self.config["tower_dropout"] = tower_dropout
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype)
         if emb_config is not None:
@@ -383,7 +390,9 @@ class SharedBottom(_Model):
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
         self.bottom = MLP(self.input_dim, list(bottom_units), rng, dropout, None, dtype)
-        self.towers = [MLP(self.bottom.out_dim, list(tower_units), rng, dropout, out, dtype) for out in self.task_outputs]
+        tower_dropout = dropout if tower_dropout is None else tower_dropout
+        self.towers = [MLP(self.bottom.out_dim, list(tower_units), rng, tower_dropout, out, dtype)
+                       for out in self.task_outputs]
         self.gates = []
         self._finish(dtype)
         self._cache = None

@@ -338,3 +338,15 @@ def test_frozen_parameters_do_not_move(tmp_path):
     model.unfreeze()
     T.fit(model, X, Y, epochs=1, verbose=0)
     assert not np.array_equal(model.parameters()["expert0.0.W"], before["expert0.0.W"])
+
+
+def test_tower_dropout_differs_from_the_experts_dropout(tmp_path):
+    from dselectk.layers import Dropout
+    model = Mo.MMoE(4, n_tasks=2, n_experts=2, expert_units=(3,), tower_units=(3,), dropout=0.5, tower_dropout=0.0)
+    assert any(isinstance(l, Dropout) for l in model.experts[0].layers)
+    assert not any(isinstance(l, Dropout) for tw in model.towers for l in tw.layers)
+    sb = Mo.SharedBottom(4, bottom_units=(3,), tower_units=(3,), dropout=0.3, tower_dropout=0.1)
+    assert [l.rate for l in sb.towers[0].layers if isinstance(l, Dropout)] == [0.1]
+    assert "tower_dropout" not in Mo.MMoE(4).config  # only when set, so that older readers load the others
+    dk.save(model, tmp_path / "m.npz")
+    assert dk.load(tmp_path / "m.npz").config["tower_dropout"] == 0.0
