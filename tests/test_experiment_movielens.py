@@ -28,7 +28,8 @@ def _write_learnable_ratings(path, seed=0, n_users=300, n_movies=200, per_user=3
         movies = rng.choice(n_movies, per_user, replace=False, p=p / p.sum())
         ratings = np.clip(np.round((3 + 0.8 * s[movies] + 0.3 * rng.standard_normal(per_user)) * 2) / 2, 0.5, 5)
         # raw ids are sparse and shifted, as in MovieLens
-        lines += [f"{10 + 7 * u},{1000 + 3 * m},{r},{1_500_000_000 + i}" for i, (m, r) in enumerate(zip(movies, ratings))]
+        lines += [f"{10 + 7 * u},{1000 + 3 * m},{r},{1_500_000_000 + i}"
+                  for i, (m, r) in enumerate(zip(movies, ratings))]
     path.write_text("\n".join(lines) + "\n")
     return path
 
