@@ -32,6 +32,7 @@ finally:
     for _k in _set_here:
         _os.environ.pop(_k, None)
 from . import functional, metrics, optim
+from .embedding import Embedding, EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
 from .trainer import AnnealTemperature, History, evaluate, fit, predict
@@ -45,6 +46,8 @@ __all__ = [
     "MMoE",
     "MoE",
     "SharedBottom",
+    "Embedding",
+    "EmbeddingInput",
     "fit",
     "evaluate",
     "predict",

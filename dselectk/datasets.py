@@ -13,6 +13,8 @@ recovering the experts that generated the data).
   index of Appendix C.2 ("Measuring Expert Selection Performance"), averaged over related and
   unrelated task pairs, and its expected value for the random gate of Figure C.4.
 * :func:`recovered_experts` -- how many generating experts a gate selected (Appendix C.3.2).
+* :func:`read_ratings`, :func:`movielens_multitask` -- MovieLens ratings and the paper's
+  two-task recommender problem (defined in :mod:`dselectk.movielens`, re-exported here).
 
 NumPy only. Randomness comes from ``numpy.random.Generator`` objects built from
 ``numpy.random.SeedSequence(seed, spawn_key=...)`` children, so every result is a deterministic
@@ -28,6 +30,9 @@ from fractions import Fraction
 
 import numpy as np
 
+from .movielens import (MovieLensMultitask, MultitaskSplit, Ratings, movielens_multitask, ratings_from_arrays,
+                        read_ratings)
+
 __all__ = [
     "SyntheticMultitask",
     "GateRecovery",
@@ -37,6 +42,13 @@ __all__ = [
     "task_pair_jaccard",
     "expected_random_jaccard",
     "recovered_experts",
+    # MovieLens (dselectk.movielens)
+    "Ratings",
+    "MultitaskSplit",
+    "MovieLensMultitask",
+    "read_ratings",
+    "ratings_from_arrays",
+    "movielens_multitask",
 ]
 
 # Spawn keys of the child streams of SeedSequence(seed). Fixed keys (rather than counting

@@ -68,6 +68,10 @@ __all__ = [
     "sgd_step",
     "adam_step",
     "adagrad_step",
+    "embedding_forward",
+    "embedding_backward",
+    "sparse_adagrad_step",
+    "sparse_adam_step",
 ]
 
 
@@ -553,3 +557,80 @@ def adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0):
     params -= lr * g / (sqrt(accum) + eps). PyTorch's initial_accumulator_value is the initial
     fill of accum (see :class:`dselectk.optim.Adagrad`). lr > 0, eps > 0, weight_decay >= 0."""
     _C.adagrad_step(params, grads, accum, lr, eps, weight_decay)
+
+
+# --- embedding tables: row gather, sparse gradients, lazy optimizer steps ---------------------
+#
+# A table (V, d) maps integer ids to rows. Ids are an integer ndarray of any integer dtype (int32
+# and int64 are read without a copy), each in [0, V): a negative or too large id raises ValueError
+# naming the argument, the value and its position, and nothing is read out of bounds. Only the
+# rows a call reads are checked for NaN / Inf (scanning the whole table per batch would cost
+# O(V d)). The gradient of a table is sparse -- (rows, grad_rows): the distinct ids of the batch and
+# their summed gradients -- and the optimizer steps update only those rows (lazy steps).
+
+def embedding_forward(table, ids, out=None, offset=0):
+    """Row gather: ``out[b, offset + f*d : offset + (f+1)*d] = table[ids[b, f]]``.
+
+    table (V, d) float32 / float64; ids (B, F) integer, each in [0, V). Returns a new (B, F*d)
+    array, or, with ``out``, writes into columns [offset, offset + F*d) of out (B, D) and returns
+    it; the other columns are left untouched. out must have the table's dtype and columns adjacent
+    in memory: a C-contiguous array or a column slice of one (``X[:, 3:]``).
+
+    This is how several tables and dense features are concatenated into one model input without
+    copies: allocate X = np.empty((B, D)), call embedding_forward(table_i, ids_i, out=X,
+    offset=offset_i) per table, and write the dense features into their columns; the backward
+    reads each table's block of dX with the same offset (:func:`embedding_backward`)."""
+    return _C.embedding_forward(_array(table, "table"), ids, out, offset)
+
+
+def embedding_backward(dout, ids, num_embeddings, dim=None, offset=0):
+    """Sparse gradient of a table (num_embeddings, dim) for the upstream gradient ``dout``.
+
+    dout (B, D): the gradient of the forward's output; the table's block is columns
+    [offset, offset + F*dim) (the whole of dout for the forward's own (B, F*dim) output). ids
+    (B, F) as in the forward. dim defaults to (D - offset) / F, the rest of the row.
+
+    Returns ``(rows, grad_rows)``: rows (U,) int64, the distinct ids of the batch in ascending
+    order, and grad_rows (U, dim), for each the sum of the gradient over every position that
+    looked it up (an id repeated in a batch receives the sum). The sums are added in ascending
+    position order, in double, so the result does not depend on the thread count. The dense
+    gradient is ``g = zeros((V, dim)); g[rows] = grad_rows``."""
+    dout = _array(dout, "dout")
+    if dim is None:
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or dout.ndim != 2:
+            dim = 1  # let the binding name the argument with the wrong shape
+        else:
+            cols = dout.shape[1] - _int(offset, "offset", 0, maximum=2**63 - 1)
+            if ids.shape[1] == 0 or cols <= 0 or cols % ids.shape[1]:
+                raise ValueError(f"dim=None needs the D - offset = {cols} columns of dout {dout.shape} to split "
+                                 f"into F = {ids.shape[1]} blocks of dim >= 1 columns; pass dim")
+            dim = cols // ids.shape[1]
+    return _C.embedding_backward(dout, ids, num_embeddings, dim, offset)
+
+
+def sparse_adagrad_step(table, accum, rows, grad_rows, lr=0.01, eps=1e-10):
+    """Lazy Adagrad on the rows ``rows`` (U,) of table (V, d) and its accumulator accum (V, d),
+    both updated in place, with grad_rows (U, d) their gradients (as returned by
+    :func:`embedding_backward`): for r = rows[u], g = grad_rows[u],
+    ``accum[r] += g**2; table[r] -= lr * g / (sqrt(accum[r]) + eps)``.
+
+    Rows not listed keep their values and accumulators. rows: integer dtype, DISTINCT (ValueError
+    naming a repeated value; the rows are updated in parallel), each in [0, V). The arithmetic is
+    :func:`adagrad_step`'s, so with every row listed it equals the dense step (weight decay 0;
+    these sparse steps have none, as torch.optim's sparse Adagrad). lr > 0, eps > 0."""
+    _C.sparse_adagrad_step(table, accum, rows, grad_rows, lr, eps)
+
+
+def sparse_adam_step(table, m, v, rows, grad_rows, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Lazy Adam on the rows ``rows`` (U,) of table, m, v (V, d) (updated in place), with grad_rows
+    (U, d) their gradients: for r = rows[u], g = grad_rows[u],
+    ``m[r] = beta1 m[r] + (1 - beta1) g; v[r] = beta2 v[r] + (1 - beta2) g**2;
+    table[r] -= lr / (1 - beta1**step) * m[r] / (sqrt(v[r]) / sqrt(1 - beta2**step) + eps)``.
+
+    LAZY: rows not listed keep their values AND their moments (a dense Adam would decay the moments
+    of every row each step and move rows with a zero gradient). ``step`` >= 1 is the GLOBAL step
+    count, the number of this update of the model, also for a row last touched long ago: the same
+    rule as PyTorch's torch.optim.SparseAdam and TensorFlow Addons' LazyAdam. rows: integer dtype,
+    distinct, in [0, V). With every row listed it equals :func:`adam_step` (weight decay 0).
+    lr > 0, betas in [0, 1), eps > 0."""
+    _C.sparse_adam_step(table, m, v, rows, grad_rows, step, lr, beta1, beta2, eps)

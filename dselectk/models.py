@@ -10,6 +10,14 @@ Each model has ``forward(X, training) -> [output per task]``, ``loss(outputs, Y)
 (total, per-task losses, output gradients)``, ``backward(output gradients)``, and keeps all
 parameters and gradients in one :class:`~dselectk.layers.ParameterSlab` (``model.slab``).
 ``dselectk.save`` / ``dselectk.load`` store a model in one ``.npz``.
+
+Embedding inputs: with ``embeddings=dict(vocab_sizes=[...], dims=[...], n_dense=0)`` (or an
+:class:`~dselectk.embedding.EmbeddingInput`) MMoE, MoE and SharedBottom read X = {"ids": (N, F)
+integers, "dense": (N, n_dense) floats} (or the ids array alone when n_dense = 0) through an
+embedding front: the experts, the per-example gates (or the shared bottom) see the concatenated
+row [embeddings | dense] of width sum(dims) + n_dense, and their input gradients flow back into the
+tables as sparse gradients. The tables live outside the dense slab (``model.embedding_tables()``);
+``trainer.fit`` updates them with lazy sparse steps (see dselectk.embedding).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import zipfile
 import numpy as np
 
 from . import functional as F
+from .embedding import EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate
 from .layers import MLP, ParameterSlab
 
@@ -26,7 +35,10 @@ __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES", "GATES"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 GATES = ("dselect_k", "top_k", "softmax", "softmax_selector")
-FORMAT, FORMAT_VERSION = "dselectk-model", 1
+FORMAT, FORMAT_VERSION = "dselectk-model", 2
+# version 1: the parameter slab only; version 2 adds the embedding tables. A model without
+# embeddings is still written as version 1, so that older readers load it.
+READ_VERSIONS = (1, 2)
 
 
 def _loss_fn(name):
@@ -63,6 +75,37 @@ class _Model:
         self.task_weights = [float(w) for w in weights]
 
     frozen_mask = None  # boolean mask over the slab, see freeze()
+    input_layer = None  # the EmbeddingInput front, or None: X goes straight to the experts
+
+    def _setup_input(self, input_dim, embeddings, seed, dtype):
+        """input_dim, and self.input_layer from ``embeddings`` (None, a dict of EmbeddingInput's
+        arguments or an EmbeddingInput); returns the embeddings' config for self.config."""
+        if embeddings is None:
+            self.input_layer = None
+            self.input_dim = F._int(input_dim, "input_dim", 1)
+            return None
+        if isinstance(embeddings, EmbeddingInput):
+            if embeddings.dtype != np.dtype(dtype):
+                raise ValueError(f"the EmbeddingInput has dtype {embeddings.dtype}, the model {np.dtype(dtype)}")
+            front = embeddings
+        elif isinstance(embeddings, dict):
+            unknown = sorted(set(embeddings) - {"vocab_sizes", "dims", "n_dense"})
+            if unknown or "vocab_sizes" not in embeddings or "dims" not in embeddings:
+                raise ValueError(f"embeddings must be a dict with keys 'vocab_sizes', 'dims' and optionally 'n_dense' "
+                                 f"(or an EmbeddingInput), got keys {sorted(embeddings)}")
+            # the tables draw from their own stream, so the other parameters are initialized as
+            # they would be for a model without embeddings
+            front_seed = seed if isinstance(seed, np.random.Generator) else np.random.SeedSequence(seed, spawn_key=(1,))
+            front = EmbeddingInput(embeddings["vocab_sizes"], embeddings["dims"], embeddings.get("n_dense", 0),
+                                   seed=np.random.default_rng(front_seed), dtype=dtype)
+        else:
+            raise TypeError(f"embeddings must be None, a dict or an EmbeddingInput, got {type(embeddings).__name__}")
+        if input_dim is not None and input_dim != front.out_dim:
+            raise ValueError(f"input_dim = {input_dim} does not match the embedding input's width sum(dims) + n_dense "
+                             f"= {front.out_dim}; pass input_dim=None")
+        self.input_layer = front
+        self.input_dim = front.out_dim
+        return dict(front.config)
 
     def _finish(self, dtype):
         self.dtype = np.dtype(dtype)
@@ -71,6 +114,25 @@ class _Model:
     # -- parameters --------------------------------------------------------------------------
     def zero_grad(self):
         self.slab.zero_grad()
+        if self.input_layer is not None:
+            self.input_layer.zero_grad()
+
+    # -- embedding tables (outside the slab) -------------------------------------------------
+    def named_embeddings(self):
+        """{name: table (V, d)} of the embedding input (empty without one); the arrays themselves."""
+        if self.input_layer is None:
+            return {}
+        return {name: e.table for name, e in self.input_layer.named_tables()}
+
+    def embedding_tables(self):
+        return list(self.named_embeddings().values())
+
+    def embedding_grads(self):
+        """Per table, its sparse gradient (rows, grad_rows) from the last backward, or None."""
+        return [] if self.input_layer is None else [e.grad for e in self.input_layer.tables]
+
+    def _input_forward(self, X, training):
+        return X if self.input_layer is None else self.input_layer.forward(X, training)
 
     def parameters(self):
         """{name: array view} of every parameter (views into ``self.slab.data``)."""
@@ -183,7 +245,12 @@ class MMoE(_Model):
     k, gamma, entropy_reg (lambda), xi, per_example, noisy, temperature : gate settings (see the
         gate classes); ``entropy_reg`` is also the ablation gate's entropy coefficient.
     dropout : dropout rate after each expert and tower hidden layer.
+    tower_dropout : the towers' dropout rate when it differs from ``dropout`` (None: ``dropout``).
     seed : initialization (and dropout) seed.
+    embeddings : None, or dict(vocab_sizes=[V_0, ...], dims=[d_0, ...] (or one int), n_dense=0) (or
+        an :class:`~dselectk.embedding.EmbeddingInput`): an embedding input front; X is then
+        {"ids": (N, F) ints, "dense": (N, n_dense) floats} (or the ids alone), and input_dim may be
+        None (it is sum(dims) + n_dense).
 
     With static gates (``per_example=False``) the forward pass computes only the experts that some
     task's weights use (an exact nonzero) and mixes them for all tasks in one GEMM; static DSelect-k
@@ -206,7 +273,7 @@ class MMoE(_Model):
     def __init__(self, input_dim, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses="mse",
                  task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
                  per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0, dtype="float32",
-                 expert_output=None):
+                 expert_output=None, embeddings=None, tower_dropout=None):
         tower_units = None if tower_units is None else list(tower_units)
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=list(expert_units),
                            expert_output=expert_output,
@@ -216,15 +283,20 @@ class MMoE(_Model):
                            dtype=str(np.dtype(dtype)))
         if expert_output not in (None, "sum"):
             raise ValueError(f"expert_output must be None or 'sum', got {expert_output!r}")
+        if tower_dropout is not None:  # in the config only when set: older readers load the others
+            self.config["tower_dropout"] = tower_dropout
         self._build(input_dim, n_tasks, n_experts, list(expert_units), tower_units, task_losses, task_outputs,
                     task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed,
-                    dtype, towers=True, expert_output=expert_output)
+                    dtype, towers=True, expert_output=expert_output, embeddings=embeddings,
+                    tower_dropout=tower_dropout)
 
     def _build(self, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
                task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype,
-               towers, expert_output=None):
+               towers, expert_output=None, embeddings=None, tower_dropout=None):
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
-        self.input_dim = F._int(input_dim, "input_dim", 1)
+        emb_config = self._setup_input(input_dim, embeddings, seed, dtype)
+        if emb_config is not None:
+            self.config.update(input_dim=None, embeddings=emb_config)
         self.n_experts = F._int(n_experts, "n_experts", 2)
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
@@ -246,7 +318,8 @@ class MMoE(_Model):
             if bad:
                 raise ValueError(f"tower_units=None needs every task output size to equal the experts' output width "
                                  f"{d}, got task_outputs {self.task_outputs}")
-        self.towers = [MLP(d, tower_units, rng, dropout, out, dtype) if towers and tower_units is not None
+        tower_dropout = dropout if tower_dropout is None else tower_dropout
+        self.towers = [MLP(d, tower_units, rng, tower_dropout, out, dtype) if towers and tower_units is not None
                        else MLP(d, (), rng) for out in self.task_outputs]
         self._finish(dtype)
         self._cache = None
@@ -263,8 +336,10 @@ class MMoE(_Model):
         return mods
 
     def forward(self, X, training=False):
-        """[raw output per task] for X (B, input_dim): logits for bce/softmax_ce tasks."""
+        """[raw output per task] for X (B, input_dim) (or the embedding input's dict): logits for
+        bce/softmax_ce tasks."""
         self.train_mode(training)
+        X = self._input_forward(X, training)
         if self.static_fast_path and all(not g.per_example for g in self.gates):
             return self._forward_static(X, training)
         ws = [gate.forward(X) if gate.per_example else gate.forward() for gate in self.gates]
@@ -327,16 +402,26 @@ class MMoE(_Model):
             return self._backward_static(douts)
         f, ws, rows = self._cache
         df_total = np.zeros_like(f)
+        need_dx = self.input_layer is not None
+        dX = np.zeros((f.shape[1], self.input_dim), f.dtype) if need_dx else None
         for gate, tower, w, dout in zip(self.gates, self.towers, ws, douts):
             dy = tower.backward(dout)
             dw, df = F.mix_experts_backward(dy, f, w)
             df_total += df
-            gate.backward(dw)
+            dx = gate.backward(dw)  # None for a static gate
+            if need_dx and dx is not None:
+                dX += dx
         for j, e in enumerate(self.experts):
             if rows is None:
-                e.backward(df_total[j], need_dx=False)
+                dx = e.backward(df_total[j], need_dx=need_dx)
+                if need_dx:
+                    dX += dx
             elif rows[j].size:
-                e.backward(df_total[j, rows[j]], need_dx=False)
+                dx = e.backward(df_total[j, rows[j]], need_dx=need_dx)
+                if need_dx:
+                    dX[rows[j]] += dx  # scatter: each row appears once in rows[j]
+        if need_dx:
+            self.input_layer.backward(dX)
 
     def _backward_static(self, douts):
         f, ws, active, W_active = self._cache
@@ -355,8 +440,14 @@ class MMoE(_Model):
             for gate, dw in zip(self.gates, dW):
                 gate.backward(dw)
         df = df.reshape(a, B, d)
+        need_dx = self.input_layer is not None
+        dX = np.zeros((B, self.input_dim), f.dtype) if need_dx else None
         for i, j in enumerate(active):
-            self.experts[j].backward(df[i], need_dx=False)
+            dx = self.experts[j].backward(df[i], need_dx=need_dx)
+            if need_dx:
+                dX += dx
+        if need_dx:
+            self.input_layer.backward(dX)
 
     def gate_weights(self):
         """Expert weights per task at the last forward, (T, n): per-example gates averaged over the batch."""
@@ -371,30 +462,38 @@ class MoE(MMoE):
 
     def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", k=2,
                  gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False, noisy=False, temperature=1.0, dropout=0.0,
-                 seed=0, dtype="float32"):
+                 seed=0, dtype="float32", embeddings=None):
         self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=list(expert_units), loss=loss,
                            output_dim=output_dim, gate=gate, k=k, gamma=gamma, entropy_reg=entropy_reg, xi=xi,
                            per_example=per_example, noisy=noisy, temperature=temperature, dropout=dropout, seed=seed,
                            dtype=str(np.dtype(dtype)))
         self._build(input_dim, 1, n_experts, list(expert_units), [], loss, output_dim, None, gate, k, gamma,
-                    entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype, towers=False)
+                    entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype, towers=False,
+                    embeddings=embeddings)
 
 
 class SharedBottom(_Model):
     """The shared-bottom baseline: one Dense -> ReLU stack (``bottom_units``) shared by all tasks,
-    then a tower per task (``tower_units`` and the task's output layer). No gates."""
+    then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``
+    and ``tower_dropout`` as in :class:`MMoE`."""
 
     def __init__(self, input_dim, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse", task_outputs=1,
-                 task_weights=None, dropout=0.0, seed=0, dtype="float32"):
+                 task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None, tower_dropout=None):
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=list(bottom_units),
                            tower_units=list(tower_units), task_losses=task_losses, task_outputs=task_outputs,
                            task_weights=task_weights, dropout=dropout, seed=seed, dtype=str(np.dtype(dtype)))
+        if tower_dropout is not None:
+            self.config["tower_dropout"] = tower_dropout
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
-        self.input_dim = F._int(input_dim, "input_dim", 1)
+        emb_config = self._setup_input(input_dim, embeddings, seed, dtype)
+        if emb_config is not None:
+            self.config.update(input_dim=None, embeddings=emb_config)
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
         self.bottom = MLP(self.input_dim, list(bottom_units), rng, dropout, None, dtype)
-        self.towers = [MLP(self.bottom.out_dim, list(tower_units), rng, dropout, out, dtype) for out in self.task_outputs]
+        tower_dropout = dropout if tower_dropout is None else tower_dropout
+        self.towers = [MLP(self.bottom.out_dim, list(tower_units), rng, tower_dropout, out, dtype)
+                       for out in self.task_outputs]
         self.gates = []
         self._finish(dtype)
         self._cache = None
@@ -406,7 +505,7 @@ class SharedBottom(_Model):
         return mods
 
     def forward(self, X, training=False):
-        h = self.bottom.forward(X, training)
+        h = self.bottom.forward(self._input_forward(X, training), training)
         return [tw.forward(h, training) for tw in self.towers]
 
     def backward(self, douts):
@@ -414,18 +513,26 @@ class SharedBottom(_Model):
         for tw, dout in zip(self.towers, douts):
             d = tw.backward(dout)
             dh = d if dh is None else dh + d
-        self.bottom.backward(dh, need_dx=False)
+        need_dx = self.input_layer is not None
+        dX = self.bottom.backward(dh, need_dx=need_dx)
+        if need_dx:
+            self.input_layer.backward(dX)
 
 
 _CLASSES = {"MMoE": MMoE, "MoE": MoE, "SharedBottom": SharedBottom}
 
 
 def save(model, path):
-    """Write ``model`` to one ``.npz``: the parameter slab, and JSON metadata (class, constructor
-    arguments, parameter index, format version). Loadable with ``allow_pickle=False``."""
-    meta = dict(format=FORMAT, version=FORMAT_VERSION, cls=type(model).__name__, config=model.config,
-                index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
-    np.savez(path, params=model.slab.data, meta=np.array(json.dumps(meta)))
+    """Write ``model`` to one ``.npz``: the parameter slab, the embedding tables (``table_<name>``)
+    and JSON metadata (class, constructor arguments, parameter index, table shapes, format
+    version). Loadable with ``allow_pickle=False``."""
+    tables = model.named_embeddings()
+    meta = dict(format=FORMAT, version=FORMAT_VERSION if tables else 1, cls=type(model).__name__,
+                config=model.config, index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
+    if tables:
+        meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
+    np.savez(path, params=model.slab.data, meta=np.array(json.dumps(meta)),
+             **{f"table_{name}": t for name, t in tables.items()})
 
 
 def load(path):
@@ -435,13 +542,14 @@ def load(path):
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()]))
             params = z["params"]
+            tables = {k[len("table_"):]: z[k] for k in z.files if k.startswith("table_")}
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable dselectk model file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a dselectk model file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READ_VERSIONS:
         raise ValueError(f"{path}: written by model format version {meta.get('version')!r}; this dselectk reads "
-                         f"version {FORMAT_VERSION}")
+                         f"versions {', '.join(map(str, READ_VERSIONS))}")
     cls = _CLASSES.get(meta.get("cls"))
     if cls is None:
         raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
@@ -451,5 +559,15 @@ def load(path):
         raise ValueError(f"{path}: the stored parameters do not match the architecture in its metadata")
     if not np.all(np.isfinite(params)):
         raise ValueError(f"{path}: the stored parameters contain NaN or Inf")
+    want = model.named_embeddings()
+    if sorted(tables) != sorted(want) or [[n, list(t.shape)] for n, t in want.items()] != meta.get("tables", []):
+        raise ValueError(f"{path}: the stored embedding tables {sorted(tables)} do not match the architecture in its "
+                         f"metadata ({sorted(want)})")
+    for name, t in want.items():
+        if tables[name].shape != t.shape or tables[name].dtype != t.dtype or not np.all(np.isfinite(tables[name])):
+            raise ValueError(f"{path}: the stored embedding table {name!r} does not match its metadata or holds NaN "
+                             "or Inf")
     model.slab.data[...] = params
+    for name, t in want.items():
+        t[...] = tables[name]
     return model

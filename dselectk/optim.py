@@ -11,6 +11,11 @@ state in slabs of the same shape and updates everything with one C call per :met
         ...                   # forward, backward: accumulate into views of grads
         opt.step()            # params updated in place
 
+Embedding tables are not in the slab: their gradients are sparse (the rows a batch looked up and
+their summed gradients), and :class:`SparseAdagrad` / :class:`SparseAdam` update them lazily, only
+those rows and their state (``make_sparse_optimizer``; ``trainer.fit`` pairs it with the dense
+optimizer of the same name).
+
 The update rules are torch.optim's (see each class). ``state_dict()`` returns plain arrays and
 scalars (copies), fit for ``numpy.savez``; ``load_state_dict`` accepts that dict back, also after
 a round trip through ``numpy.load`` (0-d arrays for the scalars).
@@ -23,7 +28,8 @@ import numpy as np
 
 from . import functional as F
 
-__all__ = ["Optimizer", "SGD", "Adam", "Adagrad", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["Optimizer", "SGD", "Adam", "Adagrad", "make_optimizer", "OPTIMIZERS", "SparseAdagrad", "SparseAdam",
+           "make_sparse_optimizer", "SPARSE_OPTIMIZERS"]
 
 
 def _slabs(params, grads):
@@ -282,3 +288,111 @@ def make_optimizer(name, params, grads, **kwargs):
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[key](params, grads, **kwargs)
+
+
+# --- lazy steps on embedding tables -----------------------------------------------------------
+
+class SparseOptimizer:
+    """Base class of the lazy optimizers of embedding tables (a list of (V_j, d_j) arrays, updated
+    in place and kept by reference). ``step(grads)`` takes one entry per table: None (the table was
+    not used) or the sparse gradient ``(rows, grad_rows)`` of
+    :func:`dselectk.functional.embedding_backward`; only those rows and their optimizer state
+    change. There is no weight decay (as torch.optim's sparse optimizers): in ``fit`` a
+    weight_decay applies to the dense slab only."""
+
+    name = ""
+
+    def __init__(self, tables, lr):
+        if not isinstance(tables, (list, tuple)):
+            raise TypeError(f"tables must be a list of 2-D arrays, got {type(tables).__name__}")
+        for j, t in enumerate(tables):
+            if not isinstance(t, np.ndarray) or t.dtype not in (np.float32, np.float64) or t.ndim != 2:
+                raise TypeError(f"tables[{j}] must be a 2-D float32 or float64 numpy.ndarray")
+        self.tables = list(tables)
+        self.lr = lr
+
+    @property
+    def lr(self):
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _positive(value, "lr")
+
+    def _grads(self, grads):
+        if not isinstance(grads, (list, tuple)) or len(grads) != len(self.tables):
+            raise ValueError(f"grads must be a list with one entry (None or (rows, grad_rows)) per table "
+                             f"({len(self.tables)})")
+        return grads
+
+    def __repr__(self):
+        return f"{type(self).__name__}(tables={[t.shape for t in self.tables]}, lr={self.lr!r})"
+
+
+class SparseAdagrad(SparseOptimizer):
+    """Lazy Adagrad (:func:`dselectk.functional.sparse_adagrad_step`): for every looked-up row r
+    with gradient g, ``accum[r] += g**2; table[r] -= lr * g / (sqrt(accum[r]) + eps)``; other rows
+    and accumulators do not change. Adagrad's per-entry accumulators make this exactly the dense
+    Adagrad restricted to the rows with a nonzero gradient (a row with a zero gradient would not
+    move in the dense step either). Defaults as :class:`Adagrad` (torch.optim.Adagrad's)."""
+
+    name = "adagrad"
+
+    def __init__(self, tables, lr=0.01, eps=1e-10, initial_accumulator_value=0.0):
+        super().__init__(tables, lr)
+        self.eps = _positive(eps, "eps")
+        self.initial_accumulator_value = _nonneg(initial_accumulator_value, "initial_accumulator_value")
+        self.accum = [np.full_like(t, self.initial_accumulator_value) for t in self.tables]
+
+    def step(self, grads):
+        for table, accum, g in zip(self.tables, self.accum, self._grads(grads)):
+            if g is not None:
+                F.sparse_adagrad_step(table, accum, g[0], g[1], self.lr, self.eps)
+
+
+class SparseAdam(SparseOptimizer):
+    """Lazy Adam (:func:`dselectk.functional.sparse_adam_step`): only the looked-up rows and their
+    moments m, v are updated; the bias correction uses the global step count ``step_count`` (the
+    number of :meth:`step` calls, incremented also when a table has no gradient), the rule of
+    PyTorch's torch.optim.SparseAdam and TensorFlow Addons' LazyAdam. Unlike dense Adam, the
+    moments of rows that are not looked up do not decay, and such rows do not move. Defaults as
+    :class:`Adam`."""
+
+    name = "adam"
+
+    def __init__(self, tables, lr=0.001, betas=(0.9, 0.999), eps=1e-8):
+        super().__init__(tables, lr)
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
+        self.beta1, self.beta2 = _unit(beta1, "beta1"), _unit(beta2, "beta2")
+        self.eps = _positive(eps, "eps")
+        self.step_count = 0
+        self.m = [np.zeros_like(t) for t in self.tables]
+        self.v = [np.zeros_like(t) for t in self.tables]
+
+    def step(self, grads):
+        grads = self._grads(grads)
+        step = self.step_count + 1
+        for table, m, v, g in zip(self.tables, self.m, self.v, grads):
+            if g is not None:
+                F.sparse_adam_step(table, m, v, g[0], g[1], step, self.lr, self.beta1, self.beta2, self.eps)
+        self.step_count = step
+
+
+SPARSE_OPTIMIZERS = {"adam": SparseAdam, "adagrad": SparseAdagrad}
+
+
+def make_sparse_optimizer(name, tables, **kwargs):
+    """The lazy optimizer of embedding ``tables`` that goes with the dense optimizer ``name``
+    ('adagrad' or 'adam'), with the dense optimizer's keyword arguments: lr, eps, betas and
+    initial_accumulator_value are shared; weight_decay is not applied to the tables (it acts on the
+    dense slab only, as with torch.optim's sparse optimizers). 'sgd' has no lazy counterpart here:
+    ValueError."""
+    key = name.lower() if isinstance(name, str) else None
+    if key not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} has no lazy (sparse) step for embedding tables; models with "
+                         f"embeddings train with one of {sorted(SPARSE_OPTIMIZERS)}")
+    kwargs = {k: v for k, v in kwargs.items() if k != "weight_decay"}
+    return SPARSE_OPTIMIZERS[key](tables, **kwargs)

@@ -8,6 +8,12 @@ One training step, top to bottom::
     model.backward(d_outputs)                                    # every gradient, into one slab
     optimizer.step()                                             # one C call for all parameters
 
+Models with an embedding input (``embeddings=`` in dselectk.models) take X as a dict
+{"ids": (N, F) integers, "dense": (N, n_dense) floats} (or the ids array alone when n_dense = 0),
+checked up front (ids in range per table, dtypes, shapes) and batched row-wise. Their tables are
+not in the slab: after the dense step, the lazy sparse step of the same optimizer
+(dselectk.optim.SparseAdagrad / SparseAdam) updates only the rows the batch looked up.
+
 Everything else here is bookkeeping: input checks before any training, shuffling with a seed,
 validation and early stopping with best-weights restore, history, progress lines, callbacks, and
 the gate diagnostics of the paper (expert weights per task over training, Figures C.5-C.7; the
@@ -21,7 +27,8 @@ import time
 import numpy as np
 
 from . import metrics as M
-from .optim import make_optimizer
+from .embedding import num_rows, take_rows
+from .optim import make_optimizer, make_sparse_optimizer
 
 __all__ = ["fit", "evaluate", "predict", "History", "AnnealTemperature", "DEFAULT_METRICS"]
 
@@ -87,6 +94,10 @@ class AnnealTemperature:
 # --- input checks ---------------------------------------------------------------------------
 
 def _check_X(model, X, name="X"):
+    """X as the model reads it: a C-contiguous (N, input_dim) array of the model's dtype, or for a
+    model with an embedding input the normalized dict of dselectk.embedding.check_inputs."""
+    if getattr(model, "input_layer", None) is not None:
+        return model.input_layer.check(X, name)
     if not isinstance(X, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(X).__name__}")
     if X.ndim != 2 or X.shape[1] != model.input_dim:
@@ -156,6 +167,11 @@ def _take(arrays, idx):
     return None if arrays is None else [None if a is None else a[idx] for a in arrays]
 
 
+def _take_X(X, idx):
+    """Rows idx of a checked X: an array, or the dict of an embedding input."""
+    return take_rows(X, idx)
+
+
 # --- evaluation -----------------------------------------------------------------------------
 
 def predict(model, X, batch_size=1024, raw=False):
@@ -165,8 +181,8 @@ def predict(model, X, batch_size=1024, raw=False):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     chunks = [[] for _ in range(model.n_tasks)]
-    for start in range(0, X.shape[0], batch_size):
-        outs = model.forward(X[start:start + batch_size], training=False)
+    for start in range(0, num_rows(X), batch_size):
+        outs = model.forward(_take_X(X, slice(start, start + batch_size)), training=False)
         outs = outs if raw else model.transform_outputs(outs)
         for t, o in enumerate(outs):
             chunks[t].append(o)
@@ -178,14 +194,14 @@ def evaluate(model, X, Y, batch_size=1024, sample_weights=None, metrics=None):
     per task ('task0_auc', ...)}. ``metrics``: None for DEFAULT_METRICS by loss, or a list per task
     of metric names (see dselectk.metrics)."""
     X = _check_X(model, X)
-    Y = _check_Y(model, Y, X.shape[0])
-    W = _check_weights(model, sample_weights, X.shape[0])
-    N = X.shape[0]
+    N = num_rows(X)
+    Y = _check_Y(model, Y, N)
+    W = _check_weights(model, sample_weights, N)
     sums = np.zeros(model.n_tasks)
     raw = [[] for _ in range(model.n_tasks)]
     for start in range(0, N, batch_size):
         sl = slice(start, start + batch_size)
-        outs = model.forward(X[sl], training=False)
+        outs = model.forward(_take_X(X, sl), training=False)
         _, per_task, _ = model.loss(outs, [y[sl] for y in Y], _take(W, sl))
         B = min(batch_size, N - start)
         sums += np.array(per_task) * B  # losses are batch means
@@ -237,7 +253,11 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
     """Train ``model`` on X (N, p) and Y (a list with one (N,) / (N, d) array per task).
 
     optimizer : "adam" (default lr 1e-3), "adagrad" (1e-2) or "sgd" (1e-2); ``optimizer_kwargs``
-        go to the optimizer class (dselectk.optim).
+        go to the optimizer class (dselectk.optim). A model with embedding tables needs "adam" or
+        "adagrad": the tables take the lazy step of dselectk.optim.SparseAdam / SparseAdagrad with
+        the same lr, eps, betas (weight_decay applies to the dense parameters only), the dense
+        parameters the usual step; Adam's bias correction uses one global step count for both.
+        ``freeze`` and ``frozen_mask`` cover the dense parameters only.
     validation_data : (X_val, Y_val) or (X_val, Y_val, sample_weights_val); evaluated after each
         epoch. early_stopping_patience : stop after that many epochs without a lower validation
         loss; with ``restore_best_weights`` the best epoch's parameters are put back.
@@ -251,7 +271,7 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
     the epoch and step if the loss becomes NaN or Inf. Returns a :class:`History`.
     """
     X = _check_X(model, X)
-    N = X.shape[0]
+    N = num_rows(X)
     Y = _check_Y(model, Y, N)
     W = _check_weights(model, sample_weights, N)
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
@@ -266,13 +286,15 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
             raise ValueError("validation_data must be (X_val, Y_val) or (X_val, Y_val, sample_weights_val)")
         Xv = _check_X(model, validation_data[0], "X_val")
-        Yv = _check_Y(model, validation_data[1], Xv.shape[0], "Y_val")
-        Wv = _check_weights(model, validation_data[2] if len(validation_data) == 3 else None, Xv.shape[0])
+        Yv = _check_Y(model, validation_data[1], num_rows(Xv), "Y_val")
+        Wv = _check_weights(model, validation_data[2] if len(validation_data) == 3 else None, num_rows(Xv))
         val = (Xv, Yv, Wv)
     kwargs = dict(optimizer_kwargs or {})
     if lr is not None:
         kwargs["lr"] = lr
     opt = make_optimizer(optimizer, model.slab.data, model.slab.grad, **kwargs)
+    tables = model.embedding_tables() if hasattr(model, "embedding_tables") else []
+    sparse_opt = make_sparse_optimizer(optimizer, tables, **kwargs) if tables else None
     emit = out or (lambda line: print(line, file=sys.stderr, flush=True))
 
     rng = np.random.default_rng(seed)
@@ -281,7 +303,7 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
     for cb in callbacks:
         if hasattr(cb, "on_train_begin"):
             cb.on_train_begin(model, epochs * steps_per_epoch)
-    best_loss, best_params, bad_epochs, step = np.inf, None, 0, 0
+    best_loss, best_params, best_tables, bad_epochs, step = np.inf, None, None, 0, 0
     if hasattr(model, "reset_flops"):
         model.reset_flops()
     for epoch in range(1, epochs + 1):
@@ -292,7 +314,7 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
             idx = order[b * batch_size:(b + 1) * batch_size]
             try:
                 model.zero_grad()
-                outputs = model.forward(X[idx], training=True)
+                outputs = model.forward(_take_X(X, idx), training=True)
                 total, _, douts = model.loss(outputs, [y[idx] for y in Y], _take(W, idx))
                 if not np.isfinite(total):
                     raise FloatingPointError(f"the training loss became {total} at "
@@ -302,6 +324,8 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
                     model.slab.grad[model.frozen_mask] = 0
                     frozen_values = model.slab.data[model.frozen_mask]
                 opt.step()
+                if sparse_opt is not None:
+                    sparse_opt.step(model.embedding_grads())
                 if model.frozen_mask is not None:  # also against weight decay moving them
                     model.slab.data[model.frozen_mask] = frozen_values
             except ValueError as exc:  # the kernels reject NaN/Inf that training produced
@@ -339,6 +363,7 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
         if val is not None and early_stopping_patience is not None:
             if logs["val_loss"] < best_loss:
                 best_loss, best_params, bad_epochs, history.best_epoch = logs["val_loss"], model.slab.data.copy(), 0, epoch
+                best_tables = [t.copy() for t in tables]
             else:
                 bad_epochs += 1
                 if bad_epochs >= early_stopping_patience:
@@ -349,6 +374,8 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
             break
     if best_params is not None and restore_best_weights:
         model.slab.data[...] = best_params
+        for t, best in zip(tables, best_tables):
+            t[...] = best
         if verbose >= 1:
             emit(f"restored the weights of epoch {history.best_epoch} (val_loss {best_loss:.5f})")
     history.total_steps = step

@@ -46,6 +46,10 @@ __all__ = [
     "softmax_selector",
     "softmax_selector_entropy",
     "mix_experts",
+    "embedding_lookup",
+    "embedding_dense_gradient",
+    "sparse_adagrad",
+    "sparse_adam",
     "numerical_gradient",
 ]
 
@@ -443,6 +447,66 @@ def mix_experts(f, w, layout):
             weight_j = w[:, j].astype(np.float64)[:, None]  # (B, 1)
         y = y + weight_j * f_j
     return y.astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# embedding tables: lookup, its gradient, lazy optimizer steps
+# ----------------------------------------------------------------------------------------------
+
+
+def embedding_lookup(table, ids):
+    """out (B, F * d): the rows table[ids[b, f]] of a table (V, d) side by side, f = 0..F-1."""
+    table = np.asarray(table)
+    ids = np.asarray(ids)
+    B, F = ids.shape
+    d = table.shape[1]
+    out = np.zeros((B, F * d), dtype=table.dtype)
+    for b in range(B):
+        for f in range(F):
+            out[b, f * d:(f + 1) * d] = table[int(ids[b, f])]
+    return out
+
+
+def embedding_dense_gradient(dout, ids, V):
+    """The gradient (V, d) of <dout, embedding_lookup(table, ids)> with respect to the table:
+    row v is the sum of the blocks dout[b, f*d:(f+1)*d] over every (b, f) with ids[b, f] == v,
+    added in the order b = 0.., f = 0.. in float64 (cast to dout's dtype at the end)."""
+    dout = np.asarray(dout)
+    ids = np.asarray(ids)
+    B, F = ids.shape
+    d = dout.shape[1] // F
+    grad = np.zeros((V, d), dtype=np.float64)
+    for b in range(B):
+        for f in range(F):
+            grad[int(ids[b, f])] += dout[b, f * d:(f + 1) * d].astype(np.float64)
+    return grad.astype(dout.dtype)
+
+
+def sparse_adagrad(table, accum, rows, grad_rows, lr, eps):
+    """New (table, accum) after one lazy Adagrad step on the rows listed (copies; the inputs are
+    not modified): accum[r] += g^2, table[r] -= lr g / (sqrt(accum[r]) + eps), in float64."""
+    table, accum = table.copy(), accum.copy()
+    for u, r in enumerate(rows):
+        g = grad_rows[u].astype(np.float64)
+        a = accum[r].astype(np.float64) + g * g
+        accum[r] = a
+        table[r] = table[r].astype(np.float64) - lr * g / (np.sqrt(a) + eps)
+    return table, accum
+
+
+def sparse_adam(table, m, v, rows, grad_rows, step, lr, beta1, beta2, eps):
+    """New (table, m, v) after one lazy Adam step (Kingma & Ba with bias correction by the global
+    step count) on the rows listed; other rows and their moments unchanged. float64 inside."""
+    table, m, v = table.copy(), m.copy(), v.copy()
+    for u, r in enumerate(rows):
+        g = grad_rows[u].astype(np.float64)
+        mr = beta1 * m[r].astype(np.float64) + (1 - beta1) * g
+        vr = beta2 * v[r].astype(np.float64) + (1 - beta2) * g * g
+        m[r], v[r] = mr, vr
+        m_hat = mr / (1 - beta1**step)
+        v_hat = vr / (1 - beta2**step)
+        table[r] = table[r].astype(np.float64) - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return table, m, v
 
 
 # ----------------------------------------------------------------------------------------------

@@ -504,6 +504,56 @@ SPECS["F.bce_with_logits[(B,1)]"] = Spec(
 SPECS["F.mse[(B,)]"] = Spec(
     F.mse, lambda dt: dict(pred=_u(_rng(), (6,), dt), target=_u(_rng(), (6, 1), dt)), ("pred", "target"))
 
+
+# --- embedding tables. Ids and rows are integer arrays, not float ones: they are not in the
+# arrays of the specs (whose zoo is about float dtypes) and have their own cases below. ---
+
+def _emb_ids():
+    """B = 4, F = 2 ids into a table of V = 5 rows, every row looked up (so a NaN anywhere in the
+    table is read), row 1 three times."""
+    return np.array([[1, 0], [4, 1], [2, 3], [1, 1]])
+
+
+def _emb_forward_args(dt):
+    return dict(table=_u(_rng(), (5, 3), dt), ids=_emb_ids())
+
+
+def _emb_backward_args(with_dim):
+    def build(dt):
+        a = dict(dout=_u(_rng(), (4, 6), dt), ids=_emb_ids(), num_embeddings=5)
+        if with_dim:
+            a["dim"] = 3
+        return a
+    return build
+
+
+def _sparse_args(kind):
+    """Rows 5, 0, 3, 1 of a (6, 3) table: the NaN zoo's positions (flat 0, 9, 17) are in listed
+    rows; rows 2 and 4 are not listed."""
+    def build(dt):
+        rng = _rng()
+        a = dict(table=_u(rng, (6, 3), dt), rows=np.array([5, 0, 3, 1]), grad_rows=_u(rng, (4, 3), dt))
+        if kind == "adagrad":
+            a.update(accum=_u(rng, (6, 3), dt, 0, 1), lr=0.05, eps=1e-10)
+        else:
+            a.update(m=_u(rng, (6, 3), dt), v=_u(rng, (6, 3), dt, 0, 1), step=3, lr=0.01)
+        return a
+    return build
+
+
+for _prefix, _mod in (("F", F), ("C", _C)):
+    SPECS.update({
+        f"{_prefix}.embedding_forward": Spec(_mod.embedding_forward, _emb_forward_args, ("table",), out=True),
+        f"{_prefix}.embedding_backward": Spec(
+            _mod.embedding_backward, _emb_backward_args(_prefix == "C"), ("dout",)),
+        f"{_prefix}.sparse_adagrad_step": Spec(
+            Mutating(_mod.sparse_adagrad_step, ("table", "accum")), _sparse_args("adagrad"),
+            ("grad_rows", "table", "accum"), finite=("grad_rows", "table"), mutable=("table", "accum")),
+        f"{_prefix}.sparse_adam_step": Spec(
+            Mutating(_mod.sparse_adam_step, ("table", "m", "v")), _sparse_args("adam"),
+            ("grad_rows", "table", "m", "v"), finite=("grad_rows", "table"), mutable=("table", "m", "v")),
+    })
+
 ARRAY_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.arrays]
 FINITE_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.finite_arrays()]
 UNCHECKED_FINITE_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.inputs() if a not in s.finite_arrays()]
@@ -538,7 +588,7 @@ def test_valid_call(sid):
     for dtype in (F32, F64):
         result = call_spec(spec, spec.build(dtype))
         for a in _arrays_in(result):
-            assert a.dtype == dtype
+            assert a.dtype == dtype or a.dtype == np.int64  # int64: embedding_backward's row indices
             assert np.all(np.isfinite(a))
         # and a second call gives bit-identical results
         assert_same(result, call_spec(spec, spec.build(dtype)))
@@ -931,6 +981,31 @@ SHAPE_CASES += [
     ("x_2d", "C.relu_forward", _set(x=lambda a: a[None]), ValueError, "'x'"),
     ("dy_2d", "C.dropout_backward", _set(dy=lambda a: a[None]), ValueError, "'dy'"),
 ]
+for _p in ("F", "C"):
+    SHAPE_CASES += [
+        ("table_1d", f"{_p}.embedding_forward", _set(table=lambda a: a[0]), ValueError, "'table'.*\\(V, d\\)"),
+        ("table_3d", f"{_p}.embedding_forward", _set(table=lambda a: a[None]), ValueError, "'table'"),
+        ("ids_1d", f"{_p}.embedding_forward", _set(ids=lambda a: a[:, 0]), ValueError, "'ids'.*\\(B, F\\)"),
+        ("ids_3d", f"{_p}.embedding_forward", _set(ids=lambda a: a[None]), ValueError, "'ids'"),
+        ("dout_1d", f"{_p}.embedding_backward", _set(dout=lambda a: a[0]), ValueError, "'dout'"),
+        ("ids_rows", f"{_p}.embedding_backward", _set(ids=lambda a: a[:3]), ValueError, "'ids'.*\\(B, F\\)"),
+        ("ids_1d", f"{_p}.embedding_backward", _set(ids=lambda a: a[:, 0]), ValueError, "'ids'"),
+        ("table_d", f"{_p}.sparse_adagrad_step", _set(table=lambda a: a[:, :2].copy()), ValueError,
+         "'table'.*\\(V, d\\)"),
+        ("accum_rows", f"{_p}.sparse_adagrad_step", _set(accum=lambda a: a[:5].copy()), ValueError,
+         "'accum'.*\\(6, 3\\)"),
+        ("rows_len", f"{_p}.sparse_adagrad_step", _set(rows=lambda a: a[:3]), ValueError, "'rows'.*\\(U,\\)"),
+        ("rows_2d", f"{_p}.sparse_adagrad_step", _set(rows=lambda a: a[None]), ValueError, "'rows'"),
+        ("grad_rows_1d", f"{_p}.sparse_adagrad_step", _set(grad_rows=lambda a: a[0]), ValueError, "'grad_rows'"),
+        ("m_d", f"{_p}.sparse_adam_step", _set(m=lambda a: a[:, :2].copy()), ValueError, "'m'"),
+        ("v_rows", f"{_p}.sparse_adam_step", _set(v=lambda a: a[:5].copy()), ValueError, "'v'"),
+        ("rows_len", f"{_p}.sparse_adam_step", _set(rows=lambda a: a[:3]), ValueError, "'rows'"),
+    ]
+SHAPE_CASES += [
+    ("dout_too_narrow", "C.embedding_backward", _set(dout=lambda a: a[:, :5]), ValueError, "'dout'.*\\(4, 5\\)"),
+    ("dout_block_past_the_end", "C.embedding_backward", _set(offset=1), ValueError, "'dout'.*1 \\+ 2 \\* 3"),
+    ("dim_not_a_divisor", "F.embedding_backward", _set(dout=lambda a: a[:, :5]), ValueError, "dim.*\\(4, 5\\)"),
+]
 
 
 def _apply(kwargs, changes):
@@ -1217,6 +1292,67 @@ for _p in ("F", "C"):
             _add(_sid, f"eps={_v}", _with(eps=_v), ValueError, "eps")
 
 
+# embedding ids and sparse-step rows: integer arrays of row indices in [0, V)
+for _p in ("F", "C"):
+    for _sid in (f"{_p}.embedding_forward", f"{_p}.embedding_backward"):
+        for _ident, _bad_ids, _exc, _match in (
+                ("negative", np.array([[1, 0], [-1, 1], [2, 3], [1, 1]]), ValueError,
+                 "'ids'.*\\[0, 5\\).*ids\\[1, 0\\] = -1"),
+                ("equal_to_V", np.array([[1, 0], [4, 1], [2, 5], [1, 1]]), ValueError, "'ids'.*ids\\[2, 1\\] = 5"),
+                ("huge_int64", np.array([[1, 0], [4, 1], [2, 3], [2**62, 1]]), ValueError, "'ids'.*ids\\[3, 0\\]"),
+                ("int32_negative", np.array([[1, 0], [4, 1], [2, 3], [1, -7]], np.int32), ValueError,
+                 "'ids'.*ids\\[3, 1\\] = -7"),
+                ("huge_uint64", np.array([[1, 0], [4, 1], [2, 3], [1, 2**64 - 1]], np.uint64), ValueError,
+                 "'ids'.*18446744073709551615"),
+                ("uint8_255", np.array([[1, 0], [4, 1], [2, 3], [1, 255]], np.uint8), ValueError, "'ids'.*255"),
+                ("float", np.array([[1.0, 0], [4, 1], [2, 3], [1, 1]]), TypeError, "'ids'.*integer"),
+                ("bool", np.ones((4, 2), bool), TypeError, "'ids'.*integer"),
+                ("list", [[1, 0], [4, 1], [2, 3], [1, 1]], TypeError, "'ids'"),
+                ("None", None, TypeError, "'ids'")):
+            _add(_sid, f"ids={_ident}", _with(ids=_bad_ids), _exc, _match)
+    _add(f"{_p}.embedding_forward", "B=0", _with(ids=np.zeros((0, 2), np.int64)), ValueError, "'ids'.*" + EMPTY_RE)
+    _add(f"{_p}.embedding_forward", "offset_without_out", _with(offset=2), ValueError, "offset.*out")
+    _add(f"{_p}.embedding_forward", "offset=-1", _with(offset=-1, out=np.zeros((4, 9))), ValueError, "offset")
+    _add(f"{_p}.embedding_forward", "offset=float", _with(offset=1.0, out=np.zeros((4, 9))), TypeError, "offset")
+    _add(f"{_p}.embedding_forward", "out_too_narrow_for_offset", _with(offset=4, out=np.zeros((4, 9))), ValueError,
+         "'out'.*D >= offset \\+ F \\* d = 10")
+    _add(f"{_p}.embedding_forward", "out_column_slice_too_narrow",
+         _with(offset=0, out=np.zeros((4, 9))[:, 4:]), ValueError, "'out'")
+    _add(f"{_p}.embedding_backward", "B=0", _with(dout=np.zeros((0, 6)), ids=np.zeros((0, 2), np.int64)),
+         ValueError, "'dout'.*" + EMPTY_RE)
+    for _v in (0, -1):
+        _add(f"{_p}.embedding_backward", f"num_embeddings={_v}", _with(num_embeddings=_v), ValueError,
+             "num_embeddings")
+        _add(f"{_p}.embedding_backward", f"dim={_v}", _with(dim=_v), ValueError, "dim")
+    _add(f"{_p}.embedding_backward", "num_embeddings_below_an_id", _with(num_embeddings=4), ValueError,
+         "'ids'.*\\[0, 4\\).*ids\\[1, 0\\] = 4")
+    _add(f"{_p}.embedding_backward", "num_embeddings=float", _with(num_embeddings=5.0), TypeError, "num_embeddings")
+    _add(f"{_p}.embedding_backward", "offset=-1", _with(offset=-1, dim=3), ValueError, "offset")
+    for _sid in (f"{_p}.sparse_adagrad_step", f"{_p}.sparse_adam_step"):
+        for _ident, _rows, _exc, _match in (
+                ("repeated", np.array([5, 0, 5, 1]), ValueError, "'rows'.*distinct.*rows\\[0\\] = rows\\[2\\] = 5"),
+                ("repeated_adjacent", np.array([0, 1, 1, 3]), ValueError, "'rows'.*rows\\[1\\] = rows\\[2\\] = 1"),
+                ("negative", np.array([5, 0, -2, 1]), ValueError, "'rows'.*\\[0, 6\\).*rows\\[2\\] = -2"),
+                ("equal_to_V", np.array([5, 0, 6, 1]), ValueError, "'rows'.*rows\\[2\\] = 6"),
+                ("huge_uint64", np.array([5, 0, 2**64 - 1, 1], np.uint64), ValueError, "'rows'"),
+                ("float", np.array([5.0, 0, 3, 1]), TypeError, "'rows'.*integer"),
+                ("list", [5, 0, 3, 1], TypeError, "'rows'"),
+                ("None", None, TypeError, "'rows'")):
+            _add(_sid, f"rows={_ident}", _with(rows=_rows), _exc, _match)
+        for _v in (0.0, -1.0, NAN, INF):
+            _add(_sid, f"lr={_v}", _with(lr=_v), ValueError, "lr")
+        for _v in (0.0, -1e-8, NAN):
+            _add(_sid, f"eps={_v}", _with(eps=_v), ValueError, "eps")
+        _add(_sid, "lr=str", _with(lr="0.1"), TypeError, None)
+    for _v in (0, -1, 2**64):
+        _add(f"{_p}.sparse_adam_step", f"step={_v}", _with(step=_v), ValueError, "step")
+    for _v in (1.5, True, None):
+        _add(f"{_p}.sparse_adam_step", f"step={_v!r}", _with(step=_v), TypeError, "step")
+    for _name in ("beta1", "beta2"):
+        for _v in (1.0, -0.1, NAN):
+            _add(f"{_p}.sparse_adam_step", f"{_name}={_v}", _with(**{_name: _v}), ValueError, _name)
+
+
 @pytest.mark.parametrize("sid,change,exc,match", [c[1:] for c in SCALAR_CASES], ids=[c[0] for c in SCALAR_CASES])
 @short_failures
 def test_bad_scalar_or_size(sid, change, exc, match):
@@ -1284,6 +1420,24 @@ VALID_EDGE_CASES = [
     ("F.dense_backward", "db=None,no_dx", _with(db=None, need_dx=False)),
     ("F.bce_with_logits", "weights=None", _with(weights=None)),
     ("F.mse", "weights_zero", _with(weights=np.zeros(6))),
+    ("F.embedding_forward", "ids_int32", _with(ids=_emb_ids().astype(np.int32))),
+    ("F.embedding_forward", "ids_uint8", _with(ids=_emb_ids().astype(np.uint8))),
+    ("F.embedding_forward", "ids_int16_strided", _with(ids=np.repeat(_emb_ids(), 2, axis=1)[:, ::2].astype(np.int16))),
+    ("F.embedding_forward", "ids_byteswapped", _with(ids=_emb_ids().astype(">i8"))),
+    ("F.embedding_forward", "ids_fortran_int32", _with(ids=np.asfortranarray(_emb_ids(), np.int32))),
+    ("F.embedding_forward", "F=0", _with(ids=np.zeros((4, 0), np.int64))),
+    ("F.embedding_forward", "V=1", _with(table=lambda rng: _u(rng, (1, 3), F64), ids=np.zeros((4, 2), np.int64))),
+    ("F.embedding_forward", "into_a_wider_out", _with(out=np.zeros((4, 10)), offset=3)),
+    ("F.embedding_forward", "into_a_column_slice", _with(out=np.zeros((4, 10))[:, 2:8])),
+    ("C.embedding_forward", "B=1_out_with_odd_row_stride", _with(ids=_emb_ids()[:1], out=np.zeros((3, 10))[:1, 1:])),
+    ("F.embedding_backward", "ids_int32", _with(ids=_emb_ids().astype(np.int32))),
+    ("C.embedding_backward", "block_of_a_wider_dout", _with(dout=lambda rng: _u(rng, (4, 11), F64), offset=4)),
+    ("C.embedding_backward", "F=0", _with(ids=np.zeros((4, 0), np.int64))),
+    ("F.embedding_backward", "huge_V", _with(num_embeddings=2**62, ids=_emb_ids() * 2**58)),
+    ("F.sparse_adagrad_step", "no_rows", _with(rows=np.zeros(0, np.int64), grad_rows=np.zeros((0, 3)))),
+    ("F.sparse_adagrad_step", "rows_int32", _with(rows=np.array([5, 0, 3, 1], np.int32))),
+    ("F.sparse_adam_step", "rows_uint16_sorted", _with(rows=np.array([0, 1, 3, 5], np.uint16))),
+    ("F.sparse_adam_step", "step=1", _with(step=1)),
 ]
 
 

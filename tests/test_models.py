@@ -471,3 +471,15 @@ def test_fit_records_expert_flops_and_binary_static_gates_save_them():
     assert dense[-1] == 6 * 512 * 8 * model.experts[0].flops_per_row()
     assert model.gates[0].is_binary() and len(model.gates[0].selected_experts()) <= 2
     assert flops[-1] - flops[-2] <= (dense[-1] - dense[-2]) * 2 / 8  # last epoch: at most 2 of 8 experts ran
+
+
+def test_tower_dropout_differs_from_the_experts_dropout(tmp_path):
+    from dselectk.layers import Dropout
+    model = Mo.MMoE(4, n_tasks=2, n_experts=2, expert_units=(3,), tower_units=(3,), dropout=0.5, tower_dropout=0.0)
+    assert any(isinstance(l, Dropout) for l in model.experts[0].layers)
+    assert not any(isinstance(l, Dropout) for tw in model.towers for l in tw.layers)
+    sb = Mo.SharedBottom(4, bottom_units=(3,), tower_units=(3,), dropout=0.3, tower_dropout=0.1)
+    assert [l.rate for l in sb.towers[0].layers if isinstance(l, Dropout)] == [0.1]
+    assert "tower_dropout" not in Mo.MMoE(4).config  # only when set, so that older readers load the others
+    dk.save(model, tmp_path / "m.npz")
+    assert dk.load(tmp_path / "m.npz").config["tower_dropout"] == 0.0

@@ -1,0 +1,117 @@
+"""The MovieLens experiment of the DSelect-k paper (Hazimeh et al., NeurIPS 2021, Section 5 and
+Appendix D.1), as one function: :func:`run`.
+
+The problem: the two tasks of :func:`dselectk.movielens.movielens_multitask` -- task 1, did the
+user rate the movie (binary, negatives sampled 1:1 from the movies the user did not rate), task
+2, the rating (regression, on the positives only) -- with the loss
+alpha * BCE + (1 - alpha) * MSE.
+
+The model (Appendix D.1): user and movie ids -> embeddings, concatenated; an MMoE with 8 experts,
+each a ReLU-activated Dense(256) followed by dropout 0.5; per task a gate and a tower Dense(256)
+ReLU -> 1 unit (a logit for task 1, the rating for task 2). Trained with Adagrad, batch size 128.
+The gates compared: DSelect-k and Top-k, static and per-example, the softmax gate (MMoE), and the
+shared-bottom baseline (``gate="shared_bottom"``: a Dense(256) ReLU + dropout bottom on the
+embeddings, then the same towers).
+
+What the paper leaves open is a parameter here, with the default we chose: the embedding width
+(``embedding_dim``), the learning rate, the number of epochs and the early stopping on the
+validation loss, DSelect-k's gamma and entropy coefficient, k, and alpha. The towers have no
+dropout (``tower_dropout=0``); the experts (and the shared bottom) have ``dropout``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..models import MMoE, SharedBottom
+from ..movielens import MovieLensMultitask, movielens_multitask
+from ..trainer import evaluate, fit
+
+__all__ = ["run", "mean_selected_experts", "GATES"]
+
+GATES = ("dselect_k", "top_k", "softmax", "shared_bottom")
+
+
+def mean_selected_experts(model, X, batch_size=1024):
+    """The number of experts with nonzero weight, averaged over the tasks and (per-example gates)
+    over the examples of X, in evaluation mode; None for a model without gates."""
+    if not model.gates:
+        return None
+    from ..embedding import num_rows, take_rows
+
+    X = model.input_layer.check(X) if model.input_layer is not None else X
+    N, total = num_rows(X), 0.0
+    for start in range(0, N, batch_size):
+        batch = take_rows(X, slice(start, start + batch_size))
+        model.forward(batch, training=False)
+        total += np.mean([g.num_selected() for g in model.gates]) * num_rows(batch)
+    return float(total / N)
+
+
+def build_model(vocab_sizes, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=8, embedding_dim=128,
+                units=256, dropout=0.5, gamma=1.0, entropy_reg=0.1, seed=0, dtype="float32"):
+    """The model of Appendix D.1 for the vocabulary sizes [n_users, n_movies] (see :func:`run`)."""
+    if gate not in GATES:
+        raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
+    common = dict(n_tasks=2, tower_units=(units,), task_losses=["bce", "mse"], task_weights=[alpha, 1 - alpha],
+                  dropout=dropout, tower_dropout=0.0, seed=seed, dtype=dtype,
+                  embeddings=dict(vocab_sizes=list(vocab_sizes), dims=embedding_dim))
+    if gate == "shared_bottom":
+        return SharedBottom(None, bottom_units=(units,), **common)
+    return MMoE(None, n_experts=n_experts, expert_units=(units,), gate=gate, k=k, gamma=gamma,
+                entropy_reg=entropy_reg if gate == "dselect_k" else 0.0, per_example=per_example, **common)
+
+
+def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=8, embedding_dim=128, units=256,
+        dropout=0.5, gamma=1.0, entropy_reg=0.1, epochs=100, batch_size=128, lr=0.01, early_stopping_patience=5,
+        neg_ratio=1, data_seed=0, seed=0, dtype="float32", verbose=0, return_model=False):
+    """Train and test one model of the paper's MovieLens experiment.
+
+    data : a ratings file (``benchmarks/get_movielens.sh`` writes one), a
+        :class:`~dselectk.movielens.Ratings`, or a ready :class:`~dselectk.movielens.MovieLensMultitask`
+        (then ``neg_ratio`` and ``data_seed`` are not used).
+    gate : "dselect_k", "top_k", "softmax" (MMoE) or "shared_bottom"; ``per_example`` for the
+        per-example (input-dependent) gates.
+    alpha : the loss is alpha * BCE(task 1) + (1 - alpha) * MSE(task 2).
+    k, gamma, entropy_reg : DSelect-k's (and Top-k's k); entropy_reg applies to DSelect-k only.
+    embedding_dim, units, dropout, n_experts : the architecture (see the module docstring).
+    epochs, batch_size, lr, early_stopping_patience : Adagrad training with early stopping on the
+        validation loss (the best epoch's weights are restored; None: no early stopping).
+    seed : initialization, dropout and shuffling; data_seed : negatives and split.
+
+    Returns a dict: ``test_loss`` (alpha-weighted task losses on the test set, no regularizer),
+    ``test_auc`` (task 1), ``test_rmse`` (task 2, on the positives only), ``mean_selected``
+    (experts with nonzero weight, averaged over tasks and test examples; None for the shared
+    bottom), ``binary_fraction`` (per task, the fraction of the training steps after which the
+    DSelect-k gate's S(Z) was binary, History.binary_step / total steps; None where it never was or
+    for other gates), ``epochs`` (trained), ``total_steps``, ``val_loss`` (best), the settings, and
+    with ``return_model`` the model and the History."""
+    if not isinstance(data, MovieLensMultitask):
+        data = movielens_multitask(data, neg_ratio=neg_ratio, seed=data_seed)
+    model = build_model(data.vocab_sizes, gate, per_example, alpha=alpha, k=k, n_experts=n_experts,
+                        embedding_dim=embedding_dim, units=units, dropout=dropout, gamma=gamma, entropy_reg=entropy_reg,
+                        seed=seed, dtype=dtype)
+    tr, va, te = data.train, data.val, data.test
+    validation = (va.X, va.Y, va.sample_weights) if len(va) else None
+    history = fit(model, tr.X, tr.Y, sample_weights=tr.sample_weights, epochs=epochs, batch_size=batch_size,
+                  optimizer="adagrad", lr=lr, validation_data=validation,
+                  early_stopping_patience=early_stopping_patience if validation else None, seed=seed,
+                  verbose=verbose)
+    result = evaluate(model, te.X, te.Y, sample_weights=te.sample_weights)
+    steps = history.total_steps
+    out = dict(
+        test_loss=result["loss"],
+        test_auc=result["task0_auc"],
+        test_rmse=result["task1_rmse"],
+        mean_selected=mean_selected_experts(model, te.X, batch_size=1024),
+        binary_fraction=[None if s is None else s / steps for s in history.binary_step] if model.gates else
+        [None, None],
+        epochs=len(history.epochs),
+        total_steps=steps,
+        val_loss=min(history["val_loss"]) if validation else None,
+        settings=dict(gate=gate, per_example=per_example, alpha=alpha, k=k, n_experts=n_experts,
+                      embedding_dim=embedding_dim, units=units, dropout=dropout, gamma=gamma, entropy_reg=entropy_reg,
+                      batch_size=batch_size, lr=lr, seed=seed, data_seed=data.seed, neg_ratio=data.neg_ratio),
+    )
+    if return_model:
+        out.update(model=model, history=history)
+    return out
