@@ -22,6 +22,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNEL_SOURCES = [
+    "csrc/conv.c",
     "csrc/gates.c",
     "csrc/linear.c",
     "csrc/nn.c",
@@ -112,6 +113,6 @@ class build_ext_dselectk(build_ext):
 
 
 setup(
-    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=["csrc/dsk.h", "csrc/gates.h", "csrc/gates_impl.h", "csrc/linear.h", "csrc/nn.h", "csrc/nn_impl.h", "csrc/optim.h"])],
+    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=["csrc/conv.h", "csrc/conv_impl.h", "csrc/dsk.h", "csrc/gates.h", "csrc/gates_impl.h", "csrc/linear.h", "csrc/nn.h", "csrc/nn_impl.h", "csrc/optim.h"])],
     cmdclass={"build_ext": build_ext_dselectk},
 )
