@@ -21,7 +21,8 @@
  * threads alone parallelize the product. Measured against per-example products with serial loops
  * inside an OpenMP loop over the batch (B = 256, float32), it is as fast on a 36 x 36 x 1 input with
  * 10 5 x 5 filters forward, and 1.5-2.8x faster on that backward and on 16 x 16 x 10 -> 20 filters
- * 5 x 5 (both ways). No result depends on the thread count.
+ * 5 x 5 (both ways). As with the dense layers, the BLAS thread count may change the rounding of
+ * the products (not the im2col / col2im copies); the pooling kernels never depend on it.
  *
  * Symbols: B the batch, C input channels, H x W the input plane, F filters, KH x KW the kernel,
  * sh, sw the strides, OH x OW the output plane, K = C KH KW the length of one patch, P = OH OW.
