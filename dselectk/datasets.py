@@ -13,6 +13,9 @@ recovering the experts that generated the data).
   index of Appendix C.2 ("Measuring Expert Selection Performance"), averaged over related and
   unrelated task pairs, and its expected value for the random gate of Figure C.4.
 * :func:`recovered_experts` -- how many generating experts a gate selected (Appendix C.3.2).
+* :func:`multi_mnist`, :func:`multi_fashion_mnist`, :func:`read_idx` -- the image data of the
+  Multi-MNIST experiments (Section 4.2, Appendix D.2), defined in :mod:`dselectk.images` and
+  re-exported here.
 
 NumPy only. Randomness comes from ``numpy.random.Generator`` objects built from
 ``numpy.random.SeedSequence(seed, spawn_key=...)`` children, so every result is a deterministic
@@ -28,6 +31,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from .images import MultiMNIST, multi_fashion_mnist, multi_mnist, read_idx
+
 __all__ = [
     "SyntheticMultitask",
     "GateRecovery",
@@ -37,6 +42,10 @@ __all__ = [
     "task_pair_jaccard",
     "expected_random_jaccard",
     "recovered_experts",
+    "MultiMNIST",
+    "multi_mnist",
+    "multi_fashion_mnist",
+    "read_idx",
 ]
 
 # Spawn keys of the child streams of SeedSequence(seed). Fixed keys (rather than counting
