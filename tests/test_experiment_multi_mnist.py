@@ -91,11 +91,11 @@ FASHION = all(I._find(I.FASHION_MNIST_DIR, s, k) for s, k in I.IDX_FILES)
 
 @pytest.mark.skipif(not FASHION, reason=f"Fashion-MNIST is not installed in {I.FASHION_MNIST_DIR}")
 def test_small_real_multi_fashion_mnist():
-    data = I.multi_fashion_mnist(n_train=1024, n_val=256, n_test=512, seed=0)
-    results = E.run(data, models=("dselect_k",), epochs=8, batch_size=64, lr=5e-3, early_stopping_patience=None,
-                    n_experts=2, k=1, filters=(4, 8), units=24, tower_units=(16,), entropy_reg=1.0)
+    data = I.multi_fashion_mnist(n_train=768, n_val=0, n_test=384, seed=0)
+    results = E.run(data, models=("dselect_k",), epochs=7, batch_size=64, lr=5e-3, early_stopping_patience=None,
+                    n_experts=2, k=1, filters=(4, 8), units=24, tower_units=(16,), entropy_reg=1.0, gamma=0.5)
     r = results["dselect_k"]
-    assert all(acc > 0.3 for acc in r["test_accuracy"]), r  # chance: 0.1
+    assert all(acc > 0.25 for acc in r["test_accuracy"]), r  # chance: 0.1; 84 steps of a tiny model
     assert r["selected_experts"] == [1, 1]
 
 
