@@ -12,6 +12,7 @@ Everything that is not plain setuptools lives in ``build_ext_dselectk``:
   warning. ``DSELECTK_NO_OPENMP=1`` opts out.
 * ``DSELECTK_WERROR=1`` adds ``-Werror`` (CI sets it); the C code builds clean with -Wall -Wextra.
 """
+import glob
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNEL_SOURCES = [
+    "csrc/conv.c",
     "csrc/embedding.c",
     "csrc/gates.c",
     "csrc/linear.c",
@@ -113,6 +115,6 @@ class build_ext_dselectk(build_ext):
 
 
 setup(
-    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=["csrc/dsk.h", "csrc/embedding.h", "csrc/embedding_impl.h", "csrc/gates.h", "csrc/gates_impl.h", "csrc/linear.h", "csrc/nn.h", "csrc/nn_impl.h", "csrc/optim.h"])],
+    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=sorted(glob.glob("csrc/*.h")))],
     cmdclass={"build_ext": build_ext_dselectk},
 )

@@ -15,6 +15,9 @@ recovering the experts that generated the data).
 * :func:`recovered_experts` -- how many generating experts a gate selected (Appendix C.3.2).
 * :func:`read_ratings`, :func:`movielens_multitask` -- MovieLens ratings and the paper's
   two-task recommender problem (defined in :mod:`dselectk.movielens`, re-exported here).
+* :func:`multi_mnist`, :func:`multi_fashion_mnist`, :func:`read_idx` -- the image data of the
+  Multi-MNIST experiments (Section 4.2, Appendix D.2), defined in :mod:`dselectk.images` and
+  re-exported here.
 
 NumPy only. Randomness comes from ``numpy.random.Generator`` objects built from
 ``numpy.random.SeedSequence(seed, spawn_key=...)`` children, so every result is a deterministic
@@ -32,6 +35,7 @@ import numpy as np
 
 from .movielens import (MovieLensMultitask, MultitaskSplit, Ratings, movielens_multitask, ratings_from_arrays,
                         read_ratings)
+from .images import MultiMNIST, multi_fashion_mnist, multi_mnist, read_idx
 
 __all__ = [
     "SyntheticMultitask",
@@ -49,6 +53,10 @@ __all__ = [
     "read_ratings",
     "ratings_from_arrays",
     "movielens_multitask",
+    "MultiMNIST",
+    "multi_mnist",
+    "multi_fashion_mnist",
+    "read_idx",
 ]
 
 # Spawn keys of the child streams of SeedSequence(seed). Fixed keys (rather than counting

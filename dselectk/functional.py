@@ -65,6 +65,11 @@ __all__ = [
     "bce_with_logits",
     "mse",
     "softmax_cross_entropy",
+    "conv2d_padding",
+    "conv2d_forward",
+    "conv2d_backward",
+    "max_pool2d_forward",
+    "max_pool2d_backward",
     "sgd_step",
     "adam_step",
     "adagrad_step",
@@ -530,6 +535,104 @@ def softmax_cross_entropy(logits, labels, weights=None):
     l_b = logsumexp(logits_b) - logits_b[labels_b] (stable), loss = sum_b w_b l_b / B,
     dlogits = w (softmax(logits) - onehot(labels)) / B."""
     return _C.softmax_cross_entropy(_array(logits, "logits"), labels, weights)
+
+
+# --- convolution and max pooling (the CNN experts of the Multi-MNIST experiments) ----------------
+#
+# Layout NCHW: images are (B, C, H, W) arrays, C-contiguous (others are copied once), the
+# convolution weights (F, C, KH, KW). The convolution is the cross-correlation of deep-learning
+# libraries (no kernel flip). Its backward ACCUMULATES dW and db in place, as dense_backward does.
+
+def _stride_pair(stride):
+    if isinstance(stride, (int, np.integer)) and not isinstance(stride, (bool, np.bool_)):
+        return int(stride), int(stride)
+    if isinstance(stride, (tuple, list)) and len(stride) == 2:
+        return tuple(stride)
+    return None  # left to the binding, which names what is wrong
+
+
+def conv2d_padding(padding, kernel, stride=1):
+    """(top, bottom, left, right) zero padding for ``padding``:
+
+    * ``"valid"``: no padding (only windows inside the input), OH = (H - KH) // sh + 1;
+    * ``"same"`` (stride 1 only): the output has the input's size; the KH - 1 padding rows are
+      split as top = (KH - 1) // 2 and bottom = KH // 2 (one more below for an even kernel, as in
+      TensorFlow), columns likewise;
+    * an int p, a pair (ph, pw), or a 4-tuple (top, bottom, left, right) of ints >= 0, each
+      smaller than the kernel on its side.
+
+    ``kernel`` is (KH, KW) (or an int); ``stride`` an int or (sh, sw)."""
+    if isinstance(padding, str):
+        kh, kw = (kernel, kernel) if isinstance(kernel, (int, np.integer)) else tuple(kernel)
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if _stride_pair(stride) != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride {stride!r}; pass explicit padding "
+                                 "for a strided convolution")
+            return ((kh - 1) // 2, kh // 2, (kw - 1) // 2, kw // 2)
+        raise ValueError(f"padding must be 'valid', 'same', an int, (ph, pw) or (top, bottom, left, right), "
+                         f"got {padding!r}")
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, (bool, np.bool_)):
+        p = int(padding)
+        return (p, p, p, p)
+    if isinstance(padding, (tuple, list)) and len(padding) == 2:
+        return (padding[0], padding[0], padding[1], padding[1])
+    return padding  # a 4-tuple, or something the binding rejects with a message naming it
+
+
+def _conv_padding(padding, W, stride):
+    kernel = W.shape[2:] if W.ndim == 4 else (1, 1)  # a W of the wrong ndim is reported by the binding
+    return conv2d_padding(padding, kernel, stride)
+
+
+def conv2d_forward(x, W, b=None, stride=1, padding="valid", out=None):
+    """2-D convolution, NCHW: x (B, C, H, W), W (F, C, KH, KW), b (F,) or None -> y (B, F, OH, OW),
+
+        y[b, f, oh, ow] = b[f] + sum_{c, i, j} W[f, c, i, j] x[b, c, oh sh - top + i, ow sw - left + j]
+
+    with zeros outside x (the padding, see :func:`conv2d_padding`; default ``"valid"``).
+    ``stride``: int or (sh, sw) >= 1. OH = (H + top + bottom - KH) // sh + 1, OW likewise; a kernel
+    larger than the padded input raises ValueError. im2col and one GEMM of the vendored BLAS per
+    group of up to 256 examples (csrc/conv.h)."""
+    x, W = _array(x, "x"), _array(W, "W")
+    return _C.conv2d_forward(x, W, b, stride, _conv_padding(padding, W, stride), out)
+
+
+def conv2d_backward(dy, x, W, dW, db=None, stride=1, padding="valid", need_dx=True):
+    """Backward of :func:`conv2d_forward` (same x, W, stride, padding) for dy (B, F, OH, OW).
+
+    ACCUMULATES in place, as :func:`dense_backward`: ``dW (F, C, KH, KW) += d<dy, y>/dW`` and
+    ``db (F,) += dy.sum(axis=(0, 2, 3))`` (skipped when db is None). dW and db are never copied:
+    C-contiguous, aligned, writeable arrays of the call's dtype and exact shape sharing no memory
+    with dy, x or W. Returns dx (B, C, H, W), or None when ``need_dx`` is false."""
+    dy, x, W = _array(dy, "dy"), _array(x, "x"), _array(W, "W")
+    return _C.conv2d_backward(dy, x, W, dW, db, stride, _conv_padding(padding, W, stride), need_dx)
+
+
+def max_pool2d_forward(x, kernel=2, stride=None):
+    """Max pooling of x (B, C, H, W) over the valid windows: returns ``(y, indices)``.
+
+    ``kernel``: int or (KH, KW), at most the input plane; ``stride``: int or (sh, sw) >= 1, default
+    the kernel (non-overlapping windows). y (B, C, OH, OW) with OH = (H - KH) // sh + 1 (trailing
+    rows / columns that fill no window are dropped), OW likewise; ``indices`` (B, C, OH, OW) int64,
+    the flat index h * W + w in its plane of the entry each y came from. Ties go to the first
+    maximum in row-major window order. NaN: the inputs are checked to be finite (ValueError); the
+    kernel itself propagates NaN deterministically (the first NaN of a window is its maximum)."""
+    return _C.max_pool2d_forward(_array(x, "x"), kernel, stride)
+
+
+def max_pool2d_backward(dy, indices, input_size):
+    """Backward of :func:`max_pool2d_forward`: dx (B, C, H, W) is 0 except that each dy[b, c, oh, ow]
+    is added at the input entry ``indices[b, c, oh, ow]`` (a flat index in the plane); overlapping
+    windows (stride < kernel) that picked the same entry add up. ``input_size`` is (H, W) (or the
+    input's full shape (B, C, H, W)); indices may have any integer dtype, each in [0, H W)."""
+    dy = _array(dy, "dy")
+    if isinstance(input_size, (tuple, list)) and len(input_size) == 4:
+        if tuple(input_size[:2]) != dy.shape[:2]:
+            raise ValueError(f"input_size {tuple(input_size)} does not match dy's (B, C) = {dy.shape[:2]}")
+        input_size = tuple(input_size[2:])
+    return _C.max_pool2d_backward(dy, indices, input_size)
 
 
 def sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nesterov=False):

@@ -2,9 +2,13 @@
 
 Every layer holds ``params`` and ``grads`` (dicts of arrays with the same keys; empty for
 parameter-free layers). ``forward(x, training)`` caches what the backward needs;
-``backward(dout)`` accumulates the parameter gradients into ``grads`` and returns the input
-gradient. Models later move all ``params`` / ``grads`` into two contiguous slabs
-(:class:`ParameterSlab`) so that one optimizer call updates everything.
+``backward(dout, need_dx)`` accumulates the parameter gradients into ``grads`` and returns the
+input gradient (or None when ``need_dx`` is false and the layer can skip it). Models later move
+all ``params`` / ``grads`` into two contiguous slabs (:class:`ParameterSlab`) so that one
+optimizer call updates everything.
+
+Image layers (:class:`Conv2D`, :class:`MaxPool2D`, :class:`Flatten`) take NCHW batches
+(B, C, H, W); :class:`CNNExpert` stacks them into the expert of the Multi-MNIST experiments.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import numpy as np
 
 from . import functional as F
 
-__all__ = ["Dense", "ReLU", "Dropout", "SumUnits", "MLP", "ParameterSlab", "glorot_uniform"]
+__all__ = ["Dense", "ReLU", "Dropout", "SumUnits", "MLP", "Conv2D", "MaxPool2D", "Flatten", "CNNExpert",
+           "ParameterSlab", "glorot_uniform"]
 
 
 def glorot_uniform(rng, fan_in, fan_out, dtype):
@@ -27,6 +32,7 @@ class Dense:
 
     def __init__(self, in_dim, out_dim, rng, dtype=np.float32):
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        self.forward_flops = 2 * self.in_dim * self.out_dim  # per row
         self.params = {"W": glorot_uniform(rng, self.in_dim, self.out_dim, dtype), "b": np.zeros(self.out_dim, dtype)}
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._x = None
@@ -91,6 +97,17 @@ class SumUnits:
         return np.ascontiguousarray(np.broadcast_to(dout, self._shape))
 
 
+def flops_per_row(layers, training=True, need_dx=False):
+    """Floating-point operations of ``layers``' matrix products for one input row: each Dense or
+    Conv2D layer costs F = 2 * (multiply-adds of its forward) in the forward; a training step adds F
+    for the weight gradient and, except for the first layer unless ``need_dx``, F for the input
+    gradient. Element-wise work (ReLU, pooling, biases) is not counted."""
+    sizes = [layer.forward_flops for layer in layers if hasattr(layer, "forward_flops")]
+    if not training:
+        return sum(sizes)
+    return sum(3 * f for f in sizes) - (0 if need_dx or not sizes else sizes[0])
+
+
 class MLP:
     """A stack of Dense -> ReLU (-> Dropout) blocks, then an optional output: a linear layer of
     ``output_dim`` units, or with ``output_dim="sum"`` the sum of the last hidden layer's units.
@@ -127,13 +144,153 @@ class MLP:
         return [(f"{prefix}.{i}", layer) for i, layer in enumerate(self.layers) if layer.params]
 
     def flops_per_row(self, training=True, need_dx=False):
-        """Floating-point operations of the dense layers for one input row: 2 * in * out per
-        layer forward; a training step adds 2 * in * out for dW and, except for the first layer
-        unless ``need_dx``, 2 * in * out for the input gradient. Element-wise work is not counted."""
-        sizes = [2 * l.in_dim * l.out_dim for l in self.layers if isinstance(l, Dense)]
-        if not training:
-            return sum(sizes)
-        return sum(3 * f for f in sizes) - (0 if need_dx or not sizes else sizes[0])
+        """See :func:`flops_per_row`."""
+        return flops_per_row(self.layers, training, need_dx)
+
+
+def _pair(value, name):
+    """(a, b) from an int or a pair of ints >= 1."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) else value
+    if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+            or any(isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) for v in pair)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class Conv2D:
+    """2-D convolution of NCHW images: x (B, in_channels, H, W) -> (B, filters, OH, OW).
+
+    ``kernel``, ``stride``: an int or a pair; ``padding``: "valid", "same" (stride 1) or explicit
+    (see :func:`dselectk.functional.conv2d_padding`). W (filters, in_channels, KH, KW) is
+    Glorot-uniform with the Keras fans (fan_in = in_channels KH KW, fan_out = filters KH KW);
+    b zeros. The backward accumulates into ``grads`` like :class:`Dense`."""
+
+    def __init__(self, in_channels, filters, kernel, stride=1, padding="valid", rng=None, dtype=np.float32):
+        self.in_channels, self.filters = F._int(in_channels, "in_channels", 1), F._int(filters, "filters", 1)
+        self.kernel, self.stride = _pair(kernel, "kernel"), _pair(stride, "stride")
+        self.padding = padding
+        self.pads = tuple(int(p) for p in F.conv2d_padding(padding, self.kernel, self.stride))
+        rng = np.random.default_rng() if rng is None else rng
+        kh, kw = self.kernel
+        a = np.sqrt(6.0 / ((self.in_channels + self.filters) * kh * kw))
+        self.params = {"W": rng.uniform(-a, a, (self.filters, self.in_channels, kh, kw)).astype(dtype),
+                       "b": np.zeros(self.filters, dtype)}
+        self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._x = None
+
+    def output_shape(self, input_shape):
+        """(filters, OH, OW) for an input of shape (in_channels, H, W); ValueError if it does not fit."""
+        c, h, w = input_shape
+        top, bottom, left, right = self.pads
+        hp, wp = h + top + bottom, w + left + right
+        if c != self.in_channels or hp < self.kernel[0] or wp < self.kernel[1]:
+            raise ValueError(f"Conv2D({self.in_channels} -> {self.filters}, kernel {self.kernel}, padding "
+                             f"{self.padding!r}) does not fit an input of shape (C, H, W) = {tuple(input_shape)}")
+        return (self.filters, (hp - self.kernel[0]) // self.stride[0] + 1, (wp - self.kernel[1]) // self.stride[1] + 1)
+
+    def forward(self, x, training=False):
+        self._x = x
+        return F.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pads)
+
+    def backward(self, dout, need_dx=True):
+        return F.conv2d_backward(dout, self._x, self.params["W"], self.grads["W"], self.grads["b"], self.stride,
+                                 self.pads, need_dx=need_dx)
+
+
+class MaxPool2D:
+    """Max pooling of NCHW images over valid ``kernel`` windows (int or pair) at ``stride`` (default:
+    the kernel). The backward routes the gradient to each window's maximum."""
+
+    def __init__(self, kernel=2, stride=None):
+        self.kernel = _pair(kernel, "kernel")
+        self.stride = self.kernel if stride is None else _pair(stride, "stride")
+        self.params, self.grads, self._idx, self._size = {}, {}, None, None
+
+    def output_shape(self, input_shape):
+        c, h, w = input_shape
+        if h < self.kernel[0] or w < self.kernel[1]:
+            raise ValueError(f"MaxPool2D(kernel {self.kernel}) does not fit an input of shape (C, H, W) = "
+                             f"{tuple(input_shape)}")
+        return (c, (h - self.kernel[0]) // self.stride[0] + 1, (w - self.kernel[1]) // self.stride[1] + 1)
+
+    def forward(self, x, training=False):
+        y, self._idx = F.max_pool2d_forward(x, self.kernel, self.stride)
+        self._size = x.shape[2:]
+        return y
+
+    def backward(self, dout, need_dx=True):
+        return F.max_pool2d_backward(dout, self._idx, self._size)
+
+
+class Flatten:
+    """(B, ...) -> (B, prod(...)): a reshaped VIEW of a C-contiguous input (no copy), and the
+    backward a view of dout with the input's shape."""
+
+    def __init__(self):
+        self.params, self.grads, self._shape = {}, {}, None
+
+    def forward(self, x, training=False):
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, dout, need_dx=True):
+        return dout.reshape(self._shape)
+
+
+class CNNExpert:
+    """The CNN expert of the Multi-MNIST experiments (Appendix D.2 of the paper):
+
+        conv KxK (filters[0]) -> ReLU -> maxpool -> conv KxK (filters[1]) -> ReLU -> maxpool
+        -> flatten -> Dense(u) -> ReLU (-> Dropout) for u in ``units``
+
+    with the paper's filters (10, 20), kernel 5, pooling 2 and 1, 3 or 5 dense layers of 50 units
+    by default. ``input_shape`` is (C, H, W) (NCHW input); convolutions are "valid" (36 x 36 ->
+    32 -> 16 -> 12 -> 6). ``out_dim`` is the width of the output, as for :class:`MLP`."""
+
+    def __init__(self, input_shape, units=(50,), rng=None, filters=(10, 20), kernel=5, pool=2, dropout=0.0,
+                 dtype=np.float32):
+        if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3:
+            raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+        self.input_shape = tuple(F._int(v, "input_shape entry", 1) for v in input_shape)
+        filters = [F._int(f, "filters entry", 1) for f in filters]
+        if not filters:
+            raise ValueError("filters must list at least one convolution")
+        rng = np.random.default_rng() if rng is None else rng
+        self.layers, shape = [], self.input_shape
+        for f in filters:
+            conv, pool_layer = Conv2D(shape[0], f, kernel, rng=rng, dtype=dtype), MaxPool2D(pool)
+            try:
+                conv_out = conv.output_shape(shape)
+                shape = pool_layer.output_shape(conv_out)
+                conv.forward_flops = 2 * conv.in_channels * conv.kernel[0] * conv.kernel[1] * int(np.prod(conv_out))
+            except ValueError as exc:
+                raise ValueError(f"input_shape {self.input_shape} is too small for the CNN expert (filters "
+                                 f"{tuple(filters)}, kernel {kernel}, pool {pool}): {exc}") from None
+            self.layers += [conv, ReLU(), pool_layer]
+        self.layers.append(Flatten())
+        self.feature_shape = shape  # (C, H, W) of the last pooling's output
+        dense = MLP(int(np.prod(shape)), units, rng, dropout, None, dtype)
+        self.layers += dense.layers
+        self.out_dim = dense.out_dim
+
+    def forward(self, x, training=False):
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        return x
+
+    def backward(self, dout, need_dx=True):
+        for i in range(len(self.layers) - 1, -1, -1):
+            dout = self.layers[i].backward(dout, need_dx=need_dx or i > 0)
+        return dout
+
+    def named_modules(self, prefix):
+        return [(f"{prefix}.{i}", layer) for i, layer in enumerate(self.layers) if layer.params]
+
+    def flops_per_row(self, training=True, need_dx=False):
+        """See :func:`flops_per_row` (convolutions: 2 * C * KH * KW per output element)."""
+        return flops_per_row(self.layers, training, need_dx)
 
 
 class ParameterSlab:

@@ -6,6 +6,12 @@
 * :class:`MoE`: one gate mixing n experts whose outputs are the prediction (Figure 1(a)).
 * :class:`SharedBottom`: one shared Dense stack, then task towers (the paper's baseline).
 
+The experts of MMoE and the bottom of SharedBottom are MLPs by default (X (N, p)), or with
+``expert="cnn"`` / ``bottom="cnn"`` the CNN of the Multi-MNIST experiments
+(:class:`~dselectk.layers.CNNExpert`) on images X (N, C, H, W) given by ``input_shape`` (NCHW).
+Gates that read the input (per-example gates) and MLP experts see it flattened to
+(N, C H W), a view.
+
 Each model has ``forward(X, training) -> [output per task]``, ``loss(outputs, Y) ->
 (total, per-task losses, output gradients)``, ``backward(output gradients)``, and keeps all
 parameters and gradients in one :class:`~dselectk.layers.ParameterSlab` (``model.slab``).
@@ -29,11 +35,12 @@ import numpy as np
 from . import functional as F
 from .embedding import EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate
-from .layers import MLP, ParameterSlab
+from .layers import MLP, CNNExpert, ParameterSlab
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES", "GATES"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
+ARCHITECTURES = ("mlp", "cnn")
 GATES = ("dselect_k", "top_k", "softmax", "softmax_selector")
 FORMAT, FORMAT_VERSION = "dselectk-model", 2
 # version 1: the parameter slab only; version 2 adds the embedding tables. A model without
@@ -51,6 +58,40 @@ def _per_task(value, n_tasks, name):
             raise ValueError(f"{name} has {len(value)} entries, expected one per task ({n_tasks})")
         return list(value)
     return [value] * n_tasks
+
+
+def _input_spec(input_dim, input_shape, kind, what):
+    """(input_dim, input_shape) from the constructor arguments: an MLP takes input_dim p (X (N, p))
+    or any input_shape (X (N, *input_shape), flattened for it); a CNN needs input_shape (C, H, W),
+    and input_dim, if given, must be C H W."""
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"{what} must be one of {ARCHITECTURES}, got {kind!r}")
+    if input_shape is None:
+        if kind == "cnn":
+            raise ValueError(f"{what}='cnn' needs input_shape=(C, H, W), the shape of one image (X is (N, C, H, W))")
+        p = F._int(input_dim, "input_dim", 1) if input_dim is not None else None
+        if p is None:
+            raise ValueError("input_dim (the number of features p of X (N, p)) or input_shape is required")
+        return p, (p,)
+    if isinstance(input_shape, (int, np.integer)) or not isinstance(input_shape, (tuple, list)) or not input_shape:
+        raise TypeError(f"input_shape must be a tuple of ints, the shape of one example, got {input_shape!r}")
+    shape = tuple(F._int(v, "input_shape entry", 1) for v in input_shape)
+    if kind == "cnn" and len(shape) != 3:
+        raise ValueError(f"{what}='cnn' needs input_shape=(C, H, W) (NCHW images), got {shape}")
+    p = int(np.prod(shape))
+    if input_dim is not None and F._int(input_dim, "input_dim", 1) != p:
+        raise ValueError(f"input_dim {input_dim} does not match input_shape {shape} (prod = {p}); pass one of them")
+    return p, shape
+
+
+def _listed(v):
+    """Tuples as lists, so that a config survives its JSON round trip unchanged."""
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _flat(X):
+    """X (B, ...) as (B, p): a view of a C-contiguous batch."""
+    return X if X.ndim == 2 else X.reshape(X.shape[0], -1)
 
 
 class _Model:
@@ -77,13 +118,17 @@ class _Model:
     frozen_mask = None  # boolean mask over the slab, see freeze()
     input_layer = None  # the EmbeddingInput front, or None: X goes straight to the experts
 
-    def _setup_input(self, input_dim, embeddings, seed, dtype):
-        """input_dim, and self.input_layer from ``embeddings`` (None, a dict of EmbeddingInput's
-        arguments or an EmbeddingInput); returns the embeddings' config for self.config."""
+    def _setup_input(self, input_dim, embeddings, seed, dtype, input_shape=None, kind="mlp", what="expert"):
+        """input_dim and input_shape (see _input_spec), and self.input_layer from ``embeddings``
+        (None, a dict of EmbeddingInput's arguments or an EmbeddingInput); returns the embeddings'
+        config for self.config."""
         if embeddings is None:
             self.input_layer = None
-            self.input_dim = F._int(input_dim, "input_dim", 1)
+            self.input_dim, self.input_shape = _input_spec(input_dim, input_shape, kind, what)
             return None
+        if kind != "mlp" or input_shape is not None:
+            raise ValueError(f"embeddings feed feature rows to MLP {what}s; they do not combine with {what}={kind!r} "
+                             f"or input_shape")
         if isinstance(embeddings, EmbeddingInput):
             if embeddings.dtype != np.dtype(dtype):
                 raise ValueError(f"the EmbeddingInput has dtype {embeddings.dtype}, the model {np.dtype(dtype)}")
@@ -105,6 +150,7 @@ class _Model:
                              f"= {front.out_dim}; pass input_dim=None")
         self.input_layer = front
         self.input_dim = front.out_dim
+        self.input_shape = (self.input_dim,)
         return dict(front.config)
 
     def _finish(self, dtype):
@@ -229,10 +275,18 @@ class MMoE(_Model):
 
     Parameters
     ----------
-    input_dim : p, features of X.
+    input_dim : p, features of X (N, p) (or None with ``input_shape``).
     n_tasks : number of tasks T (one gate and one tower each).
-    n_experts : n; every expert is Dense(u) -> ReLU (-> Dropout) for u in ``expert_units``.
-    expert_units : hidden widths of each expert; the last is the width d of the mixed output.
+    n_experts : n; every expert is Dense(u) -> ReLU (-> Dropout) for u in ``expert_units``
+        (``expert="mlp"``), or the CNN of :class:`~dselectk.layers.CNNExpert` followed by those
+        Dense layers (``expert="cnn"``).
+    expert_units : hidden widths of each expert's Dense layers; the last is the width d of the mixed
+        output.
+    expert : "mlp" (default) or "cnn".
+    input_shape : the shape of one example: (C, H, W) for ``expert="cnn"`` (X is (N, C, H, W),
+        NCHW); optional for MLP experts, which see X flattened.
+    expert_filters, expert_kernel, expert_pool : the CNN experts' convolutions (filters of each
+        conv layer, kernel size, pooling size); the paper's (10, 20), 5 and 2 by default.
     expert_output : None (the experts output their last ReLU layer), or "sum" (each expert outputs
         the sum of its last layer's units, d = 1: the experts of the paper's synthetic data).
     tower_units : hidden widths of each task tower, followed by the task's output layer; None for
@@ -270,10 +324,11 @@ class MMoE(_Model):
     # their own examples only; at or above it, on the whole batch (gathering would cost more).
     sparse_threshold = 0.75
 
-    def __init__(self, input_dim, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses="mse",
-                 task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
-                 per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0, dtype="float32",
-                 expert_output=None, embeddings=None, tower_dropout=None):
+    def __init__(self, input_dim=None, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,),
+                 task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0,
+                 entropy_reg=0.0, xi=1.0, per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0,
+                 dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
+                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2):
         tower_units = None if tower_units is None else list(tower_units)
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=list(expert_units),
                            expert_output=expert_output,
@@ -281,30 +336,44 @@ class MMoE(_Model):
                            task_weights=task_weights, gate=gate, k=k, gamma=gamma, entropy_reg=entropy_reg, xi=xi,
                            per_example=per_example, noisy=noisy, temperature=temperature, dropout=dropout, seed=seed,
                            dtype=str(np.dtype(dtype)))
+        if input_shape is not None:
+            self.config["input_shape"] = _listed(input_shape)
+        if expert != "mlp":  # only what differs from an MLP model, so that older configs read the same
+            self.config.update(expert=expert, expert_filters=_listed(expert_filters),
+                               expert_kernel=_listed(expert_kernel), expert_pool=_listed(expert_pool))
         if expert_output not in (None, "sum"):
             raise ValueError(f"expert_output must be None or 'sum', got {expert_output!r}")
+        if expert == "cnn" and expert_output is not None:
+            raise ValueError("expert_output='sum' is for MLP experts only")
         if tower_dropout is not None:  # in the config only when set: older readers load the others
             self.config["tower_dropout"] = tower_dropout
         self._build(input_dim, n_tasks, n_experts, list(expert_units), tower_units, task_losses, task_outputs,
                     task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed,
                     dtype, towers=True, expert_output=expert_output, embeddings=embeddings,
-                    tower_dropout=tower_dropout)
+                    tower_dropout=tower_dropout, expert=expert, input_shape=input_shape,
+                    cnn=dict(filters=expert_filters, kernel=expert_kernel, pool=expert_pool))
 
     def _build(self, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
                task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype,
-               towers, expert_output=None, embeddings=None, tower_dropout=None):
+               towers, expert_output=None, embeddings=None, tower_dropout=None, expert="mlp", input_shape=None,
+               cnn=None):
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
-        emb_config = self._setup_input(input_dim, embeddings, seed, dtype)
+        emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, expert, "expert")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
+        self.expert_kind = expert
         self.n_experts = F._int(n_experts, "n_experts", 2)
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
         if towers:
             if not expert_units:
                 raise ValueError("expert_units must list at least one hidden width")
-            self.experts = [MLP(self.input_dim, expert_units, rng, dropout, expert_output, dtype)
-                            for _ in range(self.n_experts)]
+            if expert == "cnn":
+                self.experts = [CNNExpert(self.input_shape, expert_units, rng, dropout=dropout, dtype=dtype, **cnn)
+                                for _ in range(self.n_experts)]
+            else:
+                self.experts = [MLP(self.input_dim, expert_units, rng, dropout, expert_output, dtype)
+                                for _ in range(self.n_experts)]
         else:  # MoE: the experts' outputs are the prediction
             if self.n_tasks != 1:
                 raise ValueError("MoE has one task; use MMoE for several")
@@ -336,14 +405,16 @@ class MMoE(_Model):
         return mods
 
     def forward(self, X, training=False):
-        """[raw output per task] for X (B, input_dim) (or the embedding input's dict): logits for
+        """[raw output per task] for X (B, *input_shape) (or the embedding input's dict): logits for
         bce/softmax_ce tasks."""
         self.train_mode(training)
-        X = self._input_forward(X, training)
+        X = self._input_forward(X, training)  # embedding lookups, else X itself
+        flat = _flat(X)  # (B, input_dim) view: what the gates (and MLP experts) read
+        X = X if self.expert_kind == "cnn" else flat
         if self.static_fast_path and all(not g.per_example for g in self.gates):
             return self._forward_static(X, training)
-        ws = [gate.forward(X) if gate.per_example else gate.forward() for gate in self.gates]
-        B, n = X.shape[0], self.n_experts
+        ws = [gate.forward(flat) if gate.per_example else gate.forward() for gate in self.gates]
+        B, n = flat.shape[0], self.n_experts
         used = np.zeros((B, n), bool)  # (example, expert) pairs with a nonzero weight in some task
         for w in ws:
             used |= w != 0
@@ -475,22 +546,40 @@ class MoE(MMoE):
 class SharedBottom(_Model):
     """The shared-bottom baseline: one Dense -> ReLU stack (``bottom_units``) shared by all tasks,
     then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``
-    and ``tower_dropout`` as in :class:`MMoE`."""
+    and ``tower_dropout`` as in :class:`MMoE`.
 
-    def __init__(self, input_dim, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse", task_outputs=1,
-                 task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None, tower_dropout=None):
+    With ``bottom="cnn"`` the shared bottom is the CNN of :class:`~dselectk.layers.CNNExpert`
+    (``bottom_filters``, ``bottom_kernel``, ``bottom_pool``) followed by the ``bottom_units`` Dense
+    layers, on images X (N, C, H, W) of ``input_shape`` (C, H, W)."""
+
+    def __init__(self, input_dim=None, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse",
+                 task_outputs=1, task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None,
+                 tower_dropout=None, bottom="mlp", input_shape=None, bottom_filters=(10, 20), bottom_kernel=5,
+                 bottom_pool=2):
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=list(bottom_units),
                            tower_units=list(tower_units), task_losses=task_losses, task_outputs=task_outputs,
                            task_weights=task_weights, dropout=dropout, seed=seed, dtype=str(np.dtype(dtype)))
         if tower_dropout is not None:
             self.config["tower_dropout"] = tower_dropout
+        if input_shape is not None:
+            self.config["input_shape"] = _listed(input_shape)
+        if bottom != "mlp":
+            self.config.update(bottom=bottom, bottom_filters=_listed(bottom_filters),
+                               bottom_kernel=_listed(bottom_kernel), bottom_pool=_listed(bottom_pool))
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
-        emb_config = self._setup_input(input_dim, embeddings, seed, dtype)
+        emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, bottom, "bottom")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
+        self.bottom_kind = bottom
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
-        self.bottom = MLP(self.input_dim, list(bottom_units), rng, dropout, None, dtype)
+        if bottom == "cnn":
+            if not bottom_units:
+                raise ValueError("bottom_units must list at least one Dense width after the CNN")
+            self.bottom = CNNExpert(self.input_shape, list(bottom_units), rng, filters=bottom_filters,
+                                    kernel=bottom_kernel, pool=bottom_pool, dropout=dropout, dtype=dtype)
+        else:
+            self.bottom = MLP(self.input_dim, list(bottom_units), rng, dropout, None, dtype)
         tower_dropout = dropout if tower_dropout is None else tower_dropout
         self.towers = [MLP(self.bottom.out_dim, list(tower_units), rng, tower_dropout, out, dtype)
                        for out in self.task_outputs]
@@ -505,7 +594,8 @@ class SharedBottom(_Model):
         return mods
 
     def forward(self, X, training=False):
-        h = self.bottom.forward(self._input_forward(X, training), training)
+        X = self._input_forward(X, training)
+        h = self.bottom.forward(X if self.bottom_kind == "cnn" else _flat(X), training)
         return [tw.forward(h, training) for tw in self.towers]
 
     def backward(self, douts):

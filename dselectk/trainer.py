@@ -94,14 +94,22 @@ class AnnealTemperature:
 # --- input checks ---------------------------------------------------------------------------
 
 def _check_X(model, X, name="X"):
-    """X as the model reads it: a C-contiguous (N, input_dim) array of the model's dtype, or for a
-    model with an embedding input the normalized dict of dselectk.embedding.check_inputs."""
+    """X as the model reads it: a C-contiguous (N, *model.input_shape) array of the model's dtype
+    ((N, p) for MLP models, (N, C, H, W) for CNN ones), or for a model with an embedding input the
+    normalized dict of dselectk.embedding.check_inputs."""
     if getattr(model, "input_layer", None) is not None:
         return model.input_layer.check(X, name)
     if not isinstance(X, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(X).__name__}")
-    if X.ndim != 2 or X.shape[1] != model.input_dim:
-        raise ValueError(f"{name} must have shape (N, {model.input_dim}), got {X.shape}")
+    shape = tuple(getattr(model, "input_shape", None) or (model.input_dim,))
+    if X.ndim != 1 + len(shape) or X.shape[1:] != shape:
+        want = f"(N, {', '.join(str(d) for d in shape)})"
+        hint = ""
+        if len(shape) > 1 and X.ndim == 2 and X.shape[1] == model.input_dim:
+            hint = f"; it looks flattened: reshape it with {name}.reshape(-1, {', '.join(str(d) for d in shape)})"
+        elif len(shape) == 3:
+            hint = " (NCHW images: channels, height, width)"
+        raise ValueError(f"{name} must have shape {want}, got {X.shape}{hint}")
     if X.shape[0] == 0:
         raise ValueError(f"{name} is empty (N = 0)")
     if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
@@ -122,6 +130,8 @@ def _check_Y(model, Y, N, name="Y"):
     out = []
     for t, (y, loss, dim) in enumerate(zip(Y, model.task_losses, model.task_outputs)):
         y = np.asarray(y)
+        if y.ndim == 0:
+            raise ValueError(f"{name}[{t}] must be an array with one row per example of X ({N}), got a scalar")
         if y.shape[0] != N:
             raise ValueError(f"{name}[{t}] has {y.shape[0]} rows, X has {N}")
         if loss == "softmax_ce":
@@ -250,7 +260,8 @@ def _update_binary_steps(model, history, step):
 def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, optimizer_kwargs=None, shuffle=True,
         seed=0, validation_data=None, early_stopping_patience=None, restore_best_weights=True, sample_weights=None,
         metrics=None, record_gate_every=0, callbacks=(), verbose=1, out=None):
-    """Train ``model`` on X (N, p) and Y (a list with one (N,) / (N, d) array per task).
+    """Train ``model`` on X (N, p) -- (N, C, H, W) for CNN models, see ``model.input_shape`` -- and
+    Y (a list with one (N,) / (N, d) array per task).
 
     optimizer : "adam" (default lr 1e-3), "adagrad" (1e-2) or "sgd" (1e-2); ``optimizer_kwargs``
         go to the optimizer class (dselectk.optim). A model with embedding tables needs "adam" or

@@ -50,6 +50,8 @@ __all__ = [
     "embedding_dense_gradient",
     "sparse_adagrad",
     "sparse_adam",
+    "conv2d",
+    "max_pool2d",
     "numerical_gradient",
 ]
 
@@ -507,6 +509,59 @@ def sparse_adam(table, m, v, rows, grad_rows, step, lr, beta1, beta2, eps):
         v_hat = vr / (1 - beta2**step)
         table[r] = table[r].astype(np.float64) - lr * m_hat / (np.sqrt(v_hat) + eps)
     return table, m, v
+# convolution and max pooling of the CNN experts (NCHW)
+# ----------------------------------------------------------------------------------------------
+
+
+def conv2d(x, W, b=None, stride=(1, 1), padding=(0, 0, 0, 0)):
+    """Cross-correlation of x (B, C, H, W) with W (F, C, KH, KW) plus b (F,) or None, NCHW.
+
+    padding = (top, bottom, left, right) zero rows / columns around x; stride = (sh, sw).
+    y[b, f, oh, ow] = b[f] + sum_{c, i, j} W[f, c, i, j] xp[b, c, oh*sh + i, ow*sw + j], with xp the
+    zero-padded x, for OH = (H + top + bottom - KH) // sh + 1 (OW likewise). One einsum per kernel
+    offset (i, j), accumulated in float64; the result is cast to the inputs' dtype."""
+    x, W = _as_float(x), _as_float(W)
+    dtype = _float_dtype(x, W)
+    top, bottom, left, right = padding
+    sh, sw = stride
+    B, C, H, Wd = x.shape
+    F, C2, KH, KW = W.shape
+    if C2 != C:
+        raise ValueError(f"W has {C2} input channels, x has {C}")
+    xp = np.zeros((B, C, H + top + bottom, Wd + left + right))
+    xp[:, :, top:top + H, left:left + Wd] = x
+    OH = (xp.shape[2] - KH) // sh + 1
+    OW = (xp.shape[3] - KW) // sw + 1
+    y = np.zeros((B, F, OH, OW))
+    for i in range(KH):
+        for j in range(KW):
+            patch = xp[:, :, i:i + sh * (OH - 1) + 1:sh, j:j + sw * (OW - 1) + 1:sw]  # (B, C, OH, OW)
+            y += np.einsum("bchw,fc->bfhw", patch, W[:, :, i, j].astype(np.float64))
+    if b is not None:
+        y += np.asarray(b, dtype=np.float64)[None, :, None, None]
+    return y.astype(dtype)
+
+
+def max_pool2d(x, kernel, stride=None):
+    """Max pooling of x (B, C, H, W) over the valid windows: returns (y, idx), both (B, C, OH, OW);
+    idx is the flat index h * W + w in the input plane of the maximum, the first one in row-major
+    window order on ties. An explicit loop over windows."""
+    x = np.asarray(x)
+    KH, KW = kernel
+    sh, sw = stride if stride is not None else kernel
+    B, C, H, W = x.shape
+    OH, OW = (H - KH) // sh + 1, (W - KW) // sw + 1
+    y = np.empty((B, C, OH, OW), dtype=x.dtype)
+    idx = np.empty((B, C, OH, OW), dtype=np.int64)
+    for b in range(B):
+        for c in range(C):
+            for oh in range(OH):
+                for ow in range(OW):
+                    window = x[b, c, oh * sh:oh * sh + KH, ow * sw:ow * sw + KW]
+                    i, j = np.unravel_index(int(np.argmax(window)), window.shape)  # argmax: the first maximum
+                    y[b, c, oh, ow] = window[i, j]
+                    idx[b, c, oh, ow] = (oh * sh + i) * W + ow * sw + j
+    return y, idx
 
 
 # ----------------------------------------------------------------------------------------------

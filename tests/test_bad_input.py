@@ -553,6 +553,56 @@ for _prefix, _mod in (("F", F), ("C", _C)):
             Mutating(_mod.sparse_adam_step, ("table", "m", "v")), _sparse_args("adam"),
             ("grad_rows", "table", "m", "v"), finite=("grad_rows", "table"), mutable=("table", "m", "v")),
     })
+# --- convolution and max pooling (NCHW) ---
+
+def _conv_args(padding):
+    def build(dt):
+        rng = _rng()
+        stride = (2, 1) if padding != "same" else 1
+        return dict(x=_u(rng, (2, 2, 6, 5), dt), W=_u(rng, (3, 2, 3, 2), dt), b=_u(rng, (3,), dt), stride=stride,
+                    padding=padding)
+    return build
+
+
+def _conv_backward_args(padding):
+    def build(dt):
+        a = _conv_args(padding)(dt)
+        rng = _rng()
+        y = F.conv2d_forward(a["x"], a["W"], a["b"], a["stride"], a["padding"])
+        return dict(dy=_u(rng, y.shape, dt), x=a["x"], W=a["W"], dW=_u(rng, (3, 2, 3, 2), dt), db=_u(rng, (3,), dt),
+                    stride=a["stride"], padding=a["padding"], need_dx=True)
+    return build
+
+
+def _pool_args(dt):
+    return dict(x=_u(_rng(), (2, 3, 7, 6), dt), kernel=(3, 2), stride=(2, 1))
+
+
+def _pool_backward_args(dt):
+    rng = _rng()
+    _, idx = F.max_pool2d_forward(**_pool_args(dt))
+    return dict(dy=_u(rng, idx.shape, dt), indices=idx, input_size=(7, 6))
+
+
+SPECS.update({
+    "F.conv2d_forward": Spec(F.conv2d_forward, _conv_args((1, 0)), ("x", "W", "b"), optional=("b",), out=True),
+    "F.conv2d_forward[same]": Spec(F.conv2d_forward, _conv_args("same"), ("x", "W", "b"), optional=("b",), out=True),
+    "F.conv2d_backward": Spec(
+        Mutating(F.conv2d_backward, ("dW", "db")), _conv_backward_args((1, 0)), ("x", "W", "dy", "dW", "db"),
+        finite=("x", "W", "dy"), optional=("db",), mutable=("dW", "db")),
+    "F.conv2d_backward[same]": Spec(
+        Mutating(F.conv2d_backward, ("dW", "db")), _conv_backward_args("same"), ("x", "W", "dy", "dW", "db"),
+        finite=("x", "W", "dy"), optional=("db",), mutable=("dW", "db")),
+    "F.max_pool2d_forward": Spec(F.max_pool2d_forward, _pool_args, ("x",)),
+    "F.max_pool2d_backward": Spec(F.max_pool2d_backward, _pool_backward_args, ("dy",)),
+    "C.conv2d_forward": Spec(_C.conv2d_forward, _conv_args((1, 0, 0, 1)), ("x", "W", "b"), optional=("b",),
+                             out=True),
+    "C.conv2d_backward": Spec(
+        Mutating(_C.conv2d_backward, ("dW", "db")), _conv_backward_args((1, 0, 0, 1)), ("x", "W", "dy", "dW", "db"),
+        finite=("x", "W", "dy"), optional=("db",), mutable=("dW", "db")),
+    "C.max_pool2d_forward": Spec(_C.max_pool2d_forward, _pool_args, ("x",)),
+    "C.max_pool2d_backward": Spec(_C.max_pool2d_backward, _pool_backward_args, ("dy",)),
+})
 
 ARRAY_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.arrays]
 FINITE_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.finite_arrays()]
@@ -572,7 +622,7 @@ def _ids(pairs):
 
 @short_failures
 def test_every_public_function_is_covered():
-    covered = {getattr(s.fn, "raw", s.fn) for s in SPECS.values()} | {F.n_bits}
+    covered = {getattr(s.fn, "raw", s.fn) for s in SPECS.values()} | {F.n_bits, F.conv2d_padding}  # no arrays
     missing = [name for name in F.__all__ if getattr(F, name) not in covered]
     assert not missing, f"functions without an input zoo: {missing}"
     c_funcs = {name for name in dir(_C) if callable(getattr(_C, name)) and not name.startswith("_")}
@@ -589,6 +639,7 @@ def test_valid_call(sid):
         result = call_spec(spec, spec.build(dtype))
         for a in _arrays_in(result):
             assert a.dtype == dtype or a.dtype == np.int64  # int64: embedding_backward's row indices
+            assert a.dtype == dtype or (a.dtype == np.int64 and "pool" in sid), a.dtype  # pooling's argmax indices
             assert np.all(np.isfinite(a))
         # and a second call gives bit-identical results
         assert_same(result, call_spec(spec, spec.build(dtype)))
@@ -974,6 +1025,38 @@ for _p in ("F", "C"):
         ("no_class", f"{_p}.softmax_cross_entropy", _set(logits=lambda a: a[:, :0]), ValueError, "'logits'"),
         ("weights_len", f"{_p}.softmax_cross_entropy", _set(weights=lambda a: a[:5]), ValueError, "'weights'"),
     ]
+for _p in ("F", "C"):
+    SHAPE_CASES += [
+        ("x_3d", f"{_p}.conv2d_forward", _set(x=lambda a: a[0]), ValueError, "'x'.*\\(B, C, H, W\\)"),
+        ("W_3d", f"{_p}.conv2d_forward", _set(W=lambda a: a[0]), ValueError, "'W'.*\\(F, C, KH, KW\\)"),
+        ("W_wrong_C", f"{_p}.conv2d_forward", _set(W=lambda a: a[:, :1]), ValueError, "'W'.*\\(3, 2, 3, 2\\)"),
+        ("b_wrong_F", f"{_p}.conv2d_forward", _set(b=lambda a: a[:2]), ValueError, "'b'.*\\(3,\\)"),
+        ("b_2d", f"{_p}.conv2d_forward", _set(b=lambda a: a[None]), ValueError, "'b'"),
+        ("kernel_larger_than_input", f"{_p}.conv2d_forward", _set(x=lambda a: a[:, :, :1, :1]), ValueError,
+         "kernel.*larger.*'x'"),
+        ("no_channels", f"{_p}.conv2d_forward", _set(x=lambda a: a[:, :0], W=lambda a: a[:, :0]), ValueError, "'x'"),
+        ("no_filters", f"{_p}.conv2d_forward", _set(W=lambda a: a[:0], b=lambda a: a[:0]), ValueError, "'W'"),
+        ("dy_wrong_OH", f"{_p}.conv2d_backward", _set(dy=lambda a: a[:, :, :1]), ValueError,
+         "'dy'.*\\(B, F, OH, OW\\)"),
+        ("dy_wrong_F", f"{_p}.conv2d_backward", _set(dy=lambda a: a[:, :2]), ValueError, "'dy'"),
+        ("dy_3d", f"{_p}.conv2d_backward", _set(dy=lambda a: a[0]), ValueError, "'dy'"),
+        ("dW_wrong_shape", f"{_p}.conv2d_backward", _set(dW=lambda a: a[:, :, :2].copy()), ValueError,
+         "'dW'.*\\(3, 2, 3, 2\\)"),
+        ("dW_flat", f"{_p}.conv2d_backward", _set(dW=lambda a: a.ravel()), ValueError, "'dW'"),
+        ("db_wrong_F", f"{_p}.conv2d_backward", _set(db=lambda a: a[:2].copy()), ValueError, "'db'"),
+        ("x_wrong_C", f"{_p}.conv2d_backward", _set(x=lambda a: a[:, :1]), ValueError, "'W'"),
+        ("x_3d", f"{_p}.max_pool2d_forward", _set(x=lambda a: a[0]), ValueError, "'x'.*\\(B, C, H, W\\)"),
+        ("x_5d", f"{_p}.max_pool2d_forward", _set(x=lambda a: a[None]), ValueError, "'x'"),
+        ("kernel_larger_than_input", f"{_p}.max_pool2d_forward", _set(x=lambda a: a[:, :, :2]), ValueError,
+         "kernel.*larger.*'x'"),
+        ("no_channels", f"{_p}.max_pool2d_forward", _set(x=lambda a: a[:, :0]), ValueError, "'x'"),
+        ("dy_3d", f"{_p}.max_pool2d_backward", _set(dy=lambda a: a[0], indices=lambda a: a[0]), ValueError, "'dy'"),
+        ("indices_wrong_shape", f"{_p}.max_pool2d_backward", _set(indices=lambda a: a[:, :, :1]), ValueError,
+         "'indices'.*\\(2, 3, 3, 5\\)"),
+        ("indices_3d", f"{_p}.max_pool2d_backward", _set(indices=lambda a: a[0]), ValueError, "'indices'"),
+        ("input_size_smaller_than_dy", f"{_p}.max_pool2d_backward", _set(input_size=(2, 6)), ValueError,
+         "'dy'.*input_size"),
+    ]
 SHAPE_CASES += [
     ("y_shape", "F.relu_backward", _set(y=lambda a: a[:, :3]), ValueError, "'(dy|y)'"),
     ("y_len", "C.relu_backward", _set(y=lambda a: a[:11]), ValueError, "'y'"),
@@ -1351,6 +1434,60 @@ for _p in ("F", "C"):
     for _name in ("beta1", "beta2"):
         for _v in (1.0, -0.1, NAN):
             _add(f"{_p}.sparse_adam_step", f"{_name}={_v}", _with(**{_name: _v}), ValueError, _name)
+# convolution and pooling: strides, paddings, kernels, empty batches, argmax indices
+for _p in ("F", "C"):
+    for _sid in (f"{_p}.conv2d_forward", f"{_p}.conv2d_backward"):
+        for _v in (0, -1, (1, 0), (0, 2), (-3, 1)):
+            _add(_sid, f"stride={_v}", _with(stride=_v), ValueError, "stride")
+        for _v in ((1, 1, 1), ()):
+            _add(_sid, f"stride={_v}", _with(stride=_v), ValueError, "stride")
+        for _v in (1.5, "1", None, True, (1, 1.0), np.float64(1)):
+            _add(_sid, f"stride={_v!r}", _with(stride=_v), TypeError, "stride")
+        for _v in (-1, (0, -1), (1, 0, 0, -2), (3, 0), (0, 2), (0, 0, 0, 2), 2**40):
+            _add(_sid, f"padding={_v}", _with(padding=_v), ValueError, "padding")
+        _add(_sid, "padding=3-tuple", _with(padding=(0, 0, 0)), ValueError, "padding")
+        for _v in (1.5, None, True, (1, "1")):
+            _add(_sid, f"padding={_v!r}", _with(padding=_v), TypeError, "padding")
+    _add(f"{_p}.conv2d_forward", "B=0", _with(x=np.zeros((0, 2, 6, 5))), ValueError, "'x'.*(empty batch|B = 0)")
+    _add(f"{_p}.conv2d_backward", "B=0", _with(x=np.zeros((0, 2, 6, 5)), dy=np.zeros((0, 3, 3, 4))), ValueError,
+         "'x'.*(empty batch|B = 0)")
+    for _name in ("kernel", "stride"):
+        for _v in (0, -2, (2, 0), (1, 2, 3)):
+            _add(f"{_p}.max_pool2d_forward", f"{_name}={_v}", _with(**{_name: _v}), ValueError, _name)
+        for _v in (2.0, "2", True, (2, None)):
+            _add(f"{_p}.max_pool2d_forward", f"{_name}={_v!r}", _with(**{_name: _v}), TypeError, _name)
+    _add(f"{_p}.max_pool2d_forward", "kernel=None", _with(kernel=None), TypeError, "kernel")
+    _add(f"{_p}.max_pool2d_forward", "B=0", _with(x=np.zeros((0, 3, 7, 6))), ValueError, "'x'.*(empty batch|B = 0)")
+    _add(f"{_p}.max_pool2d_backward", "B=0", _with(dy=np.zeros((0, 3, 3, 5)), indices=np.zeros((0, 3, 3, 5), np.int64)),
+         ValueError, "'dy'.*(empty batch|B = 0)")
+    for _v in (0, -1, (7, 0), (1, 2, 3), None, 2.0):
+        _add(f"{_p}.max_pool2d_backward", f"input_size={_v!r}", _with(input_size=_v),
+             TypeError if _v is None or isinstance(_v, float) else ValueError, "input_size")
+
+    def _bad_index(value, dtype=np.int64):
+        def make(rng):
+            idx = F.max_pool2d_forward(**_pool_args(F64))[1].astype(dtype)
+            idx[1, 2, 0, 3] = value
+            return idx
+        return make
+    for _ident, _make, _exc, _match in (
+            ("negative", _bad_index(-1), ValueError, "'indices'.*\\[0, H W\\) = \\[0, 42\\).*-1"),
+            ("equal_to_HW", _bad_index(42), ValueError, "'indices'.*42"),
+            ("huge_uint64", _bad_index(2**63 + 5, np.uint64), ValueError, "'indices'"),
+            ("uint8_255", _bad_index(255, np.uint8), ValueError, "'indices'"),
+            ("float", lambda rng: np.zeros((2, 3, 3, 5)), TypeError, "'indices'"),
+            ("bool", lambda rng: np.zeros((2, 3, 3, 5), bool), TypeError, "'indices'"),
+            ("list", lambda rng: np.zeros((2, 3, 3, 5), np.int64).tolist(), TypeError, "'indices'"),
+            ("None", None, TypeError, "'indices'")):
+        _add(f"{_p}.max_pool2d_backward", f"indices={_ident}", _with(indices=_make), _exc, _match)
+_add("F.conv2d_forward", "padding=same_with_stride_2", _with(padding="same", stride=2), ValueError, "same.*stride")
+_add("F.conv2d_backward", "padding=same_with_stride_(1,2)", _with(padding="same", stride=(1, 2)), ValueError,
+     "same.*stride")
+_add("F.conv2d_forward", "padding=full", _with(padding="full"), ValueError, "padding")
+_add("F.conv2d_forward[same]", "W_even_kernel_wrong_C", _with(W=lambda rng: _u(rng, (3, 1, 2, 2), F64)), ValueError,
+     "'W'")
+_add("F.max_pool2d_backward", "input_size_other_batch", _with(input_size=(3, 3, 7, 6)), ValueError, "input_size")
+
 
 
 @pytest.mark.parametrize("sid,change,exc,match", [c[1:] for c in SCALAR_CASES], ids=[c[0] for c in SCALAR_CASES])
@@ -1379,6 +1516,24 @@ def test_n_bits_not_an_int(n):
 @short_failures
 def test_n_bits_valid(n, m):
     assert F.n_bits(n) == m
+
+
+@pytest.mark.parametrize("padding,kernel,stride,expected", [
+    ("valid", (5, 5), 1, (0, 0, 0, 0)), ("valid", 3, (2, 3), (0, 0, 0, 0)), ("same", (5, 5), 1, (2, 2, 2, 2)),
+    ("same", (4, 1), (1, 1), (1, 2, 0, 0)), ("same", 2, [1, 1], (0, 1, 0, 1)), (2, (5, 5), 2, (2, 2, 2, 2)),
+    ((1, 2), (5, 5), 1, (1, 1, 2, 2)), ((1, 2, 3, 4), (5, 5), 1, (1, 2, 3, 4))], ids=repr)
+@short_failures
+def test_conv2d_padding_valid(padding, kernel, stride, expected):
+    assert tuple(F.conv2d_padding(padding, kernel, stride)) == expected
+
+
+@pytest.mark.parametrize("padding,stride,match", [
+    ("same", 2, "same.*stride"), ("same", (1, 2), "same.*stride"), ("full", 1, "padding"), ("SAME", 1, "padding"),
+    ("", 1, "padding")], ids=repr)
+@short_failures
+def test_conv2d_padding_bad(padding, stride, match):
+    with pytest.raises(ValueError, match=match):
+        F.conv2d_padding(padding, (3, 3), stride)
 
 
 VALID_EDGE_CASES = [
@@ -1438,6 +1593,20 @@ VALID_EDGE_CASES = [
     ("F.sparse_adagrad_step", "rows_int32", _with(rows=np.array([5, 0, 3, 1], np.int32))),
     ("F.sparse_adam_step", "rows_uint16_sorted", _with(rows=np.array([0, 1, 3, 5], np.uint16))),
     ("F.sparse_adam_step", "step=1", _with(step=1)),
+    ("F.conv2d_forward", "b=None", _with(b=None)),
+    ("F.conv2d_forward", "padding=valid", _with(padding="valid", stride=np.int64(1))),
+    ("F.conv2d_forward", "kernel=input", _with(x=lambda rng: _u(rng, (2, 2, 3, 2), F64), padding=0)),
+    ("F.conv2d_forward[same]", "even_kernel_1x1_input", _with(x=lambda rng: _u(rng, (2, 2, 1, 1), F64))),
+    ("F.conv2d_backward", "db=None,no_dx", _with(db=None, need_dx=False)),
+    ("C.conv2d_forward", "defaults", lambda kw: dict(x=kw["x"], W=kw["W"])),
+    ("F.max_pool2d_forward", "defaults", lambda kw: dict(x=kw["x"])),
+    ("F.max_pool2d_forward", "kernel=plane", _with(kernel=(7, 6), stride=None)),
+    ("F.max_pool2d_forward", "numpy_ints", _with(kernel=np.int32(2), stride=[np.int64(1), 3])),
+    ("F.max_pool2d_backward", "indices_int32", _with(indices=lambda rng: F.max_pool2d_forward(
+        **_pool_args(F64))[1].astype(np.int32))),
+    ("F.max_pool2d_backward", "indices_uint16_strided", _with(indices=lambda rng: np.repeat(F.max_pool2d_forward(
+        **_pool_args(F64))[1].astype(np.uint16), 2, axis=3)[..., ::2])),
+    ("F.max_pool2d_backward", "input_size_full_shape", _with(input_size=(2, 3, 7, 6))),
 ]
 
 

@@ -7,6 +7,8 @@ scripts under ``benchmarks/`` all run the same code.
 * :mod:`dselectk.experiments.movielens` -- the MovieLens recommender (Appendix D.1): MMoE with
   DSelect-k, Top-k and softmax gates and the shared-bottom baseline on the two tasks of
   :func:`dselectk.movielens.movielens_multitask`.
+* :mod:`dselectk.experiments.multi_mnist` -- Multi-MNIST / Multi-Fashion MNIST (Section 4.2,
+  Appendix D.2): MMoE with 8 CNN experts and the shared-bottom CNN baseline.
 
 The full-protocol runs are pytest tests marked ``paper`` (``pytest --paper``), skipped by default.
 """

@@ -1,0 +1,44 @@
+/* Convolution and max pooling (NCHW), instantiated for float and double from conv_impl.h. */
+#include "conv.h"
+#include "dsk.h"
+#include <cblas.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+long conv2d_group(const DskConv2d *g) { return g->B < DSK_CONV_GROUP ? g->B : DSK_CONV_GROUP; }
+
+size_t conv2d_col_size(const DskConv2d *g) {
+    return (size_t)(g->C * g->KH * g->KW + g->F) * (size_t)conv2d_group(g) * (size_t)(g->OH * g->OW);
+}
+
+size_t conv2d_acc_size(const DskConv2d *g) { return (size_t)g->F; }
+
+/* The output columns ow in [*lo, *hi) whose input column ow sw - pl + j lies inside [0, W). */
+static void dsk_conv_valid_columns(const DskConv2d *g, long j, long *lo, long *hi) {
+    const long first = g->pl - j, last = g->W - 1 + g->pl - j; /* need first <= ow sw <= last */
+    long a = first <= 0 ? 0 : (first + g->sw - 1) / g->sw;
+    long b = last < 0 ? 0 : last / g->sw + 1;
+    if (a > g->OW) a = g->OW;
+    if (b > g->OW) b = g->OW;
+    if (b < a) b = a;
+    *lo = a;
+    *hi = b;
+}
+
+#define real float
+#define FN(name) name##_f32
+#define GEMM scipy_cblas_sgemm
+#include "conv_impl.h"
+#undef real
+#undef FN
+#undef GEMM
+
+#define real double
+#define FN(name) name##_f64
+#define GEMM scipy_cblas_dgemm
+#include "conv_impl.h"
+#undef real
+#undef FN
+#undef GEMM

@@ -1,0 +1,96 @@
+"""Multi-MNIST / Multi-Fashion-MNIST: the paper's image multi-task experiment (Section 4.2,
+Appendix D.2 of Hazimeh et al., DSelect-k, NeurIPS 2021).
+
+Two classification tasks per image (the classes of the top-left and of the bottom-right item of
+:func:`dselectk.images.multi_mnist`), the loss their unweighted sum. Models (``MODELS``):
+
+* ``"dselect_k"``, ``"top_k"``, ``"softmax"``: MMoE with ``n_experts`` (8) CNN experts (conv 5x5,
+  10 filters -> ReLU -> maxpool 2 -> conv 5x5, 20 filters -> ReLU -> maxpool 2 -> flatten ->
+  ``expert_layers`` (1, 3 or 5 in the paper) Dense-ReLU layers of ``units`` (50)), a STATIC gate per
+  task (DSelect-k with k selectors, Top-k with k, or the dense softmax gate), and a tower per task
+  (``tower_units`` Dense-ReLU layers, then the 10-class output);
+* ``"shared_bottom"``: the same CNN as one shared bottom, then the towers.
+
+Training: Adam, batch size 256, the sum of the two cross-entropies (plus the gates'
+regularizers), early stopping on the validation loss with the best weights restored. Reported:
+per-task test accuracy and, for the gated models, the number of experts each task's gate selects
+(nonzero weight) at the end.
+
+Choices the paper leaves to tuning, with the defaults used here: k = 2, gamma = 1, entropy
+regularization 0.1 for DSelect-k, learning rate 1e-3, towers of one Dense layer of 50 units, at
+most 100 epochs with a patience of 10.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .. import images
+from ..models import MMoE, SharedBottom
+from ..trainer import evaluate, fit
+
+__all__ = ["MODELS", "build_model", "run"]
+
+MODELS = ("dselect_k", "top_k", "softmax", "shared_bottom")
+
+
+def build_model(name, input_shape, n_classes=(10, 10), n_experts=8, k=2, expert_layers=1, units=50,
+                tower_units=(50,), filters=(10, 20), kernel=5, pool=2, gamma=1.0, entropy_reg=0.1, seed=0,
+                dtype="float32"):
+    """One model of ``MODELS`` for images of ``input_shape`` (C, H, W) and two softmax tasks."""
+    common = dict(input_shape=tuple(input_shape), n_tasks=2, tower_units=tuple(tower_units),
+                  task_losses="softmax_ce", task_outputs=list(n_classes), seed=seed, dtype=dtype)
+    dense = (units,) * expert_layers
+    if name == "shared_bottom":
+        return SharedBottom(bottom="cnn", bottom_units=dense, bottom_filters=filters, bottom_kernel=kernel,
+                            bottom_pool=pool, **common)
+    gates = {"dselect_k": dict(gate="dselect_k", k=k, gamma=gamma, entropy_reg=entropy_reg),
+             "top_k": dict(gate="top_k", k=k), "softmax": dict(gate="softmax")}
+    if name not in gates:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
+    return MMoE(expert="cnn", n_experts=n_experts, expert_units=dense, expert_filters=filters, expert_kernel=kernel,
+                expert_pool=pool, **gates[name], **common)
+
+
+def run(data=None, *, dataset="mnist", path=None, n_train=100_000, n_val=20_000, n_test=20_000, models=MODELS,
+        epochs=100, batch_size=256, lr=1e-3, early_stopping_patience=10, seed=0, data_seed=0, verbose=0,
+        **model_kwargs):
+    """Train every model of ``models`` on one Multi-MNIST-style data set and test it.
+
+    data : a :class:`dselectk.images.MultiMNIST`; if None it is built with ``dataset`` "mnist"
+        (from ``path``, a directory of MNIST IDX files) or "fashion_mnist" (``path`` or the
+        Debian package's directory), of sizes n_train / n_val / n_test and seed ``data_seed``.
+    model_kwargs : passed to :func:`build_model` (n_experts, k, expert_layers, units,
+        tower_units, filters, kernel, pool, gamma, entropy_reg, dtype).
+
+    Returns {model name: {"test_accuracy": [task 0, task 1], "selected_experts": [per task] or
+    None, "best_epoch", "epochs", "seconds", "num_parameters"}}."""
+    if data is None:
+        if dataset == "mnist":
+            if path is None:
+                raise ValueError("dataset='mnist' needs path=, a directory with the MNIST IDX files")
+            data = images.multi_mnist(path, n_train, n_val, n_test, seed=data_seed)
+        elif dataset == "fashion_mnist":
+            data = images.multi_fashion_mnist(path, n_train, n_val, n_test, seed=data_seed)
+        else:
+            raise ValueError(f"dataset must be 'mnist' or 'fashion_mnist', got {dataset!r}")
+    results = {}
+    for name in models:
+        model = build_model(name, data.input_shape, seed=seed, **model_kwargs)  # 10 classes per task
+        start = time.perf_counter()
+        validation = (data.X_val, data.Y_val) if len(data.X_val) else None
+        history = fit(model, data.X_train, data.Y_train, epochs=epochs, batch_size=batch_size, lr=lr,
+                      validation_data=validation,
+                      early_stopping_patience=early_stopping_patience if validation else None, seed=seed,
+                      verbose=verbose)
+        seconds = time.perf_counter() - start
+        test = evaluate(model, data.X_test, data.Y_test, batch_size=1024)
+        selected = None
+        if model.gates:
+            model.forward(data.X_test[:batch_size])  # static gates: the weights do not depend on the batch
+            selected = [int(g.num_selected()) for g in model.gates]
+        results[name] = dict(test_accuracy=[test["task0_accuracy"], test["task1_accuracy"]],
+                             selected_experts=selected, best_epoch=history.best_epoch, epochs=len(history.epochs),
+                             seconds=seconds, num_parameters=model.num_parameters())
+    return results
