@@ -5,7 +5,9 @@
 Workloads (float32):
 
 1. gate only: per-example DSelect-k forward + backward (gradients of <dw, w> + lambda * Omega for
-   x and every parameter), B = 4096, p = 64, k = 4, n in {8, 32, 128}, lambda = 0.1;
+   x and every parameter), B = 4096, p = 64, k = 4, n in {8, 32, 128}, lambda = 0.1 (PyTorch
+   also evaluates Omega itself, which its autograd needs; dselectk's backward needs only its
+   gradient);
 2. one MMoE training step (forward, task losses, backward, Adam): 8 experts Dense(256) + ReLU on
    128 inputs, 2 tasks with Dense(256) + ReLU towers and one output (MSE and BCE), batch 128 and
    1024, with per-example DSelect-k (k = 2, lambda = 0.1), per-example Top-k (k = 2) and static
