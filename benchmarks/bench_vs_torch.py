@@ -1,0 +1,342 @@
+"""dselectk against PyTorch (CPU) on the same models, at 1 and 2 threads.
+
+    python benchmarks/bench_vs_torch.py [--quick] [--out results.md] [--threads 1 2]
+
+Workloads (float32):
+
+1. gate only: per-example DSelect-k forward + backward (gradients of <dw, w> + lambda * Omega for
+   x and every parameter), B = 4096, p = 64, k = 4, n in {8, 32, 128}, lambda = 0.1 (PyTorch
+   also evaluates Omega itself, which its autograd needs; dselectk's backward needs only its
+   gradient);
+2. one MMoE training step (forward, task losses, backward, Adam): 8 experts Dense(256) + ReLU on
+   128 inputs, 2 tasks with Dense(256) + ReLU towers and one output (MSE and BCE), batch 128 and
+   1024, with per-example DSelect-k (k = 2, lambda = 0.1), per-example Top-k (k = 2) and static
+   DSelect-k (k = 2, lambda = 0.1) gates;
+3. the GEMM-only lower bound of that step: its necessary matrix products alone (every Dense
+   forward and backward, the gates' linear maps, the static gates' mixing GEMM; no gate input
+   gradient, which the step does not need), timed through dselectk.functional.dense_forward /
+   dense_backward, so through the same vendored OpenBLAS. Reported as our step time / GEMM time.
+
+The PyTorch side is benchmarks/torch_models.py (the same models: tests/test_torch_parity.py checks
+that outputs and gradients agree) with torch.optim.Adam (the fused CPU kernel where available).
+Both libraries get the same thread count (dselectk.set_num_threads and torch.set_num_threads;
+torch.set_num_interop_threads(1) once at start). dselectk is imported first: both then share the
+libgomp that dselectk loads with its short spin-wait setting (see dselectk/__init__.py).
+
+Timing: for each row the sides' timing blocks are interleaved (ABBA order) in one process; a block
+runs the workload for about --block-time seconds, a short pause before each block lets the other
+side's idle threads go to sleep, and the reported time is the median over --blocks blocks. The
+ratios compare numbers measured in the same process run; absolute numbers depend on the machine
+and its load. Without PyTorch installed the PyTorch columns say so and the rest still runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import dselectk  # before torch: see the module docstring
+from dselectk import functional as F
+from dselectk.models import MMoE
+
+try:
+    import torch
+except ImportError:  # the PyTorch rows are skipped
+    torch = None
+
+if torch is not None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch_models as tm
+
+P_GATE, K_GATE, B_GATE, LAM = 64, 4, 4096, 0.1
+STEP_GATES = {  # label: MMoE keyword arguments
+    "DSelect-k per-example": dict(gate="dselect_k", per_example=True, k=2, entropy_reg=0.1),
+    "Top-k per-example": dict(gate="top_k", per_example=True, k=2),
+    "DSelect-k static": dict(gate="dselect_k", per_example=False, k=2, entropy_reg=0.1),
+}
+INPUT, N_EXPERTS, UNITS, TOWER, N_TASKS = 128, 8, 256, 256, 2
+
+
+# --- timing -------------------------------------------------------------------------------------
+
+def _iterations(fn, block_time):
+    """Calls per block so that a block lasts about block_time (at least 1)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return max(1, int(round(block_time / max(dt, 1e-9))))
+
+
+def interleaved(fns, blocks, block_time, pause):
+    """{name: median seconds per call}: blocks of each fn, interleaved (ABBA...), median over blocks."""
+    names = list(fns)
+    iters = {name: _iterations(fns[name], block_time) for name in names}
+    times = {name: [] for name in names}
+    for b in range(blocks):
+        for name in (names if b % 2 == 0 else names[::-1]):
+            fn, n = fns[name], iters[name]
+            time.sleep(pause)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def set_threads(n):
+    dselectk.set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+# --- workload 1: the gate alone -----------------------------------------------------------------
+
+def gate_workload(n, rng):
+    """(ours, theirs or None) callables for the per-example DSelect-k forward + backward."""
+    m, p, k, B = F.n_bits(n), P_GATE, K_GATE, B_GATE
+    x = rng.standard_normal((B, p)).astype(np.float32)
+    G = rng.uniform(-0.05, 0.05, (k, p)).astype(np.float32)
+    b_G = rng.uniform(-0.05, 0.05, k).astype(np.float32)
+    W = rng.uniform(-1 / 8, 1 / 8, (k, m, p)).astype(np.float32)  # z spread over the fractional region and beyond
+    b_W = rng.uniform(-1 / 4, 1 / 4, (k, m)).astype(np.float32)
+    dw = rng.standard_normal((B, n)).astype(np.float32)
+
+    def ours():
+        w, cache = F.dselect_k_per_example_forward(x, G, b_G, W, b_W, n, 1.0)
+        return w, F.dselect_k_per_example_backward(dw, cache, lam=LAM)
+
+    if torch is None:
+        return ours, None
+    gate = tm.DSelectKGate(n, k, 1.0, entropy_reg=LAM, per_example=True, input_dim=p)
+    with torch.no_grad():
+        for name, v in (("G", G), ("b_G", b_G), ("W", W), ("b_W", b_W)):
+            getattr(gate, name).copy_(torch.from_numpy(v))
+    xt, dwt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(dw)
+
+    def theirs():
+        xt.grad = None
+        gate.zero_grad(set_to_none=True)
+        w = gate(xt)
+        ((w * dwt).sum() + gate.reg).backward()
+        return w
+
+    w_ours, g_ours = ours()
+    w_theirs = theirs()
+    _check_close(w_ours, w_theirs.detach().numpy(), "gate forward")
+    _check_close(g_ours["x"], xt.grad.numpy(), "gate dx")
+    _check_close(g_ours["W"], gate.W.grad.numpy(), "gate dW")
+    return ours, theirs
+
+
+def _check_close(a, b, what, tol=1e-4):
+    err = float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-30))
+    if err > tol:
+        raise AssertionError(f"{what}: dselectk and PyTorch differ (relative error {err:.2e}); not timing")
+
+
+# --- workload 2: the MMoE training step ---------------------------------------------------------
+
+def step_data(batch, rng):
+    X = rng.standard_normal((batch, INPUT)).astype(np.float32)
+    Y = [rng.standard_normal((batch, 1)).astype(np.float32), (rng.random((batch, 1)) < 0.5).astype(np.float32)]
+    return X, Y
+
+
+def step_workload(gate_kwargs, X, Y):
+    """(ours, theirs or None, adam variant) callables for one training step."""
+    model = MMoE(INPUT, n_tasks=N_TASKS, n_experts=N_EXPERTS, expert_units=(UNITS,), tower_units=(TOWER,),
+                 task_losses=["mse", "bce"], seed=0, **gate_kwargs)
+    tmodel = tm.from_dselectk(model) if torch is not None else None
+    if tmodel is not None:  # same outputs before anything is timed
+        outs = model.forward(X, training=True)
+        with torch.no_grad():
+            touts = tmodel(torch.from_numpy(X))
+        for o, to in zip(outs, touts):
+            _check_close(o, to.numpy(), "MMoE forward")
+    opt = dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=1e-4)
+
+    def ours():
+        model.zero_grad()
+        outs = model.forward(X, training=True)
+        _, _, douts = model.loss(outs, Y)
+        model.backward(douts)
+        opt.step()
+
+    if tmodel is None:
+        return ours, None, None
+    topt = tm.make_adam(tmodel, lr=1e-4)
+    Xt, Yt = torch.from_numpy(X), [torch.from_numpy(y) for y in Y]
+
+    def theirs():
+        topt.zero_grad(set_to_none=True)
+        total, _ = tmodel.loss(tmodel(Xt), Yt)
+        total.backward()
+        topt.step()
+
+    return ours, theirs, topt.variant
+
+
+# --- workload 3: the step's GEMMs alone ---------------------------------------------------------
+
+def gemm_plan(batch, gate_kwargs):
+    """The step's necessary matrix products as Dense calls (rows, in, out, need_dx, bias):
+    forward y = x W (+ b) and backward dW += x^T dy (+ db), dx = dy W^T when need_dx."""
+    B, plan = batch, []
+    plan += [(B, INPUT, UNITS, False, True)] * N_EXPERTS  # experts: input gradient not needed
+    plan += [(B, UNITS, TOWER, True, True), (B, TOWER, 1, True, True)] * N_TASKS  # towers
+    if gate_kwargs["per_example"]:
+        if gate_kwargs["gate"] == "dselect_k":  # alpha = x G^T + b_G and Z = x W^T + b_W, per task
+            k, m = gate_kwargs["k"], F.n_bits(N_EXPERTS)
+            plan += [(B, INPUT, k, False, True), (B, INPUT, k * m, False, True)] * N_TASKS
+        else:  # Top-k logits x A^T + b
+            plan += [(B, INPUT, N_EXPERTS, False, True)] * N_TASKS
+    else:  # the (T, n) x (n, B * d) mixing GEMM; its backward gives the gates' dW and the experts' df
+        plan += [(N_TASKS, N_EXPERTS, B * UNITS, True, False)]
+    return plan
+
+
+def gemm_workload(batch, gate_kwargs, rng):
+    arrays = []
+    for rows, i, o, need_dx, bias in gemm_plan(batch, gate_kwargs):
+        arrays.append(dict(x=rng.standard_normal((rows, i)).astype(np.float32),
+                           W=rng.standard_normal((i, o)).astype(np.float32) * 0.05,
+                           b=np.zeros(o, np.float32) if bias else None,
+                           dy=rng.standard_normal((rows, o)).astype(np.float32),
+                           dW=np.zeros((i, o), np.float32), db=np.zeros(o, np.float32) if bias else None,
+                           need_dx=need_dx))
+
+    def gemms():
+        for a in arrays:
+            F.dense_forward(a["x"], a["W"], a["b"])
+        for a in reversed(arrays):
+            F.dense_backward(a["dy"], a["x"], a["W"], a["dW"], a["db"], need_dx=a["need_dx"])
+
+    return gemms
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _fmt_rate(x):
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+def _fmt_ratio(a, b):
+    return "n/a" if a is None or b is None else f"{a / b:.2f}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a short smoke run (few, short blocks): numbers are rough")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--blocks", type=int, default=None, help="timing blocks per side (default 7, --quick 3)")
+    ap.add_argument("--block-time", type=float, default=None,
+                    help="seconds per timing block (default 0.3, --quick 0.02)")
+    ap.add_argument("--workloads", nargs="+", choices=["gate", "step"], default=["gate", "step"])
+    ap.add_argument("--out", help="also write the Markdown report to this file")
+    args = ap.parse_args(argv)
+    blocks = args.blocks or (3 if args.quick else 7)
+    block_time = args.block_time or (0.02 if args.quick else 0.3)
+    pause = 0.05 if args.quick else 0.2
+    if torch is not None:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or inter-op work already started
+            pass
+
+    lines = []
+
+    def out(line=""):
+        print(line, flush=True)
+        lines.append(line)
+
+    info = dselectk.build_info()
+    out("# dselectk vs PyTorch (CPU)")
+    out()
+    out(f"- CPU: {_cpu_model()}, {os.cpu_count()} logical CPUs visible; Python {platform.python_version()}")
+    out(f"- dselectk {dselectk.__version__}: openmp={info['openmp']}, BLAS={info['blas']}")
+    if torch is None:
+        out("- PyTorch: not installed, PyTorch columns skipped (pip install torch to fill them)")
+    else:
+        out(f"- PyTorch {torch.__version__}, interop threads {torch.get_num_interop_threads()}")
+    out(f"- float32; median of {blocks} interleaved blocks of ~{block_time:g} s per side"
+        f"{' (--quick: rough numbers)' if args.quick else ''}; threads pinned to the same count on both sides")
+    out("- ours/PyTorch = dselectk examples/s divided by PyTorch examples/s, in this process run (> 1: dselectk faster)")
+    out()
+    rng = np.random.default_rng(0)
+    results = {"gate": [], "step": []}
+
+    if "gate" in args.workloads:
+        out(f"## Per-example DSelect-k gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_GATE}, lambda={LAM})")
+        out()
+        out("| n | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch |")
+        out("|---:|---:|---:|---:|---:|")
+        for n in (8, 32, 128):
+            ours, theirs = gate_workload(n, rng)
+            for threads in args.threads:
+                set_threads(threads)
+                fns = {"ours": ours} if theirs is None else {"ours": ours, "theirs": theirs}
+                t = interleaved(fns, blocks, block_time, pause)
+                r_ours = B_GATE / t["ours"]
+                r_theirs = B_GATE / t["theirs"] if "theirs" in t else None
+                results["gate"].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
+                out(f"| {n} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | {_fmt_ratio(r_ours, r_theirs)} |")
+        out()
+
+    if "step" in args.workloads:
+        variant = None
+        out(f"## MMoE training step ({N_EXPERTS} experts Dense({UNITS}), {N_TASKS} tasks, input {INPUT}, "
+            f"towers Dense({TOWER}) -> 1, MSE + BCE, Adam)")
+        out()
+        out("step/GEMM = our step time / the time of its matrix products alone (same shapes, same BLAS).")
+        out()
+        out("| gate | batch | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch | our step ms | GEMM ms "
+            "| step/GEMM |")
+        out("|:---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for batch in (128, 1024):
+            X, Y = step_data(batch, rng)
+            for label, kwargs in STEP_GATES.items():
+                ours, theirs, variant = step_workload(kwargs, X, Y)
+                gemms = gemm_workload(batch, kwargs, rng)
+                for threads in args.threads:
+                    set_threads(threads)
+                    fns = {"ours": ours, "gemm": gemms}
+                    if theirs is not None:
+                        fns["theirs"] = theirs
+                    t = interleaved(fns, blocks, block_time, pause)
+                    r_ours = batch / t["ours"]
+                    r_theirs = batch / t["theirs"] if "theirs" in t else None
+                    results["step"].append(dict(gate=label, batch=batch, threads=threads, ours=r_ours,
+                                                theirs=r_theirs, step_s=t["ours"], gemm_s=t["gemm"]))
+                    out(f"| {label} | {batch} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | "
+                        f"{_fmt_ratio(r_ours, r_theirs)} | {t['ours'] * 1e3:.2f} | {t['gemm'] * 1e3:.2f} | "
+                        f"{t['ours'] / t['gemm']:.2f} |")
+        out()
+        if variant is not None:
+            out(f"PyTorch optimizer: torch.optim.Adam ({variant}).")
+            out()
+
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

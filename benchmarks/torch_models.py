@@ -1,0 +1,295 @@
+"""PyTorch versions of dselectk's gates and MMoE, for comparison only (parity tests, benchmarks).
+
+The package never imports this module. It mirrors dselectk's definitions exactly, so that with the
+same parameters both give the same outputs, losses and gradients (tests/test_torch_parity.py):
+
+* :func:`smooth_step`: S(t; gamma) = 0 for t <= -gamma/2, 1 for t >= gamma/2, the cubic
+  -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between (clamped to [0, 1] like the C kernel).
+* :func:`selector`: r_j = prod_b (s_b if bit b of j is set else 1 - s_b), with s[..., 0] the least
+  significant bit (``dselectk.functional.selector``); codes n..2^m-1 dropped when n is not a power
+  of two.
+* :class:`DSelectKGate`: w = sum_i softmax(alpha)_i r(S(z^(i))), static (alpha (k,), Z (k, m)) or
+  per example (G (k, p), b_G (k,), W (k, m, p), b_W (k, m)). Its regularizer is
+  lambda * Omega + xi * penalty with Omega = sum_i h(r_i), h(r) = -sum_j r_j log(r_j + eps), and
+  penalty = sum_i 1 / (eps + sum_{j<n} r_ij), each averaged over the batch (B = 1 for a static
+  gate); xi counts only when n is not a power of two (``dselectk.functional.dselect_k_backward``).
+* :class:`TopKGate`: softmax over the k largest logits (ties to the lower index), 0 elsewhere;
+  static (logits (n,)) or per example (A (n, p), b (n,)). No noisy variant.
+* :class:`MMoE`: n experts of Dense -> ReLU blocks, one gate per task (its input is the model's
+  input), towers of Dense -> ReLU blocks and a linear output. Dense keeps W as (in, out) like
+  ``dselectk.layers.Dense``. Losses: "mse" (per example the sum over the outputs, mean over the
+  batch) and "bce" (with logits, mean); total = sum_t task_weight_t * L_t + the gates'
+  regularizers (``dselectk.models._Model.loss``). No dropout.
+* :func:`from_dselectk` builds the PyTorch model of a ``dselectk.MMoE`` and copies its parameters;
+  :func:`copy_parameters` copies them into an existing one. ``model.dsk_params`` maps dselectk's
+  parameter names (``model.parameters()`` of dselectk, e.g. "expert3.0.W", "gate1.Z") to the
+  torch Parameters.
+* :func:`make_adam`: ``torch.optim.Adam`` over the model's parameters.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["smooth_step", "selector", "n_bits", "DSelectKGate", "TopKGate", "Dense", "MLP", "MMoE",
+           "from_dselectk", "copy_parameters", "make_adam", "task_loss"]
+
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def n_bits(n):
+    """m = ceil(log2 n)."""
+    return (int(n) - 1).bit_length()
+
+
+def smooth_step(t, gamma=1.0):
+    half = gamma / 2
+    cubic = (-2 / gamma**3 * t * t * t + 3 / (2 * gamma) * t + 0.5).clamp(0.0, 1.0)
+    return torch.where(t <= -half, torch.zeros_like(t), torch.where(t >= half, torch.ones_like(t), cubic))
+
+
+def selector(s, n):
+    """s (..., m) -> r (..., n): built bit by bit, r <- [r * (1 - s_b), r * s_b], so that index j's
+    bit b selects s_b (bit 0 least significant); O(2^m) per row."""
+    m = s.shape[-1]
+    r = torch.ones(s.shape[:-1] + (1,), dtype=s.dtype, device=s.device)
+    for b in range(m):
+        sb = s[..., b:b + 1]
+        r = torch.cat([r * (1 - sb), r * sb], dim=-1)
+    return r[..., :n] if r.shape[-1] != n else r
+
+
+class DSelectKGate(nn.Module):
+    def __init__(self, n_experts, k, gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False, input_dim=None,
+                 eps=1e-6, dtype=torch.float32):
+        super().__init__()
+        self.n, self.k, self.gamma = int(n_experts), int(k), float(gamma)
+        self.m = n_bits(self.n)
+        self.entropy_reg, self.eps = float(entropy_reg), float(eps)
+        self.xi = 0.0 if (1 << self.m) == self.n else float(xi)  # the penalty only for n not a power of two
+        self.per_example = bool(per_example)
+        k, m = self.k, self.m
+        if self.per_example:
+            p = int(input_dim)
+            self.G = nn.Parameter(torch.zeros(k, p, dtype=dtype))
+            self.b_G = nn.Parameter(torch.zeros(k, dtype=dtype))
+            self.W = nn.Parameter(torch.zeros(k, m, p, dtype=dtype))
+            self.b_W = nn.Parameter(torch.zeros(k, m, dtype=dtype))
+        else:
+            self.alpha = nn.Parameter(torch.zeros(k, dtype=dtype))
+            self.Z = nn.Parameter(torch.zeros(k, m, dtype=dtype))
+        self.reg = None
+
+    def forward(self, x=None):
+        """w (n,) static, (B, n) per example; sets ``self.reg`` (a 0-d tensor) to the regularizer."""
+        if self.per_example:
+            alpha = nn.functional.linear(x, self.G, self.b_G)  # (B, k)
+            Z = nn.functional.linear(x, self.W.reshape(self.k * self.m, -1), self.b_W.reshape(-1))
+            Z = Z.reshape(-1, self.k, self.m)
+        else:
+            alpha, Z = self.alpha[None], self.Z[None]
+        sigma = torch.softmax(alpha, dim=-1)  # (B, k)
+        r = selector(smooth_step(Z, self.gamma), self.n)  # (B, k, n)
+        w = torch.bmm(sigma.unsqueeze(1), r).squeeze(1)  # (B, n)
+        B = r.shape[0]
+        reg = None
+        if self.entropy_reg > 0:
+            reg = -self.entropy_reg / B * (r * torch.log(r + self.eps)).sum()
+        if self.xi > 0:
+            pen = self.xi / B * (1.0 / (self.eps + r.sum(dim=-1))).sum()
+            reg = pen if reg is None else reg + pen
+        self.reg = reg
+        return w if self.per_example else w[0]
+
+
+def keep_top_k_softmax(logits, k):
+    """softmax over the k largest entries of the last axis, 0 elsewhere; ties to the lower index
+    (a stable descending sort keeps equal entries in index order)."""
+    idx = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :k]
+    p = torch.softmax(torch.gather(logits, -1, idx), dim=-1)
+    return torch.zeros_like(logits).scatter(-1, idx, p)
+
+
+class TopKGate(nn.Module):
+    def __init__(self, n_experts, k, per_example=False, input_dim=None, dtype=torch.float32):
+        super().__init__()
+        self.n, self.k, self.per_example = int(n_experts), int(k), bool(per_example)
+        if self.per_example:
+            self.A = nn.Parameter(torch.zeros(self.n, int(input_dim), dtype=dtype))
+            self.b = nn.Parameter(torch.zeros(self.n, dtype=dtype))
+        else:
+            self.logits = nn.Parameter(torch.zeros(self.n, dtype=dtype))
+        self.reg = None
+
+    def forward(self, x=None):
+        logits = nn.functional.linear(x, self.A, self.b) if self.per_example else self.logits
+        return keep_top_k_softmax(logits, self.k)
+
+
+class Dense(nn.Module):
+    """y = x W + b with W (in, out), as dselectk.layers.Dense."""
+
+    def __init__(self, in_dim, out_dim, dtype=torch.float32):
+        super().__init__()
+        self.W = nn.Parameter(torch.zeros(int(in_dim), int(out_dim), dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(int(out_dim), dtype=dtype))
+
+    def forward(self, x):
+        return torch.addmm(self.b, x, self.W)
+
+
+class MLP(nn.Module):
+    """Dense -> ReLU blocks, then an optional linear output (``output_dim``) or "sum" of the units.
+    ``named_dense`` gives dselectk's layer indices (a ReLU counts as one layer there)."""
+
+    def __init__(self, in_dim, units, output_dim=None, dtype=torch.float32):
+        super().__init__()
+        self.hidden = nn.ModuleList()
+        self.named_dense = []
+        d = int(in_dim)
+        for i, u in enumerate(units):
+            layer = Dense(d, u, dtype)
+            self.hidden.append(layer)
+            self.named_dense.append((2 * i, layer))
+            d = int(u)
+        self.sum_output = output_dim == "sum"
+        self.out = None
+        if output_dim is not None and not self.sum_output:
+            self.out = Dense(d, output_dim, dtype)
+            self.named_dense.append((2 * len(units), self.out))
+            d = int(output_dim)
+        self.out_dim = 1 if self.sum_output else d
+
+    def forward(self, x):
+        for layer in self.hidden:
+            x = torch.relu(layer(x))
+        if self.sum_output:
+            return x.sum(dim=1, keepdim=True)
+        return self.out(x) if self.out is not None else x
+
+
+def task_loss(name, out, y):
+    if name == "mse":
+        return ((out - y.reshape(out.shape)) ** 2).sum(dim=1).mean()
+    if name == "bce":
+        return nn.functional.binary_cross_entropy_with_logits(out.reshape(-1), y.reshape(-1))
+    raise ValueError(f"torch_models supports the losses 'mse' and 'bce', not {name!r}")
+
+
+class MMoE(nn.Module):
+    """The MMoE of dselectk.models.MMoE (no dropout, no noisy Top-k, no softmax gates)."""
+
+    def __init__(self, input_dim, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses="mse",
+                 task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
+                 per_example=False, expert_output=None, dtype="float32"):
+        super().__init__()
+        dt = TORCH_DTYPES[str(dtype)] if not isinstance(dtype, torch.dtype) else dtype
+
+        def per_task(v):
+            return list(v) if isinstance(v, (list, tuple)) else [v] * n_tasks
+
+        self.n_tasks = int(n_tasks)
+        self.task_losses = per_task(task_losses)
+        self.task_outputs = [int(o) for o in per_task(task_outputs)]
+        self.task_weights = [1.0] * n_tasks if task_weights is None else [float(w) for w in per_task(task_weights)]
+        self.per_example = bool(per_example)
+        self.experts = nn.ModuleList(MLP(input_dim, expert_units, expert_output, dt) for _ in range(n_experts))
+        d = self.experts[0].out_dim
+        if gate == "dselect_k":
+            make = lambda: DSelectKGate(n_experts, k, gamma, entropy_reg, xi, per_example, input_dim, dtype=dt)  # noqa: E731
+        elif gate == "top_k":
+            make = lambda: TopKGate(n_experts, k, per_example, input_dim, dtype=dt)  # noqa: E731
+        else:
+            raise ValueError(f"torch_models supports the gates 'dselect_k' and 'top_k', not {gate!r}")
+        self.gates = nn.ModuleList(make() for _ in range(n_tasks))
+        self.towers = nn.ModuleList(
+            MLP(d, tower_units, out, dt) if tower_units is not None else MLP(d, (), None, dt) for out in self.task_outputs)
+        self.dsk_params = {}
+        for j, e in enumerate(self.experts):
+            self._name_mlp(f"expert{j}", e)
+        for t, g in enumerate(self.gates):
+            for name, p in g.named_parameters():
+                self.dsk_params[f"gate{t}.{name}"] = p
+        for t, tw in enumerate(self.towers):
+            self._name_mlp(f"tower{t}", tw)
+
+    def _name_mlp(self, prefix, mlp):
+        for i, layer in mlp.named_dense:
+            self.dsk_params[f"{prefix}.{i}.W"] = layer.W
+            self.dsk_params[f"{prefix}.{i}.b"] = layer.b
+
+    def forward(self, X):
+        """[raw output per task]."""
+        if self.per_example:
+            f = torch.stack([e(X) for e in self.experts], dim=1)  # (B, n, d)
+            return [tower(torch.bmm(gate(X).unsqueeze(1), f).squeeze(1)) for gate, tower in zip(self.gates, self.towers)]
+        f = torch.stack([e(X) for e in self.experts])  # (n, B, d)
+        n, B, d = f.shape
+        W = torch.stack([g() for g in self.gates])  # (T, n)
+        mixed = (W @ f.reshape(n, B * d)).reshape(self.n_tasks, B, d)
+        return [tower(mixed[t]) for t, tower in enumerate(self.towers)]
+
+    def regularization(self):
+        regs = [g.reg for g in self.gates if g.reg is not None]
+        return sum(regs) if regs else None
+
+    def loss(self, outputs, targets):
+        """(total, [loss per task]) as 0-d tensors; call after forward."""
+        per_task = [task_loss(name, out, y) for name, out, y in zip(self.task_losses, outputs, targets)]
+        total = sum(w * L for w, L in zip(self.task_weights, per_task))
+        reg = self.regularization()
+        return (total + reg if reg is not None else total), per_task
+
+
+_MODEL_KEYS = ("input_dim", "n_tasks", "n_experts", "expert_units", "tower_units", "task_losses", "task_outputs",
+               "task_weights", "gate", "k", "gamma", "entropy_reg", "xi", "per_example", "expert_output")
+
+
+def copy_parameters(torch_model, dsk_model):
+    """Copy every parameter of the dselectk model into the torch model (cast to its dtype)."""
+    named = dsk_model.parameters()
+    if set(named) != set(torch_model.dsk_params):
+        raise ValueError(f"parameter names differ: only dselectk {sorted(set(named) - set(torch_model.dsk_params))}, "
+                         f"only torch {sorted(set(torch_model.dsk_params) - set(named))}")
+    with torch.no_grad():
+        for name, p in torch_model.dsk_params.items():
+            src = torch.from_numpy(named[name].copy())
+            if tuple(src.shape) != tuple(p.shape):
+                raise ValueError(f"{name}: dselectk shape {tuple(src.shape)}, torch shape {tuple(p.shape)}")
+            p.copy_(src)
+    return torch_model
+
+
+def from_dselectk(dsk_model, dtype=None):
+    """A torch MMoE with the architecture and the parameters of ``dsk_model`` (a dselectk.MMoE);
+    dtype: "float32"/"float64" or a torch dtype, default the dselectk model's."""
+    cfg = dsk_model.config
+    if cfg.get("dropout", 0) or cfg.get("noisy"):
+        raise ValueError("torch_models has no dropout and no noisy Top-k")
+    kwargs = {key: cfg[key] for key in _MODEL_KEYS if key in cfg}
+    model = MMoE(**kwargs, dtype=dtype or cfg["dtype"])
+    return copy_parameters(model, dsk_model)
+
+
+def make_adam(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=None):
+    """torch.optim.Adam over the model's parameters. ``fused=None`` asks for the fused CPU kernel
+    when this PyTorch has one (one kernel for all parameters, as dselectk's single C call), else
+    the default implementation. The chosen variant is in ``opt.variant``."""
+    variants = [("fused", dict(fused=True)), ("foreach", dict(foreach=True)), ("default", {})]
+    if fused is not None:
+        variants = [("fused" if fused else "default", dict(fused=bool(fused)))]
+    for variant, extra in variants:
+        try:
+            opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                   **extra)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        opt.variant = variant
+        return opt
+    raise RuntimeError("torch.optim.Adam could not be built")
+
+
+def num_parameters(model):
+    return sum(math.prod(p.shape) for p in model.parameters())
