@@ -75,7 +75,7 @@ class build_ext_dselectk(build_ext):
         elif not use_openmp:
             print("dselectk: DSELECTK_NO_OPENMP set, building serial kernels", file=sys.stderr)
 
-        cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+        cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-math-errno"]
         if os.environ.get("DSELECTK_WERROR", "") in ("1", "true", "yes"):
             cflags.append("-Werror")
         ldflags = ["-Wl,-rpath,$ORIGIN/_lib"]
