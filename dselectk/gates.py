@@ -4,8 +4,9 @@ Every gate has the same small interface, used by the trainer:
 
 * ``forward(x=None) -> w``: expert weights, (n,) for a static gate, (B, n) per example (x is the
   gate's input, (B, p); static gates ignore it, or broadcast to (B, n) with ``batch_size``).
-* ``backward(dw) -> dx``: accumulates into ``grads`` the gradient of <dw, w> plus the gate's own
-  regularizer, and returns the gradient with respect to x (None for static gates).
+* ``backward(dw, need_dx=True) -> dx``: accumulates into ``grads`` the gradient of <dw, w> plus
+  the gate's own regularizer, and returns the gradient with respect to x (None for static gates,
+  and when ``need_dx`` is False: a model whose gates read its own input skips that product).
 * ``regularization() -> float``: the regularizer's value at the last forward (already scaled).
 * ``params`` / ``grads``: dicts of arrays (same keys); ``zero_grad()``.
 * diagnostics: ``selected_experts()`` (indices with nonzero weight) and, for DSelect-k,
@@ -170,12 +171,13 @@ class DSelectKGate(_Gate):
         self._last_w = w
         return w
 
-    def backward(self, dw):
-        """Accumulates the gradients of <dw, w> + lambda * Omega + xi * penalty; returns dx."""
+    def backward(self, dw, need_dx=True):
+        """Accumulates the gradients of <dw, w> + lambda * Omega + xi * penalty; returns dx (None
+        for a static gate or without ``need_dx``)."""
         self._need_forward()
         lam, xi = self.entropy_reg, self._xi_effective
         if self.per_example:
-            g = F.dselect_k_per_example_backward(dw, self._cache, lam, xi, self.eps)
+            g = F.dselect_k_per_example_backward(dw, self._cache, lam, xi, self.eps, need_dx=need_dx)
             for name in ("G", "b_G", "W", "b_W"):
                 self._accumulate(name, g[name])
             return g["x"]
@@ -328,7 +330,7 @@ class TopKGate(_Gate):
         self._last_w = w
         return w
 
-    def backward(self, dw):
+    def backward(self, dw, need_dx=True):
         self._need_forward()
         w = self._cache[0]
         dlogits = F.top_k_backward(dw, w)
@@ -337,16 +339,16 @@ class TopKGate(_Gate):
             return None
         _, x, noise = self._cache
         p = self.params
-        dx, dA, db = F.linear_backward(dlogits, x, p["A"])
+        dx, dA, db = F.linear_backward(dlogits, x, p["A"], need_dx=need_dx)
         self._accumulate("A", dA)
         self._accumulate("b", db)
         if noise is not None:
             raw, normal = noise
             _, draw = F.noisy_logits_backward(dlogits, raw, normal)
-            dxn, dAn, dbn = F.linear_backward(draw, x, p["A_noise"])
+            dxn, dAn, dbn = F.linear_backward(draw, x, p["A_noise"], need_dx=need_dx)
             self._accumulate("A_noise", dAn)
             self._accumulate("b_noise", dbn)
-            dx = dx + dxn
+            dx = dx + dxn if need_dx else None
         return dx
 
     def regularization(self):
@@ -381,13 +383,13 @@ class SoftmaxGate(_Gate):
         self._last_w = w
         return w
 
-    def backward(self, dw):
+    def backward(self, dw, need_dx=True):
         self._need_forward()
         dlogits = F.softmax_backward(dw, self._cache[0])
         if not self.per_example:
             self._accumulate("logits", dlogits)
             return None
-        dx, dA, db = F.linear_backward(dlogits, self._cache[1], self.params["A"])
+        dx, dA, db = F.linear_backward(dlogits, self._cache[1], self.params["A"], need_dx=need_dx)
         self._accumulate("A", dA)
         self._accumulate("b", db)
         return dx
@@ -439,7 +441,7 @@ class SoftmaxSelectorGate(_Gate):
         self._last_w = w
         return w
 
-    def backward(self, dw):
+    def backward(self, dw, need_dx=True):
         self._need_forward()
         dalpha, dbeta = F.softmax_selector_backward(dw, self._cache, self.entropy_reg, self.eps)
         self._accumulate("alpha", dalpha)

@@ -37,9 +37,9 @@ class Dense:
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._x = None
 
-    def forward(self, x, training=False):
+    def forward(self, x, training=False, out=None):
         self._x = x
-        return F.dense_forward(x, self.params["W"], self.params["b"])
+        return F.dense_forward(x, self.params["W"], self.params["b"], out=out)
 
     def backward(self, dout, need_dx=True):
         return F.dense_backward(dout, self._x, self.params["W"], self.grads["W"], self.grads["b"], need_dx=need_dx)
@@ -49,8 +49,8 @@ class ReLU:
     def __init__(self):
         self.params, self.grads, self._y = {}, {}, None
 
-    def forward(self, x, training=False):
-        self._y = F.relu_forward(x)
+    def forward(self, x, training=False, out=None):
+        self._y = F.relu_forward(x, out=out)
         return self._y
 
     def backward(self, dout, need_dx=True):
@@ -97,6 +97,21 @@ class SumUnits:
         return np.ascontiguousarray(np.broadcast_to(dout, self._shape))
 
 
+def run_layers(layers, x, training=False, out=None):
+    """x through ``layers``; with ``out`` (an array of the result's shape) the last layer writes
+    into it when it can (Dense, ReLU), else the result is copied there. Models pass a slice of
+    their (n, B, d) expert-output buffer, which saves stacking the experts' outputs."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        if i == last and out is not None and isinstance(layer, (Dense, ReLU)):
+            return layer.forward(x, training, out=out)
+        x = layer.forward(x, training)
+    if out is not None:
+        np.copyto(out, x.reshape(out.shape))
+        return out
+    return x
+
+
 def flops_per_row(layers, training=True, need_dx=False):
     """Floating-point operations of ``layers``' matrix products for one input row: each Dense or
     Conv2D layer costs F = 2 * (multiply-adds of its forward) in the forward; a training step adds F
@@ -130,10 +145,8 @@ class MLP:
             d = int(output_dim)
         self.out_dim = d
 
-    def forward(self, x, training=False):
-        for layer in self.layers:
-            x = layer.forward(x, training)
-        return x
+    def forward(self, x, training=False, out=None):
+        return run_layers(self.layers, x, training, out)
 
     def backward(self, dout, need_dx=True):
         for i in range(len(self.layers) - 1, -1, -1):
@@ -275,10 +288,8 @@ class CNNExpert:
         self.layers += dense.layers
         self.out_dim = dense.out_dim
 
-    def forward(self, x, training=False):
-        for layer in self.layers:
-            x = layer.forward(x, training)
-        return x
+    def forward(self, x, training=False, out=None):
+        return run_layers(self.layers, x, training, out)
 
     def backward(self, dout, need_dx=True):
         for i in range(len(self.layers) - 1, -1, -1):

@@ -429,7 +429,9 @@ class MMoE(_Model):
             self._count_flops(sum(r.size for r in rows), B, training)
         else:
             rows = None
-            f = np.stack([e.forward(X, training) for e in self.experts])  # (n, B, d)
+            f = np.empty((n, B, self.experts[0].out_dim), self.dtype)
+            for j, e in enumerate(self.experts):
+                e.forward(X, training, out=f[j])  # the expert's last layer writes into f[j]
             self._count_flops(n * B, B, training)
         outs = [tower.forward(F.mix_experts(f, w), training) for w, tower in zip(ws, self.towers)]
         self._cache = (f, ws, rows)
@@ -457,8 +459,10 @@ class MMoE(_Model):
         active = np.flatnonzero(W.any(axis=0))
         if active.size == 0:  # possible only for DSelect-k with n not a power of two: all mass on padding codes
             active = np.arange(1)
-        f = np.stack([self.experts[j].forward(X, training) for j in active])  # (a, B, d)
-        a, B, d = f.shape
+        a, B, d = active.size, X.shape[0], self.experts[0].out_dim
+        f = np.empty((a, B, d), self.dtype)
+        for i, j in enumerate(active):
+            self.experts[j].forward(X, training, out=f[i])
         W_active = np.ascontiguousarray(W[:, active])  # (T, a)
         mixed = F.dense_forward(W_active, f.reshape(a, B * d)).reshape(self.n_tasks, B, d)
         outs = [tower.forward(mixed[t], training) for t, tower in enumerate(self.towers)]
@@ -479,8 +483,8 @@ class MMoE(_Model):
             dy = tower.backward(dout)
             dw, df = F.mix_experts_backward(dy, f, w)
             df_total += df
-            dx = gate.backward(dw)  # None for a static gate
-            if need_dx and dx is not None:
+            dx = gate.backward(dw, need_dx=need_dx)  # None for a static gate or without need_dx
+            if dx is not None:
                 dX += dx
         for j, e in enumerate(self.experts):
             if rows is None:

@@ -365,7 +365,8 @@ def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary):
     Yc = T._check_Y(fast, Y, 10)
     calls = []
     for j, e in enumerate(fast.experts):
-        e.forward = (lambda orig, j: lambda x, training=False: (calls.append(j), orig(x, training))[1])(e.forward, j)
+        e.forward = (lambda orig, j: lambda x, training=False, **kw: (calls.append(j), orig(x, training, **kw))[1])(
+            e.forward, j)
     results = []
     for model in (fast, slow):
         model.zero_grad()
