@@ -76,7 +76,21 @@
      * df = 0, and f_j is not read. */                                                            \
     void mix_experts_backward_##sfx(real *dw, real *df, const real *dy, const real *f,            \
                                     const real *w, const unsigned char *active, long n, long B,   \
-                                    long d, int bnd, int per_example);
+                                    long d, int bnd, int per_example);                            \
+    /* The T mixtures of a multi-gate MoE at once (one per-example gate per task), reading each   \
+     * f_j[b] once for all tasks: y (T, B, d) with y_t[b] = sum_j w[t, b, j] f_j[b]; f (n, B, d), \
+     * w (T, B, n). Terms whose weight is exactly 0, and experts with active[j] == 0, are         \
+     * skipped (f_j is not read for those). active (n) may be NULL (all active). */               \
+    void mix_experts_many_forward_##sfx(real *y, const real *f, const real *w,                    \
+                                        const unsigned char *active, long T, long n, long B,      \
+                                        long d);                                                  \
+    /* Gradients of sum_t <dy_t, y_t>; dy (T, B, d): df (n, B, d) with df_j[b] = sum_t w[t, b, j] \
+     * dy_t[b] (written, not accumulated) and dw (T, B, n) with dw[t, b, j] = <dy_t[b], f_j[b]>.  \
+     * active is over all tasks: for active[j] == 0, df_j = 0, dw[:, :, j] = 0 and f_j is not     \
+     * read; an active expert gets its dw for every task, also where its weight is 0. */          \
+    void mix_experts_many_backward_##sfx(real *dw, real *df, const real *dy, const real *f,       \
+                                         const real *w, const unsigned char *active, long T,      \
+                                         long n, long B, long d);
 
 DSK_DECLARE_GATES(float, f32)
 DSK_DECLARE_GATES(double, f64)

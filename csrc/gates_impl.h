@@ -386,3 +386,78 @@ void FN(mix_experts_backward)(real *dw, real *df, const real *dy, const real *f,
         }
     }
 }
+
+/* Work of the multi-task mixing kernels, T n B d, saturated instead of overflowing (it only
+ * decides whether a loop runs in parallel). */
+static inline long FN(mix_many_work)(long T, long n, long B, long d) {
+    const long per_task = n * B * d; /* the size of f: fits */
+    return per_task > 0 && T > LONG_MAX / per_task ? LONG_MAX : T * per_task;
+}
+
+/* <x, y> over d entries, accumulated in double. Eight partial sums, each in order, so that GCC
+ * vectorizes the loop without reassociating (no -ffast-math needed) and the result does not
+ * depend on the build: the same bits with or without OpenMP. */
+static inline double FN(dot_double)(const real *restrict x, const real *restrict y, long d) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    long c = 0;
+    for (; c + 8 <= d; c += 8)
+        for (int u = 0; u < 8; u++) s[u] += (double)x[c + u] * y[c + u];
+    for (; c < d; c++) s[0] += (double)x[c] * y[c];
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* y += a x over d entries. restrict parameters (rather than restrict locals, which GCC's alias
+ * analysis mostly ignores) let the loop vectorize without a run-time overlap check. */
+static inline void FN(axpy_row)(real *restrict y, const real *restrict x, real a, long d) {
+    for (long c = 0; c < d; c++) y[c] += a * x[c];
+}
+
+void FN(mix_experts_many_forward)(real *y, const real *f, const real *w, const unsigned char *active,
+                                  long T, long n, long B, long d) {
+    /* Parallel over examples: example b owns the rows y_t[b] of every task. Per b, f_j[b] (d
+     * entries) is read from memory once and stays in L1 while it is added to the T outputs; the
+     * T rows y_t[b] stay there too. Terms are summed over j in order, as mix_experts_forward. */
+    DSK_PARALLEL_FOR(FN(mix_many_work)(T, n, B, d))
+    for (long b = 0; b < B; b++) {
+        for (long t = 0; t < T; t++) {
+            real *yt = y + (t * B + b) * d;
+            for (long c = 0; c < d; c++) yt[c] = 0;
+        }
+        for (long j = 0; j < n; j++) {
+            if (active && !active[j]) continue;
+            const real *fj = f + (j * B + b) * d;
+            for (long t = 0; t < T; t++) {
+                const real wt = w[(t * B + b) * n + j];
+                if (wt == 0) continue; /* exact zero: contributes nothing */
+                FN(axpy_row)(y + (t * B + b) * d, fj, wt, d);
+            }
+        }
+    }
+}
+
+void FN(mix_experts_many_backward)(real *dw, real *df, const real *dy, const real *f, const real *w,
+                                   const unsigned char *active, long T, long n, long B, long d) {
+    /* Parallel over examples: example b owns df_j[b] for every j and dw[t, b, :] for every t. Per
+     * (b, j), f_j[b] and df_j[b] stay in L1 over the T tasks (and the T rows dy_t[b] over the n
+     * experts). df_j[b] sums the tasks in order t = 0..T-1, as a loop over tasks that adds the
+     * df of mix_experts_backward into a zeroed total would. */
+    DSK_PARALLEL_FOR(FN(mix_many_work)(T, n, B, d))
+    for (long b = 0; b < B; b++) {
+        for (long j = 0; j < n; j++) {
+            real *dfj = df + (j * B + b) * d;
+            for (long c = 0; c < d; c++) dfj[c] = 0;
+            if (active && !active[j]) {
+                for (long t = 0; t < T; t++) dw[(t * B + b) * n + j] = 0;
+                continue;
+            }
+            const real *fj = f + (j * B + b) * d;
+            for (long t = 0; t < T; t++) {
+                const real *dyt = dy + (t * B + b) * d;
+                const real wt = w[(t * B + b) * n + j];
+                /* an exact zero weight adds nothing to df_j; dw is computed all the same */
+                if (wt != 0) FN(axpy_row)(dfj, dyt, wt, d);
+                dw[(t * B + b) * n + j] = (real)FN(dot_double)(dyt, fj, d);
+            }
+        }
+    }
+}

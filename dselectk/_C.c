@@ -865,6 +865,111 @@ done:
     return result;
 }
 
+/* Validates f (n, B, d) and w (T, B, n) of the multi-task mixing, in this order, and computes the
+ * active mask over all tasks: with skip_zero an expert is inactive when its weight is exactly 0 for
+ * every task and example; without it *active_out is NULL (all active). */
+static int mix_many_inputs(PyObject *f_obj, PyObject *w_obj, int skip_zero, int *tn, Hold *h, PyArrayObject **f,
+                           PyArrayObject **w, npy_intp *T, npy_intp *n, npy_intp *B, npy_intp *d,
+                           unsigned char **active_out) {
+    npy_intp fdims[3] = {-1, -1, -1};
+    if (!(*f = hold_from(h, f_obj, input_array(f_obj, "f", tn, 3, fdims, "(n, B, d)", 1)))) return -1;
+    *n = fdims[0];
+    *B = fdims[1];
+    *d = fdims[2];
+    if (check_batch(*B, "f") < 0) return -1;
+    if (*n < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'f' holds no experts (n = 0); expected f (n, B, d) with n >= 1");
+        return -1;
+    }
+    npy_intp wdims[3] = {-1, *B, *n};
+    if (!(*w = hold_from(h, w_obj, input_array(w_obj, "w", tn, 3, wdims, "(T, B, n)", 1)))) return -1;
+    *T = wdims[0];
+    if (*T < 1) {
+        PyErr_SetString(PyExc_ValueError, "argument 'w' holds no tasks (T = 0); expected w (T, B, n) with T >= 1");
+        return -1;
+    }
+    *active_out = NULL;
+    if (!skip_zero) return 0;
+    unsigned char *active = *active_out = PyMem_Malloc((size_t)*n);
+    if (!active) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (npy_intp j = 0; j < *n; j++) active[j] = 0;
+    const npy_intp rows = *T * *B; /* the (task, example) rows of w */
+    for (npy_intp r = 0; r < rows; r++)
+        for (npy_intp j = 0; j < *n; j++) {
+            const double v = *tn == NPY_FLOAT ? ((float *)DATA(*w))[r * *n + j] : ((double *)DATA(*w))[r * *n + j];
+            if (v != 0) active[j] = 1;
+        }
+    return 0;
+}
+
+PyDoc_STRVAR(mix_experts_many_forward_doc,
+"mix_experts_many_forward(f, w, skip_zero=True, out=None) -> y\n\n"
+"The T mixtures of a multi-gate MoE at once: y (T, B, d), y[t, b] = sum_j w[t, b, j] f[j, b], for\n"
+"f (n, B, d) and w (T, B, n) (one per-example gate per task). Each f[j, b] is read once for all T\n"
+"tasks; terms with an exact zero weight are skipped, and with skip_zero an expert whose weight is\n"
+"exactly 0 for every task and example is not read at all.");
+
+static PyObject *py_mix_experts_many_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"f", "w", "skip_zero", "out", NULL};
+    PyObject *f_obj, *w_obj, *out_obj = NULL, *result = NULL;
+    int skip_zero = 1, tn = NPY_NOTYPE;
+    npy_intp T, n, B, d;
+    unsigned char *active = NULL;
+    PyArrayObject *f, *w;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pO", kwlist, &f_obj, &w_obj, &skip_zero, &out_obj))
+        return NULL;
+    if (mix_many_inputs(f_obj, w_obj, skip_zero, &tn, &h, &f, &w, &T, &n, &B, &d, &active) < 0) goto done;
+    npy_intp ydims[3] = {T, B, d};
+    PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 3, ydims, &h));
+    if (!y) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, mix_experts_many_forward, DATA(y), DATA(f), DATA(w), active, (long)T, (long)n, (long)B, (long)d);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef((PyObject *)y);
+done:
+    PyMem_Free(active);
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(mix_experts_many_backward_doc,
+"mix_experts_many_backward(dy, f, w, skip_zero=True) -> (dw, df)\n\n"
+"Gradients of sum_t <dy[t], y[t]> for y = mix_experts_many_forward(f, w), dy (T, B, d): dw (T, B, n)\n"
+"with dw[t, b, j] = <dy[t, b], f[j, b]> and df (n, B, d) with df[j, b] = sum_t w[t, b, j] dy[t, b].\n"
+"With skip_zero an expert whose weight is exactly 0 for every task and example gets dw = 0 and\n"
+"df = 0 and is not read; an expert used by some task gets its dw for every task.");
+
+static PyObject *py_mix_experts_many_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dy", "f", "w", "skip_zero", NULL};
+    PyObject *dy_obj, *f_obj, *w_obj, *result = NULL;
+    int skip_zero = 1, tn = NPY_NOTYPE;
+    npy_intp T, n, B, d;
+    unsigned char *active = NULL;
+    PyArrayObject *f, *w, *dy;
+    Hold h = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|p", kwlist, &dy_obj, &f_obj, &w_obj, &skip_zero))
+        return NULL;
+    if (mix_many_inputs(f_obj, w_obj, skip_zero, &tn, &h, &f, &w, &T, &n, &B, &d, &active) < 0) goto done;
+    npy_intp ydims[3] = {T, B, d};
+    if (!(dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 3, ydims, "(T, B, d)", 1)))) goto done;
+    PyArrayObject *dw = hold(&h, new_array(tn, 3, PyArray_DIMS(w)));
+    PyArrayObject *df = hold(&h, new_array(tn, 3, PyArray_DIMS(f)));
+    if (!dw || !df) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, mix_experts_many_backward, DATA(dw), DATA(df), DATA(dy), DATA(f), DATA(w), active, (long)T,
+             (long)n, (long)B, (long)d);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OO)", dw, df);
+done:
+    PyMem_Free(active);
+    release(&h);
+    return result;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Affine maps (BLAS)
  */
@@ -2333,6 +2438,8 @@ static PyMethodDef methods[] = {
     KW(softmax_selector_backward),
     KW(mix_experts_forward),
     KW(mix_experts_backward),
+    KW(mix_experts_many_forward),
+    KW(mix_experts_many_backward),
     KW(linear_forward),
     KW(linear_backward),
     KW(dense_forward),

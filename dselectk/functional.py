@@ -54,6 +54,8 @@ __all__ = [
     "softmax_selector_entropy",
     "mix_experts",
     "mix_experts_backward",
+    "mix_experts_many",
+    "mix_experts_many_backward",
     "linear",
     "linear_backward",
     "dense_forward",
@@ -412,6 +414,31 @@ def mix_experts_backward(dy, f, w, layout="nbd", skip_zero=True):
     derivative), so the skipped products would be multiplied by zero anyway. Pass
     ``skip_zero=False`` for the full gradient with respect to arbitrary w."""
     return _C.mix_experts_backward(_array(dy, "dy"), _array(f, "f"), _array(w, "w"), layout, skip_zero)
+
+
+def mix_experts_many(f, w, skip_zero=True, out=None):
+    """The T mixtures of a multi-task model with one per-example gate per task (MMoE, eq. 1 per
+    task) in one call: y_t = sum_j w_tj f_j, with f (n, B, d), w (T, B, n) and y (T, B, d), i.e.
+    ``y[t] == mix_experts(f, w[t])``. Each expert output f_j(x) is read once for all T tasks, not
+    T times. Terms whose weight is exactly 0 are skipped; with ``skip_zero`` an expert whose
+    weight is exactly 0 for every task and example is never read."""
+    return _C.mix_experts_many_forward(_array(f, "f"), _array(w, "w"), skip_zero, out)
+
+
+def mix_experts_many_backward(dy, f, w, skip_zero=True):
+    """(dw, df) for :func:`mix_experts_many`, the gradients of sum_t <dy_t, y_t> with dy (T, B, d):
+    dw (T, B, n), dw[t, b, j] = <dy_t[b], f_j[b]>, and df (n, B, d), df_j = sum_t w_tj dy_t (the
+    expert gradient summed over the tasks). One pass over f replaces T calls of
+    :func:`mix_experts_backward` and the sum of their df.
+
+    ``skip_zero`` skips an expert only when its weight is exactly 0 for *every* task and example:
+    it gets dw = 0 for all tasks and df_j = 0, as :func:`mix_experts_backward` would give it. An
+    expert that some task uses gets its dw for every task, also for a task whose weights for it
+    are all 0 (where a per-task ``mix_experts_backward`` would have returned dw = 0). For the
+    gates of this package that makes no difference to their gradients: the derivative of a
+    weight that is exactly 0 with respect to the gate's parameters is 0 (see
+    :func:`mix_experts_backward`). Pass ``skip_zero=False`` for the full gradient everywhere."""
+    return _C.mix_experts_many_backward(_array(dy, "dy"), _array(f, "f"), _array(w, "w"), skip_zero)
 
 
 # --- affine maps -----------------------------------------------------------------------------

@@ -46,6 +46,8 @@ __all__ = [
     "softmax_selector",
     "softmax_selector_entropy",
     "mix_experts",
+    "mix_experts_many",
+    "mix_experts_many_backward",
     "embedding_lookup",
     "embedding_dense_gradient",
     "sparse_adagrad",
@@ -449,6 +451,35 @@ def mix_experts(f, w, layout):
             weight_j = w[:, j].astype(np.float64)[:, None]  # (B, 1)
         y = y + weight_j * f_j
     return y.astype(dtype)
+
+
+def mix_experts_many(f, w):
+    """The T mixtures of a multi-task model with one per-example gate per task: y (T, B, d) with
+    y[t] = mix_experts(f, w[t], "nbd"), for f (n, B, d) and w (T, B, n). A loop over tasks of
+    the single-task reference."""
+    f = _as_float(f)
+    w = _as_float(w)
+    if w.ndim != 3:
+        raise ValueError(f"w must be 3-D (T, B, n), got {w.shape}")
+    return np.stack([mix_experts(f, w[t], "nbd") for t in range(w.shape[0])])
+
+
+def mix_experts_many_backward(dy, f, w):
+    """(dw, df) of sum_t <dy[t], y[t]> for y = mix_experts_many(f, w), the full gradient (no
+    expert skipped), by explicit loops over tasks and experts:
+    dw[t, b, j] = <dy[t, b], f[j, b]> (T, B, n), df[j] = sum_t w[t, :, j, None] dy[t] (n, B, d)."""
+    dy, f, w = _as_float(dy), _as_float(f), _as_float(w)
+    dtype = _float_dtype(dy, f, w)
+    T, B, n = w.shape
+    dw = np.zeros((T, B, n))
+    df = np.zeros(f.shape)
+    for t in range(T):
+        dy_t = dy[t].astype(np.float64)  # (B, d)
+        for j in range(n):
+            f_j = f[j].astype(np.float64)  # (B, d)
+            dw[t, :, j] = np.sum(dy_t * f_j, axis=1)
+            df[j] = df[j] + w[t, :, j].astype(np.float64)[:, None] * dy_t
+    return dw.astype(dtype), df.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------

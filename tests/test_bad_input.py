@@ -214,6 +214,23 @@ def _static_w(rng, dtype, n=6):
     return w
 
 
+def _many_w(rng, dtype, T=3, B=4, n=6):
+    """w (T, B, n) of the multi-task mixing: expert 2 used by no task (skip_zero skips it), expert 4
+    not used by task 0 only."""
+    w = _u(rng, (T, B, n), dtype, 0.1, 1.0)
+    w[:, :, 2] = 0
+    w[0, :, 4] = 0
+    return w
+
+
+def _many_args(dtype, backward=False):
+    rng = _rng()
+    kwargs = dict(f=_u(rng, (6, 4, 5), dtype), w=_many_w(rng, dtype), skip_zero=True)
+    if backward:
+        kwargs = dict(dy=_u(rng, (3, 4, 5), dtype), **kwargs)
+    return kwargs
+
+
 def _dsk_cache(dtype, static=False):
     rng = _rng()
     if static:
@@ -345,6 +362,9 @@ SPECS = {
         lambda dt: dict(dy=_u(_rng(), (4, 5), dt), f=_u(_rng(), (4, 6, 5), dt), w=_u(_rng(), (4, 6), dt),
                         layout="bnd", skip_zero=True),
         ("dy", "f", "w")),
+    "F.mix_experts_many": Spec(F.mix_experts_many, _many_args, ("f", "w"), out=True),
+    "F.mix_experts_many_backward": Spec(
+        F.mix_experts_many_backward, lambda dt: _many_args(dt, backward=True), ("dy", "f", "w")),
     "F.linear": Spec(
         F.linear,
         lambda dt: dict(x=_u(_rng(), (4, 5), dt), W=_u(_rng(), (3, 5), dt), b=_u(_rng(), (3,), dt)),
@@ -411,6 +431,9 @@ SPECS = {
         lambda dt: dict(dy=_u(_rng(), (4, 5), dt), f=_u(_rng(), (4, 6, 5), dt), w=_u(_rng(), (4, 6), dt),
                         layout="bnd", skip_zero=True),
         ("f", "w", "dy")),
+    "C.mix_experts_many_forward": Spec(_C.mix_experts_many_forward, _many_args, ("f", "w"), out=True),
+    "C.mix_experts_many_backward": Spec(
+        _C.mix_experts_many_backward, lambda dt: _many_args(dt, backward=True), ("f", "w", "dy")),
     "C.linear_forward": Spec(
         _C.linear_forward,
         lambda dt: dict(x=_u(_rng(), (4, 5), dt), W=_u(_rng(), (3, 5), dt), b=_u(_rng(), (3,), dt)),
@@ -1057,6 +1080,23 @@ for _p in ("F", "C"):
         ("input_size_smaller_than_dy", f"{_p}.max_pool2d_backward", _set(input_size=(2, 6)), ValueError,
          "'dy'.*input_size"),
     ]
+for _p, _fwd, _bwd in (("F", "F.mix_experts_many", "F.mix_experts_many_backward"),
+                       ("C", "C.mix_experts_many_forward", "C.mix_experts_many_backward")):
+    for _sid in (_fwd, _bwd):
+        SHAPE_CASES += [
+            ("f_2d", _sid, _set(f=lambda a: a[0]), ValueError, "'f'.*\\(n, B, d\\)"),
+            ("f_4d", _sid, _set(f=lambda a: a[None]), ValueError, "'f'"),
+            ("w_2d", _sid, _set(w=lambda a: a[0]), ValueError, "'w'.*\\(T, B, n\\)"),
+            ("w_wrong_n", _sid, _set(w=lambda a: a[:, :, :5]), ValueError, "'w'.*\\(T, B, n\\) = \\(3, 4, 6\\)"),
+            ("w_wrong_B", _sid, _set(w=lambda a: a[:, :3]), ValueError, "'w'.*\\(3, 4, 6\\)"),
+            ("w_static", _sid, _set(w=lambda a: a[0, 0]), ValueError, "'w'"),
+        ]
+    SHAPE_CASES += [
+        ("dy_wrong_T", _bwd, _set(dy=lambda a: a[:2]), ValueError, "'dy'.*\\(T, B, d\\) = \\(3, 4, 5\\)"),
+        ("dy_wrong_B", _bwd, _set(dy=lambda a: a[:, :3]), ValueError, "'dy'.*\\(3, 4, 5\\)"),
+        ("dy_wrong_d", _bwd, _set(dy=lambda a: a[..., :4]), ValueError, "'dy'.*\\(3, 4, 5\\)"),
+        ("dy_2d", _bwd, _set(dy=lambda a: a[0]), ValueError, "'dy'"),
+    ]
 SHAPE_CASES += [
     ("y_shape", "F.relu_backward", _set(y=lambda a: a[:, :3]), ValueError, "'(dy|y)'"),
     ("y_len", "C.relu_backward", _set(y=lambda a: a[:11]), ValueError, "'y'"),
@@ -1311,6 +1351,15 @@ _add("C.mix_experts_forward", "B=0", _with(f=np.zeros((6, 0, 5))), ValueError, E
 _add("C.mix_experts_backward", "B=0", _with(f=np.zeros((0, 6, 5)), w=np.zeros((0, 6)), dy=np.zeros((0, 5))),
      ValueError, EMPTY_RE)
 _add("C.linear_forward", "B=0", _with(x=np.zeros((0, 5))), ValueError, EMPTY_RE)
+for _sid in ("F.mix_experts_many", "F.mix_experts_many_backward", "C.mix_experts_many_forward",
+             "C.mix_experts_many_backward"):
+    _bwd = "backward" in _sid
+    _add(_sid, "B=0",
+         _with(f=np.zeros((6, 0, 5)), w=np.zeros((3, 0, 6)), **({"dy": np.zeros((3, 0, 5))} if _bwd else {})),
+         ValueError, "'f'.*" + EMPTY_RE)
+    _add(_sid, "n=0", _with(f=np.zeros((0, 4, 5)), w=np.zeros((3, 4, 0))), ValueError, "'f'.*no experts.*n = 0")
+    _add(_sid, "T=0", _with(w=np.zeros((0, 4, 6)), **({"dy": np.zeros((0, 4, 5))} if _bwd else {})), ValueError,
+         "'w'.*no tasks.*T = 0")
 _add("C.linear_backward", "B=0", _with(x=np.zeros((0, 5)), dy=np.zeros((0, 3))), ValueError, EMPTY_RE)
 
 
@@ -1558,6 +1607,15 @@ VALID_EDGE_CASES = [
     ("F.mix_experts[nbd,static]", "n=1", _with(f=lambda rng: _u(rng, (1, 4, 5), F64), w=np.ones(1))),
     ("F.mix_experts[nbd,static]", "all_zero_w", _with(w=np.zeros(6))),
     ("F.mix_experts[nbd,static]", "d=0", _with(f=np.zeros((6, 4, 0)))),
+    ("F.mix_experts_many", "n=1", _with(f=lambda rng: _u(rng, (1, 4, 5), F64), w=np.ones((3, 4, 1)))),
+    ("F.mix_experts_many", "T=1", _with(w=lambda rng: _many_w(rng, F64, T=1))),
+    ("F.mix_experts_many", "all_zero_w", _with(w=np.zeros((3, 4, 6)))),
+    ("F.mix_experts_many", "d=0", _with(f=np.zeros((6, 4, 0)))),
+    ("F.mix_experts_many", "skip_zero=False", _with(skip_zero=False)),
+    ("F.mix_experts_many_backward", "n=1", _with(f=lambda rng: _u(rng, (1, 4, 5), F64), w=np.ones((3, 4, 1)))),
+    ("F.mix_experts_many_backward", "all_zero_w", _with(w=np.zeros((3, 4, 6)))),
+    ("F.mix_experts_many_backward", "d=0", _with(f=np.zeros((6, 4, 0)), dy=np.zeros((3, 4, 0)))),
+    ("C.mix_experts_many_backward", "skip_zero=False", _with(skip_zero=False)),
     ("C.linear_backward", "no_dx_no_db", _with(need_dx=False, need_db=False)),
     ("F.dropout_forward", "seed=2**64-1", _with(seed=2**64 - 1, step=2**64 - 1)),
     ("F.dropout_forward", "numpy_ints", _with(seed=np.uint64(5), step=np.int8(3))),

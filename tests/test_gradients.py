@@ -421,6 +421,128 @@ def test_mix_experts_backward_skip_zero(n, layout, per_example):
         assert not bad.any(), f"{name}: {int(bad.sum())} entries differ from finite differences"
 
 
+def draw_mix_many(rng, min_T=1, min_n=1):
+    """A random multi-task mixing problem: f (n, B, d), w (T, B, n) with scattered exact zeros,
+    dy (T, B, d)."""
+    T, n = int(rng.integers(min_T, 9)), int(rng.integers(min_n, 21))
+    B, d = int(rng.integers(1, 41)), int(rng.integers(1, 41))
+    f = rng.normal(size=(n, B, d))
+    w = rng.uniform(0.0, 1.0, size=(T, B, n))
+    w[rng.uniform(size=w.shape) < 0.2] = 0.0
+    dy = rng.normal(size=(T, B, d))
+    return f, w, dy
+
+
+def fd_check_where(obj, arr, grad, mask, rng, name):
+    """fd_check restricted to the entries where mask is True (a random subset of them)."""
+    keep = np.flatnonzero(mask.reshape(-1))
+    if len(keep) > MAX_ENTRIES:
+        keep = np.sort(rng.choice(keep, size=MAX_ENTRIES, replace=False))
+    flat = arr.reshape(-1)
+    original = flat[keep].copy()
+    sub = original.copy()
+
+    def f_sub():
+        flat[keep] = sub
+        try:
+            return obj()
+        finally:
+            flat[keep] = original
+
+    numeric = ref.numerical_gradient(f_sub, sub, H)
+    got = grad.reshape(-1)[keep]
+    bad = np.abs(got - numeric) > TOL * np.maximum(1.0, np.abs(got))
+    assert not bad.any(), f"{name}: {int(bad.sum())} entries differ from finite differences"
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_mix_experts_many_backward(case):
+    """Full gradient (skip_zero=False) of sum_t <dy_t, y_t> on random shapes, scattered zero
+    weights included."""
+    rng = rng_for("mixmanyb", case)
+    f, w, dy = draw_mix_many(rng)
+    dw, df = F.mix_experts_many_backward(dy, f, w, skip_zero=False)
+
+    def obj():
+        return np.sum(dy * ref.mix_experts_many(f, w))
+
+    fd_check(obj, f, df, rng, "df")
+    fd_check(obj, w, dw, rng, "dw")
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_mix_experts_many_backward_skip_zero(case):
+    """skip_zero=True with an expert j0 that no task uses and an expert j1 that only task 0 does
+    not use: df_j0 = 0 and dw[:, :, j0] = 0 (documented); every other entry is the true gradient,
+    dw[0, :, j1] included (j1 is active for the call as a whole)."""
+    rng = rng_for("mixmanybz", case)
+    f, w, dy = draw_mix_many(rng, min_T=2, min_n=2)
+    T, B, n = w.shape
+    j0, j1 = rng.choice(n, size=2, replace=False)
+    w[:, :, j0] = 0.0
+    w[0, :, j1] = 0.0
+    w[1:, 0, j1] = 0.5
+    dw, df = F.mix_experts_many_backward(dy, f, w, skip_zero=True)
+    unused = ~np.any(w != 0, axis=(0, 1))  # j0, and any expert the scattered zeros left unused
+    assert unused[j0] and not unused[j1]
+    assert np.all(df[unused] == 0.0) and np.all(dw[:, :, unused] == 0.0)
+    np.testing.assert_allclose(dw[0, :, j1], np.sum(dy[0] * f[j1], axis=1), rtol=1e-12, atol=1e-12)
+
+    def obj():
+        return np.sum(dy * ref.mix_experts_many(f, w))
+
+    mask_f = np.ones(f.shape, dtype=bool)
+    mask_f[unused] = False
+    mask_w = np.ones(w.shape, dtype=bool)
+    mask_w[:, :, unused] = False
+    fd_check_where(obj, f, df, mask_f, rng, "df")
+    fd_check_where(obj, w, dw, mask_w, rng, "dw")
+    mask_j1 = np.broadcast_to(np.arange(n) == j1, w.shape)
+    fd_check_where(obj, w, dw, mask_j1, rng, "dw of the expert that task 0 does not use")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", range(6))
+def test_mix_experts_many_backward_equals_per_task_calls(case, dtype):
+    """With no expert that is all-zero for one task but not for all: dw is the per-task dw of
+    mix_experts_backward stacked, df their df summed (in task order: the same additions, so the
+    same bits); an expert that no task uses is skipped by both. An expert that only task 0 does
+    not use differs as documented: the per-task call gives it dw = 0 for task 0, the multi-task
+    call its true gradient <dy_0, f_j>."""
+    rng = rng_for("mixmanyeq", case)
+    f, w, dy = draw_mix_many(rng)
+    T, B, n = w.shape
+    w[:, 0, :] = rng.uniform(0.1, 1.0, size=(T, n))  # every expert used by every task ...
+    if n > 1:
+        w[:, :, n - 1] = 0.0  # ... but the last one, which no task uses
+    f, w, dy = f.astype(dtype), w.astype(dtype), dy.astype(dtype)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-6)
+
+    def per_task(w):
+        dws, df_total = [], np.zeros_like(f)
+        for t in range(T):
+            dw_t, df_t = F.mix_experts_backward(dy[t], f, w[t])
+            dws.append(dw_t)
+            df_total += df_t
+        return np.stack(dws), df_total
+
+    dw, df = F.mix_experts_many_backward(dy, f, w)
+    dw_want, df_want = per_task(w)
+    assert dw.dtype == df.dtype == dtype
+    np.testing.assert_array_equal(df, df_want)
+    np.testing.assert_allclose(dw, dw_want, **tol)  # the dot products are summed in another order
+
+    if T > 1 and n > 2:
+        w[0, :, 0] = 0.0  # expert 0: unused by task 0 only
+        dw, df = F.mix_experts_many_backward(dy, f, w)
+        dw_want, df_want = per_task(w)
+        np.testing.assert_array_equal(df, df_want)
+        assert np.all(dw_want[0, :, 0] == 0.0)
+        np.testing.assert_allclose(dw[0, :, 0], np.sum(dy[0].astype(np.float64) * f[0], axis=1), **tol)
+        np.testing.assert_allclose(dw[1:], dw_want[1:], **tol)
+        np.testing.assert_allclose(dw[0, :, 1:], dw_want[0, :, 1:], **tol)
+
+
 @pytest.mark.parametrize("B,p,o", [(1, 1, 1), (1, 4, 3), (9, 3, 5), (64, 6, 2), (20, 1, 9)])
 def test_linear_backward(B, p, o):
     rng = rng_for("linb", B, p, o)

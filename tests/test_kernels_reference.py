@@ -341,6 +341,54 @@ def test_mix_experts(n, layout, per_example, skip_zero, dtype):
     assert_close(out, want, dtype, scale=scale)
 
 
+def draw_mix_many(rng, T, n, B, d):
+    """f (n, B, d), w (T, B, n) with exact zeros: scattered entries, an expert no task uses (when
+    n > 2) and, for T > 1, an expert that task 0 does not use but the others do."""
+    f = rng.normal(size=(n, B, d))
+    w = rng.uniform(0.0, 1.0, size=(T, B, n))
+    w[rng.uniform(size=w.shape) < 0.3] = 0.0
+    if n > 2:
+        w[:, :, n // 2] = 0.0
+    if T > 1:
+        w[0, :, n - 1] = 0.0
+    w /= max(1.0, float(w.sum(-1).max()))
+    return f, w
+
+
+# (T, n, B, d): random shapes; d >= 8 runs the unrolled dot product, its tail d % 8 too; the last
+# ones exceed the 32768 units of work above which the OpenMP loops run in parallel
+MANY_SHAPES = [(1, 1, 1, 1), (1, 5, 3, 8), (2, 2, 17, 9), (2, 16, 5, 3), (3, 5, 64, 17), (5, 7, 2, 40),
+               (8, 8, 9, 1), (4, 3, 33, 0), (2, 16, 300, 8), (3, 8, 128, 33)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("skip_zero", [True, False])
+@pytest.mark.parametrize("T,n,B,d", MANY_SHAPES)
+def test_mix_experts_many(T, n, B, d, skip_zero, dtype):
+    rng = rng_for("mixmany", T, n, B, d, skip_zero)
+    f, w = draw_mix_many(rng, T, n, B, d)
+    f, w = f.astype(dtype), w.astype(dtype)
+    y = F.mix_experts_many(f, w, skip_zero=skip_zero)
+    want = ref.mix_experts_many(f64(f), f64(w))
+    scale = ref.mix_experts_many(np.abs(f64(f)), np.abs(f64(w))) + 1e-3
+    assert_close(y, want, dtype, scale=scale)
+    out = np.full((T, B, d), np.nan, dtype=dtype)
+    assert F.mix_experts_many(f, w, skip_zero=skip_zero, out=out) is out
+    assert_close(out, want, dtype, scale=scale)
+
+    # the backward against the reference's full gradient (float32 here; float64 finite
+    # differences in test_gradients.py): with skip_zero, an expert no task uses gets dw = 0
+    dy = rng.normal(size=(T, B, d)).astype(dtype)
+    dw, df = F.mix_experts_many_backward(dy, f, w, skip_zero=skip_zero)
+    dw_ref, df_ref = ref.mix_experts_many_backward(f64(dy), f64(f), f64(w))
+    dw_scale, df_scale = ref.mix_experts_many_backward(np.abs(f64(dy)), np.abs(f64(f)), np.abs(f64(w)))
+    if skip_zero:
+        unused = ~np.any(w != 0, axis=(0, 1))
+        dw_ref[:, :, unused] = 0.0
+    assert_close(dw, dw_ref, dtype, scale=dw_scale + 1e-3)
+    assert_close(df, df_ref, dtype, scale=df_scale + 1e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("B,p,o", [(1, 1, 1), (1, 5, 3), (17, 4, 8), (64, 9, 28), (33, 31, 7)])

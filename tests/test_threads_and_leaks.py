@@ -359,6 +359,11 @@ def _leak_cases():
     w_static[::2] = 0
     w_pe_nc = _nc(F.top_k(u(B, n), 2))
     dy = _nc(u(B, d))
+    w_many = _nc(np.stack([F.top_k(u(B, n), 2) for _ in range(3)]))  # T = 3 tasks
+    dy_many = _nc(u(3, B, d))
+    nan_dy_many = dy_many.copy()
+    nan_dy_many[-1, -1, 0] = np.nan
+    out_many = np.empty((3, B, d))
     beta = _nc(u(B, k, 64))
     ss_w, ss_cache = F.softmax_selector_forward(np.ascontiguousarray(alpha), np.ascontiguousarray(beta), 0.5)
     dw64 = _nc(u(B, 64))
@@ -438,6 +443,10 @@ def _leak_cases():
         "mix_experts_per_example": (
             [f, w_pe_nc, dy],
             lambda: (F.mix_experts(f, w_pe_nc, skip_zero=False), F.mix_experts_backward(dy, f, w_pe_nc)), None),
+        "mix_experts_many": (
+            [f, w_many, dy_many, out_many],
+            lambda: (F.mix_experts_many(f, w_many), F.mix_experts_many(f, w_many, skip_zero=False, out=out_many),
+                     F.mix_experts_many_backward(dy_many, f, w_many)), None),
         "softmax_selector": (
             [alpha, beta, dw64],
             lambda: (lambda wc: (F.softmax_selector_backward(dw64, wc[1], 0.1), F.softmax_selector_entropy(wc[1])))(
@@ -473,6 +482,13 @@ def _leak_cases():
                                         ValueError),
         "mix_experts_backward_nan_dy": ([f, w_pe_nc, nan_dy], lambda: F.mix_experts_backward(nan_dy, f, w_pe_nc),
                                         ValueError),
+        "mix_experts_many_bad_out": ([f, w_many], lambda: _C.mix_experts_many_forward(f, w_many, True, out_bad),
+                                     ValueError),
+        "mix_experts_many_backward_bad_dy": (
+            [f, w_many, dy_many], lambda: F.mix_experts_many_backward(dy_many[:, :, :5], f, w_many), ValueError),
+        "mix_experts_many_backward_nan_dy": (
+            [f, w_many, nan_dy_many], lambda: F.mix_experts_many_backward(nan_dy_many, f, w_many), ValueError),
+        "mix_experts_many_no_tasks": ([f, w_many], lambda: F.mix_experts_many(f, w_many[:0]), ValueError),
         "mix_experts_bad_layout": ([f, w_static], lambda: F.mix_experts(f, w_static, layout="xyz"), ValueError),
         "softmax_selector_backward_bad_sigma": (
             [dw64], lambda: _C.softmax_selector_backward(dw64, _nc(ss_cache.sigma[:, :2]), _nc(ss_cache.P), 0.5),
@@ -525,6 +541,8 @@ RAW_OUTPUT_CASES = {
     "topk_forward": lambda a: _C.topk_forward(a["logits"], 3),
     "softmax_selector_forward": lambda a: _C.softmax_selector_forward(a["alpha"], a["beta"], 1.0),
     "mix_experts_backward": lambda a: _C.mix_experts_backward(a["dy"], a["f"], a["w"]),
+    "mix_experts_many_forward": lambda a: _C.mix_experts_many_forward(a["f"], a["w3"]),
+    "mix_experts_many_backward": lambda a: _C.mix_experts_many_backward(a["dy3"], a["f"], a["w3"]),
     "linear_backward": lambda a: _C.linear_backward(a["dy"], a["x"], a["Wl"]),
     "linear_backward_no_dx_db": lambda a: _C.linear_backward(a["dy"], a["x"], a["Wl"], False, False),
     "dense_backward": lambda a: _C.dense_backward(a["dy"], a["x"], a["Wl"].T.copy(), a["dW"]),
@@ -543,7 +561,7 @@ def _raw_inputs():
                 beta=rng.standard_normal((4, 3, 6)), dy=rng.standard_normal((4, 5)),
                 f=rng.standard_normal((6, 4, 5)), w=rng.random(6), x=rng.standard_normal((4, 7)),
                 Wl=rng.standard_normal((5, 7)), dW=np.zeros((7, 5)), t01=rng.random(10), labels=np.array([0, 5, 2, 1]),
-                w6=rng.random(6))
+                w6=rng.random(6), w3=rng.random((2, 4, 6)), dy3=rng.standard_normal((2, 4, 5)))
 
 
 @pytest.mark.parametrize("case", list(RAW_OUTPUT_CASES))
