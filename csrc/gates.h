@@ -87,10 +87,12 @@
     /* Gradients of sum_t <dy_t, y_t>; dy (T, B, d): df (n, B, d) with df_j[b] = sum_t w[t, b, j] \
      * dy_t[b] (written, not accumulated) and dw (T, B, n) with dw[t, b, j] = <dy_t[b], f_j[b]>.  \
      * active is over all tasks: for active[j] == 0, df_j = 0, dw[:, :, j] = 0 and f_j is not     \
-     * read; an active expert gets its dw for every task, also where its weight is 0. */          \
+     * read; an active expert gets its dw for every task, also where its weight is 0. With       \
+     * relu_mask, f is the output of a ReLU and df is the gradient at its input: entries where  \
+     * f <= 0 are 0 (the expert's last ReLU backward, fused). */                                 \
     void mix_experts_many_backward_##sfx(real *dw, real *df, const real *dy, const real *f,       \
                                          const real *w, const unsigned char *active, long T,      \
-                                         long n, long B, long d);
+                                         long n, long B, long d, int relu_mask);
 
 DSK_DECLARE_GATES(float, f32)
 DSK_DECLARE_GATES(double, f64)

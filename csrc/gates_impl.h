@@ -436,7 +436,7 @@ void FN(mix_experts_many_forward)(real *y, const real *f, const real *w, const u
 }
 
 void FN(mix_experts_many_backward)(real *dw, real *df, const real *dy, const real *f, const real *w,
-                                   const unsigned char *active, long T, long n, long B, long d) {
+                                   const unsigned char *active, long T, long n, long B, long d, int relu_mask) {
     /* Parallel over examples: example b owns df_j[b] for every j and dw[t, b, :] for every t. Per
      * (b, j), f_j[b] and df_j[b] stay in L1 over the T tasks (and the T rows dy_t[b] over the n
      * experts). df_j[b] sums the tasks in order t = 0..T-1, as a loop over tasks that adds the
@@ -458,6 +458,8 @@ void FN(mix_experts_many_backward)(real *dw, real *df, const real *dy, const rea
                 if (wt != 0) FN(axpy_row)(dfj, dyt, wt, d);
                 dw[(t * B + b) * n + j] = (real)FN(dot_double)(dyt, fj, d);
             }
+            if (relu_mask)
+                for (long c = 0; c < d; c++) dfj[c] = fj[c] > 0 ? dfj[c] : 0;
         }
     }
 }

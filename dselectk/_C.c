@@ -937,21 +937,22 @@ done:
 }
 
 PyDoc_STRVAR(mix_experts_many_backward_doc,
-"mix_experts_many_backward(dy, f, w, skip_zero=True) -> (dw, df)\n\n"
+"mix_experts_many_backward(dy, f, w, skip_zero=True, relu_mask=False) -> (dw, df)\n\n"
 "Gradients of sum_t <dy[t], y[t]> for y = mix_experts_many_forward(f, w), dy (T, B, d): dw (T, B, n)\n"
 "with dw[t, b, j] = <dy[t, b], f[j, b]> and df (n, B, d) with df[j, b] = sum_t w[t, b, j] dy[t, b].\n"
 "With skip_zero an expert whose weight is exactly 0 for every task and example gets dw = 0 and\n"
-"df = 0 and is not read; an expert used by some task gets its dw for every task.");
+"df = 0 and is not read; an expert used by some task gets its dw for every task. With relu_mask, f is\n"
+"a ReLU's output and df is taken at the ReLU's input: 0 where f <= 0 (the ReLU backward, fused).");
 
 static PyObject *py_mix_experts_many_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"dy", "f", "w", "skip_zero", NULL};
+    static char *kwlist[] = {"dy", "f", "w", "skip_zero", "relu_mask", NULL};
     PyObject *dy_obj, *f_obj, *w_obj, *result = NULL;
-    int skip_zero = 1, tn = NPY_NOTYPE;
+    int skip_zero = 1, relu_mask = 0, tn = NPY_NOTYPE;
     npy_intp T, n, B, d;
     unsigned char *active = NULL;
     PyArrayObject *f, *w, *dy;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|p", kwlist, &dy_obj, &f_obj, &w_obj, &skip_zero))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pp", kwlist, &dy_obj, &f_obj, &w_obj, &skip_zero, &relu_mask))
         return NULL;
     if (mix_many_inputs(f_obj, w_obj, skip_zero, &tn, &h, &f, &w, &T, &n, &B, &d, &active) < 0) goto done;
     npy_intp ydims[3] = {T, B, d};
@@ -961,7 +962,7 @@ static PyObject *py_mix_experts_many_backward(PyObject *Py_UNUSED(self), PyObjec
     if (!dw || !df) goto done;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, mix_experts_many_backward, DATA(dw), DATA(df), DATA(dy), DATA(f), DATA(w), active, (long)T,
-             (long)n, (long)B, (long)d);
+             (long)n, (long)B, (long)d, relu_mask);
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("(OO)", dw, df);
 done:

@@ -425,7 +425,7 @@ def mix_experts_many(f, w, skip_zero=True, out=None):
     return _C.mix_experts_many_forward(_array(f, "f"), _array(w, "w"), skip_zero, out)
 
 
-def mix_experts_many_backward(dy, f, w, skip_zero=True):
+def mix_experts_many_backward(dy, f, w, skip_zero=True, relu_mask=False):
     """(dw, df) for :func:`mix_experts_many`, the gradients of sum_t <dy_t, y_t> with dy (T, B, d):
     dw (T, B, n), dw[t, b, j] = <dy_t[b], f_j[b]>, and df (n, B, d), df_j = sum_t w_tj dy_t (the
     expert gradient summed over the tasks). One pass over f replaces T calls of
@@ -437,8 +437,11 @@ def mix_experts_many_backward(dy, f, w, skip_zero=True):
     are all 0 (where a per-task ``mix_experts_backward`` would have returned dw = 0). For the
     gates of this package that makes no difference to their gradients: the derivative of a
     weight that is exactly 0 with respect to the gate's parameters is 0 (see
-    :func:`mix_experts_backward`). Pass ``skip_zero=False`` for the full gradient everywhere."""
-    return _C.mix_experts_many_backward(_array(dy, "dy"), _array(f, "f"), _array(w, "w"), skip_zero)
+    :func:`mix_experts_backward`). Pass ``skip_zero=False`` for the full gradient everywhere.
+
+    ``relu_mask=True``: f is the output of the experts' last ReLU, and df is returned at that
+    ReLU's input, ``relu_backward(df, f)`` fused into the same pass (0 where f <= 0)."""
+    return _C.mix_experts_many_backward(_array(dy, "dy"), _array(f, "f"), _array(w, "w"), skip_zero, relu_mask)
 
 
 # --- affine maps -----------------------------------------------------------------------------

@@ -112,6 +112,14 @@ def run_layers(layers, x, training=False, out=None):
     return x
 
 
+def backward_layers(layers, dout, need_dx=True, skip_last=False):
+    """dout back through ``layers`` (all but the last with ``skip_last``); the first layer
+    computes its input gradient only if ``need_dx``."""
+    for i in range(len(layers) - 1 - bool(skip_last), -1, -1):
+        dout = layers[i].backward(dout, need_dx=need_dx or i > 0)
+    return dout
+
+
 def flops_per_row(layers, training=True, need_dx=False):
     """Floating-point operations of ``layers``' matrix products for one input row: each Dense or
     Conv2D layer costs F = 2 * (multiply-adds of its forward) in the forward; a training step adds F
@@ -148,10 +156,10 @@ class MLP:
     def forward(self, x, training=False, out=None):
         return run_layers(self.layers, x, training, out)
 
-    def backward(self, dout, need_dx=True):
-        for i in range(len(self.layers) - 1, -1, -1):
-            dout = self.layers[i].backward(dout, need_dx=need_dx or i > 0)
-        return dout
+    def backward(self, dout, need_dx=True, skip_last=False):
+        """``skip_last``: dout is already the gradient at the last layer's input (a model fused
+        that layer's backward, the final ReLU, into its own kernel)."""
+        return backward_layers(self.layers, dout, need_dx, skip_last)
 
     def named_modules(self, prefix):
         return [(f"{prefix}.{i}", layer) for i, layer in enumerate(self.layers) if layer.params]
@@ -291,10 +299,10 @@ class CNNExpert:
     def forward(self, x, training=False, out=None):
         return run_layers(self.layers, x, training, out)
 
-    def backward(self, dout, need_dx=True):
-        for i in range(len(self.layers) - 1, -1, -1):
-            dout = self.layers[i].backward(dout, need_dx=need_dx or i > 0)
-        return dout
+    def backward(self, dout, need_dx=True, skip_last=False):
+        """``skip_last``: dout is already the gradient at the last layer's input (a model fused
+        that layer's backward, the final ReLU, into its own kernel)."""
+        return backward_layers(self.layers, dout, need_dx, skip_last)
 
     def named_modules(self, prefix):
         return [(f"{prefix}.{i}", layer) for i, layer in enumerate(self.layers) if layer.params]

@@ -35,7 +35,7 @@ import numpy as np
 from . import functional as F
 from .embedding import EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate
-from .layers import MLP, CNNExpert, ParameterSlab
+from .layers import MLP, CNNExpert, ParameterSlab, ReLU
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES", "GATES"]
 
@@ -433,7 +433,11 @@ class MMoE(_Model):
             for j, e in enumerate(self.experts):
                 e.forward(X, training, out=f[j])  # the expert's last layer writes into f[j]
             self._count_flops(n * B, B, training)
-        outs = [tower.forward(F.mix_experts(f, w), training) for w, tower in zip(ws, self.towers)]
+        if all(w.ndim == 2 for w in ws):  # per-example gates: all T mixtures in one pass over f
+            mixed = F.mix_experts_many(f, np.stack(ws))  # (T, B, d)
+        else:
+            mixed = [F.mix_experts(f, w) for w in ws]
+        outs = [tower.forward(mixed[t], training) for t, tower in enumerate(self.towers)]
         self._cache = (f, ws, rows)
         return outs
 
@@ -476,23 +480,31 @@ class MMoE(_Model):
         if len(self._cache) == 4:
             return self._backward_static(douts)
         f, ws, rows = self._cache
-        df_total = np.zeros_like(f)
         need_dx = self.input_layer is not None
         dX = np.zeros((f.shape[1], self.input_dim), f.dtype) if need_dx else None
-        for gate, tower, w, dout in zip(self.gates, self.towers, ws, douts):
-            dy = tower.backward(dout)
-            dw, df = F.mix_experts_backward(dy, f, w)
-            df_total += df
+        dys = [tower.backward(dout) for tower, dout in zip(self.towers, douts)]
+        fuse_relu = False
+        if all(w.ndim == 2 for w in ws):  # one pass over f for all tasks
+            # when every expert ends in a ReLU, its backward is fused into this pass
+            fuse_relu = all(e.layers and isinstance(e.layers[-1], ReLU) for e in self.experts)
+            dws, df_total = F.mix_experts_many_backward(np.stack(dys), f, np.stack(ws), relu_mask=fuse_relu)
+        else:
+            df_total, dws = np.zeros_like(f), []
+            for dy, w in zip(dys, ws):
+                dw, df = F.mix_experts_backward(dy, f, w)
+                df_total += df
+                dws.append(dw)
+        for gate, dw in zip(self.gates, dws):
             dx = gate.backward(dw, need_dx=need_dx)  # None for a static gate or without need_dx
             if dx is not None:
                 dX += dx
         for j, e in enumerate(self.experts):
             if rows is None:
-                dx = e.backward(df_total[j], need_dx=need_dx)
+                dx = e.backward(df_total[j], need_dx=need_dx, skip_last=fuse_relu)
                 if need_dx:
                     dX += dx
             elif rows[j].size:
-                dx = e.backward(df_total[j, rows[j]], need_dx=need_dx)
+                dx = e.backward(df_total[j, rows[j]], need_dx=need_dx, skip_last=fuse_relu)
                 if need_dx:
                     dX[rows[j]] += dx  # scatter: each row appears once in rows[j]
         if need_dx:

@@ -671,3 +671,23 @@ def test_large_backwards_parallel_path():
 
             fd_check(fmix, f, df, rng, "df", max_entries=10)
             fd_check(fmix, wm, dwm, rng, "dw", max_entries=10)
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_mix_experts_many_backward_relu_mask(case):
+    """relu_mask=True: f = relu(h), and df is the gradient at h, i.e. relu_backward(df, f) fused:
+    checked by finite differences through h (away from the kink) and against the two-step form."""
+    rng = rng_for("mixmanyrelu", case)
+    f, w, dy = draw_mix_many(rng)
+    h = f - 0.5 * np.abs(f).mean()  # some negatives, so that the mask matters
+    h[np.abs(h) < 1e-3] = 1e-2  # no entry near the kink
+    relu_h = np.maximum(h, 0)
+    dw, dh = F.mix_experts_many_backward(dy, relu_h, w, skip_zero=False, relu_mask=True)
+    dw2, df2 = F.mix_experts_many_backward(dy, relu_h, w, skip_zero=False)
+    np.testing.assert_array_equal(dw, dw2)
+    np.testing.assert_array_equal(dh, F.relu_backward(df2, relu_h))
+
+    def obj():
+        return np.sum(dy * ref.mix_experts_many(np.maximum(h, 0), w))
+
+    fd_check(obj, h, dh, rng, "dh")
