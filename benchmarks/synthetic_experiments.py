@@ -42,6 +42,8 @@ def run_multitask(args):
             if not args.paper_epochs:
                 grid["epochs"] = [args.epochs]
             grid = {"method": [method], "n_tasks": [T], **grid}
+            if args.task_mean:
+                grid["task_mean"] = [True]
             _log(f"{method}, {T} tasks: tuning {args.trials} of {np.prod([len(v) for v in grid.values()])} "
                  f"configurations, then {args.reps} repetitions")
             tuned, final = S.tune_and_repeat(
@@ -126,6 +128,8 @@ def main(argv=None):
     mt.add_argument("--reps", type=int, default=20, help="repetitions of the best configuration")
     mt.add_argument("--epochs", type=int, default=10)
     mt.add_argument("--paper-epochs", action="store_true", help="tune epochs over the paper's {25, 50, 75, 100}")
+    mt.add_argument("--task-mean", action="store_true",
+                    help="train on the MSE averaged over tasks (see synthetic_trial's task_mean)")
     mt.add_argument("--out", default="benchmarks/results/synthetic")
     rc = sub.add_parser("recovery", help="Appendix C.3.2: gate recovery")
     rc.add_argument("--trials", type=int, default=24)

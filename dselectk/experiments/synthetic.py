@@ -113,7 +113,11 @@ def synthetic_trial(config, seed):
     ``lr``, ``epochs`` and the method's own settings (``gamma``/``lam`` for DSelect-k, ``temperature``
     for the annealing ablation, ``lam`` for the entropy ablation); optional ``n_samples`` (default
     the paper's 140,000, split 5:1:1) and ``data_seed`` (default 0: every run sees the same data, as
-    in the paper, and only the model's initialization and shuffling change with ``seed``).
+    in the paper, and only the model's initialization and shuffling change with ``seed``);
+    optional ``task_mean`` (default False): train on the MSE averaged over the T tasks instead of
+    summed (task weights 1/T). With Adam that leaves Top-k and the annealed ablation unchanged (a
+    constant loss scale) but makes the regularizers T times stronger relative to the loss: the
+    reading of "squared error loss" under which the paper's lambda range makes S(Z) binary here.
 
     Model: MMoE with T/4 trainable experts of the generating form (4 ReLU units, summed), one static
     gate per task choosing k = 4, no towers, squared error, Adam, batch 256.
@@ -122,7 +126,9 @@ def synthetic_trial(config, seed):
     T = int(config["n_tasks"])
     data = _multitask_data(T, int(config.get("n_samples", 140_000)), int(config.get("data_seed", 0)))
     model = MMoE(data.X_train.shape[1], n_tasks=T, n_experts=T // 4, expert_units=(4,), expert_output="sum",
-                 tower_units=None, task_losses="mse", k=K, seed=seed, **_gate_settings(method, config))
+                 tower_units=None, task_losses="mse", k=K, seed=seed,
+                 task_weights=[1.0 / T] * T if config.get("task_mean", False) else None,
+                 **_gate_settings(method, config))
     callbacks = [AnnealTemperature(config["temperature"])] if method == "ablation_annealing" else []
     history = fit(model, data.X_train, data.Y_train, epochs=int(config["epochs"]), batch_size=BATCH_SIZE,
                   lr=config["lr"], seed=seed, callbacks=callbacks, verbose=0)
