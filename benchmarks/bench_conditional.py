@@ -27,6 +27,8 @@ import dselectk as dk
 from dselectk.models import MMoE
 from dselectk.optim import make_optimizer
 
+from bench_train_step import make_step  # this folder is on sys.path when run as a script
+
 
 def _model(per_example, binary, shared=False, seed=0):
     model = MMoE(128, n_tasks=2, n_experts=8, expert_units=(256,), tower_units=(64,), task_losses=["mse", "bce"],
@@ -45,15 +47,7 @@ def _model(per_example, binary, shared=False, seed=0):
 
 
 def _step_fn(model, X, Y):
-    opt = make_optimizer("adam", model.slab.data, model.slab.grad, lr=1e-4)
-
-    def step():
-        model.zero_grad()
-        outs = model.forward(X, training=True)
-        _, _, douts = model.loss(outs, Y)
-        model.backward(douts)
-        opt.step()
-    return step
+    return make_step(model, make_optimizer("adam", model.slab.data, model.slab.grad, lr=1e-4), X, Y)
 
 
 def _time_pair(fast, slow, repeats, steps):

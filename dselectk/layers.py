@@ -131,7 +131,28 @@ def flops_per_row(layers, training=True, need_dx=False):
     return sum(3 * f for f in sizes) - (0 if need_dx or not sizes else sizes[0])
 
 
-class MLP:
+class Sequential:
+    """Layers applied in order (``self.layers``); the base of :class:`MLP` and :class:`CNNExpert`."""
+
+    layers: list
+
+    def forward(self, x, training=False, out=None):
+        return run_layers(self.layers, x, training, out)
+
+    def backward(self, dout, need_dx=True, skip_last=False):
+        """``skip_last``: dout is already the gradient at the last layer's input (a model fused
+        that layer's backward, the final ReLU, into its own kernel)."""
+        return backward_layers(self.layers, dout, need_dx, skip_last)
+
+    def named_modules(self, prefix):
+        return [(f"{prefix}.{i}", layer) for i, layer in enumerate(self.layers) if layer.params]
+
+    def flops_per_row(self, training=True, need_dx=False):
+        """See :func:`flops_per_row` (convolutions: 2 * C * KH * KW per output element)."""
+        return flops_per_row(self.layers, training, need_dx)
+
+
+class MLP(Sequential):
     """A stack of Dense -> ReLU (-> Dropout) blocks, then an optional output: a linear layer of
     ``output_dim`` units, or with ``output_dim="sum"`` the sum of the last hidden layer's units.
 
@@ -153,20 +174,6 @@ class MLP:
             d = int(output_dim)
         self.out_dim = d
 
-    def forward(self, x, training=False, out=None):
-        return run_layers(self.layers, x, training, out)
-
-    def backward(self, dout, need_dx=True, skip_last=False):
-        """``skip_last``: dout is already the gradient at the last layer's input (a model fused
-        that layer's backward, the final ReLU, into its own kernel)."""
-        return backward_layers(self.layers, dout, need_dx, skip_last)
-
-    def named_modules(self, prefix):
-        return [(f"{prefix}.{i}", layer) for i, layer in enumerate(self.layers) if layer.params]
-
-    def flops_per_row(self, training=True, need_dx=False):
-        """See :func:`flops_per_row`."""
-        return flops_per_row(self.layers, training, need_dx)
 
 
 def _pair(value, name):
@@ -260,7 +267,7 @@ class Flatten:
         return dout.reshape(self._shape)
 
 
-class CNNExpert:
+class CNNExpert(Sequential):
     """The CNN expert of the Multi-MNIST experiments (Appendix D.2 of the paper):
 
         conv KxK (filters[0]) -> ReLU -> maxpool -> conv KxK (filters[1]) -> ReLU -> maxpool
@@ -296,20 +303,6 @@ class CNNExpert:
         self.layers += dense.layers
         self.out_dim = dense.out_dim
 
-    def forward(self, x, training=False, out=None):
-        return run_layers(self.layers, x, training, out)
-
-    def backward(self, dout, need_dx=True, skip_last=False):
-        """``skip_last``: dout is already the gradient at the last layer's input (a model fused
-        that layer's backward, the final ReLU, into its own kernel)."""
-        return backward_layers(self.layers, dout, need_dx, skip_last)
-
-    def named_modules(self, prefix):
-        return [(f"{prefix}.{i}", layer) for i, layer in enumerate(self.layers) if layer.params]
-
-    def flops_per_row(self, training=True, need_dx=False):
-        """See :func:`flops_per_row` (convolutions: 2 * C * KH * KW per output element)."""
-        return flops_per_row(self.layers, training, need_dx)
 
 
 class ParameterSlab:

@@ -70,7 +70,18 @@ def _unit(v, name):
     return v
 
 
-class Optimizer:
+class _LearningRate:
+    @property
+    def lr(self):
+        """The learning rate (finite, > 0); may be changed between steps (schedules)."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _positive(value, "lr")
+
+
+class Optimizer(_LearningRate):
     """Base class: ``params`` and ``grads`` are the model's two 1-D slabs (kept by reference, not
     copied), ``lr`` a settable attribute (checked: finite, > 0)."""
 
@@ -82,15 +93,6 @@ class Optimizer:
     def __init__(self, params, grads, lr):
         self.params, self.grads = _slabs(params, grads)
         self.lr = lr
-
-    @property
-    def lr(self):
-        """The learning rate (finite, > 0); may be changed between steps (schedules)."""
-        return self._lr
-
-    @lr.setter
-    def lr(self, value):
-        self._lr = _positive(value, "lr")
 
     def step(self):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -292,7 +294,7 @@ def make_optimizer(name, params, grads, **kwargs):
 
 # --- lazy steps on embedding tables -----------------------------------------------------------
 
-class SparseOptimizer:
+class SparseOptimizer(_LearningRate):
     """Base class of the lazy optimizers of embedding tables (a list of (V_j, d_j) arrays, updated
     in place and kept by reference). ``step(grads)`` takes one entry per table: None (the table was
     not used) or the sparse gradient ``(rows, grad_rows)`` of
@@ -310,14 +312,6 @@ class SparseOptimizer:
                 raise TypeError(f"tables[{j}] must be a 2-D float32 or float64 numpy.ndarray")
         self.tables = list(tables)
         self.lr = lr
-
-    @property
-    def lr(self):
-        return self._lr
-
-    @lr.setter
-    def lr(self, value):
-        self._lr = _positive(value, "lr")
 
     def _grads(self, grads):
         if not isinstance(grads, (list, tuple)) or len(grads) != len(self.tables):

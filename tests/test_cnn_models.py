@@ -8,19 +8,11 @@ import dselectk as dk
 from dselectk import layers as L
 from dselectk import models as Mo
 from dselectk import trainer as T
+from fd import check_entries
 
 
 def _fd_slab(objective, grad, data, rng, n_entries=80, tol=2e-6):
-    idx = rng.choice(data.size, min(n_entries, data.size), replace=False)
-    for i in idx:
-        old = data[i]
-        data[i] = old + 1e-6
-        fp = objective()
-        data[i] = old - 1e-6
-        fm = objective()
-        data[i] = old
-        num = (fp - fm) / 2e-6
-        assert abs(grad[i] - num) <= tol * max(1.0, abs(num)), (i, grad[i], num)
+    check_entries(objective, data, grad, rng.choice(data.size, min(n_entries, data.size), replace=False), tol)
 
 
 # ---------------------------------------------------------------------------------------------

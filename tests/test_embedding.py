@@ -6,6 +6,7 @@ import pytest
 
 import dselectk as dk
 import reference as ref
+from fd import check_entries
 from dselectk import functional as F
 from dselectk import models as Mo
 from dselectk import trainer as T
@@ -338,15 +339,7 @@ def _fd_check_with_tables(model, X, Y, rng, W=None, n_entries=40):
     for e in model.input_layer.tables:
         checks.append((e.table.reshape(-1), e.dense_grad().reshape(-1), np.arange(e.table.size)))
     for data, grad, idx in checks:
-        for i in idx:
-            old = data[i]
-            data[i] = old + 1e-6
-            fp = objective()
-            data[i] = old - 1e-6
-            fm = objective()
-            data[i] = old
-            num = (fp - fm) / 2e-6
-            assert abs(grad[i] - num) <= 2e-6 * max(1.0, abs(num)), (i, grad[i], num)
+        check_entries(objective, data, grad, idx)
 
 
 def _spread(model, rng):

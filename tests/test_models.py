@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import dselectk as dk
+from fd import check_entries
 from dselectk import models as Mo
 from dselectk import trainer as T
 
@@ -51,15 +52,8 @@ def _fd_check(model, X, Y, rng, n_entries=60):
     names = {name: (shape, off) for name, shape, off in model.slab.index}
     gate_idx = [off + i for name, (shape, off) in names.items() if name.startswith("gate")
                 for i in range(int(np.prod(shape)))]
-    for i in np.unique(np.concatenate([idx, np.array(gate_idx, dtype=int)])):
-        old = data[i]
-        data[i] = old + 1e-6
-        fp = objective()
-        data[i] = old - 1e-6
-        fm = objective()
-        data[i] = old
-        num = (fp - fm) / 2e-6
-        assert abs(grad[i] - num) <= 2e-6 * max(1.0, abs(num)), (model.slab.index, i, grad[i], num)
+    check_entries(objective, data, grad, np.unique(np.concatenate([idx, np.array(gate_idx, dtype=int)])),
+                  context=model.slab.index)
 
 
 def _spread_gates(model, rng):
