@@ -20,15 +20,21 @@ dropout (``tower_dropout=0``); the experts (and the shared bottom) have ``dropou
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..models import MMoE, SharedBottom
 from ..movielens import MovieLensMultitask, movielens_multitask
 from ..trainer import evaluate, fit
 
-__all__ = ["run", "mean_selected_experts", "GATES"]
+__all__ = ["run", "mean_selected_experts", "movielens_trial", "GATES", "METHODS"]
 
 GATES = ("dselect_k", "top_k", "softmax", "shared_bottom")
+# The methods of the paper's Table 1: name -> (gate, per_example)
+METHODS = {"dselect_k_static": ("dselect_k", False), "dselect_k_per_example": ("dselect_k", True),
+           "top_k_static": ("top_k", False), "top_k_per_example": ("top_k", True),
+           "softmax_moe": ("softmax", True), "shared_bottom": ("shared_bottom", False)}
 
 
 def mean_selected_experts(model, X, batch_size=1024):
@@ -107,6 +113,8 @@ def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=
         [None, None],
         epochs=len(history.epochs),
         total_steps=steps,
+        expert_flops=history.epochs[-1].get("expert_flops") if history.epochs else None,
+        expert_flops_dense=history.epochs[-1].get("expert_flops_dense") if history.epochs else None,
         val_loss=min(history["val_loss"]) if validation else None,
         settings=dict(gate=gate, per_example=per_example, alpha=alpha, k=k, n_experts=n_experts,
                       embedding_dim=embedding_dim, units=units, dropout=dropout, gamma=gamma, entropy_reg=entropy_reg,
@@ -115,3 +123,34 @@ def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=
     if return_model:
         out.update(model=model, history=history)
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_data(path, neg_ratio, data_seed):
+    return movielens_multitask(path, neg_ratio=neg_ratio, seed=data_seed)
+
+
+def movielens_trial(config, seed):
+    """One run of :func:`run` as a :class:`dselectk.sweep.Sweep` trial: ``config`` holds ``path``
+    (the ratings file), ``method`` (a key of :data:`METHODS`), ``alpha`` and any of run()'s
+    keyword arguments (lr, epochs, k, gamma, entropy_reg, ...). The data set is built once per
+    worker process. Returns flat metrics: val_loss, test_loss, test_auc, test_rmse,
+    mean_selected, binary_pct (percentage of training steps until S(Z) became binary, mean over
+    the tasks; NaN where it never did or for other gates), binary (1 when every task's S(Z) became
+    binary, or for gates without S(Z)), expert_flops and expert_flops_dense."""
+    config = dict(config)
+    data = _cached_data(config.pop("path"), int(config.pop("neg_ratio", 1)), int(config.pop("data_seed", 0)))
+    gate, per_example = METHODS[config.pop("method")]
+    out = run(data, gate, per_example, seed=seed, **config)
+    fractions = out["binary_fraction"]
+    dselect = gate == "dselect_k"
+    return {
+        "val_loss": out["val_loss"], "test_loss": out["test_loss"], "test_auc": out["test_auc"],
+        "test_rmse": out["test_rmse"],
+        "mean_selected": float("nan") if out["mean_selected"] is None else out["mean_selected"],
+        "binary_pct": (100 * float(np.mean(fractions)) if dselect and all(f is not None for f in fractions)
+                       else float("nan")),
+        "binary": float(all(f is not None for f in fractions)) if dselect else 1.0,
+        "expert_flops": float(out["expert_flops"] or 0), "expert_flops_dense": float(out["expert_flops_dense"] or 0),
+        "epochs": out["epochs"],
+    }
