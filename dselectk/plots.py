@@ -59,6 +59,8 @@ def plot_metric_vs_tasks(records, path, k=4, tasks_per_expert=4):
         if metric != "test_mse" and all_T:
             ax.plot(all_T, [expected_random_jaccard(T // tasks_per_expert, k) for T in all_T], "k--",
                     label="Random gate (expected)")
+        if metric == "test_mse":
+            ax.set_yscale("log")  # the methods differ by orders of magnitude
         ax.set_xscale("log", base=2)
         ax.set_xticks(all_T, [str(T) for T in all_T])
         ax.set_xlabel("Number of tasks")
