@@ -397,13 +397,18 @@ static inline long FN(mix_many_work)(long T, long n, long B, long d) {
 /* <x, y> over d entries, accumulated in double. Eight partial sums, each in order, so that GCC
  * vectorizes the loop without reassociating (no -ffast-math needed) and the result does not
  * depend on the build: the same bits with or without OpenMP. */
-static inline double FN(dot_double)(const real *restrict x, const real *restrict y, long d) {
-    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+static inline real FN(dot_lanes)(const real *restrict x, const real *restrict y, long d) {
+    /* 16 in-order partial sums in the working precision: they vectorize (a double accumulator
+     * for float data halves the SIMD width and made this the backward's bottleneck), and the
+     * sum's rounding error grows with d / 16 terms per lane rather than d. */
+    real s[16] = {0};
     long c = 0;
-    for (; c + 8 <= d; c += 8)
-        for (int u = 0; u < 8; u++) s[u] += (double)x[c + u] * y[c + u];
-    for (; c < d; c++) s[0] += (double)x[c] * y[c];
-    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    for (; c + 16 <= d; c += 16)
+        for (int u = 0; u < 16; u++) s[u] += x[c + u] * y[c + u];
+    for (; c < d; c++) s[0] += x[c] * y[c];
+    for (int u = 8; u > 0; u /= 2)
+        for (int v = 0; v < u; v++) s[v] += s[v + u];
+    return s[0];
 }
 
 /* y += a x over d entries. restrict parameters (rather than restrict locals, which GCC's alias
@@ -456,7 +461,7 @@ void FN(mix_experts_many_backward)(real *dw, real *df, const real *dy, const rea
                 const real wt = w[(t * B + b) * n + j];
                 /* an exact zero weight adds nothing to df_j; dw is computed all the same */
                 if (wt != 0) FN(axpy_row)(dfj, dyt, wt, d);
-                dw[(t * B + b) * n + j] = (real)FN(dot_double)(dyt, fj, d);
+                dw[(t * B + b) * n + j] = FN(dot_lanes)(dyt, fj, d);
             }
             if (relu_mask)
                 for (long c = 0; c < d; c++) dfj[c] = fj[c] > 0 ? dfj[c] : 0;
