@@ -455,7 +455,10 @@ class MMoE(_Model):
     def _forward_static(self, X, training):
         """Every gate static: the weights of all T tasks form one (T, n) matrix W. Experts whose
         column of W is exactly zero (no task uses them: conditional computation, Section 2) are not
-        run, and the T mixtures of the a active experts are one GEMM, (T, a) x (a, B*d)."""
+        run. The T mixtures of the a active experts are one GEMM, (T, a) x (a, B*d), when the
+        experts' output is narrow relative to T (e.g. the d = 1 experts of Appendix C.2), else one
+        pass of mix_experts_many over f (which also fuses the experts' last ReLU into the
+        backward: for wide experts and few tasks the GEMM would be memory-bound and slower)."""
         if self._bank is not None:
             W = self._bank.forward()  # (T, n), one kernel call for all gates
         else:
@@ -468,7 +471,11 @@ class MMoE(_Model):
         for i, j in enumerate(active):
             self.experts[j].forward(X, training, out=f[i])
         W_active = np.ascontiguousarray(W[:, active])  # (T, a)
-        mixed = F.dense_forward(W_active, f.reshape(a, B * d)).reshape(self.n_tasks, B, d)
+        if d >= 4 * self.n_tasks:  # the same weights for every example: (T, B, a)
+            W_active = np.ascontiguousarray(np.broadcast_to(W_active[:, None, :], (self.n_tasks, B, a)))
+            mixed = F.mix_experts_many(f, W_active)
+        else:
+            mixed = F.dense_forward(W_active, f.reshape(a, B * d)).reshape(self.n_tasks, B, d)
         outs = [tower.forward(mixed[t], training) for t, tower in enumerate(self.towers)]
         self._count_flops(a * B, B, training)
         self._cache = (f, list(W), active, W_active)
@@ -514,8 +521,14 @@ class MMoE(_Model):
         f, ws, active, W_active = self._cache
         a, B, d = f.shape
         dmixed = np.stack([tower.backward(dout) for tower, dout in zip(self.towers, douts)])  # (T, B, d)
-        df = np.zeros((a, B * d), f.dtype)
-        dW_active = F.dense_backward(dmixed.reshape(self.n_tasks, B * d), W_active, f.reshape(a, B * d), df)
+        fuse_relu = False
+        if W_active.ndim == 3:  # mixed by mix_experts_many: dW sums the per-example gradients
+            fuse_relu = all(self.experts[j].layers and isinstance(self.experts[j].layers[-1], ReLU) for j in active)
+            dws, df = F.mix_experts_many_backward(dmixed, f, W_active, relu_mask=fuse_relu)
+            W_active, dW_active = W_active[:, 0, :], dws.sum(axis=1)
+        else:
+            df = np.zeros((a, B * d), f.dtype)
+            dW_active = F.dense_backward(dmixed.reshape(self.n_tasks, B * d), W_active, f.reshape(a, B * d), df)
         # A weight that is exactly zero passes no gradient to its gate (as mix_experts_backward's
         # skip_zero): the gates' derivatives vanish there anyway, this only removes rounding noise.
         dW_active[W_active == 0] = 0
@@ -530,7 +543,7 @@ class MMoE(_Model):
         need_dx = self.input_layer is not None
         dX = np.zeros((B, self.input_dim), f.dtype) if need_dx else None
         for i, j in enumerate(active):
-            dx = self.experts[j].backward(df[i], need_dx=need_dx)
+            dx = self.experts[j].backward(df[i], need_dx=need_dx, skip_last=fuse_relu)
             if need_dx:
                 dX += dx
         if need_dx:

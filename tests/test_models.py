@@ -337,21 +337,23 @@ def test_frozen_parameters_do_not_move(tmp_path):
 STATIC_KINDS = [kw for kw in GATE_KINDS if not kw.get("per_example")]
 
 
+@pytest.mark.parametrize("width", [5, 20], ids=["gemm_mixing", "many_mixing"])  # d < 4T: GEMM; d >= 4T: one pass
 @pytest.mark.parametrize("binary", [False, True], ids=["fractional", "binary"])
 @pytest.mark.parametrize("gate_kwargs", STATIC_KINDS, ids=lambda kw: kw["gate"])
-def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary):
-    """Static gates: one GEMM over the active experts (and one batched call for DSelect-k) gives
+def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary, width):
+    """Static gates: mixing the active experts for all tasks at once (one GEMM, or one
+    mix_experts_many pass with the ReLU backward fused), and one batched call for DSelect-k, gives
     the outputs, loss and every gradient of the plain per-task mixing, and skips unused experts."""
     rng = np.random.default_rng(21)
     losses, outputs = ["bce", "mse", "softmax_ce", "mse"], [1, 2, 3, 1]
-    fast = Mo.MMoE(4, n_tasks=4, n_experts=6, expert_units=(5,), tower_units=(3,), task_losses=losses,
+    fast = Mo.MMoE(4, n_tasks=4, n_experts=6, expert_units=(width,), tower_units=(3,), task_losses=losses,
                    task_outputs=outputs, dtype="float64", seed=3, **gate_kwargs)
     _spread_gates(fast, rng)
     if binary and gate_kwargs["gate"] == "dselect_k":
         for g in fast.gates:  # S(Z) saturated: each task uses at most k = 2 of the 6 experts
             g.params["Z"][...] = np.where(rng.random(g.params["Z"].shape) < 0.5, -1, 1) * g.gamma
             g.params["Z"][:, 0] = -g.gamma  # codes < 4: experts 4 and 5 are never selected
-    slow = Mo.MMoE(4, n_tasks=4, n_experts=6, expert_units=(5,), tower_units=(3,), task_losses=losses,
+    slow = Mo.MMoE(4, n_tasks=4, n_experts=6, expert_units=(width,), tower_units=(3,), task_losses=losses,
                    task_outputs=outputs, dtype="float64", seed=3, **gate_kwargs)
     slow.slab.data[...] = fast.slab.data
     slow.static_fast_path = False
