@@ -115,36 +115,58 @@ def _load_runner():
     return module
 
 
-@pytest.mark.paper
-def test_paper_multitask_protocol(tmp_path):
-    """Appendix C.2 in full: DSelect-k beats Top-k in test MSE and related-task Jaccard at every
-    task count from 32 on, by a wider MSE margin at 128 tasks than at 32, and beats both ablations."""
+@pytest.fixture(scope="module")
+def paper_multitask(tmp_path_factory):
+    """Mean metrics per (method, n_tasks) of the full Appendix C.2 protocol (about an hour on 2 cores)."""
     from dselectk.sweep import load_records, summarize
 
-    out = str(tmp_path / "synthetic")
+    out = str(tmp_path_factory.mktemp("synthetic"))
     _load_runner().main(["multitask", "--out", out, "--quiet"])
     records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].endswith("/final")]
-    rows = {(r["group"]["method"], r["group"]["n_tasks"]): r["mean"] for r in
-            summarize(records, group_by=("method", "n_tasks"))}
-    for T in (32, 64, 128):
-        assert rows["dselect_k", T]["test_mse"] < rows["top_k", T]["test_mse"]
-        assert rows["dselect_k", T]["jaccard_related"] > rows["top_k", T]["jaccard_related"]
-        for ablation in ("ablation_annealing", "ablation_entropy"):
-            assert rows["dselect_k", T]["test_mse"] < rows[ablation, T]["test_mse"]
-    gain = {T: 1 - rows["dselect_k", T]["test_mse"] / rows["top_k", T]["test_mse"] for T in (32, 128)}
-    assert gain[128] > gain[32]
+    return {(r["group"]["method"], r["group"]["n_tasks"]): r["mean"]
+            for r in summarize(records, group_by=("method", "n_tasks"))}
 
 
-@pytest.mark.paper
-def test_paper_gate_recovery_protocol(tmp_path):
-    """Appendix C.3.2 over 20 seeds: DSelect-k recovers more true experts than Top-k."""
+@pytest.fixture(scope="module")
+def paper_recovery(tmp_path_factory):
+    """True experts recovered per seed of the full Appendix C.3.2 protocol, per gate."""
     from dselectk.sweep import load_records
 
-    out = str(tmp_path / "recovery")
+    out = str(tmp_path_factory.mktemp("recovery"))
     _load_runner().main(["recovery", "--out", out, "--quiet", "--no-plots"])
     found = {}
     for r in load_records(os.path.join(out, "trials.jsonl")):
         if r["sweep"].endswith("/final"):
             found.setdefault(r["config"]["method"], []).append(r["metrics"]["recovered"])
-    assert len(found["dselect_k"]) >= 20 and len(found["top_k"]) >= 20
-    assert np.mean(found["dselect_k"]) > np.mean(found["top_k"])
+    return found
+
+
+@pytest.mark.paper
+def test_paper_multitask_dselect_k_beats_top_k(paper_multitask):
+    """Appendix C.2 / Figure C.4: DSelect-k beats Top-k in test MSE and related-task Jaccard from
+    32 tasks on, by a wider MSE margin at 128 tasks than at 32, and beats the annealing ablation."""
+    rows = paper_multitask
+    for T in (32, 64, 128):
+        assert rows["dselect_k", T]["test_mse"] < rows["top_k", T]["test_mse"]
+        assert rows["dselect_k", T]["jaccard_related"] > rows["top_k", T]["jaccard_related"]
+        assert rows["dselect_k", T]["test_mse"] < rows["ablation_annealing", T]["test_mse"]
+    gain = {T: 1 - rows["dselect_k", T]["test_mse"] / rows["top_k", T]["test_mse"] for T in (32, 128)}
+    assert gain[128] > gain[32]
+
+
+@pytest.mark.paper
+@pytest.mark.xfail(reason="did not reproduce in our run: the entropy ablation, whose weights are never exactly "
+                          "zero, has the lowest test MSE (benchmarks/results/synthetic/README.md)", strict=False)
+def test_paper_multitask_dselect_k_beats_the_entropy_ablation(paper_multitask):
+    for T in (32, 64, 128):
+        assert paper_multitask["dselect_k", T]["test_mse"] < paper_multitask["ablation_entropy", T]["test_mse"]
+
+
+@pytest.mark.paper
+@pytest.mark.xfail(reason="did not reproduce in our run: DSelect-k's selectors collapse once S(Z) is binary, "
+                          "0.45 of 4 against Top-k's 2.6 (benchmarks/results/gate_recovery/README.md)", strict=False)
+def test_paper_gate_recovery_dselect_k_recovers_more(paper_recovery):
+    """Appendix C.3.2 over 20 seeds: DSelect-k recovers more true experts than Top-k (the paper:
+    all 4 against 1)."""
+    assert len(paper_recovery["dselect_k"]) >= 20 and len(paper_recovery["top_k"]) >= 20
+    assert np.mean(paper_recovery["dselect_k"]) > np.mean(paper_recovery["top_k"])
