@@ -16,6 +16,7 @@ import pytest
 
 import dselectk
 import reference as ref
+from fd import check_entries
 from dselectk import functional as F
 
 H_FD = 1e-6
@@ -32,16 +33,7 @@ def fd_check(f, x, analytic, rng, name, max_entries=40):
     assert analytic.shape == x.shape and analytic.dtype == x.dtype, name
     flat, got = x.reshape(-1), analytic.reshape(-1)
     idx = np.arange(x.size) if x.size <= max_entries else rng.choice(x.size, max_entries, replace=False)
-    for i in idx:
-        orig = flat[i]
-        flat[i] = orig + H_FD
-        fp = f()
-        flat[i] = orig - H_FD
-        fm = f()
-        flat[i] = orig
-        numeric = (fp - fm) / (2 * H_FD)
-        assert abs(got[i] - numeric) <= TOL * max(1.0, abs(got[i])), (
-            f"{name}: entry {np.unravel_index(i, x.shape)}: analytic {got[i]!r}, numeric {numeric!r}")
+    check_entries(f, flat, got, idx, tol=TOL, h=H_FD, context=name)
 
 
 def random_geometry(rng, max_hw=9):
