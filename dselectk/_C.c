@@ -1423,44 +1423,71 @@ done:
     return result;
 }
 
-/* Class labels (B,): an ndarray of any integer dtype, each in [0, C); returned as C-contiguous
- * int64 (new reference), or NULL naming the first bad label and its index. */
-static PyArrayObject *labels_array(PyObject *obj, npy_intp B, npy_intp C) {
-    char got[128];
+/* Integer indices (embedding ids and rows, class labels, pooling argmaxes; `what` names them in
+ * messages): an ndarray of any integer dtype (not bool) of ndim dimensions (dims as in
+ * input_array), every value in [0, V) (V_doc says where V comes from, for messages).
+ * Returned as a C-contiguous native int32 array when it is a 32-bit signed array and allow32 is
+ * set, else as int64 (unsigned values are checked before they are cast). New reference, or NULL
+ * naming the first bad value and its position. */
+static void format_position(char *buf, size_t size, int ndim, const npy_intp *dims, npy_intp flat) {
+    if (ndim == 2) snprintf(buf, size, "[%ld, %ld]", (long)(flat / dims[1]), (long)(flat % dims[1]));
+    else snprintf(buf, size, "[%ld]", (long)flat);
+}
+
+static int64_t index_at(PyArrayObject *a, npy_intp i) {
+    return PyArray_ITEMSIZE(a) == 4 ? (int64_t)((const int32_t *)DATA(a))[i] : ((const int64_t *)DATA(a))[i];
+}
+
+static PyArrayObject *index_array(PyObject *obj, const char *name, const char *what, int ndim, npy_intp *dims,
+                                  const char *shape_doc, npy_intp V, const char *V_doc, int allow32) {
+    char got[128], want[128], where[64];
     if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "argument 'labels' must be a numpy.ndarray of integer class indices, got %s",
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a numpy.ndarray of integer %s, got %s", name, what,
                      Py_TYPE(obj)->tp_name);
         return NULL;
     }
     PyArrayObject *arr = (PyArrayObject *)obj;
     if (!PyArray_ISINTEGER(arr)) {
-        PyErr_Format(PyExc_TypeError, "argument 'labels' must have an integer dtype (class indices), got %s",
+        PyErr_Format(PyExc_TypeError, "argument '%s' must have an integer dtype (%s), got %s", name, what,
                      PyArray_DESCR(arr)->typeobj->tp_name);
         return NULL;
     }
     format_shape(got, sizeof got, PyArray_NDIM(arr), PyArray_DIMS(arr));
-    if (PyArray_NDIM(arr) != 1 || PyArray_DIM(arr, 0) != B) {
-        PyErr_Format(PyExc_ValueError, "argument 'labels' must have shape (B,) = (%ld,), got %s", (long)B, got);
+    if (PyArray_NDIM(arr) != ndim) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' must be %d-D with shape %s, got shape %s", name, ndim,
+                     shape_doc, got);
         return NULL;
     }
-    /* unsigned labels go through uint64 (uint64 -> int64 is not a safe cast), signed through int64 */
-    const int unsig = PyArray_ISUNSIGNED(arr);
-    PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, unsig ? NPY_UINT64 : NPY_INT64, NPY_ARRAY_IN_ARRAY);
-    if (!conv) return NULL;
-    for (npy_intp i = 0; i < B; i++) {
-        const int bad = unsig ? ((const uint64_t *)DATA(conv))[i] >= (uint64_t)C
-                              : ((const int64_t *)DATA(conv))[i] < 0 || ((const int64_t *)DATA(conv))[i] >= C;
-        if (bad) {
-            if (unsig)
-                PyErr_Format(PyExc_ValueError, "argument 'labels' must hold class indices in [0, C) = [0, %ld), "
-                             "got labels[%ld] = %llu", (long)C, (long)i,
-                             (unsigned long long)((const uint64_t *)DATA(conv))[i]);
-            else
-                PyErr_Format(PyExc_ValueError, "argument 'labels' must hold class indices in [0, C) = [0, %ld), "
-                             "got labels[%ld] = %lld", (long)C, (long)i, (long long)((const int64_t *)DATA(conv))[i]);
-            Py_DECREF(conv);
+    for (int i = 0; i < ndim; i++) {
+        if (dims[i] >= 0 && PyArray_DIM(arr, i) != dims[i]) {
+            npy_intp shown[NPY_MAXDIMS];
+            for (int j = 0; j < ndim; j++) shown[j] = dims[j] >= 0 ? dims[j] : PyArray_DIM(arr, j);
+            format_shape(want, sizeof want, ndim, shown);
+            PyErr_Format(PyExc_ValueError, "argument '%s' must have shape %s = %s, got %s", name, shape_doc, want,
+                         got);
             return NULL;
         }
+    }
+    for (int i = 0; i < ndim; i++) dims[i] = PyArray_DIM(arr, i);
+    const int unsig = PyArray_ISUNSIGNED(arr);
+    const int typenum = unsig ? NPY_UINT64 : allow32 && PyArray_ITEMSIZE(arr) == 4 ? NPY_INT32 : NPY_INT64;
+    PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, typenum, NPY_ARRAY_IN_ARRAY);
+    if (!conv) return NULL;
+    const npy_intp size = PyArray_SIZE(conv);
+    for (npy_intp i = 0; i < size; i++) {
+        const int bad = unsig ? ((const uint64_t *)DATA(conv))[i] >= (uint64_t)V
+                              : index_at(conv, i) < 0 || index_at(conv, i) >= (int64_t)V;
+        if (!bad) continue;
+        format_position(where, sizeof where, ndim, dims, i);
+        if (unsig)
+            PyErr_Format(PyExc_ValueError, "argument '%s' must hold %s in [0, V) = [0, %ld) (V = %s), "
+                         "got %s%s = %llu", name, what, (long)V, V_doc, name, where,
+                         (unsigned long long)((const uint64_t *)DATA(conv))[i]);
+        else
+            PyErr_Format(PyExc_ValueError, "argument '%s' must hold %s in [0, V) = [0, %ld) (V = %s), "
+                         "got %s%s = %lld", name, what, (long)V, V_doc, name, where, (long long)index_at(conv, i));
+        Py_DECREF(conv);
+        return NULL;
     }
     if (!unsig) return conv;
     PyArrayObject *s = (PyArrayObject *)PyArray_FROM_OTF((PyObject *)conv, NPY_INT64,
@@ -1490,7 +1517,9 @@ static PyObject *py_softmax_cross_entropy(PyObject *Py_UNUSED(self), PyObject *a
         PyErr_SetString(PyExc_ValueError, "argument 'logits' must have at least one class (C >= 1)");
         goto done;
     }
-    PyArrayObject *labels = hold(&h, labels_array(l_obj, dims[0], dims[1]));
+    npy_intp ldims[1] = {dims[0]};
+    PyArrayObject *labels = hold(&h, index_array(l_obj, "labels", "class indices", 1, ldims, "(B,)", dims[1],
+                                                 "the number of classes C", 0));
     if (!labels) goto done;
     if (loss_weights(w_obj, &tn, dims[0], &h, &w) < 0) goto done;
     PyArrayObject *dz = hold(&h, new_array(tn, 2, dims));
@@ -1637,78 +1666,6 @@ done:
  * Embedding tables (csrc/embedding.h): gather, sparse backward, lazy optimizer steps
  */
 
-/* Integer row indices (ids, rows): an ndarray of any integer dtype (not bool) of ndim dimensions
- * (dims as in input_array), every value in [0, V) (V_doc says where V comes from, for messages).
- * Returned as a C-contiguous native int32 array when it is a 32-bit signed array and allow32 is
- * set, else as int64 (unsigned values are checked before they are cast). New reference, or NULL
- * naming the first bad value and its position. */
-static void format_position(char *buf, size_t size, int ndim, const npy_intp *dims, npy_intp flat) {
-    if (ndim == 2) snprintf(buf, size, "[%ld, %ld]", (long)(flat / dims[1]), (long)(flat % dims[1]));
-    else snprintf(buf, size, "[%ld]", (long)flat);
-}
-
-static int64_t index_at(PyArrayObject *a, npy_intp i) {
-    return PyArray_ITEMSIZE(a) == 4 ? (int64_t)((const int32_t *)DATA(a))[i] : ((const int64_t *)DATA(a))[i];
-}
-
-static PyArrayObject *index_array(PyObject *obj, const char *name, int ndim, npy_intp *dims, const char *shape_doc,
-                                  npy_intp V, const char *V_doc, int allow32) {
-    char got[128], want[128], where[64];
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "argument '%s' must be a numpy.ndarray of integer row indices, got %s", name,
-                     Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    PyArrayObject *arr = (PyArrayObject *)obj;
-    if (!PyArray_ISINTEGER(arr)) {
-        PyErr_Format(PyExc_TypeError, "argument '%s' must have an integer dtype (row indices), got %s", name,
-                     PyArray_DESCR(arr)->typeobj->tp_name);
-        return NULL;
-    }
-    format_shape(got, sizeof got, PyArray_NDIM(arr), PyArray_DIMS(arr));
-    if (PyArray_NDIM(arr) != ndim) {
-        PyErr_Format(PyExc_ValueError, "argument '%s' must be %d-D with shape %s, got shape %s", name, ndim,
-                     shape_doc, got);
-        return NULL;
-    }
-    for (int i = 0; i < ndim; i++) {
-        if (dims[i] >= 0 && PyArray_DIM(arr, i) != dims[i]) {
-            npy_intp shown[NPY_MAXDIMS];
-            for (int j = 0; j < ndim; j++) shown[j] = dims[j] >= 0 ? dims[j] : PyArray_DIM(arr, j);
-            format_shape(want, sizeof want, ndim, shown);
-            PyErr_Format(PyExc_ValueError, "argument '%s' must have shape %s = %s, got %s", name, shape_doc, want,
-                         got);
-            return NULL;
-        }
-    }
-    for (int i = 0; i < ndim; i++) dims[i] = PyArray_DIM(arr, i);
-    const int unsig = PyArray_ISUNSIGNED(arr);
-    const int typenum = unsig ? NPY_UINT64 : allow32 && PyArray_ITEMSIZE(arr) == 4 ? NPY_INT32 : NPY_INT64;
-    PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, typenum, NPY_ARRAY_IN_ARRAY);
-    if (!conv) return NULL;
-    const npy_intp size = PyArray_SIZE(conv);
-    for (npy_intp i = 0; i < size; i++) {
-        const int bad = unsig ? ((const uint64_t *)DATA(conv))[i] >= (uint64_t)V
-                              : index_at(conv, i) < 0 || index_at(conv, i) >= (int64_t)V;
-        if (!bad) continue;
-        format_position(where, sizeof where, ndim, dims, i);
-        if (unsig)
-            PyErr_Format(PyExc_ValueError, "argument '%s' must hold row indices in [0, V) = [0, %ld) (V = %s), "
-                         "got %s%s = %llu", name, (long)V, V_doc, name, where,
-                         (unsigned long long)((const uint64_t *)DATA(conv))[i]);
-        else
-            PyErr_Format(PyExc_ValueError, "argument '%s' must hold row indices in [0, V) = [0, %ld) (V = %s), "
-                         "got %s%s = %lld", name, (long)V, V_doc, name, where, (long long)index_at(conv, i));
-        Py_DECREF(conv);
-        return NULL;
-    }
-    if (!unsig) return conv;
-    PyArrayObject *s = (PyArrayObject *)PyArray_FROM_OTF((PyObject *)conv, NPY_INT64,
-                                                         NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
-    Py_DECREF(conv);
-    return s;
-}
-
 /* The rows of table (V, d) that ids looks up must be finite: only those are read, so only those
  * are scanned (a whole-table scan per batch would cost O(V d) where the call costs O(B F d)). */
 static int check_rows_finite(PyArrayObject *table, PyArrayObject *ids, const char *ids_name) {
@@ -1835,8 +1792,8 @@ static PyObject *py_embedding_forward(PyObject *Py_UNUSED(self), PyObject *args,
     npy_intp tdims[2] = {-1, -1}, idims[2] = {-1, -1}, width, ld;
     PyArrayObject *table = hold_from(&h, t_obj, input_array(t_obj, "table", &tn, 2, tdims, "(V, d)", 0)), *y;
     if (!table) goto done;
-    PyArrayObject *ids = hold_from(&h, ids_obj, index_array(ids_obj, "ids", 2, idims, "(B, F)", tdims[0],
-                                                            "the rows of 'table'", 1));
+    PyArrayObject *ids = hold_from(&h, ids_obj, index_array(ids_obj, "ids", "row indices", 2, idims, "(B, F)",
+                                                            tdims[0], "the rows of 'table'", 1));
     if (!ids || check_batch(idims[0], "ids") < 0) goto done;
     if (block_width(idims[1], tdims[1], (npy_intp)offset, &width) < 0 || check_rows_finite(table, ids, "ids") < 0)
         goto done;
@@ -1888,8 +1845,8 @@ static PyObject *py_embedding_backward(PyObject *Py_UNUSED(self), PyObject *args
     PyArrayObject *dout = hold_from(&h, dout_obj, input_array(dout_obj, "dout", &tn, 2, ddims, "(B, D)", 0));
     if (!dout || check_batch(ddims[0], "dout") < 0) goto done;
     npy_intp idims[2] = {ddims[0], -1};
-    PyArrayObject *ids = hold_from(&h, ids_obj, index_array(ids_obj, "ids", 2, idims, "(B, F)", (npy_intp)V,
-                                                            "num_embeddings", 1));
+    PyArrayObject *ids = hold_from(&h, ids_obj, index_array(ids_obj, "ids", "row indices", 2, idims, "(B, F)",
+                                                            (npy_intp)V, "num_embeddings", 1));
     if (!ids || block_width(idims[1], (npy_intp)d, (npy_intp)offset, &width) < 0) goto done;
     if ((npy_intp)offset + width > ddims[1]) {
         char got[128];
@@ -1978,8 +1935,8 @@ static int sparse_step_args(PyObject *g_obj, PyObject *r_obj, PyObject **state_o
                                                                     "(V, d)", h, 0))))
             return -1;
     npy_intp rdims[1] = {gdims[0]};
-    if (!(*rows = hold_from(h, r_obj, index_array(r_obj, "rows", 1, rdims, "(U,)", tdims[0], "the rows of 'table'",
-                                                  0))))
+    if (!(*rows = hold_from(h, r_obj, index_array(r_obj, "rows", "row indices", 1, rdims, "(U,)", tdims[0],
+                                                  "the rows of 'table'", 0))))
         return -1;
     for (int i = 0; i < n_states; i++)
         if (overlaps(states[i], *rows) || (PyArray_Check(r_obj) && overlaps(states[i], (PyArrayObject *)r_obj))) {
@@ -2312,52 +2269,6 @@ done:
     return result;
 }
 
-/* The argmax indices of max_pool2d_backward: an ndarray of any integer dtype with exactly the
- * shape dims (4-D), each in [0, HW); returned as C-contiguous int64 (new reference). */
-static PyArrayObject *pool_indices(PyObject *obj, const npy_intp *dims, long HW) {
-    char got[128], want[128];
-    if (!PyArray_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "argument 'indices' must be a numpy.ndarray of integer indices (the second "
-                     "result of max_pool2d_forward), got %s", Py_TYPE(obj)->tp_name);
-        return NULL;
-    }
-    PyArrayObject *arr = (PyArrayObject *)obj;
-    if (!PyArray_ISINTEGER(arr)) {
-        PyErr_Format(PyExc_TypeError, "argument 'indices' must have an integer dtype, got %s",
-                     PyArray_DESCR(arr)->typeobj->tp_name);
-        return NULL;
-    }
-    format_shape(got, sizeof got, PyArray_NDIM(arr), PyArray_DIMS(arr));
-    format_shape(want, sizeof want, 4, dims);
-    if (PyArray_NDIM(arr) != 4 || !PyArray_CompareLists(PyArray_DIMS(arr), (npy_intp *)dims, 4)) {
-        PyErr_Format(PyExc_ValueError, "argument 'indices' must have the shape of dy (B, C, OH, OW) = %s, got %s",
-                     want, got);
-        return NULL;
-    }
-    const int unsig = PyArray_ISUNSIGNED(arr);
-    PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, unsig ? NPY_UINT64 : NPY_INT64, NPY_ARRAY_IN_ARRAY);
-    if (!conv) return NULL;
-    const npy_intp size = PyArray_SIZE(conv);
-    for (npy_intp i = 0; i < size; i++) {
-        const uint64_t u = ((const uint64_t *)DATA(conv))[i];
-        const int64_t s = ((const int64_t *)DATA(conv))[i];
-        if (unsig ? u >= (uint64_t)HW : (s < 0 || s >= HW)) {
-            char value[32];
-            if (unsig) snprintf(value, sizeof value, "%llu", (unsigned long long)u);
-            else snprintf(value, sizeof value, "%lld", (long long)s);
-            PyErr_Format(PyExc_ValueError, "argument 'indices' must hold flat indices into the input plane, in "
-                         "[0, H W) = [0, %ld), got %s at flat position %ld", HW, value, (long)i);
-            Py_DECREF(conv);
-            return NULL;
-        }
-    }
-    if (!unsig) return conv;
-    PyArrayObject *s = (PyArrayObject *)PyArray_FROM_OTF((PyObject *)conv, NPY_INT64,
-                                                         NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
-    Py_DECREF(conv);
-    return s;
-}
-
 PyDoc_STRVAR(max_pool2d_backward_doc,
 "max_pool2d_backward(dy, indices, input_size) -> dx\n\n"
 "Backward of max_pool2d_forward: dy (B, C, OH, OW), indices (B, C, OH, OW) of any integer dtype, each\n"
@@ -2381,7 +2292,9 @@ static PyObject *py_max_pool2d_backward(PyObject *Py_UNUSED(self), PyObject *arg
                      "input_size (H, W) = (%ld, %ld)", (long)ydims[2], (long)ydims[3], H, W);
         goto done;
     }
-    PyArrayObject *idx = hold(&h, pool_indices(idx_obj, ydims, H * W));
+    npy_intp idims[4] = {ydims[0], ydims[1], ydims[2], ydims[3]};
+    PyArrayObject *idx = hold(&h, index_array(idx_obj, "indices", "flat indices into the input plane", 4, idims,
+                                              "(B, C, OH, OW) of dy", (npy_intp)(H * W), "H W", 0));
     if (!idx) goto done;
     npy_intp xdims[4] = {ydims[0], ydims[1], H, W};
     PyArrayObject *dx = hold(&h, new_array(tn, 4, xdims));

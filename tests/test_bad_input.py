@@ -1520,7 +1520,7 @@ for _p in ("F", "C"):
             return idx
         return make
     for _ident, _make, _exc, _match in (
-            ("negative", _bad_index(-1), ValueError, "'indices'.*\\[0, H W\\) = \\[0, 42\\).*-1"),
+            ("negative", _bad_index(-1), ValueError, "'indices'.*\\[0, 42\\) \\(V = H W\\).*indices\\[78\\] = -1"),
             ("equal_to_HW", _bad_index(42), ValueError, "'indices'.*42"),
             ("huge_uint64", _bad_index(2**63 + 5, np.uint64), ValueError, "'indices'"),
             ("uint8_255", _bad_index(255, np.uint8), ValueError, "'indices'"),
