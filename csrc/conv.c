@@ -7,7 +7,12 @@
 #include <stdint.h>
 #include <string.h>
 
-long conv2d_group(const DskConv2d *g) { return g->B < DSK_CONV_GROUP ? g->B : DSK_CONV_GROUP; }
+long conv2d_group(const DskConv2d *g) {
+    const long per_example = (g->C * g->KH * g->KW + g->F) * g->OH * g->OW;
+    long G = DSK_CONV_COL_ELEMS / per_example;
+    if (G < 1) G = 1;
+    return g->B < G ? g->B : G;
+}
 
 size_t conv2d_col_size(const DskConv2d *g) {
     return (size_t)(g->C * g->KH * g->KW + g->F) * (size_t)conv2d_group(g) * (size_t)(g->OH * g->OW);

@@ -33,8 +33,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Most examples per GEMM (see above): bounds the workspace. */
-#define DSK_CONV_GROUP 256
+/* The workspace budget, in elements: a group holds as many examples as fit (at least one). */
+#ifndef DSK_CONV_COL_ELEMS
+#define DSK_CONV_COL_ELEMS (64L * 1024L)
+#endif
 
 /* The geometry of one convolution (all sizes >= 1, except the paddings pt, pl >= 0). */
 typedef struct {

@@ -3,23 +3,27 @@
  * Declarations and the meaning of every argument are in conv.h. BLAS is called only outside the
  * OpenMP loops (which do the im2col / col2im copies); sums accumulate in double. */
 
-/* Row k = (c, i, j) of the im2col matrix of one example: dst[p ds] for p = oh OW + ow gets
- * x[c, oh sh - pt + i, ow sw - pl + j], 0 where that is in the padding. xc: plane c (H, W). */
-static void FN(im2col_row)(real *dst, long ds, const real *xc, long i, long j, const DskConv2d *g) {
+/* Row k = (c, i, j) of the im2col matrix of one example: dst[p] for p = oh OW + ow gets
+ * x[c, oh sh - pt + i, ow sw - pl + j], 0 where that is in the padding. xc: plane c (H, W).
+ * At stride sw = 1 the valid part of an output row is one contiguous copy (the common case, and
+ * most of the convolution's time when it was an element loop). */
+static void FN(im2col_row)(real *dst, const real *xc, long i, long j, const DskConv2d *g) {
     long lo, hi;
     dsk_conv_valid_columns(g, j, &lo, &hi);
+    const long off = j - g->pl, OW = g->OW;
     for (long oh = 0; oh < g->OH; oh++) {
-        real *d = dst + oh * g->OW * ds;
+        real *d = dst + oh * OW;
         const long ih = oh * g->sh - g->pt + i;
-        if (ih < 0 || ih >= g->H) {
-            for (long ow = 0; ow < g->OW; ow++) d[ow * ds] = 0;
+        if (ih < 0 || ih >= g->H || lo >= hi) {
+            memset(d, 0, sizeof(real) * (size_t)OW);
             continue;
         }
         const real *row = xc + ih * g->W;
-        const long off = j - g->pl;
-        for (long ow = 0; ow < lo; ow++) d[ow * ds] = 0;
-        for (long ow = lo; ow < hi; ow++) d[ow * ds] = row[ow * g->sw + off];
-        for (long ow = hi; ow < g->OW; ow++) d[ow * ds] = 0;
+        for (long ow = 0; ow < lo; ow++) d[ow] = 0;
+        if (g->sw == 1) memcpy(d + lo, row + lo + off, sizeof(real) * (size_t)(hi - lo));
+        else
+            for (long ow = lo; ow < hi; ow++) d[ow] = row[ow * g->sw + off];
+        for (long ow = hi; ow < OW; ow++) d[ow] = 0;
     }
 }
 
@@ -33,7 +37,12 @@ static void FN(col2im_row)(real *dxc, const real *src, long i, long j, const Dsk
         const real *s = src + oh * g->OW;
         real *row = dxc + ih * g->W;
         const long off = j - g->pl;
-        for (long ow = lo; ow < hi; ow++) row[ow * g->sw + off] += s[ow];
+        if (g->sw == 1) {
+            real *r = row + lo + off; /* unit stride: a vectorizable row add */
+            const real *q = s + lo;
+            for (long t = 0; t < hi - lo; t++) r[t] += q[t];
+        } else
+            for (long ow = lo; ow < hi; ow++) row[ow * g->sw + off] += s[ow];
     }
 }
 
@@ -46,7 +55,7 @@ static void FN(im2col_group)(real *col, const real *x, long b0, long G, const Ds
         const real *xb = x + (size_t)(b0 + e) * g->C * HW;
         for (long k = 0; k < K; k++) {
             const long c = k / (g->KH * g->KW), i = k / g->KW % g->KH, j = k % g->KW;
-            FN(im2col_row)(col + k * GP + e * P, 1, xb + c * HW, i, j, g);
+            FN(im2col_row)(col + k * GP + e * P, xb + c * HW, i, j, g);
         }
     }
 }
@@ -113,6 +122,38 @@ void FN(conv2d_backward)(real *dx, real *dW, real *db, real *col, double *acc, c
         for (long f = 0; f < g->F; f++) db[f] = (real)(db[f] + acc[f]);
 }
 
+/* Whether v replaces the running maximum m of a window: strictly greater (the first maximum wins
+ * ties), or the first NaN. Written without branches so that the compiler can use blends: the
+ * comparisons of pooling inputs are unpredictable, and a mispredicted branch per entry made the
+ * pooling as slow as the convolution before it. */
+#define DSK_POOL_TAKES(v, m) (((v) > (m)) | (((v) != (v)) & ((m) == (m))))
+
+/* The common 2 x 2 window at stride 2: two input rows per output row, unrolled, vectorizable. */
+static void FN(max_pool2x2_plane)(real *yn, int64_t *in, const real *xn, long W, long OH, long OW) {
+    for (long oh = 0; oh < OH; oh++) {
+        const real *r0 = xn + 2 * oh * W, *r1 = r0 + W;
+        real *yr = yn + oh * OW;
+        int64_t *ir = in + oh * OW;
+        const int64_t base = 2 * oh * W;
+        for (long ow = 0; ow < OW; ow++) {
+            real m = r0[2 * ow];
+            int64_t best = base + 2 * ow;
+            const real b = r0[2 * ow + 1], c = r1[2 * ow], d = r1[2 * ow + 1];
+            int t = DSK_POOL_TAKES(b, m);
+            m = t ? b : m;
+            best = t ? base + 2 * ow + 1 : best;
+            t = DSK_POOL_TAKES(c, m);
+            m = t ? c : m;
+            best = t ? base + W + 2 * ow : best;
+            t = DSK_POOL_TAKES(d, m);
+            m = t ? d : m;
+            best = t ? base + W + 2 * ow + 1 : best;
+            yr[ow] = m;
+            ir[ow] = best;
+        }
+    }
+}
+
 void FN(max_pool2d_forward)(real *y, int64_t *idx, const real *x, long N, long H, long W, long KH, long KW,
                             long sh, long sw, long OH, long OW) {
     DSK_PARALLEL_FOR(N * OH * OW * KH * KW)
@@ -120,6 +161,10 @@ void FN(max_pool2d_forward)(real *y, int64_t *idx, const real *x, long N, long H
         const real *xn = x + (size_t)n * H * W;
         real *yn = y + (size_t)n * OH * OW;
         int64_t *in = idx + (size_t)n * OH * OW;
+        if (KH == 2 && KW == 2 && sh == 2 && sw == 2) {
+            FN(max_pool2x2_plane)(yn, in, xn, W, OH, OW);
+            continue;
+        }
         for (long oh = 0; oh < OH; oh++)
             for (long ow = 0; ow < OW; ow++) {
                 long best = oh * sh * W + ow * sw;
@@ -128,11 +173,9 @@ void FN(max_pool2d_forward)(real *y, int64_t *idx, const real *x, long N, long H
                     const long r = (oh * sh + i) * W + ow * sw;
                     for (long j = 0; j < KW; j++) {
                         const real v = xn[r + j];
-                        /* strictly greater: the first maximum wins; the first NaN wins over all */
-                        if (v > m || (isnan(v) && !isnan(m))) {
-                            m = v;
-                            best = r + j;
-                        }
+                        const int t = DSK_POOL_TAKES(v, m);
+                        m = t ? v : m;
+                        best = t ? r + j : best;
                     }
                 }
                 yn[oh * OW + ow] = m;

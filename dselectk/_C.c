@@ -82,17 +82,31 @@ static const char *dtype_name(int typenum) {
     return typenum == NPY_FLOAT ? "float32" : typenum == NPY_DOUBLE ? "float64" : "?";
 }
 
+/* The exponent bits of a float / double are all ones exactly for NaN and Inf. Blocks are scanned
+ * without an early exit (a vectorizable OR of the tests), and only a block with a hit is searched
+ * for its first index: every kernel input is checked, so this scan must run at memory speed. */
+#define FINITE_SCAN_BLOCK 4096
+#define FIRST_NONFINITE(ctype, utype, expmask)                                                  \
+    do {                                                                                        \
+        const ctype *p = (const ctype *)DATA(a);                                                \
+        for (npy_intp start = 0; start < size; start += FINITE_SCAN_BLOCK) {                    \
+            const npy_intp end = size - start < FINITE_SCAN_BLOCK ? size : start + FINITE_SCAN_BLOCK; \
+            int bad = 0;                                                                        \
+            for (npy_intp i = start; i < end; i++) {                                            \
+                utype bits;                                                                     \
+                memcpy(&bits, p + i, sizeof bits);                                              \
+                bad |= (bits & (expmask)) == (expmask);                                         \
+            }                                                                                   \
+            if (bad)                                                                            \
+                for (npy_intp i = start; i < end; i++)                                          \
+                    if (!isfinite(p[i])) { *where = i; return 1; }                              \
+        }                                                                                       \
+    } while (0)
+
 static int first_nonfinite(PyArrayObject *a, npy_intp *where) {
     const npy_intp size = PyArray_SIZE(a);
-    if (PyArray_TYPE(a) == NPY_FLOAT) {
-        const float *p = (const float *)DATA(a);
-        for (npy_intp i = 0; i < size; i++)
-            if (!isfinite(p[i])) { *where = i; return 1; }
-    } else {
-        const double *p = (const double *)DATA(a);
-        for (npy_intp i = 0; i < size; i++)
-            if (!isfinite(p[i])) { *where = i; return 1; }
-    }
+    if (PyArray_TYPE(a) == NPY_FLOAT) FIRST_NONFINITE(float, uint32_t, 0x7f800000u);
+    else FIRST_NONFINITE(double, uint64_t, 0x7ff0000000000000ull);
     return 0;
 }
 

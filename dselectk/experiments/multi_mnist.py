@@ -17,11 +17,15 @@ per-task test accuracy and, for the gated models, the number of experts each tas
 (nonzero weight) at the end.
 
 Choices the paper leaves to tuning, with the defaults used here: k = 2, gamma = 1, entropy
-regularization 0.1 for DSelect-k, learning rate 1e-3, towers of one Dense layer of 50 units, at
-most 100 epochs with a patience of 10.
+regularization 0.1 for DSelect-k, learning rate 1e-3, at most 100 epochs with a patience of 10.
+The towers are Appendix D.2's: Dense(50) ReLU -> Dense(50) ReLU -> 10 units with a softmax.
+
+:func:`multi_mnist_trial` is one run as a trial of :class:`dselectk.sweep.Sweep` (the tuning and
+repetitions of ``benchmarks/multi_fashion_mnist_experiment.py``).
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -30,13 +34,13 @@ from .. import images
 from ..models import MMoE, SharedBottom
 from ..trainer import evaluate, fit
 
-__all__ = ["MODELS", "build_model", "run"]
+__all__ = ["MODELS", "build_model", "run", "multi_mnist_trial"]
 
 MODELS = ("dselect_k", "top_k", "softmax", "shared_bottom")
 
 
 def build_model(name, input_shape, n_classes=(10, 10), n_experts=8, k=2, expert_layers=1, units=50,
-                tower_units=(50,), filters=(10, 20), kernel=5, pool=2, gamma=1.0, entropy_reg=0.1, seed=0,
+                tower_units=(50, 50), filters=(10, 20), kernel=5, pool=2, gamma=1.0, entropy_reg=0.1, seed=0,
                 dtype="float32"):
     """One model of ``MODELS`` for images of ``input_shape`` (C, H, W) and two softmax tasks."""
     common = dict(input_shape=tuple(input_shape), n_tasks=2, tower_units=tuple(tower_units),
@@ -75,22 +79,80 @@ def run(data=None, *, dataset="mnist", path=None, n_train=100_000, n_val=20_000,
             data = images.multi_fashion_mnist(path, n_train, n_val, n_test, seed=data_seed)
         else:
             raise ValueError(f"dataset must be 'mnist' or 'fashion_mnist', got {dataset!r}")
-    results = {}
-    for name in models:
-        model = build_model(name, data.input_shape, seed=seed, **model_kwargs)  # 10 classes per task
-        start = time.perf_counter()
-        validation = (data.X_val, data.Y_val) if len(data.X_val) else None
-        history = fit(model, data.X_train, data.Y_train, epochs=epochs, batch_size=batch_size, lr=lr,
-                      validation_data=validation,
-                      early_stopping_patience=early_stopping_patience if validation else None, seed=seed,
-                      verbose=verbose)
-        seconds = time.perf_counter() - start
-        test = evaluate(model, data.X_test, data.Y_test, batch_size=1024)
-        selected = None
-        if model.gates:
-            model.forward(data.X_test[:batch_size])  # static gates: the weights do not depend on the batch
-            selected = [int(g.num_selected()) for g in model.gates]
-        results[name] = dict(test_accuracy=[test["task0_accuracy"], test["task1_accuracy"]],
-                             selected_experts=selected, best_epoch=history.best_epoch, epochs=len(history.epochs),
-                             seconds=seconds, num_parameters=model.num_parameters())
-    return results
+    return {name: train_and_test(data, name, epochs=epochs, batch_size=batch_size, lr=lr,
+                                 early_stopping_patience=early_stopping_patience, seed=seed, verbose=verbose,
+                                 **model_kwargs) for name in models}
+
+
+def train_and_test(data, name, *, epochs=100, batch_size=256, lr=1e-3, early_stopping_patience=10, seed=0, verbose=0,
+                   return_model=False, **model_kwargs):
+    """Train one model of ``MODELS`` on ``data`` (a :class:`dselectk.images.MultiMNIST`) and test
+    it: the dict of :func:`run` for one model, plus ``val_accuracy`` (per task, of the restored
+    weights), ``binary_step`` (DSelect-k: per task, the training step after which S(Z) was binary,
+    or None), ``total_steps``, ``epoch_seconds`` (mean wall time of an epoch, validation included)
+    and ``expert_flops`` / ``expert_flops_dense`` (expert FLOPs of the whole training, executed
+    and for the dense model); with ``return_model`` also the model and the History."""
+    model = build_model(name, data.input_shape, seed=seed, **model_kwargs)  # 10 classes per task
+    start = time.perf_counter()
+    validation = (data.X_val, data.Y_val) if len(data.X_val) else None
+    history = fit(model, data.X_train, data.Y_train, epochs=epochs, batch_size=batch_size, lr=lr,
+                  validation_data=validation, early_stopping_patience=early_stopping_patience if validation else None,
+                  seed=seed, verbose=verbose)
+    seconds = time.perf_counter() - start
+    test = evaluate(model, data.X_test, data.Y_test, batch_size=1024)
+    val = evaluate(model, data.X_val, data.Y_val, batch_size=1024) if validation else None
+    selected = None
+    if model.gates:
+        model.forward(data.X_test[:batch_size])  # static gates: the weights do not depend on the batch
+        selected = [int(g.num_selected()) for g in model.gates]
+    last = history.epochs[-1] if history.epochs else {}
+    out = dict(test_accuracy=[test["task0_accuracy"], test["task1_accuracy"]],
+               val_accuracy=None if val is None else [val["task0_accuracy"], val["task1_accuracy"]],
+               selected_experts=selected, best_epoch=history.best_epoch, epochs=len(history.epochs),
+               seconds=seconds, epoch_seconds=float(np.mean([e["time"] for e in history.epochs])),
+               num_parameters=model.num_parameters(), binary_step=list(history.binary_step),
+               total_steps=history.total_steps, expert_flops=last.get("expert_flops"),
+               expert_flops_dense=last.get("expert_flops_dense"))
+    if return_model:
+        out.update(model=model, history=history)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_data(dataset, path, n_train, n_val, n_test, data_seed):
+    if dataset == "fashion_mnist":
+        return images.multi_fashion_mnist(path, n_train, n_val, n_test, seed=data_seed)
+    return images.multi_mnist(path, n_train, n_val, n_test, seed=data_seed)
+
+
+def multi_mnist_trial(config, seed):
+    """One run of :func:`train_and_test` as a :class:`dselectk.sweep.Sweep` trial. ``config`` holds
+    ``model`` (one of MODELS), optionally ``dataset`` ("fashion_mnist", the default, or "mnist"),
+    ``path``, ``n_train`` / ``n_val`` / ``n_test`` and ``data_seed`` (the data set is built once per
+    worker process), and any keyword of train_and_test / :func:`build_model` (lr, epochs,
+    early_stopping_patience, k, gamma, expert_layers, ...). Returns flat metrics: ``val_error``
+    (1 - the mean validation accuracy of the two tasks, the paper's tuning metric turned into a loss),
+    ``val_acc1/2``, ``test_acc1/2``, ``experts`` (selected, mean over the tasks; NaN for the shared
+    bottom), ``binary`` (1 when every task's S(Z) became binary, or for gates without S(Z)),
+    ``binary_pct`` (percentage of the training steps until then, mean over the tasks; NaN where it
+    never did), ``expert_flops``, ``expert_flops_dense``, ``epochs``, ``epoch_seconds``, ``seconds``."""
+    config = dict(config)
+    data = _cached_data(config.pop("dataset", "fashion_mnist"), config.pop("path", None),
+                        int(config.pop("n_train", 100_000)), int(config.pop("n_val", 20_000)),
+                        int(config.pop("n_test", 20_000)), int(config.pop("data_seed", 0)))
+    name = config.pop("model")
+    out = train_and_test(data, name, seed=seed, **config)
+    steps = out["binary_step"]
+    dselect = name == "dselect_k"
+    binary = all(s is not None for s in steps) if dselect else True
+    nan = float("nan")
+    return {
+        "val_error": 1.0 - float(np.mean(out["val_accuracy"])),
+        "val_acc1": out["val_accuracy"][0], "val_acc2": out["val_accuracy"][1],
+        "test_acc1": out["test_accuracy"][0], "test_acc2": out["test_accuracy"][1],
+        "experts": nan if out["selected_experts"] is None else float(np.mean(out["selected_experts"])),
+        "binary": float(binary),
+        "binary_pct": 100 * float(np.mean(steps)) / out["total_steps"] if dselect and binary else nan,
+        "expert_flops": float(out["expert_flops"] or 0), "expert_flops_dense": float(out["expert_flops_dense"] or 0),
+        "epochs": out["epochs"], "epoch_seconds": out["epoch_seconds"], "seconds": out["seconds"],
+    }
