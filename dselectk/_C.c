@@ -103,6 +103,12 @@ static const char *dtype_name(int typenum) {
         }                                                                                       \
     } while (0)
 
+/* Off (0) only inside dselectk.functional.trusted_inputs(), which models enter between their
+ * checked input and their checked loss: the NaN / Inf scans of their intermediate arrays cost a
+ * read of each (a tenth of a training step). Per thread, so another thread's calls stay checked;
+ * every other check (dtype, shape, overlap, index bounds) is unaffected. */
+static __thread int finite_checks_on = 1;
+
 static int first_nonfinite(PyArrayObject *a, npy_intp *where) {
     const npy_intp size = PyArray_SIZE(a);
     if (PyArray_TYPE(a) == NPY_FLOAT) FIRST_NONFINITE(float, uint32_t, 0x7f800000u);
@@ -165,7 +171,7 @@ static PyArrayObject *input_array(PyObject *obj, const char *name, int *typenum,
     PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, *typenum, NPY_ARRAY_IN_ARRAY);
     if (!conv) return NULL;
     npy_intp where;
-    if (finite && first_nonfinite(conv, &where)) {
+    if (finite && finite_checks_on && first_nonfinite(conv, &where)) {
         PyErr_Format(PyExc_ValueError, "argument '%s' contains NaN or Inf (first at flat index %ld); "
                      "expected finite values", name, (long)where);
         Py_DECREF(conv);
@@ -1123,7 +1129,7 @@ static PyArrayObject *inplace_array(PyObject *obj, const char *name, int *typenu
             return NULL;
         }
     npy_intp where;
-    if (finite && first_nonfinite(arr, &where)) {
+    if (finite && finite_checks_on && first_nonfinite(arr, &where)) {
         PyErr_Format(PyExc_ValueError, "argument '%s' contains NaN or Inf (first at flat index %ld); "
                      "expected finite values", name, (long)where);
         return NULL;
@@ -2341,6 +2347,38 @@ static PyObject *py_get_num_threads(PyObject *Py_UNUSED(self), PyObject *Py_UNUS
     return PyLong_FromLong(dsk_get_num_threads());
 }
 
+static PyObject *py_set_finite_checks(PyObject *Py_UNUSED(self), PyObject *arg) {
+    const int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    const int previous = finite_checks_on;
+    finite_checks_on = on;
+    return PyBool_FromLong(previous);
+}
+
+static PyObject *py_check_finite(PyObject *Py_UNUSED(self), PyObject *args) {
+    PyObject *obj;
+    const char *name;
+    if (!PyArg_ParseTuple(args, "Os", &obj, &name)) return NULL;
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "argument '%s' must be a numpy.ndarray, got %s", name, Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    const int tn = PyArray_TYPE(arr);
+    if (tn != NPY_FLOAT && tn != NPY_DOUBLE) Py_RETURN_NONE; /* integer ids and labels cannot be NaN */
+    PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, tn, NPY_ARRAY_IN_ARRAY);
+    if (!conv) return NULL;
+    npy_intp where;
+    const int bad = first_nonfinite(conv, &where);
+    Py_DECREF(conv);
+    if (bad) {
+        PyErr_Format(PyExc_ValueError, "argument '%s' contains NaN or Inf (first at flat index %ld); expected "
+                     "finite values", name, (long)where);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_build_info(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
     return Py_BuildValue("{s:O,s:s,s:i,s:i}", "openmp", DSK_HAVE_OPENMP ? Py_True : Py_False, "blas",
                          DSK_BLAS_NAME, "num_threads", dsk_get_num_threads(), "blas_num_threads",
@@ -2392,6 +2430,11 @@ static PyMethodDef methods[] = {
     KW(max_pool2d_backward),
     {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads of the OpenMP loops and the BLAS."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"set_finite_checks", py_set_finite_checks, METH_O,
+     "set_finite_checks(on) -> previous: this thread's NaN/Inf scans of kernel inputs (see "
+     "dselectk.functional.trusted_inputs)."},
+    {"check_finite", py_check_finite, METH_VARARGS,
+     "check_finite(x, name): ValueError naming `name` if the float array x holds NaN or Inf."},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: OpenMP, BLAS and thread settings."},
     {NULL, NULL, 0, NULL},
 };

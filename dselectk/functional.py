@@ -10,8 +10,9 @@ Rules shared by every function:
 * Arrays are ``numpy.ndarray`` of float32 or float64, and all arrays of one call share one dtype
   (a mismatch raises ``TypeError``; nothing is cast silently). Outputs have the inputs' dtype.
 * Shapes are checked: a wrong ndim or size raises ``ValueError`` naming the argument, the shape
-  it got and the shape expected in the paper's symbols. So do NaN/Inf in any input,
-  k < 1 or k > n, n < 2, gamma <= 0, T <= 0, negative lambda/xi and an empty batch.
+  it got and the shape expected in the paper's symbols. So do NaN/Inf in any input (except
+  inside :func:`trusted_inputs`), k < 1 or k > n, n < 2, gamma <= 0, T <= 0, negative
+  lambda/xi and an empty batch.
 * Non-contiguous (or byte-swapped) inputs are accepted and copied once to a C-contiguous array;
   inputs are never modified. ``out=`` must be a C-contiguous, writeable array of the exact
   dtype and shape that shares no memory with an input.
@@ -25,6 +26,7 @@ Rules shared by every function:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +34,8 @@ import numpy as np
 from . import _C
 
 __all__ = [
+    "trusted_inputs",
+    "check_finite",
     "n_bits",
     "smooth_step",
     "smooth_step_backward",
@@ -80,6 +84,28 @@ __all__ = [
     "sparse_adagrad_step",
     "sparse_adam_step",
 ]
+
+
+@contextlib.contextmanager
+def trusted_inputs():
+    """Within this context (in this thread) the kernels skip the NaN/Inf scan of their float
+    inputs; every other check (dtype, shape, overlap, index bounds) still runs, so nothing can be
+    read or written out of bounds. The models use it between their checked input and their
+    checked loss: the scan of each intermediate activation and gradient is a full extra read of
+    it, about a tenth of a training step, and a NaN produced inside the model still reaches the
+    (checked) loss or optimizer in the same step. Calls outside the context are unaffected."""
+    previous = _C.set_finite_checks(False)
+    try:
+        yield
+    finally:
+        _C.set_finite_checks(previous)
+
+
+def check_finite(x, name="x"):
+    """ValueError naming ``name`` (and the first flat index) if the float array ``x`` holds NaN
+    or Inf; integer arrays pass. The scan the kernels run on their inputs."""
+    _C.check_finite(x, name)
+
 
 
 def _array(x, name):

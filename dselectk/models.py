@@ -27,6 +27,7 @@ tables as sparse gradients. The tables live outside the dense slab (``model.embe
 """
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
 
@@ -87,6 +88,32 @@ def _input_spec(input_dim, input_shape, kind, what):
 def _listed(v):
     """Tuples as lists, so that a config survives its JSON round trip unchanged."""
     return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _trusted_forward(forward):
+    """Checks the model input for NaN/Inf once, then runs ``forward`` inside
+    F.trusted_inputs(): the kernels skip re-scanning the intermediate activations (the loss and
+    the optimizer, called outside, still check the outputs and the gradients)."""
+    @functools.wraps(forward)
+    def checked(self, X, training=False):
+        if isinstance(X, dict):
+            for name, value in X.items():
+                if isinstance(value, np.ndarray):
+                    F.check_finite(value, f"X[{name!r}]")
+        elif isinstance(X, np.ndarray):
+            F.check_finite(X, "X")
+        with F.trusted_inputs():
+            return forward(self, X, training)
+    return checked
+
+
+def _trusted_backward(backward):
+    """Runs ``backward`` inside F.trusted_inputs() (see _trusted_forward)."""
+    @functools.wraps(backward)
+    def unscanned(self, douts):
+        with F.trusted_inputs():
+            return backward(self, douts)
+    return unscanned
 
 
 def _flat(X):
@@ -404,6 +431,7 @@ class MMoE(_Model):
             mods += tw.named_modules(f"tower{t}")
         return mods
 
+    @_trusted_forward
     def forward(self, X, training=False):
         """[raw output per task] for X (B, *input_shape) (or the embedding input's dict): logits for
         bce/softmax_ce tasks."""
@@ -481,6 +509,7 @@ class MMoE(_Model):
         self._cache = (f, list(W), active, W_active)
         return outs
 
+    @_trusted_backward
     def backward(self, douts):
         """Accumulates every parameter's gradient (gate regularizers included) for the output
         gradients ``douts`` of the last forward."""
@@ -622,11 +651,13 @@ class SharedBottom(_Model):
             mods += tw.named_modules(f"tower{t}")
         return mods
 
+    @_trusted_forward
     def forward(self, X, training=False):
         X = self._input_forward(X, training)
         h = self.bottom.forward(X if self.bottom_kind == "cnn" else _flat(X), training)
         return [tw.forward(h, training) for tw in self.towers]
 
+    @_trusted_backward
     def backward(self, douts):
         dh = None
         for tw, dout in zip(self.towers, douts):

@@ -646,10 +646,11 @@ def _ids(pairs):
 @short_failures
 def test_every_public_function_is_covered():
     covered = {getattr(s.fn, "raw", s.fn) for s in SPECS.values()} | {F.n_bits, F.conv2d_padding}  # no arrays
+    covered |= {F.trusted_inputs, F.check_finite}  # tests/test_trusted_inputs.py
     missing = [name for name in F.__all__ if getattr(F, name) not in covered]
     assert not missing, f"functions without an input zoo: {missing}"
     c_funcs = {name for name in dir(_C) if callable(getattr(_C, name)) and not name.startswith("_")}
-    c_missing = sorted(c_funcs - {"set_num_threads", "get_num_threads", "build_info"}
+    c_missing = sorted(c_funcs - {"set_num_threads", "get_num_threads", "build_info", "set_finite_checks", "check_finite"}
                        - {getattr(s.fn, "raw", s.fn).__name__ for s in SPECS.values()})
     assert not c_missing, f"_C functions without an input zoo: {c_missing}"
 
