@@ -2,13 +2,15 @@
 
     apt-get install -y dataset-fashion-mnist     # the IDX files under /usr/share/datasets/fashion-mnist
     python benchmarks/multi_fashion_mnist_experiment.py [--models dselect_k top_k softmax shared_bottom]
-        [--trials 3] [--tune-train 20000] [--tune-epochs 2] [--reps 3] [--epochs 3] [--workers 2]
+        [--trials 3] [--tune-train 5000] [--tune-val 5000] [--tune-epochs 2] [--reps 3] [--epochs 3]
+        [--patience 2] [--workers 2]
         [--out benchmarks/results/multi_fashion_mnist]
 
 Per model: a light random search over Appendix D.2's grid (learning rate in {0.01, 0.001}; k in
 {2, 4} for DSelect-k and Top-k; gamma in {0.1, 1, 10} for DSelect-k; 1, 3 or 5 dense layers in the
-CNN experts), each configuration trained once on a ``--tune-train`` subset for ``--tune-epochs``
-epochs and scored by the mean validation accuracy of the two tasks (the paper's tuning metric);
+CNN experts), each configuration trained once on a small data set (``--tune-train`` training and
+``--tune-val`` validation images) for ``--tune-epochs`` epochs and scored by the mean validation
+accuracy of the two tasks (the paper's tuning metric);
 DSelect-k configurations count only if S(Z) became binary. Then ``--reps`` runs of the best
 configuration, with new seeds, on the full data (100,000 / 20,000 / 20,000 images) for
 ``--epochs`` epochs, keeping the epoch with the lowest validation loss. Every run is appended to
@@ -76,9 +78,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--path", default=None, help="directory of the Fashion-MNIST IDX files (default: the Debian "
                     "package's)")
-    ap.add_argument("--models", nargs="+", default=list(GRIDS), choices=list(GRIDS))
+    ap.add_argument("--models", nargs="+", default=["shared_bottom", "dselect_k", "top_k", "softmax"],
+                    choices=list(GRIDS))
     ap.add_argument("--trials", type=int, default=3, help="configurations tried per model")
-    ap.add_argument("--tune-train", type=int, default=20_000, help="training images of a tuning run")
+    ap.add_argument("--tune-train", type=int, default=5_000, help="training images of a tuning run")
+    ap.add_argument("--tune-val", type=int, default=5_000, help="validation images of a tuning run")
     ap.add_argument("--tune-epochs", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="final runs per model")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of a final run")
@@ -91,9 +95,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     path, t0, chosen = os.path.join(args.out, "trials.jsonl"), time.time(), {}
-    common = {"dataset": ["fashion_mnist"], "path": [args.path], "n_val": [20_000], "n_test": [20_000]}
     for name in args.models:
-        grid = {**common, "model": [name], "n_train": [args.tune_train], "epochs": [args.tune_epochs],
+        grid = {"dataset": ["fashion_mnist"], "path": [args.path], "model": [name], "n_train": [args.tune_train],
+                "n_val": [args.tune_val], "n_test": [1_000], "epochs": [args.tune_epochs],
                 "early_stopping_patience": [None], **GRIDS[name]}
         _log(f"{name}: tuning {args.trials} configurations on {args.tune_train} images")
         tuned = Sweep(M.multi_mnist_trial, grid, n_trials=args.trials, seed=args.seed, metric="val_error",
@@ -102,7 +106,8 @@ def main(argv=None):
         best, met = tuned.best_config, True
         if best is None:  # no DSelect-k configuration became binary: take the best one anyway
             best, met = SweepResult(tuned.trials, metric="val_error").best_config, False
-        final_config = {**best, "n_train": 100_000, "epochs": args.epochs, "early_stopping_patience": args.patience}
+        final_config = {**best, "n_train": 100_000, "n_val": 20_000, "n_test": 20_000, "epochs": args.epochs,
+                        "early_stopping_patience": args.patience}
         _log(f"{name}: {args.reps} repetitions of {final_config}")
         Sweep(M.multi_mnist_trial, {key: [value] for key, value in final_config.items()}, n_trials=1,
               repetitions=args.reps, seed=args.seed + 1, metric="val_error", results_path=path,
