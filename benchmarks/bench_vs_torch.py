@@ -16,6 +16,11 @@ Workloads (float32):
    forward and backward, the gates' linear maps, the static gates' mixing GEMM; no gate input
    gradient, which the step does not need), timed through dselectk.functional.dense_forward /
    dense_backward, so through the same vendored OpenBLAS. Reported as our step time / GEMM time.
+4. (``--workloads cnn``) one training step of the Multi-Fashion MNIST models (issue 6, Appendix
+   D.2): the MMoE of 8 CNN experts with static softmax gates (the softmax MoE of Table 2: every
+   expert computed) and the shared-bottom CNN, 36 x 36 images, towers 50 -> 50 -> 10, the sum of
+   two softmax cross-entropies, Adam, batch 256; reported also as the time of an epoch of the
+   paper's 100,000 training images (391 steps).
 
 The PyTorch side is benchmarks/torch_models.py (the same models: tests/test_torch_parity.py checks
 that outputs and gradients agree) with torch.optim.Adam (the fused CPU kernel where available).
@@ -182,6 +187,44 @@ def step_workload(gate_kwargs, X, Y):
     return ours, theirs, topt.variant
 
 
+# --- workload 4: the Multi-Fashion MNIST CNN models -------------------------------------------
+
+CNN_BATCH, CNN_EPOCH_STEPS = 256, -(-100_000 // 256)
+
+
+def cnn_workload(name, rng):
+    """(ours, theirs or None) training steps of multi_mnist.build_model(name) and its torch twin."""
+    from dselectk.experiments.multi_mnist import build_model
+
+    model = build_model(name, (1, 36, 36), seed=0)
+    X = rng.random((CNN_BATCH, 1, 36, 36), dtype=np.float32)
+    labels = [rng.integers(0, 10, CNN_BATCH) for _ in range(2)]
+    opt = dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=1e-4)
+
+    def ours():
+        model.zero_grad()
+        outs = model.forward(X, training=True)
+        _, _, douts = model.loss(outs, labels)
+        model.backward(douts)
+        opt.step()
+
+    if torch is None:
+        return ours, None
+    tmodel = tm.cnn_from_dselectk(model)
+    Xt, Yt = torch.from_numpy(X), [torch.from_numpy(y) for y in labels]
+    with torch.no_grad():
+        for o, to in zip(model.forward(X), tmodel(Xt)):
+            _check_close(o, to.numpy(), f"{name} CNN forward")
+    topt = tm.make_adam(tmodel, lr=1e-4)
+
+    def theirs():
+        topt.zero_grad(set_to_none=True)
+        tmodel.loss(tmodel(Xt), Yt).backward()
+        topt.step()
+
+    return ours, theirs
+
+
 # --- workload 3: the step's GEMMs alone ---------------------------------------------------------
 
 def gemm_plan(batch, gate_kwargs):
@@ -249,7 +292,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=None, help="timing blocks per side (default 7, --quick 3)")
     ap.add_argument("--block-time", type=float, default=None,
                     help="seconds per timing block (default 0.3, --quick 0.02)")
-    ap.add_argument("--workloads", nargs="+", choices=["gate", "step"], default=["gate", "step"])
+    ap.add_argument("--workloads", nargs="+", choices=["gate", "step", "cnn"], default=["gate", "step"],
+                    help="cnn (the Multi-Fashion MNIST models) is not in the default set: its steps take seconds")
     ap.add_argument("--out", help="also write the Markdown report to this file")
     args = ap.parse_args(argv)
     blocks = args.blocks or (3 if args.quick else 7)
@@ -281,7 +325,7 @@ def main(argv=None):
     out("- ours/PyTorch = dselectk examples/s divided by PyTorch examples/s, in this process run (> 1: dselectk faster)")
     out()
     rng = np.random.default_rng(0)
-    results = {"gate": [], "step": []}
+    results = {"gate": [], "step": [], "cnn": []}
 
     if "gate" in args.workloads:
         out(f"## Per-example DSelect-k gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_GATE}, lambda={LAM})")
@@ -335,6 +379,27 @@ def main(argv=None):
         if variant is not None:
             out(f"PyTorch optimizer: torch.optim.Adam ({variant}).")
             out()
+
+    if "cnn" in args.workloads:
+        out(f"## Multi-Fashion MNIST models, training step (batch {CNN_BATCH}, 36 x 36 images, Adam)")
+        out()
+        out(f"epoch = {CNN_EPOCH_STEPS} steps (100,000 images), from the median step time.")
+        out()
+        out("| model | threads | our step ms | PyTorch step ms | our epoch s | PyTorch epoch s | ours/PyTorch |")
+        out("|:---|---:|---:|---:|---:|---:|---:|")
+        for label, name in (("MMoE, 8 CNN experts, softmax gates", "softmax"), ("shared-bottom CNN", "shared_bottom")):
+            ours, theirs = cnn_workload(name, rng)
+            for threads in args.threads:
+                set_threads(threads)
+                fns = {"ours": ours} if theirs is None else {"ours": ours, "theirs": theirs}
+                t = interleaved(fns, blocks, block_time, pause)
+                mine, tt = t["ours"], t.get("theirs")
+                results["cnn"].append(dict(model=name, threads=threads, ours_s=mine, theirs_s=tt))
+                theirs_ms, theirs_epoch, ratio = (("n/a",) * 3 if tt is None else
+                                                  (f"{tt * 1e3:.0f}", f"{tt * CNN_EPOCH_STEPS:.0f}", f"{tt / mine:.2f}"))
+                out(f"| {label} | {threads} | {mine * 1e3:.0f} | {theirs_ms} | {mine * CNN_EPOCH_STEPS:.0f} | "
+                    f"{theirs_epoch} | {ratio} |")
+        out()
 
     if args.out:
         with open(args.out, "w") as f:

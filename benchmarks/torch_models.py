@@ -25,6 +25,11 @@ same parameters both give the same outputs, losses and gradients (tests/test_tor
   parameter names (``model.parameters()`` of dselectk, e.g. "expert3.0.W", "gate1.Z") to the
   torch Parameters.
 * :func:`make_adam`: ``torch.optim.Adam`` over the model's parameters.
+* :class:`CNNMMoE`: the Multi-MNIST models of ``dselectk.experiments.multi_mnist`` (Appendix D.2)
+  with static softmax gates (the softmax MoE baseline) or a shared CNN bottom (``n_experts=None``):
+  CNN experts conv 5x5 -> ReLU -> max-pool 2 -> conv 5x5 -> ReLU -> max-pool 2 -> flatten ->
+  Dense-ReLU layers, towers of Dense-ReLU layers and a 10-class output, the sum of the tasks'
+  softmax cross-entropies. :func:`cnn_from_dselectk` builds one from a dselectk model.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import torch
 from torch import nn
 
 __all__ = ["smooth_step", "selector", "n_bits", "DSelectKGate", "TopKGate", "Dense", "MLP", "MMoE",
-           "from_dselectk", "copy_parameters", "make_adam", "task_loss"]
+           "from_dselectk", "copy_parameters", "make_adam", "task_loss", "CNNMMoE", "cnn_from_dselectk"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -270,6 +275,84 @@ def from_dselectk(dsk_model, dtype=None):
         raise ValueError("torch_models has no dropout and no noisy Top-k")
     kwargs = {key: cfg[key] for key in _MODEL_KEYS if key in cfg}
     model = MMoE(**kwargs, dtype=dtype or cfg["dtype"])
+    return copy_parameters(model, dsk_model)
+
+
+class CNNExpert(nn.Module):
+    """dselectk.layers.CNNExpert: conv -> ReLU -> max-pool per filter count, flatten, Dense-ReLU."""
+
+    def __init__(self, input_shape, units, filters=(10, 20), kernel=5, pool=2, dtype=torch.float32):
+        super().__init__()
+        c, h, w = input_shape
+        self.convs = nn.ModuleList()
+        for f in filters:
+            self.convs.append(nn.Conv2d(c, f, kernel, dtype=dtype))
+            c, h, w = f, (h - kernel + 1) // pool, (w - kernel + 1) // pool
+        self.pool = pool
+        self.mlp = MLP(c * h * w, units, None, dtype)
+        self.out_dim = self.mlp.out_dim
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = nn.functional.max_pool2d(torch.relu(conv(x)), self.pool)
+        return self.mlp(x.flatten(1))
+
+    def name_parameters(self, prefix, named):
+        """dselectk's names: conv i is layer 3 i (conv, ReLU, pool), the flatten one more."""
+        for i, conv in enumerate(self.convs):
+            named[f"{prefix}.{3 * i}.W"], named[f"{prefix}.{3 * i}.b"] = conv.weight, conv.bias
+        first = 3 * len(self.convs) + 1
+        for i, layer in self.mlp.named_dense:
+            named[f"{prefix}.{first + i}.W"], named[f"{prefix}.{first + i}.b"] = layer.W, layer.b
+
+
+class CNNMMoE(nn.Module):
+    """MMoE of ``n_experts`` CNN experts with a static softmax gate per task (w_t = softmax(logits_t)
+    mixes all experts), or with ``n_experts=None`` the shared-bottom model (one CNN for all
+    tasks); towers of ``tower_units`` Dense-ReLU layers and a ``n_classes`` output per task."""
+
+    def __init__(self, input_shape, n_experts=8, expert_units=(50,), tower_units=(50, 50), n_classes=(10, 10),
+                 filters=(10, 20), kernel=5, pool=2, dtype=torch.float32):
+        super().__init__()
+        self.shared = n_experts is None
+        self.experts = nn.ModuleList(CNNExpert(input_shape, expert_units, filters, kernel, pool, dtype)
+                                     for _ in range(1 if self.shared else n_experts))
+        self.logits = nn.ParameterList() if self.shared else nn.ParameterList(
+            nn.Parameter(torch.zeros(n_experts, dtype=dtype)) for _ in n_classes)
+        d = self.experts[0].out_dim
+        self.towers = nn.ModuleList(MLP(d, tower_units, c, dtype) for c in n_classes)
+        self.dsk_params = {}
+        if self.shared:
+            self.experts[0].name_parameters("bottom", self.dsk_params)
+        for j, e in enumerate([] if self.shared else self.experts):
+            e.name_parameters(f"expert{j}", self.dsk_params)
+        for t, p in enumerate(self.logits):
+            self.dsk_params[f"gate{t}.logits"] = p
+        for t, tw in enumerate(self.towers):
+            for i, layer in tw.named_dense:
+                self.dsk_params[f"tower{t}.{i}.W"], self.dsk_params[f"tower{t}.{i}.b"] = layer.W, layer.b
+
+    def forward(self, X):
+        if self.shared:
+            h = self.experts[0](X)
+            return [tower(h) for tower in self.towers]
+        f = torch.stack([e(X) for e in self.experts])  # (n, B, d)
+        n, B, d = f.shape
+        W = torch.softmax(torch.stack(list(self.logits)), dim=1)  # (T, n)
+        mixed = (W @ f.reshape(n, B * d)).reshape(len(self.towers), B, d)
+        return [tower(mixed[t]) for t, tower in enumerate(self.towers)]
+
+    def loss(self, outputs, labels):
+        """The sum of the tasks' mean softmax cross-entropies."""
+        return sum(nn.functional.cross_entropy(out, y) for out, y in zip(outputs, labels))
+
+
+def cnn_from_dselectk(dsk_model, expert_units=(50,), tower_units=(50, 50)):
+    """The CNNMMoE (softmax gates) or shared-bottom twin of a dselectk model built by
+    ``dselectk.experiments.multi_mnist.build_model("softmax" | "shared_bottom", ...)`` with the
+    default filters, kernel and pooling, and its parameters."""
+    shared = not hasattr(dsk_model, "gates") or not dsk_model.gates
+    model = CNNMMoE(dsk_model.input_shape, None if shared else dsk_model.n_experts, expert_units, tower_units)
     return copy_parameters(model, dsk_model)
 
 
