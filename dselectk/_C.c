@@ -999,10 +999,11 @@ PyDoc_STRVAR(linear_forward_doc,
 "y (B, o) = x (B, p) W^T + b, W (o, p), b (o,) or None. One SGEMM/DGEMM of the vendored OpenBLAS.");
 
 static PyObject *py_linear_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "W", "b", "out", NULL};
+    static char *kwlist[] = {"x", "W", "b", "out", "relu", NULL};
     PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *result = NULL;
+    int relu = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1));
@@ -1208,15 +1209,17 @@ static int loss_weights(PyObject *obj, int *tn, npy_intp B, Hold *h, PyArrayObje
 }
 
 PyDoc_STRVAR(dense_forward_doc,
-"dense_forward(x, W, b=None, out=None) -> y\n\n"
+"dense_forward(x, W, b=None, out=None, relu=False) -> y\n\n"
 "y (B, o) = x (B, p) W (p, o) + b (o,); b may be None. W is (in, out), unlike linear_forward's\n"
-"(out, in). One SGEMM/DGEMM of the vendored OpenBLAS.");
+"(out, in). One SGEMM/DGEMM of the vendored OpenBLAS. relu=True returns max(y, 0) instead, applied\n"
+"in place while y is still in cache (exactly relu_forward(dense_forward(x, W, b))).");
 
 static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "W", "b", "out", NULL};
+    static char *kwlist[] = {"x", "W", "b", "out", "relu", NULL};
     PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *result = NULL;
+    int relu = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *b = NULL;
@@ -1234,6 +1237,7 @@ static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     if (!y) goto done;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, dense_forward, DATA(y), DATA(x), DATA(W), OPTDATA(b), (int)xdims[0], (int)xdims[1], (int)wdims[1]);
+    if (relu) DISPATCH(tn, relu_forward, DATA(y), DATA(y), (long)PyArray_SIZE(y));
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)y);
 done:
@@ -2162,16 +2166,18 @@ PyDoc_STRVAR(conv2d_forward_doc,
 "y (B, F, OH, OW), y[b, f, oh, ow] = b[f] + sum_{c,i,j} W[f, c, i, j] x[b, c, oh sh - top + i, ow sw - left + j]\n"
 "with zeros outside x. stride: int or (sh, sw), >= 1. padding: int, (ph, pw) or (top, bottom, left,\n"
 "right), each >= 0 and smaller than the kernel; OH = (H + top + bottom - KH) // sh + 1, OW likewise.\n"
-"im2col and one GEMM of the vendored BLAS per group of up to 256 examples.");
+"im2col and one GEMM of the vendored BLAS per group of examples. relu=True returns max(y, 0) instead\n"
+"(exactly relu_forward(conv2d_forward(...)), without a second array).");
 
 static PyObject *py_conv2d_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "W", "b", "stride", "padding", "out", NULL};
+    static char *kwlist[] = {"x", "W", "b", "stride", "padding", "out", "relu", NULL};
     PyObject *x_obj, *W_obj, *b_obj = NULL, *stride_obj = NULL, *pad_obj = NULL, *out_obj = NULL, *result = NULL;
     PyObject *one = PyLong_FromLong(1), *zero = PyLong_FromLong(0);
+    int relu = 0;
     Hold h = {0};
     if (!one || !zero) goto done;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOO", kwlist, &x_obj, &W_obj, &b_obj, &stride_obj, &pad_obj,
-                                     &out_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOOp", kwlist, &x_obj, &W_obj, &b_obj, &stride_obj, &pad_obj,
+                                     &out_obj, &relu))
         goto done;
     int tn = NPY_NOTYPE;
     PyArrayObject *x, *Wt, *b = NULL;
@@ -2188,6 +2194,7 @@ static PyObject *py_conv2d_forward(PyObject *Py_UNUSED(self), PyObject *args, Py
     if (!col) goto done;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, conv2d_forward, DATA(y), DATA(col), DATA(x), DATA(Wt), OPTDATA(b), &g);
+    if (relu) DISPATCH(tn, relu_forward, DATA(y), DATA(y), (long)PyArray_SIZE(y));
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)y);
 done:

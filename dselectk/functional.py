@@ -492,10 +492,12 @@ def linear_backward(dy, x, W, need_dx=True, need_db=True):
 # mean with respect to the first argument. The optimizer steps update a flat parameter slab and
 # its state slabs in place, one C call for all parameters, and follow torch.optim's rules.
 
-def dense_forward(x, W, b=None, out=None):
+def dense_forward(x, W, b=None, out=None, relu=False):
     """y (B, o) = x (B, p) @ W (p, o) + b (o,) (b may be None): one GEMM. Note that W is
-    (in, out) here, unlike :func:`linear` whose W is (out, in)."""
-    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out)
+    (in, out) here, unlike :func:`linear` whose W is (out, in). ``relu=True`` returns
+    max(y, 0) instead, applied in place right after the GEMM: exactly
+    ``relu_forward(dense_forward(x, W, b))`` without a second pass over memory or a second array."""
+    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu)
 
 
 def dense_backward(dy, x, W, dW, db=None, need_dx=True):
@@ -642,7 +644,7 @@ def _conv_padding(padding, W, stride):
     return conv2d_padding(padding, kernel, stride)
 
 
-def conv2d_forward(x, W, b=None, stride=1, padding="valid", out=None):
+def conv2d_forward(x, W, b=None, stride=1, padding="valid", out=None, relu=False):
     """2-D convolution, NCHW: x (B, C, H, W), W (F, C, KH, KW), b (F,) or None -> y (B, F, OH, OW),
 
         y[b, f, oh, ow] = b[f] + sum_{c, i, j} W[f, c, i, j] x[b, c, oh sh - top + i, ow sw - left + j]
@@ -650,9 +652,10 @@ def conv2d_forward(x, W, b=None, stride=1, padding="valid", out=None):
     with zeros outside x (the padding, see :func:`conv2d_padding`; default ``"valid"``).
     ``stride``: int or (sh, sw) >= 1. OH = (H + top + bottom - KH) // sh + 1, OW likewise; a kernel
     larger than the padded input raises ValueError. im2col and one GEMM of the vendored BLAS per
-    group of up to 256 examples (csrc/conv.h)."""
+    group of examples (csrc/conv.h). ``relu=True`` returns max(y, 0) instead (as
+    :func:`dense_forward`)."""
     x, W = _array(x, "x"), _array(W, "W")
-    return _C.conv2d_forward(x, W, b, stride, _conv_padding(padding, W, stride), out)
+    return _C.conv2d_forward(x, W, b, stride, _conv_padding(padding, W, stride), out, relu)
 
 
 def conv2d_backward(dy, x, W, dW, db=None, stride=1, padding="valid", need_dx=True):

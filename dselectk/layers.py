@@ -37,9 +37,10 @@ class Dense:
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self._x = None
 
-    def forward(self, x, training=False, out=None):
+    def forward(self, x, training=False, out=None, relu=False):
+        """``relu``: return max(y, 0), fused (see :func:`run_layers`)."""
         self._x = x
-        return F.dense_forward(x, self.params["W"], self.params["b"], out=out)
+        return F.dense_forward(x, self.params["W"], self.params["b"], out=out, relu=relu)
 
     def backward(self, dout, need_dx=True):
         return F.dense_backward(dout, self._x, self.params["W"], self.grads["W"], self.grads["b"], need_dx=need_dx)
@@ -99,13 +100,27 @@ class SumUnits:
 
 def run_layers(layers, x, training=False, out=None):
     """x through ``layers``; with ``out`` (an array of the result's shape) the last layer writes
-    into it when it can (Dense, ReLU), else the result is copied there. Models pass a slice of
-    their (n, B, d) expert-output buffer, which saves stacking the experts' outputs."""
-    last = len(layers) - 1
-    for i, layer in enumerate(layers):
-        if i == last and out is not None and isinstance(layer, (Dense, ReLU)):
-            return layer.forward(x, training, out=out)
-        x = layer.forward(x, training)
+    into it when it can (Dense, ReLU), else the result is copied there. Models pass a
+    slice of their (n, B, d) expert-output buffer, which saves stacking the experts' outputs.
+
+    A Dense or Conv2D layer followed by a ReLU runs as one call (``relu=True``: the ReLU applied
+    in place after the product, saving a pass over memory and an array); the ReLU layer keeps
+    that output for its backward, exactly as if it had computed it."""
+    last, i = len(layers) - 1, 0
+    while i <= last:
+        layer = layers[i]
+        fused = i < last and isinstance(layer, (Dense, Conv2D)) and type(layers[i + 1]) is ReLU
+        # only Dense and ReLU write into out: it is (B, d), a Conv2D's output is 4-D
+        target = out if out is not None and i + fused == last and isinstance(layer, (Dense, ReLU)) else None
+        if fused:
+            x = layers[i + 1]._y = layer.forward(x, training, out=target, relu=True)
+        elif target is not None:
+            x = layer.forward(x, training, out=target)
+        else:
+            x = layer.forward(x, training)
+        if target is not None:
+            return x
+        i += 1 + fused
     if out is not None:
         np.copyto(out, x.reshape(out.shape))
         return out
@@ -218,9 +233,10 @@ class Conv2D:
                              f"{self.padding!r}) does not fit an input of shape (C, H, W) = {tuple(input_shape)}")
         return (self.filters, (hp - self.kernel[0]) // self.stride[0] + 1, (wp - self.kernel[1]) // self.stride[1] + 1)
 
-    def forward(self, x, training=False):
+    def forward(self, x, training=False, out=None, relu=False):
+        """``relu``: return max(y, 0), fused (see :func:`run_layers`)."""
         self._x = x
-        return F.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pads)
+        return F.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.pads, out=out, relu=relu)
 
     def backward(self, dout, need_dx=True):
         return F.conv2d_backward(dout, self._x, self.params["W"], self.grads["W"], self.grads["b"], self.stride,

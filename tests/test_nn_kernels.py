@@ -751,3 +751,69 @@ def test_inputs_never_modified():
         fn(**kw)
         for k, v in snap.items():
             np.testing.assert_array_equal(kw[k], v, err_msg=f"{name} modified '{k}'")
+
+
+# ---------------------------------------------------------------------------------------------
+# relu=True: the ReLU fused into the Dense / Conv2D forward, and the layers' use of it
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (64, 33, 17), (300, 128, 256)])
+def test_dense_forward_relu_is_relu_of_dense_exactly(shape, dtype):
+    B, p, o = shape
+    rng = np.random.default_rng(B * p + o)
+    x, W, b = (rng.standard_normal(s).astype(dtype) for s in [(B, p), (p, o), (o,)])
+    expected = F.relu_forward(F.dense_forward(x, W, b))
+    np.testing.assert_array_equal(F.dense_forward(x, W, b, relu=True), expected)
+    out = np.full((B, o), np.nan, dtype)
+    assert F.dense_forward(x, W, None, out=out, relu=True) is out
+    np.testing.assert_array_equal(out, F.relu_forward(F.dense_forward(x, W)))
+    assert (expected >= 0).all() and (expected == 0).any() == (F.dense_forward(x, W, b) <= 0).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_conv2d_forward_relu_is_relu_of_conv_exactly(padding, dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 3, 9, 8)).astype(dtype)
+    W, b = rng.standard_normal((5, 3, 3, 3)).astype(dtype), rng.standard_normal(5).astype(dtype)
+    np.testing.assert_array_equal(F.conv2d_forward(x, W, b, padding=padding, relu=True),
+                                  F.relu_forward(F.conv2d_forward(x, W, b, padding=padding)))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_run_layers_fusion_matches_the_layers_one_by_one(kind):
+    from dselectk.layers import MLP, CNNExpert, ReLU, backward_layers, run_layers
+
+    rng = np.random.default_rng(0)
+    if kind == "mlp":
+        net = MLP(12, (16, 8), np.random.default_rng(1), output_dim=3, dtype=np.float64)
+        x = rng.standard_normal((10, 12))
+    else:
+        net = CNNExpert((1, 12, 12), units=(6,), rng=np.random.default_rng(1), filters=(3, 4), kernel=3,
+                        dtype=np.float64)
+        x = rng.standard_normal((5, 1, 12, 12))
+    assert any(isinstance(layer, ReLU) for layer in net.layers)
+    y = x
+    for layer in net.layers:  # unfused reference: every layer on its own
+        y = layer.forward(y, True)
+    dout = rng.standard_normal(y.shape)
+    dx_ref = backward_layers(net.layers, dout)
+    grads_ref = [{k: v.copy() for k, v in layer.grads.items()} for layer in net.layers]
+    for layer in net.layers:
+        for g in layer.grads.values():
+            g[...] = 0
+    fused = run_layers(net.layers, x, True)
+    np.testing.assert_array_equal(fused, y)
+    np.testing.assert_array_equal(backward_layers(net.layers, dout), dx_ref)
+    for layer, ref_grads in zip(net.layers, grads_ref):
+        for key, value in ref_grads.items():
+            np.testing.assert_array_equal(layer.grads[key], value)
+    if kind == "mlp":  # and into a caller's buffer, as the models' expert outputs
+        net2 = MLP(12, (16, 8), np.random.default_rng(1), dtype=np.float64)
+        d0, d1 = net2.layers[0].params, net2.layers[2].params
+        want = F.relu_forward(F.dense_forward(F.relu_forward(F.dense_forward(x, d0["W"], d0["b"])), d1["W"], d1["b"]))
+        out = np.full((10, 8), np.nan)
+        assert run_layers(net2.layers, x, True, out=out) is out
+        np.testing.assert_array_equal(out, want)
+        assert net2.layers[3]._y is out  # the last ReLU's backward reads the fused output
