@@ -2,7 +2,7 @@
 
     sh benchmarks/get_movielens.sh            # writes benchmarks/data/movielens.csv (R's dslabs data)
     python benchmarks/movielens_experiment.py [--data benchmarks/data/movielens.csv] [--alphas 0.1 0.5 0.9]
-        [--methods ...] [--trials 3] [--reps 5] [--epochs 3] [--workers 2] [--out benchmarks/results/movielens]
+        [--methods ...] [--trials 3] [--reps 5] [--epochs 3] [--patience P] [--workers 2] [--out benchmarks/results/movielens]
 
 For each alpha and method: a light random search over the paper's grid (learning rate; k in {2, 4},
 lambda in {0.1, 1, 10} and gamma in {1, 10} for DSelect-k; k for Top-k), keeping DSelect-k
@@ -87,6 +87,9 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--patience", type=int, default=None,
+                    help="early stopping on the validation loss after this many epochs without improvement "
+                         "(the best epoch's weights are kept); default: none")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/movielens")
@@ -100,7 +103,7 @@ def main(argv=None):
     for alpha in args.alphas:
         for method in args.methods:
             grid = {"path": [os.path.abspath(args.data)], "method": [method], "alpha": [alpha],
-                    "epochs": [args.epochs], "early_stopping_patience": [None], **GRIDS[method]}
+                    "epochs": [args.epochs], "early_stopping_patience": [args.patience], **GRIDS[method]}
             _log(f"alpha {alpha}, {method}: tuning {args.trials} configurations, then {args.reps} repetitions")
             _, final = tune_and_repeat(M.movielens_trial, grid, n_trials=args.trials, repetitions=args.reps,
                                        metric="val_loss", constraint=binary_constraint, results_path=path,
