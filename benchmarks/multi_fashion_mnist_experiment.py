@@ -12,7 +12,7 @@ CNN experts), each configuration trained once on a small data set (``--tune-trai
 ``--tune-val`` validation images) for ``--tune-epochs`` epochs and scored by the mean validation
 accuracy of the two tasks (the paper's tuning metric);
 DSelect-k configurations count only if S(Z) became binary. Then ``--reps`` runs of the best
-configuration, with new seeds, on the full data (100,000 / 20,000 / 20,000 images) for
+configuration, with new seeds, on the full data (100,000 / 20,000 / 20,000 images by default) for
 ``--epochs`` epochs, keeping the epoch with the lowest validation loss. Every run is appended to
 ``<out>/trials.jsonl`` (a rerun resumes). Writes ``<out>/table2.md`` / ``.csv``: test accuracy of
 each task (mean +- standard error), selected experts, % of steps until S(Z) was binary, and the
@@ -85,6 +85,9 @@ def main(argv=None):
     ap.add_argument("--tune-val", type=int, default=5_000, help="validation images of a tuning run")
     ap.add_argument("--tune-epochs", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="final runs per model")
+    ap.add_argument("--n-train", type=int, default=100_000, help="training images of a final run (the paper's)")
+    ap.add_argument("--n-val", type=int, default=20_000)
+    ap.add_argument("--n-test", type=int, default=20_000)
     ap.add_argument("--epochs", type=int, default=3, help="epochs of a final run")
     ap.add_argument("--patience", type=int, default=2, help="early stopping patience (epochs) of a final run; the "
                     "weights of the epoch with the lowest validation loss are restored")
@@ -106,8 +109,8 @@ def main(argv=None):
         best, met = tuned.best_config, True
         if best is None:  # no DSelect-k configuration became binary: take the best one anyway
             best, met = SweepResult(tuned.trials, metric="val_error").best_config, False
-        final_config = {**best, "n_train": 100_000, "n_val": 20_000, "n_test": 20_000, "epochs": args.epochs,
-                        "early_stopping_patience": args.patience}
+        final_config = {**best, "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test,
+                        "epochs": args.epochs, "early_stopping_patience": args.patience}
         _log(f"{name}: {args.reps} repetitions of {final_config}")
         Sweep(M.multi_mnist_trial, {key: [value] for key, value in final_config.items()}, n_trials=1,
               repetitions=args.reps, seed=args.seed + 1, metric="val_error", results_path=path,

@@ -11,6 +11,7 @@ model of the paper) on Multi-MNIST (``DSELECTK_MNIST_DIR`` = a directory of the 
 and Multi-Fashion-MNIST. Hours on a CPU.
 """
 import gzip
+import math
 import os
 
 import numpy as np
@@ -126,3 +127,38 @@ def test_full_protocol(dataset, path):
         assert all(acc > floor for acc in r["test_accuracy"]), (name, r)
         if name in ("dselect_k", "top_k"):
             assert all(s <= 2 for s in r["selected_experts"]), (name, r)
+
+
+def test_trial_function_and_experiment_script(tmp_path):
+    """multi_mnist_trial's metrics, and benchmarks/multi_fashion_mnist_experiment.py end to end on
+    the glyph source (tiny sizes; the script's --path reads any directory of IDX files)."""
+    import importlib.util
+    import json
+
+    directory = str(_write_glyph_source(tmp_path / "glyphs", n_train=600, n_test=200, seed=2))
+    metrics = E.multi_mnist_trial(dict(model="dselect_k", path=directory, n_train=256, n_val=128, n_test=128,
+                                       epochs=1, batch_size=64, n_experts=4, k=2, filters=(4, 8), kernel=3), seed=0)
+    assert 0 <= metrics["val_error"] <= 1 and metrics["val_error"] == pytest.approx(
+        1 - (metrics["val_acc1"] + metrics["val_acc2"]) / 2)
+    assert 1 <= metrics["experts"] <= 4 and metrics["epochs"] == 1
+    assert 0 < metrics["expert_flops"] <= metrics["expert_flops_dense"]
+    assert metrics["binary"] in (0.0, 1.0) and (metrics["binary"] == 1.0) == (not math.isnan(metrics["binary_pct"]))
+
+    spec = importlib.util.spec_from_file_location(
+        "mfm_experiment", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "multi_fashion_mnist_experiment.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out"
+    argv = ["--path", directory, "--models", "shared_bottom", "top_k", "--trials", "2", "--tune-train", "128",
+            "--tune-val", "64", "--tune-epochs", "1", "--reps", "2", "--epochs", "1", "--n-train", "256", "--n-val",
+            "64", "--n-test", "64", "--workers", "1", "--out", str(out), "--quiet"]
+    script.main(argv)
+    lines = (out / "trials.jsonl").read_text().splitlines()
+    sweeps = [json.loads(line)["sweep"] for line in lines]
+    assert sweeps.count("multi_fashion/top_k/tune") == 2 and sweeps.count("multi_fashion/top_k/final") == 2
+    table = (out / "table2.md").read_text()
+    assert "shared_bottom" in table and "top_k" in table and "83.78" in table  # beside the paper's numbers
+    chosen = json.loads((out / "chosen_configs.json").read_text())
+    assert chosen["top_k"]["config"]["n_train"] == 256 and chosen["top_k"]["config"]["k"] in (2, 4)
+    script.main(argv)  # a rerun resumes: nothing is trained again
+    assert (out / "trials.jsonl").read_text().splitlines() == lines
