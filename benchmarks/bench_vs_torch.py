@@ -147,6 +147,20 @@ def _check_close(a, b, what, tol=1e-4):
 
 # --- workload 2: the MMoE training step ---------------------------------------------------------
 
+def our_training_step(model, X, Y, lr=1e-4):
+    """A callable: one training step of the dselectk model (forward, task losses, backward, Adam)."""
+    opt = dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=lr)
+
+    def ours():
+        model.zero_grad()
+        outs = model.forward(X, training=True)
+        _, _, douts = model.loss(outs, Y)
+        model.backward(douts)
+        opt.step()
+
+    return ours
+
+
 def step_data(batch, rng):
     X = rng.standard_normal((batch, INPUT)).astype(np.float32)
     Y = [rng.standard_normal((batch, 1)).astype(np.float32), (rng.random((batch, 1)) < 0.5).astype(np.float32)]
@@ -164,15 +178,7 @@ def step_workload(gate_kwargs, X, Y):
             touts = tmodel(torch.from_numpy(X))
         for o, to in zip(outs, touts):
             _check_close(o, to.numpy(), "MMoE forward")
-    opt = dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=1e-4)
-
-    def ours():
-        model.zero_grad()
-        outs = model.forward(X, training=True)
-        _, _, douts = model.loss(outs, Y)
-        model.backward(douts)
-        opt.step()
-
+    ours = our_training_step(model, X, Y)
     if tmodel is None:
         return ours, None, None
     topt = tm.make_adam(tmodel, lr=1e-4)
@@ -199,15 +205,7 @@ def cnn_workload(name, rng):
     model = build_model(name, (1, 36, 36), seed=0)
     X = rng.random((CNN_BATCH, 1, 36, 36), dtype=np.float32)
     labels = [rng.integers(0, 10, CNN_BATCH) for _ in range(2)]
-    opt = dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=1e-4)
-
-    def ours():
-        model.zero_grad()
-        outs = model.forward(X, training=True)
-        _, _, douts = model.loss(outs, labels)
-        model.backward(douts)
-        opt.step()
-
+    ours = our_training_step(model, X, labels)
     if torch is None:
         return ours, None
     tmodel = tm.cnn_from_dselectk(model)

@@ -44,14 +44,23 @@ def _log(msg):
 
 def write_table(out):
     records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].endswith("/final")]
+    binary_runs = {}
     for r in records:
-        r["metrics"]["test_loss_x1e4"] = r["metrics"]["test_loss"] * 1e4
+        m = r["metrics"]
+        m["test_loss_x1e4"] = m["test_loss"] * 1e4
+        if r["config"]["method"].startswith("dselect_k"):
+            binary_runs.setdefault((r["config"]["alpha"], r["config"]["method"]), []).append(m["binary"])
+        if m.get("binary_pct") != m.get("binary_pct"):  # NaN: never binary; counts in no mean
+            del m["binary_pct"]
     table = summarize(records, group_by=("alpha", "method"),
                       metrics=["test_loss_x1e4", "test_auc", "test_rmse", "mean_selected", "binary_pct", "epochs"])
     flops = {}
     for r in records:
         flops.setdefault((r["config"]["alpha"], r["config"]["method"]), []).append(r["metrics"]["expert_flops"])
-    lines = [table.to_markdown(digits=4), "", "Expert FLOPs during training, DSelect-k relative to Top-k of the same "
+    lines = [table.to_markdown(digits=4), "", "binary_pct: % of the training steps until S(Z) was binary (mean over "
+             "the tasks), over the runs where it became binary for both tasks: "
+             + ", ".join(f"alpha {a} {m}: {int(sum(v))} of {len(v)} runs" for (a, m), v in sorted(binary_runs.items()))
+             + ".", "", "Expert FLOPs during training, DSelect-k relative to Top-k of the same "
              "kind (Table C.4's FLOPS(DSelect-k)/FLOPS(Top-k)), mean over repetitions:", "",
              "| alpha | gates | FLOPS(DSelect-k) / FLOPS(Top-k) |", "|---|---|---|"]
     for (alpha, method), values in sorted(flops.items()):
@@ -94,7 +103,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/movielens")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the table from <out>/trials.jsonl")
     args = ap.parse_args(argv)
+    if args.table_only:
+        return write_table(args.out)
     if not os.path.exists(args.data):
         sys.exit(f"{args.data} not found: run `sh benchmarks/get_movielens.sh` first (or pass --data)")
     os.makedirs(args.out, exist_ok=True)

@@ -56,13 +56,25 @@ def write_table(out):
     for r in records:
         m = r["metrics"]
         m["test_acc1_pct"], m["test_acc2_pct"] = 100 * m["test_acc1"], 100 * m["test_acc2"]
-        m["flops_vs_dense"] = m["expert_flops"] / m["expert_flops_dense"] if m["expert_flops_dense"] else float("nan")
+        if m["expert_flops_dense"]:
+            m["flops_vs_dense"] = m["expert_flops"] / m["expert_flops_dense"]
+        if r["config"]["model"] == "dselect_k":
+            m["binary_runs"] = m["binary"]  # summed below: runs whose S(Z) became binary
+        if m.get("binary_pct") != m.get("binary_pct"):  # NaN: never binary; counts in no mean
+            del m["binary_pct"]
     table = summarize(records, group_by=("model",), metrics=["test_acc1_pct", "test_acc2_pct", "experts", "binary_pct",
                                                              "flops_vs_dense", "epochs", "epoch_seconds"])
+    binary_runs = {}
+    for r in records:
+        if "binary_runs" in r["metrics"]:
+            binary_runs.setdefault(r["config"]["model"], []).append(r["metrics"]["binary_runs"])
     flops = {}
     for r in records:
         flops.setdefault(r["config"]["model"], []).append(r["metrics"]["expert_flops"])
-    lines = [table.to_markdown(digits=4), "", "The paper's Table 2 (Multi-Fashion MNIST, static gates, 100 repetitions):",
+    lines = [table.to_markdown(digits=4), "", "binary_pct: % of the training steps until S(Z) was binary, over the runs "
+             "where it became binary (" + ", ".join(f"{m}: {int(sum(v))} of {len(v)} runs" for m, v in binary_runs.items())
+             + "); flops_vs_dense: expert FLOPs executed / those of the dense model.",
+             "", "The paper's Table 2 (Multi-Fashion MNIST, static gates, 100 repetitions):",
              "", "| model | accuracy 1 | accuracy 2 | experts |", "|---|---|---|---|"]
     lines += [f"| {name} | {a} | {b} | {e} |" for name, (a, b, e) in PAPER.items()]
     if "dselect_k" in flops and "top_k" in flops:
@@ -95,7 +107,10 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/multi_fashion_mnist")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the table from <out>/trials.jsonl")
     args = ap.parse_args(argv)
+    if args.table_only:
+        return write_table(args.out)
     os.makedirs(args.out, exist_ok=True)
     path, t0, chosen = os.path.join(args.out, "trials.jsonl"), time.time(), {}
     for name in args.models:
