@@ -48,8 +48,20 @@ def _log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _chosen(out):
+    path = os.path.join(out, "chosen_configs.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_table(out):
-    records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].endswith("/final")]
+    """The table of the final runs; where <out>/chosen_configs.json names a model's configuration
+    (a rerun with more tuning trials may have chosen another one), only that configuration's runs."""
+    chosen = _chosen(out)
+    records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].endswith("/final")
+               and (r["config"]["model"] not in chosen or r["config"] == chosen[r["config"]["model"]]["config"])]
     if not records:
         _log("no final runs recorded yet")
         return
@@ -112,7 +124,7 @@ def main(argv=None):
     if args.table_only:
         return write_table(args.out)
     os.makedirs(args.out, exist_ok=True)
-    path, t0, chosen = os.path.join(args.out, "trials.jsonl"), time.time(), {}
+    path, t0 = os.path.join(args.out, "trials.jsonl"), time.time()
     for name in args.models:
         grid = {"dataset": ["fashion_mnist"], "path": [args.path], "model": [name], "n_train": [args.tune_train],
                 "n_val": [args.tune_val], "n_test": [1_000], "epochs": [args.tune_epochs],
@@ -130,10 +142,10 @@ def main(argv=None):
         Sweep(M.multi_mnist_trial, {key: [value] for key, value in final_config.items()}, n_trials=1,
               repetitions=args.reps, seed=args.seed + 1, metric="val_error", results_path=path,
               name=f"multi_fashion/{name}/final").run(max_workers=args.workers, progress=not args.quiet)
-        chosen[name] = {"config": final_config, "binary_constraint_met": met}
+        chosen = {**_chosen(args.out), name: {"config": final_config, "binary_constraint_met": met}}
+        with open(os.path.join(args.out, "chosen_configs.json"), "w") as f:
+            json.dump(chosen, f, indent=1)
         write_table(args.out)
-    with open(os.path.join(args.out, "chosen_configs.json"), "w") as f:
-        json.dump(chosen, f, indent=1)
     _log(f"done in {time.time() - t0:.0f} s")
 
 

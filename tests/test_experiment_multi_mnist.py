@@ -162,3 +162,9 @@ def test_trial_function_and_experiment_script(tmp_path):
     assert chosen["top_k"]["config"]["n_train"] == 256 and chosen["top_k"]["config"]["k"] in (2, 4)
     script.main(argv)  # a rerun resumes: nothing is trained again
     assert (out / "trials.jsonl").read_text().splitlines() == lines
+    # more tuning for one model: the other model's choice and table row stay
+    script.main(argv[:2] + ["--models", "shared_bottom", "--trials", "3"] + argv[7:])
+    chosen = json.loads((out / "chosen_configs.json").read_text())
+    assert set(chosen) == {"shared_bottom", "top_k"}
+    table = (out / "table2.md").read_text()
+    assert "| top_k | 2 |" in table and "| shared_bottom | 2 |" in table  # the chosen configuration's 2 runs each
