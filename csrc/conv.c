@@ -32,6 +32,12 @@ static void dsk_conv_valid_columns(const DskConv2d *g, long j, long *lo, long *h
     *hi = b;
 }
 
+/* Whether v replaces the running maximum m of a window: strictly greater (the first maximum wins
+ * ties), or the first NaN. Written without branches so that the compiler can use blends: the
+ * comparisons of pooling inputs are unpredictable, and a mispredicted branch per entry made the
+ * pooling as slow as the convolution before it. */
+#define DSK_POOL_TAKES(v, m) (((v) > (m)) | (((v) != (v)) & ((m) == (m))))
+
 #define real float
 #define FN(name) name##_f32
 #define GEMM scipy_cblas_sgemm

@@ -15,13 +15,15 @@
  * function exists for float (_f32) and double (_f64). Sizes that reach the 32-bit BLAS (F, K and
  * G P) are checked by the caller.
  *
- * The convolution is im2col followed by one GEMM of the vendored BLAS per group of at most
- * DSK_CONV_GROUP examples: the group's patches form a (K, G P) matrix (OpenMP over the examples),
- * multiplied by the (F, K) weights in one SGEMM / DGEMM outside the parallel region, so BLAS
- * threads alone parallelize the product. Measured against per-example products with serial loops
- * inside an OpenMP loop over the batch (B = 256, float32), it is as fast on a 36 x 36 x 1 input with
- * 10 5 x 5 filters forward, and 1.5-2.8x faster on that backward and on 16 x 16 x 10 -> 20 filters
- * 5 x 5 (both ways). As with the dense layers, the BLAS thread count may change the rounding of
+ * The convolution is im2col followed by one GEMM of the vendored BLAS per group of G examples:
+ * the group's patches form a (K, G P) matrix (OpenMP over the examples), multiplied by the (F, K)
+ * weights in one SGEMM / DGEMM outside the parallel region, so BLAS threads alone parallelize the
+ * product. G is as large as fits DSK_CONV_COL_ELEMS elements of workspace (at least 1), so that
+ * the patch matrix is still in cache when the GEMM reads it: on the Multi-MNIST CNN's layers
+ * (B = 256, float32, 1 thread) 64k elements made forward and backward about 2x faster than groups
+ * of 256 examples, whose 40 MB patch matrices were written to and read back from memory (and
+ * page-faulted in afresh by every call). Tiny groups leave each GEMM too small for several BLAS
+ * threads to pay off, which is why this convolution gains nothing from a second thread. As with the dense layers, the BLAS thread count may change the rounding of
  * the products (not the im2col / col2im copies); the pooling kernels never depend on it.
  *
  * Symbols: B the batch, C input channels, H x W the input plane, F filters, KH x KW the kernel,
@@ -47,7 +49,7 @@ typedef struct {
     long OH, OW;     /* output (B, F, OH, OW) */
 } DskConv2d;
 
-/* Examples per GEMM: G = min(B, DSK_CONV_GROUP). */
+/* Examples per GEMM: G = min(B, max(1, DSK_CONV_COL_ELEMS / ((K + F) P))). */
 long conv2d_group(const DskConv2d *g);
 /* Size of the workspace `col` of conv2d_forward / conv2d_backward, in elements of real:
  * (K + F) G P. */

@@ -122,12 +122,6 @@ void FN(conv2d_backward)(real *dx, real *dW, real *db, real *col, double *acc, c
         for (long f = 0; f < g->F; f++) db[f] = (real)(db[f] + acc[f]);
 }
 
-/* Whether v replaces the running maximum m of a window: strictly greater (the first maximum wins
- * ties), or the first NaN. Written without branches so that the compiler can use blends: the
- * comparisons of pooling inputs are unpredictable, and a mispredicted branch per entry made the
- * pooling as slow as the convolution before it. */
-#define DSK_POOL_TAKES(v, m) (((v) > (m)) | (((v) != (v)) & ((m) == (m))))
-
 /* The common 2 x 2 window at stride 2: two input rows per output row, unrolled, vectorizable. */
 static void FN(max_pool2x2_plane)(real *yn, int64_t *in, const real *xn, long W, long OH, long OW) {
     for (long oh = 0; oh < OH; oh++) {
