@@ -107,7 +107,6 @@ def check_finite(x, name="x"):
     _C.check_finite(x, name)
 
 
-
 def _array(x, name):
     if not isinstance(x, np.ndarray):
         raise TypeError(f"argument '{name}' must be a numpy.ndarray of float32 or float64, got {type(x).__name__}")
