@@ -33,6 +33,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from ._repr import summary_repr
 from .movielens import (MovieLensMultitask, MultitaskSplit, Ratings, movielens_multitask, ratings_from_arrays,
                         read_ratings)
 from .images import MultiMNIST, multi_fashion_mnist, multi_mnist, read_idx
@@ -166,6 +167,8 @@ class SyntheticMultitask:
       f(x) = sum_u max(0, x @ expert_weights[g, i, :, u]) (no biases).
     * ``noise`` float: the standard deviation of the Gaussian noise added to every y.
     """
+
+    __repr__ = summary_repr
 
     X_train: np.ndarray
     Y_train: list
@@ -343,6 +346,8 @@ class GateRecovery:
     Label rule: z(x) = logistic_weights . mean_i max(0, x @ expert_weights[i]) + logistic_bias,
     y = 1 if z > 0 else 0 (i.e. the logistic unit's output sigma(z) > 1/2).
     """
+
+    __repr__ = summary_repr
 
     X_train: np.ndarray
     y_train: np.ndarray

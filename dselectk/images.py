@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._repr import summary_repr
+
 __all__ = ["MultiMNIST", "read_idx", "multi_mnist", "multi_fashion_mnist", "FASHION_MNIST_DIR", "IDX_FILES"]
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs Fashion-MNIST.
@@ -168,6 +170,8 @@ class MultiMNIST:
     * ``val_sources``: the sorted indices of the source train images reserved for validation (no
       training example uses them).
     """
+
+    __repr__ = summary_repr
 
     X_train: np.ndarray
     Y_train: list

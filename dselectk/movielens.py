@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._repr import summary_repr
+
 __all__ = ["Ratings", "MultitaskSplit", "MovieLensMultitask", "read_ratings", "ratings_from_arrays",
            "movielens_multitask"]
 
@@ -81,6 +83,8 @@ class MultitaskSplit:
     sample_weights : [None, (n,) float32]: the rating task's weight, 1 on positives, 0 on negatives.
     """
 
+    __repr__ = summary_repr
+
     X: np.ndarray
     Y: list
     sample_weights: list
@@ -99,6 +103,8 @@ class MovieLensMultitask:
     """What :func:`movielens_multitask` returns: the three parts, the vocabulary sizes
     (``vocab_sizes = [n_users, n_movies]``, for the model's ``embeddings=``) and the ratings they
     were built from (with the maps back to raw ids)."""
+
+    __repr__ = summary_repr
 
     train: MultitaskSplit
     val: MultitaskSplit

@@ -411,3 +411,19 @@ def test_gate_recovery_bad_arguments(kw, exc):
 def test_metric_bad_arguments(call, exc):
     with pytest.raises(exc):
         call()
+
+
+def test_dataset_reprs_show_shapes_not_values(tmp_path):
+    """The data-set dataclasses print their arrays as shapes and dtypes, not as (huge) values."""
+    from dselectk import movielens
+
+    synthetic = D.synthetic_multitask(4, n_samples=700, split=(500, 100, 100), tasks_per_group=2, seed=0)
+    recovery = D.gate_recovery(n_samples=400, split=(300, 100), seed=0)
+    ratings = movielens.ratings_from_arrays(np.repeat(np.arange(6), 5), np.tile(np.arange(5), 6),
+                                            np.full(30, 4.0), np.arange(30))
+    multitask = movielens.movielens_multitask(ratings, seed=0)
+    for obj, shape in [(synthetic, "shape=(500, 10), dtype=float32"), (recovery, "shape=(300,"),
+                       (multitask, "MultitaskSplit(X=ndarray(shape=("), (multitask.train, "dtype=int64")]:
+        text = repr(obj)
+        assert text.startswith(type(obj).__name__ + "(") and shape in text, text
+        assert len(text) < 3000 and "array([" not in text and "..." not in text, text

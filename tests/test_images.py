@@ -298,3 +298,11 @@ def test_real_fashion_mnist_files():
     assert 0.0 <= d.X_train.min() and d.X_train.max() <= 1.0 and d.X_train.mean() > 0.05
     for Y in (d.Y_train, d.Y_val, d.Y_test):
         assert all(y.min() >= 0 and y.max() <= 9 for y in Y)
+
+
+def test_multi_mnist_repr_shows_shapes(tiny_source):
+    d = I.multi_mnist(tiny_source[0], n_train=40, n_val=9, n_test=11, seed=3, shift=2)
+    text = repr(d)
+    assert text.startswith("MultiMNIST(X_train=ndarray(shape=(40, 1, 10, 10), dtype=float32)"), text
+    assert "Y_train=[ndarray(shape=(40,), dtype=int64), ndarray(shape=(40,), dtype=int64)]" in text, text
+    assert "array([" not in text and len(text) < 2000
