@@ -49,13 +49,15 @@ import dselectk  # before torch: see the module docstring
 from dselectk import functional as F
 from dselectk.models import MMoE
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train_step import make_step  # noqa: E402
+
 try:
     import torch
 except ImportError:  # the PyTorch rows are skipped
     torch = None
 
 if torch is not None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import torch_models as tm
 
 P_GATE, K_GATE, B_GATE, LAM = 64, 4, 4096, 0.1
@@ -149,16 +151,7 @@ def _check_close(a, b, what, tol=1e-4):
 
 def our_training_step(model, X, Y, lr=1e-4):
     """A callable: one training step of the dselectk model (forward, task losses, backward, Adam)."""
-    opt = dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=lr)
-
-    def ours():
-        model.zero_grad()
-        outs = model.forward(X, training=True)
-        _, _, douts = model.loss(outs, Y)
-        model.backward(douts)
-        opt.step()
-
-    return ours
+    return make_step(model, dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=lr), X, Y)
 
 
 def step_data(batch, rng):
