@@ -29,6 +29,7 @@ KERNEL_SOURCES = [
     "csrc/linear.c",
     "csrc/nn.c",
     "csrc/optim.c",
+    "csrc/sinkhorn.c",
     "csrc/threads.c",
 ]
 # The binding, one file per kernel family (dselectk/_binding/module.c says how to add one).
@@ -41,6 +42,7 @@ BINDING_SOURCES = [
     "dselectk/_binding/optim.c",
     "dselectk/_binding/embedding.c",
     "dselectk/_binding/conv.c",
+    "dselectk/_binding/sinkhorn.c",
 ]
 HEADERS = sorted(glob.glob("csrc/*.h")) + ["dselectk/_binding/common.h"]
 

@@ -54,6 +54,8 @@ __all__ = [
     "sparse_adam",
     "conv2d",
     "max_pool2d",
+    "sinkhorn",
+    "sinkhorn_entropy",
     "numerical_gradient",
 ]
 
@@ -593,6 +595,43 @@ def max_pool2d(x, kernel, stride=None):
                     y[b, c, oh, ow] = window[i, j]
                     idx[b, c, oh, ow] = (oh * sh + i) * W + ow * sw + j
     return y, idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Sinkhorn normalisation (the permutation local search of Ibrahim et al., COMET, KDD 2023)
+# ----------------------------------------------------------------------------------------------
+
+
+def _logsumexp(X, axis):
+    top = X.max(axis=axis, keepdims=True)
+    return top + np.log(np.exp(X - top).sum(axis=axis, keepdims=True))
+
+
+def sinkhorn(log_alpha, tau, iters):
+    """exp of `iters` alternations of row then column log-sum-exp normalisation of
+    log_alpha / tau, over the last two axes (any leading axes are independent matrices). Always
+    float64 (float32 inputs are cast first)."""
+    X = np.asarray(log_alpha, dtype=np.float64) / float(tau)
+    for _ in range(iters):
+        X = X - _logsumexp(X, axis=-1)  # rows
+        X = X - _logsumexp(X, axis=-2)  # columns
+    return np.exp(X)
+
+
+def sinkhorn_entropy(P, eps=1e-6):
+    """H(P) + H(Q) with H(A) = -sum A log(A + eps) and Q = P with each row divided by its sum
+    (rows summing to 0 left out of H(Q)), averaged over the leading axes (one (n, n) matrix each)."""
+    P = np.asarray(P, dtype=np.float64)
+    P3 = P.reshape((-1,) + P.shape[-2:])
+    total = 0.0
+    for M in P3:
+        total -= float(np.sum(M * np.log(M + eps)))
+        for row in M:
+            mass = row.sum()
+            if mass > 0:
+                q = row / mass
+                total -= float(np.sum(q * np.log(q + eps)))
+    return total / len(P3)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -187,6 +187,8 @@ class Spec:
     out: bool = False  # has an out= argument
     out_of: Callable = field(default=lambda r: r)  # the result that out= receives
     mutable: tuple = ()  # arrays updated in place: never copied, so layouts are refused
+    float64: tuple = ()  # arrays that are float64 whatever the call's dtype (Sinkhorn's cache)
+    float64_results: bool = False  # returns such a float64 cache beside its results
 
     def finite_arrays(self):
         return self.arrays if self.finite is None else self.finite
@@ -627,6 +629,46 @@ SPECS.update({
     "C.max_pool2d_backward": Spec(_C.max_pool2d_backward, _pool_backward_args, ("dy",)),
 })
 
+
+# --- Sinkhorn normalisation (permutation local search): its cache is float64 whatever the dtype ---
+
+def _sk_args(dt, batched=True):
+    return dict(log_alpha=_u(_rng(), (3, 5, 5) if batched else (5, 5), dt), tau=0.5, iters=4)
+
+
+def _sk_P(dt):
+    return F.sinkhorn(**_sk_args(dt))
+
+
+def _c_sk_cache(dt):
+    P, logs = _C.sinkhorn_forward(**_sk_args(dt))
+    return dict(P=P, logs=logs)
+
+
+SPECS.update({
+    "F.sinkhorn_forward[batched]": Spec(F.sinkhorn_forward, _sk_args, ("log_alpha",), out=True,
+                                        out_of=lambda r: r[0], float64_results=True),
+    "F.sinkhorn_forward[single]": Spec(F.sinkhorn_forward, lambda dt: _sk_args(dt, batched=False), ("log_alpha",),
+                                       out=True, out_of=lambda r: r[0], float64_results=True),
+    "F.sinkhorn": Spec(F.sinkhorn, _sk_args, ("log_alpha",), out=True),
+    "F.sinkhorn_backward": Spec(
+        F.sinkhorn_backward,
+        lambda dt: dict(dP=_u(_rng(), (3, 5, 5), dt), cache=F.sinkhorn_forward(**_sk_args(dt))[1], lam=0.1, eps=1e-6),
+        ("dP",), optional=("dP",)),
+    "F.sinkhorn_backward[single]": Spec(
+        F.sinkhorn_backward,
+        lambda dt: dict(dP=_u(_rng(), (5, 5), dt), cache=F.sinkhorn_forward(**_sk_args(dt, batched=False))[1]),
+        ("dP",), optional=("dP",)),
+    "F.sinkhorn_regularization": Spec(F.sinkhorn_regularization, lambda dt: dict(P=_sk_P(dt), eps=1e-6), ("P",)),
+    "C.sinkhorn_forward": Spec(_C.sinkhorn_forward, lambda dt: dict(_sk_args(dt), keep=True), ("log_alpha",),
+                               out=True, out_of=lambda r: r[0], float64_results=True),
+    "C.sinkhorn_backward": Spec(
+        _C.sinkhorn_backward,
+        lambda dt: dict(dP=_u(_rng(), (3, 5, 5), dt), **_c_sk_cache(dt), tau=0.5, lam=0.1, eps=1e-6),
+        ("logs", "P", "dP"), finite=("dP",), optional=("dP",), float64=("logs",)),
+    "C.sinkhorn_entropy": Spec(_C.sinkhorn_entropy, lambda dt: dict(P=_sk_P(dt), eps=1e-6), ("P",)),
+})
+
 ARRAY_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.arrays]
 FINITE_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.finite_arrays()]
 UNCHECKED_FINITE_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.inputs() if a not in s.finite_arrays()]
@@ -663,7 +705,8 @@ def test_valid_call(sid):
         result = call_spec(spec, spec.build(dtype))
         for a in _arrays_in(result):
             # int64: embedding_backward's row indices, max pooling's argmax indices
-            assert a.dtype == dtype or (a.dtype == np.int64 and ("pool" in sid or "embedding" in sid)), a.dtype
+            assert a.dtype == dtype or (a.dtype == np.int64 and ("pool" in sid or "embedding" in sid)) or (
+                a.dtype == F64 and spec.float64_results), a.dtype
             assert np.all(np.isfinite(a))
         # and a second call gives bit-identical results
         assert_same(result, call_spec(spec, spec.build(dtype)))
@@ -720,7 +763,7 @@ def test_bad_dtype(sid, arg):
                   if sid.startswith("F.") or bad in ("int64", "object")])
 
 
-MISMATCH = [(sid, a) for sid, s in SPECS.items() if len(s.arrays) > 1 for a in s.arrays]
+MISMATCH = [(sid, a) for sid, s in SPECS.items() if len(s.arrays) > 1 for a in s.arrays if a not in s.float64]
 
 
 @pytest.mark.parametrize("sid,arg", MISMATCH, ids=_ids(MISMATCH))
@@ -1132,6 +1175,32 @@ SHAPE_CASES += [
 ]
 
 
+SHAPE_CASES += [
+    ("log_alpha_not_square", "F.sinkhorn_forward[batched]", _set(log_alpha=lambda a: a[:, :, :4]), ValueError,
+     "'log_alpha'.*\\(K, n, n\\)"),
+    ("log_alpha_1d", "F.sinkhorn_forward[batched]", _set(log_alpha=lambda a: a[0, 0]), ValueError, "'log_alpha'"),
+    ("log_alpha_4d", "F.sinkhorn_forward[batched]", _set(log_alpha=lambda a: a[None]), ValueError, "'log_alpha'"),
+    ("log_alpha_not_square", "F.sinkhorn_forward[single]", _set(log_alpha=lambda a: a[:4]), ValueError,
+     "'log_alpha'"),
+    ("log_alpha_not_square", "F.sinkhorn", _set(log_alpha=lambda a: a[:, :4]), ValueError, "'log_alpha'"),
+    ("dP_shape", "F.sinkhorn_backward", _set(dP=lambda a: a[:, :4]), ValueError, "'dP'.*\\(3, 5, 5\\)"),
+    ("dP_2d", "F.sinkhorn_backward", _set(dP=lambda a: a[0]), ValueError, "'dP'"),
+    ("dP_3d", "F.sinkhorn_backward[single]", _set(dP=lambda a: a[None]), ValueError, "'dP'.*\\(5, 5\\)"),
+    ("P_not_square", "F.sinkhorn_regularization", _set(P=lambda a: a[:, :, :4]), ValueError, "'P'.*\\(K, n, n\\)"),
+    ("P_1d", "F.sinkhorn_regularization", _set(P=lambda a: a[0, 0]), ValueError, "'P'"),
+    ("log_alpha_not_square", "C.sinkhorn_forward", _set(log_alpha=lambda a: a[:, :4]), ValueError,
+     "'log_alpha'.*\\(K, n, n\\)"),
+    ("log_alpha_2d", "C.sinkhorn_forward", _set(log_alpha=lambda a: a[0]), ValueError, "'log_alpha'"),
+    ("logs_odd_slots", "C.sinkhorn_backward", _set(logs=lambda a: a[:, :3]), ValueError, "'logs'.*\\(K, 2 iters"),
+    ("logs_not_square", "C.sinkhorn_backward", _set(logs=lambda a: a[..., :4]), ValueError, "'logs'"),
+    ("logs_3d", "C.sinkhorn_backward", _set(logs=lambda a: a[0]), ValueError, "'logs'"),
+    ("P_wrong_n", "C.sinkhorn_backward", _set(P=lambda a: a[:, :4]), ValueError, "'P'.*\\(3, 5, 5\\)"),
+    ("P_wrong_K", "C.sinkhorn_backward", _set(P=lambda a: a[:2]), ValueError, "'P'"),
+    ("dP_wrong_K", "C.sinkhorn_backward", _set(dP=lambda a: a[:2]), ValueError, "'dP'"),
+    ("P_not_square", "C.sinkhorn_entropy", _set(P=lambda a: a[:, :4]), ValueError, "'P'.*\\(K, n, n\\)"),
+]
+
+
 def _apply(kwargs, changes):
     for arg, change in changes.items():
         kwargs[arg] = change(kwargs[arg]) if callable(change) else change
@@ -1538,6 +1607,37 @@ _add("F.conv2d_forward[same]", "W_even_kernel_wrong_C", _with(W=lambda rng: _u(r
      "'W'")
 _add("F.max_pool2d_backward", "input_size_other_batch", _with(input_size=(3, 3, 7, 6)), ValueError, "input_size")
 
+# Sinkhorn: tau, iters, lam, eps, empty and degenerate sizes, overflow of log_alpha / tau
+_SK_FWD = ("F.sinkhorn_forward[batched]", "F.sinkhorn_forward[single]", "F.sinkhorn", "C.sinkhorn_forward")
+for _sid in _SK_FWD + ("C.sinkhorn_backward",):
+    for _v in BAD_POSITIVE:
+        _add(_sid, f"tau={_v}", _with(tau=_v), ValueError, "tau")
+    _add(_sid, "tau=str", _with(tau="0.5"), TypeError, None)
+for _sid in _SK_FWD:
+    for _v in (0, -1, 100001, 2**64):
+        _add(_sid, f"iters={_v}", _with(iters=_v), ValueError, "iters")
+    for _v in (1.5, True, None, "3", np.float64(3)):
+        _add(_sid, f"iters={_v!r}", _with(iters=_v), TypeError, "iters")
+    _add(_sid, "log_alpha/tau_overflows", _with(tau=1e-300), ValueError, "log_alpha.*tau")
+    _add(_sid, "n=0", _with(log_alpha=np.zeros((3, 0, 0)) if "single" not in _sid else np.zeros((0, 0))),
+         ValueError, "'log_alpha'")
+for _sid in ("F.sinkhorn_forward[batched]", "F.sinkhorn", "C.sinkhorn_forward"):
+    _add(_sid, "K=0", _with(log_alpha=np.zeros((0, 5, 5))), ValueError, "'log_alpha'.*" + EMPTY_RE)
+for _v in BAD_NONNEG:
+    for _sid in ("F.sinkhorn_backward", "C.sinkhorn_backward"):
+        _add(_sid, f"lam={_v}", _with(lam=_v), ValueError, "lam")
+for _v in BAD_POSITIVE:
+    for _sid in ("F.sinkhorn_backward", "F.sinkhorn_regularization", "C.sinkhorn_backward", "C.sinkhorn_entropy"):
+        _add(_sid, f"eps={_v}", _with(eps=_v), ValueError, "eps")
+for _sid in ("F.sinkhorn_regularization", "C.sinkhorn_entropy"):
+    _add(_sid, "P<0", _with(P=lambda rng: -_u(rng, (3, 5, 5), F64, 0.1, 1)), ValueError, "'P'.*>= 0")
+_add("F.sinkhorn_regularization", "K=0", _with(P=np.zeros((0, 5, 5))), ValueError, "'P'.*K = 0")
+_add("C.sinkhorn_backward", "K=0", _with(logs=np.zeros((0, 8, 5, 5)), P=np.zeros((0, 5, 5)), dP=np.zeros((0, 5, 5))),
+     ValueError, "'logs'.*" + EMPTY_RE)
+for _v in ("float32", "int64", "float16"):
+    _add("C.sinkhorn_backward", f"logs_{_v}", _with(logs=lambda rng, _v=_v: _c_sk_cache(F64)["logs"].astype(_v)),
+         TypeError, "'logs'.*float64")
+
 
 
 @pytest.mark.parametrize("sid,change,exc,match", [c[1:] for c in SCALAR_CASES], ids=[c[0] for c in SCALAR_CASES])
@@ -1587,6 +1687,16 @@ def test_conv2d_padding_bad(padding, stride, match):
 
 
 VALID_EDGE_CASES = [
+    ("F.sinkhorn_forward[batched]", "n=1", _with(log_alpha=lambda rng: _u(rng, (3, 1, 1), F64))),
+    ("F.sinkhorn_forward[batched]", "iters=1", _with(iters=1)),
+    ("F.sinkhorn_forward[batched]", "iters=np.int64", _with(iters=np.int64(3))),
+    ("F.sinkhorn_forward[batched]", "tau=huge", _with(tau=1e300)),
+    ("F.sinkhorn_forward[batched]", "tau=int", _with(tau=2)),
+    ("F.sinkhorn", "tau=tiny_but_finite_iterates", _with(tau=1e-140)),
+    ("F.sinkhorn_backward", "dP=None", _with(dP=None)),
+    ("F.sinkhorn_backward", "lam=0", _with(lam=0.0)),
+    ("C.sinkhorn_forward", "keep=False", _with(keep=False)),
+    ("F.sinkhorn_regularization", "zero_rows", _with(P=np.zeros((2, 3, 3)))),
     ("F.top_k[batched]", "k=n", _with(k=6)),
     ("F.top_k[batched]", "k=1", _with(k=1)),
     ("F.top_k[batched]", "k=np.int64", _with(k=np.int64(2))),
@@ -1688,6 +1798,7 @@ def test_linear_degenerate_sizes_values():
 
 
 EMPTY_ELEMENTWISE = [
+    ("C.sinkhorn_entropy", _with(P=np.zeros((0, 4, 4))), None),
     ("F.smooth_step", _with(t=np.zeros((0, 4))), (0, 4)),
     ("F.smooth_step_backward", _with(t=np.zeros(0), dout=np.zeros(0)), (0,)),
     ("F.noisy_logits", _with(clean=np.zeros(0), raw_noise=np.zeros(0), normal=np.zeros(0)), (0,)),

@@ -196,6 +196,20 @@ def _nn(seed, B=256, p=48, o=24, dtype=F64, gemm=True):
     return inputs, run
 
 
+def _sinkhorn(seed, K=4, n=24, iters=60, dtype=F64):
+    """Sinkhorn forward (with and without its cache), backward with the regularizer, its value."""
+    rng = np.random.default_rng(seed)
+    log_alpha = rng.standard_normal((K, n, n)).astype(dtype)
+    dP = rng.standard_normal((K, n, n)).astype(dtype)
+    inputs = [log_alpha, dP]
+
+    def run():
+        P, cache = F.sinkhorn_forward(log_alpha, 0.05, iters)
+        return (P, cache.logs, F.sinkhorn(log_alpha, 0.05, iters), F.sinkhorn_backward(dP, cache, lam=1e-2),
+                F.sinkhorn_regularization(P))
+    return inputs, run
+
+
 WORKLOADS = {
     "dselect_k_per_example": _per_example,
     "dselect_k_per_example_float32": lambda seed: _per_example(seed, dtype=F32),
@@ -203,6 +217,8 @@ WORKLOADS = {
     "mix_experts": _mix,
     "softmax_selector": _softmax_selector,
     "linear": _linear,
+    "sinkhorn": _sinkhorn,
+    "sinkhorn_float32": lambda seed: _sinkhorn(seed, dtype=F32),
     "elementwise_float32": _elementwise,
     "layers_losses_optimizers": _nn,
     # large enough for the OpenMP loops of the losses, dropout and ReLU to run in parallel
@@ -249,7 +265,7 @@ def test_concurrent_mixed_workloads_and_out(restore_threads):
 
 
 @pytest.mark.parametrize("workload", ["top_k", "mix_experts", "softmax_selector", "elementwise_float32",
-                                      "losses_dropout_optimizers"])
+                                      "losses_dropout_optimizers", "sinkhorn"])
 def test_results_do_not_depend_on_num_threads(workload, restore_threads):
     """Kernels without BLAS split work by rows (or experts): the thread count cannot change a bit."""
     _, run = WORKLOADS[workload](7)
@@ -379,6 +395,11 @@ def _leak_cases():
     out_ro = np.empty((B, 64))
     out_ro.flags.writeable = False
     f32 = _nc(u(B, p).astype(F32))
+    log_alpha = _nc(u(3, n, n))
+    P_sk, logs_sk = _C.sinkhorn_forward(np.ascontiguousarray(log_alpha), 0.3, 5)
+    logs_nc, P_nc, dP_sk = _nc(logs_sk), _nc(P_sk), _nc(u(3, n, n))
+    nan_log_alpha = log_alpha.copy()
+    nan_log_alpha[-1, -1, -1] = np.nan
 
     # layers, losses, optimizer steps
     Wd, bd = _nc(u(p, d)), u(d)
@@ -458,7 +479,22 @@ def _leak_cases():
                      _C.selector_entropy(_nc(r.reshape(-1, n))), _C.selector_mass_penalty(_nc(r.reshape(-1, n)))),
             None),
         "linear": ([x, G, b_G, dw], lambda: (F.linear(x, G, b_G), F.linear_backward(F.linear(x, G), x, G)), None),
+        "sinkhorn_forward_backward_regularization": (
+            [log_alpha, dP_sk],
+            lambda: (lambda pc: (F.sinkhorn_backward(dP_sk, pc[1], lam=0.1), F.sinkhorn_backward(None, pc[1], lam=0.1),
+                                 F.sinkhorn_regularization(pc[0])))(F.sinkhorn_forward(log_alpha, 0.3, 5)), None),
+        "sinkhorn_out": ([log_alpha], lambda: F.sinkhorn(log_alpha, 0.3, 5, out=np.empty((3, n, n))), None),
+        "C.sinkhorn_backward": ([dP_sk, P_nc, logs_nc], lambda: _C.sinkhorn_backward(dP_sk, P_nc, logs_nc, 0.3, 0.1),
+                                None),
         # calls that raise after inputs were converted (and outputs allocated)
+        "sinkhorn_nan": ([nan_log_alpha], lambda: F.sinkhorn_forward(nan_log_alpha, 0.3, 5), ValueError),
+        "sinkhorn_bad_out": ([log_alpha], lambda: F.sinkhorn(log_alpha, 0.3, 5, out=np.empty((3, n, n), F32)),
+                             TypeError),
+        "C.sinkhorn_backward_bad_P": ([dP_sk, logs_nc], lambda: _C.sinkhorn_backward(dP_sk, P_nc[:2], logs_nc, 0.3),
+                                      ValueError),
+        "C.sinkhorn_backward_dtype": ([logs_nc, P_nc], lambda: _C.sinkhorn_backward(dP_sk.astype(F32), P_nc, logs_nc,
+                                                                                  0.3), TypeError),
+        "sinkhorn_overflow": ([log_alpha], lambda: F.sinkhorn(log_alpha, 1e-300, 5), ValueError),
         "dselect_k_forward_nan_Z": ([alpha, nan_Z], lambda: F.dselect_k_forward(alpha, nan_Z, n), ValueError),
         "C.dselect_k_forward_bad_out": ([alpha, Z, out_bad], lambda: _C.dselect_k_forward(alpha, Z, n, 1.0, out_bad),
                                         ValueError),
@@ -549,6 +585,9 @@ RAW_OUTPUT_CASES = {
     "bce_with_logits": lambda a: _C.bce_with_logits(a["t"], a["t01"]),
     "softmax_cross_entropy": lambda a: _C.softmax_cross_entropy(a["logits"], a["labels"], a["w6"][:4]),
     "dropout_forward": lambda a: _C.dropout_forward(a["t"], 0.5, 3, 4),
+    "sinkhorn_forward": lambda a: _C.sinkhorn_forward(a["beta"][:, :3, :3].copy(), 0.5, 3),
+    "sinkhorn_backward": lambda a: _C.sinkhorn_backward(None, *_C.sinkhorn_forward(a["beta"][:, :3, :3].copy(), 0.5, 3),
+                                                        0.5, 0.1),
 }
 
 
@@ -682,6 +721,9 @@ def _big_call(kind):
     if kind == "topk_forward":
         logits = rng.standard_normal((1536, 1024))
         return lambda: _C.topk_forward(logits, 48)
+    if kind == "sinkhorn_forward":
+        log_alpha = rng.standard_normal((8, 64, 64))
+        return lambda: _C.sinkhorn_forward(log_alpha, 1e-3, 1000, False)
     if kind == "dselect_k_backward":
         alpha, Z = rng.standard_normal((40, 8)), rng.standard_normal((40, 8, 12))
         _, sigma, sz, r = _C.dselect_k_forward(alpha, Z, 4096, 1.0)
@@ -690,7 +732,7 @@ def _big_call(kind):
     raise KeyError(kind)
 
 
-@pytest.mark.parametrize("kind", ["linear_forward(BLAS)", "topk_forward", "dselect_k_backward"])
+@pytest.mark.parametrize("kind", ["linear_forward(BLAS)", "topk_forward", "dselect_k_backward", "sinkhorn_forward"])
 def test_gil_released_during_long_call(kind, restore_threads):
     """While a worker thread is inside one long C call, the main thread keeps executing Python.
     If the call held the GIL, the main thread could not run at all during it, so the longest gap
