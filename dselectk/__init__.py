@@ -4,8 +4,9 @@
     gate = dk.DSelectKGate(n_experts=16, k=4, gamma=1.0, entropy_reg=0.1)
     w = gate.forward()          # expert weights, on the simplex, <= k nonzeros once S(Z) is binary
 
-The kernels live in ``dselectk.functional``; gate objects with parameters and gradients in
-``dselectk.gates``. See the README for the math in the paper's notation.
+The kernels live in ``dselectk.functional``; gate objects with parameters and gradients, and the
+gate specifications models take (``dk.gates.DSelectK(k=2, ...)``), in ``dselectk.gates``. See the
+README for the math in the paper's notation.
 """
 import os as _os
 

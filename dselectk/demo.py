@@ -77,8 +77,8 @@ def run(steps=800, lr=0.02, seed=0, out=print):
     out(f"16 experts, the data mixes experts {truth} with weights {w_true[truth].tolist()}")
     results = {}
     for name, gate in (
-        ("DSelect-k", DSelectKGate(16, k=2, gamma=1.0, entropy_reg=0.02, seed=seed)),
-        ("Top-k", TopKGate(16, k=2, seed=seed)),
+        ("DSelect-k", DSelectKGate(16, k=2, gamma=1.0, entropy_reg=0.02, seed=seed, dtype=np.float64)),
+        ("Top-k", TopKGate(16, k=2, seed=seed, dtype=np.float64)),
     ):
         out(f"\n{name} (static, k = 2):")
         t0 = time.perf_counter()

@@ -386,11 +386,11 @@ def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary, width):
 def test_static_dselect_k_bank_equals_separate_gates():
     from dselectk.gates import DSelectKGate, StaticDSelectKBank
     rng = np.random.default_rng(5)
-    gates = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i) for i in range(5)]
+    gates = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i, dtype=np.float64) for i in range(5)]
     for g in gates:
         g.params["Z"][...] = rng.uniform(-0.8, 0.8, g.params["Z"].shape)
         g.params["alpha"][...] = rng.standard_normal(3)
-    twins = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i) for i in range(5)]
+    twins = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i, dtype=np.float64) for i in range(5)]
     for g, h in zip(gates, twins):
         for name in g.params:
             h.params[name][...] = g.params[name]

@@ -1,12 +1,14 @@
 """The DSelect-k gate (static and per-example) and the batched bank of static DSelect-k gates."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .. import functional as F
-from ._base import _Gate, _check_common, _rng
+from ._base import GateSpec, _check_common, _flag, _Gate, _number, _rng, register
 
-__all__ = ["DSelectKGate", "StaticDSelectKBank"]
+__all__ = ["DSelectK", "DSelectKGate", "StaticDSelectKBank"]
 
 
 class DSelectKGate(_Gate):
@@ -30,7 +32,7 @@ class DSelectKGate(_Gate):
     """
 
     def __init__(self, n_experts, k, gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False,
-                 input_dim=None, eps=1e-6, seed=None, dtype=np.float64):
+                 input_dim=None, eps=1e-6, seed=None, dtype=np.float32):
         n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
         for name, value, strict in (("gamma", gamma, True), ("entropy_reg", entropy_reg, False),
                                     ("xi", xi, False), ("eps", eps, True)):
@@ -94,8 +96,8 @@ class DSelectKGate(_Gate):
         return None
 
     def _gate_cache(self):
-        self._need_forward()
-        return self._cache.gate if self.per_example else self._cache
+        cache = self._last_forward()[1]
+        return cache.gate if self.per_example else cache
 
     def regularization(self):
         """lambda * Omega + xi * penalty at the last forward (batch means)."""
@@ -184,3 +186,30 @@ class StaticDSelectKBank:
         first, T = self.gates[0], len(self.gates)
         omega, penalty = F.dselect_k_regularization(self._cache, first.eps)  # means over the T gates
         return T * (first.entropy_reg * omega + first._xi_effective * penalty)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class DSelectK(GateSpec):
+    """Spec of :class:`DSelectKGate`: ``gate=DSelectK(k=2, gamma=1.0, entropy_reg=0.1)`` in a model.
+
+    k : selectors (at most k experts once S(Z) is binary); gamma : smooth-step width; entropy_reg :
+    lambda of the entropy regularizer; xi : the Appendix B.2 penalty's coefficient (n not a power
+    of two); per_example : alpha and Z functions of the input (Section 3.2)."""
+
+    kind = "dselect_k"
+    k: int = 2
+    _: dataclasses.KW_ONLY
+    gamma: float = 1.0
+    entropy_reg: float = 0.0
+    xi: float = 1.0
+    per_example: bool = False
+
+    def _check(self):
+        return dict(k=F._int(self.k, "k", 1), gamma=_number(self.gamma, "gamma", strict=True),
+                    entropy_reg=_number(self.entropy_reg, "entropy_reg"), xi=_number(self.xi, "xi"),
+                    per_example=_flag(self.per_example, "per_example"))
+
+    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+        return DSelectKGate(n_experts, self.k, gamma=self.gamma, entropy_reg=self.entropy_reg, xi=self.xi,
+                            per_example=self.per_example, input_dim=input_dim, seed=rng, dtype=dtype)

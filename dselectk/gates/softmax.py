@@ -1,12 +1,14 @@
 """The dense softmax gate (Jordan and Jacobs)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .. import functional as F
-from ._base import _Gate, _check_common, _logits_params, _rng
+from ._base import GateSpec, _check_common, _flag, _Gate, _logits_params, _rng, register
 
-__all__ = ["SoftmaxGate"]
+__all__ = ["Softmax", "SoftmaxGate"]
 
 
 class SoftmaxGate(_Gate):
@@ -14,7 +16,7 @@ class SoftmaxGate(_Gate):
     example). All experts get nonzero weight. Initialization: A uniform in (-0.05, 0.05), b and the
     static logits 0 (uniform weights)."""
 
-    def __init__(self, n_experts, per_example=False, input_dim=None, seed=None, dtype=np.float64):
+    def __init__(self, n_experts, per_example=False, input_dim=None, seed=None, dtype=np.float32):
         n, _, input_dim, dtype = _check_common(n_experts, None, per_example, input_dim, dtype)
         self.n_experts, self.per_example, self.input_dim, self.dtype = n, bool(per_example), input_dim, dtype
         self.params = _logits_params(_rng(seed), n, self.per_example, input_dim, dtype)
@@ -50,3 +52,20 @@ class SoftmaxGate(_Gate):
 
     def regularization(self):
         return 0.0
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Softmax(GateSpec):
+    """Spec of :class:`SoftmaxGate`: ``gate=Softmax(per_example=True)`` in a model (dense: every
+    expert gets a nonzero weight)."""
+
+    kind = "softmax"
+    _: dataclasses.KW_ONLY
+    per_example: bool = False
+
+    def _check(self):
+        return dict(per_example=_flag(self.per_example, "per_example"))
+
+    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+        return SoftmaxGate(n_experts, per_example=self.per_example, input_dim=input_dim, seed=rng, dtype=dtype)

@@ -1,12 +1,14 @@
 """The ablation gate of the DSelect-k paper's Appendix C.2: binary-encoded selectors replaced by softmaxes."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .. import functional as F
-from ._base import _Gate, _check_common, _rng
+from ._base import GateSpec, _check_common, _Gate, _number, _rng, register
 
-__all__ = ["SoftmaxSelectorGate"]
+__all__ = ["SoftmaxSelector", "SoftmaxSelectorGate"]
 
 
 class SoftmaxSelectorGate(_Gate):
@@ -19,7 +21,7 @@ class SoftmaxSelectorGate(_Gate):
     Initialization: alpha uniform in (-0.05, 0.05), beta uniform in (-0.05, 0.05) * T so that
     the softmaxes start near uniform but not tied."""
 
-    def __init__(self, n_experts, k, temperature=1.0, entropy_reg=0.0, eps=1e-6, seed=None, dtype=np.float64):
+    def __init__(self, n_experts, k, temperature=1.0, entropy_reg=0.0, eps=1e-6, seed=None, dtype=np.float32):
         n, k, _, dtype = _check_common(n_experts, k, False, None, dtype)
         self.n_experts, self.k, self.per_example, self.dtype = n, k, False, dtype
         self.set_temperature(temperature)
@@ -60,5 +62,28 @@ class SoftmaxSelectorGate(_Gate):
         return None
 
     def regularization(self):
-        self._need_forward()
-        return self.entropy_reg * F.softmax_selector_entropy(self._cache, self.eps)
+        return self.entropy_reg * F.softmax_selector_entropy(self._last_forward()[1], self.eps)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SoftmaxSelector(GateSpec):
+    """Spec of :class:`SoftmaxSelectorGate` (static only): ``gate=SoftmaxSelector(k=4,
+    temperature=1.0, entropy_reg=0.1)`` in a model.
+
+    k : selectors; temperature : T of softmax(beta / T) at the start (annealed by
+    :class:`~dselectk.trainer.AnnealTemperature`); entropy_reg : lambda of the selectors' entropy."""
+
+    kind = "softmax_selector"
+    k: int = 2
+    _: dataclasses.KW_ONLY
+    temperature: float = 1.0
+    entropy_reg: float = 0.0
+
+    def _check(self):
+        return dict(k=F._int(self.k, "k", 1), temperature=_number(self.temperature, "temperature", strict=True),
+                    entropy_reg=_number(self.entropy_reg, "entropy_reg"))
+
+    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+        return SoftmaxSelectorGate(n_experts, self.k, temperature=self.temperature, entropy_reg=self.entropy_reg,
+                                   seed=rng, dtype=dtype)

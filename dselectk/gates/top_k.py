@@ -1,12 +1,14 @@
 """The Top-k gate (Shazeer et al. 2017), static, per-example and noisy."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from .. import functional as F
-from ._base import _Gate, _check_common, _logits_params, _rng
+from ._base import GateSpec, _check_common, _flag, _Gate, _logits_params, _rng, register
 
-__all__ = ["TopKGate"]
+__all__ = ["TopK", "TopKGate"]
 
 
 class TopKGate(_Gate):
@@ -18,7 +20,7 @@ class TopKGate(_Gate):
     the lower index, so a fresh static gate picks experts 0..k-1), A_noise and b_noise 0."""
 
     def __init__(self, n_experts, k, per_example=False, input_dim=None, noisy=False, seed=None,
-                 dtype=np.float64):
+                 dtype=np.float32):
         n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
         if noisy and not per_example:
             raise ValueError("noisy=True needs per_example=True (the noise scale is a function of x)")
@@ -83,3 +85,29 @@ class TopKGate(_Gate):
 
     def regularization(self):
         return 0.0
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class TopK(GateSpec):
+    """Spec of :class:`TopKGate`: ``gate=TopK(k=2, per_example=True, noisy=True)`` in a model.
+
+    k : experts kept; per_example : logits A x + b instead of a parameter vector; noisy : the
+    trainable Gaussian noise on the per-example logits at training time (needs per_example)."""
+
+    kind = "top_k"
+    k: int = 2
+    _: dataclasses.KW_ONLY
+    per_example: bool = False
+    noisy: bool = False
+
+    def _check(self):
+        checked = dict(k=F._int(self.k, "k", 1), per_example=_flag(self.per_example, "per_example"),
+                       noisy=_flag(self.noisy, "noisy"))
+        if checked["noisy"] and not checked["per_example"]:
+            raise ValueError("noisy=True needs per_example=True (the noise scale is a function of x)")
+        return checked
+
+    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+        return TopKGate(n_experts, self.k, per_example=self.per_example, input_dim=input_dim, noisy=self.noisy,
+                        seed=rng, dtype=dtype)
