@@ -36,6 +36,7 @@ import numpy as np
 from . import functional as F
 from .embedding import EmbeddingInput
 from .gates import StaticDSelectKBank
+from .gates._base import GateSpec, spec_class
 from .gates._base import resolve as _resolve_gate
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU
 
@@ -43,10 +44,15 @@ __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 ARCHITECTURES = ("mlp", "cnn")
-FORMAT, FORMAT_VERSION = "dselectk-model", 2
-# version 1: the parameter slab only; version 2 adds the embedding tables. A model without
-# embeddings is still written as version 1, so that older readers load it.
-READ_VERSIONS = (1, 2)
+FORMAT, FORMAT_VERSION = "dselectk-model", 3
+# version 1: the parameter slab only; version 2 adds the embedding tables; version 3 writes a model's
+# gate as its spec's config dict (config["gate"] = {"kind": ..., options}) where versions 1 and 2
+# had the kind string with every gate's flat keys beside it (k, gamma, ...). A file gets the oldest
+# version that holds it (a SharedBottom without embeddings is still version 1), so that older
+# readers load what they can; load reads all three.
+READ_VERSIONS = (1, 2, 3)
+# the gate keys of a version 1 or 2 config, each read by the gates that have that option
+_FLAT_GATE_KEYS = ("k", "gamma", "entropy_reg", "xi", "per_example", "noisy", "temperature")
 
 
 def _loss_fn(name):
@@ -681,12 +687,29 @@ class SharedBottom(_Model):
 _CLASSES = {"MMoE": MMoE, "MoE": MoE, "SharedBottom": SharedBottom}
 
 
+def _gate_spec_of(config, path):
+    """The gate spec of a saved model config: config["gate"] a spec's config dict (version 3), or
+    the kind string of versions 1 and 2 with the flat keys k, gamma, ... beside it, of which that
+    kind's gate read only its own options (the others were ignored then, so they are now)."""
+    gate = config["gate"]
+    try:
+        if isinstance(gate, str):
+            cls = spec_class(gate)
+            return cls(**{key: config[key] for key in _FLAT_GATE_KEYS if key in config and key in cls.options()})
+        if isinstance(gate, dict):
+            return GateSpec.from_config(gate)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored gate config is invalid: {exc}") from None
+    raise ValueError(f"{path}: the stored gate config must be a dict (or a kind string), got {type(gate).__name__}")
+
+
 def save(model, path):
     """Write ``model`` to one ``.npz``: the parameter slab, the embedding tables (``table_<name>``)
-    and JSON metadata (class, constructor arguments, parameter index, table shapes, format
-    version). Loadable with ``allow_pickle=False``."""
+    and JSON metadata (class, constructor arguments with the gate as its spec's config dict,
+    parameter index, table shapes, format version). Loadable with ``allow_pickle=False``."""
     tables = model.named_embeddings()
-    meta = dict(format=FORMAT, version=FORMAT_VERSION if tables else 1, cls=type(model).__name__,
+    version = 3 if "gate" in model.config else 2 if tables else 1
+    meta = dict(format=FORMAT, version=version, cls=type(model).__name__,
                 config=model.config, index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
     if tables:
         meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
@@ -695,8 +718,10 @@ def save(model, path):
 
 
 def load(path):
-    """Rebuild a model saved by :func:`save`. Raises ValueError for a file that is not a dselectk
-    model, was written by another format version, or is corrupted."""
+    """Rebuild a model saved by :func:`save`, by this version or an older one (format versions 1
+    and 2 stored the gate as a kind string with flat keys k, gamma, ...; they are read as the
+    gate's spec). Raises ValueError for a file that is not a dselectk model, was written by a
+    newer format version, or is corrupted."""
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()]))
@@ -712,7 +737,15 @@ def load(path):
     cls = _CLASSES.get(meta.get("cls"))
     if cls is None:
         raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
-    model = cls(**meta["config"])
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the model config must be a dict, got {type(config).__name__}")
+    if "gate" in config:
+        spec = _gate_spec_of(config, path)
+        if isinstance(config["gate"], str):  # versions 1 and 2: the flat keys were the gate's
+            config = {key: value for key, value in config.items() if key not in _FLAT_GATE_KEYS}
+        config = dict(config, gate=spec)
+    model = cls(**config)
     index = [[name, list(shape), offset] for name, shape, offset in model.slab.index]
     if index != meta["index"] or params.shape != model.slab.data.shape or params.dtype != model.slab.data.dtype:
         raise ValueError(f"{path}: the stored parameters do not match the architecture in its metadata")

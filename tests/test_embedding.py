@@ -473,7 +473,7 @@ def test_save_load_round_trip_with_tables(tmp_path):
         np.testing.assert_array_equal(a, b)
     import json
     with np.load(tmp_path / "m.npz") as z:
-        assert json.loads(str(z["meta"][()]))["version"] == 2
+        assert json.loads(str(z["meta"][()]))["version"] == 3  # a gate spec in the config
         arrays = {k: z[k] for k in z.files}
     arrays["table_embedding1"] = arrays["table_embedding1"][:-1]
     np.savez(tmp_path / "bad.npz", **arrays)

@@ -211,3 +211,177 @@ def test_a_gate_registered_elsewhere_trains_saves_and_loads(fixed_softmax, tmp_p
     np.testing.assert_array_equal(loaded.slab.data, model.slab.data)
     with pytest.raises(TypeError, match="options are bias"):
         dk.MMoE(4, gate="test_fixed_softmax", k=2)
+
+
+# -- save / load --------------------------------------------------------------------------------------
+
+# Configs exactly as the code before gate specs wrote them (format versions 1 and 2; copied from files
+# it saved): the gate's kind string with every gate's flat keys beside it.
+_OLD = {
+    "top_k_per_example": (1, "MMoE", {
+        "input_dim": 5, "n_tasks": 2, "n_experts": 4, "expert_units": [6], "expert_output": None, "tower_units": [3],
+        "task_losses": "mse", "task_outputs": 1, "task_weights": None, "gate": "top_k", "k": 3, "gamma": 1.0,
+        "entropy_reg": 0.0, "xi": 1.0, "per_example": True, "noisy": False, "temperature": 1.0, "dropout": 0.0,
+        "seed": 1, "dtype": "float32"}),
+    "moe_ablation": (1, "MoE", {
+        "input_dim": 3, "n_experts": 4, "expert_units": [5], "loss": "mse", "output_dim": 1,
+        "gate": "softmax_selector", "k": 2, "gamma": 1.0, "entropy_reg": 0.1, "xi": 1.0, "per_example": False,
+        "noisy": False, "temperature": 0.5, "dropout": 0.0, "seed": 2, "dtype": "float32"}),
+    "dselect_k_embeddings": (2, "MMoE", {
+        "input_dim": None, "n_tasks": 2, "n_experts": 4, "expert_units": [5], "expert_output": None,
+        "tower_units": [3], "task_losses": ["bce", "mse"], "task_outputs": 1, "task_weights": None,
+        "gate": "dselect_k", "k": 2, "gamma": 2.0, "entropy_reg": 0.2, "xi": 0.5, "per_example": False,
+        "noisy": False, "temperature": 1.0, "dropout": 0.0, "seed": 3, "dtype": "float32",
+        "embeddings": {"vocab_sizes": [6, 5], "dims": [3, 2], "n_dense": 0}}),
+    "softmax": (1, "MMoE", {
+        "input_dim": 4, "n_tasks": 2, "n_experts": 3, "expert_units": [4], "expert_output": None, "tower_units": [2],
+        "task_losses": "mse", "task_outputs": 1, "task_weights": None, "gate": "softmax", "k": 2, "gamma": 1.0,
+        "entropy_reg": 0.0, "xi": 1.0, "per_example": False, "noisy": False, "temperature": 1.0, "dropout": 0.0,
+        "seed": 4, "dtype": "float32"}),
+    "cnn": (1, "MMoE", {
+        "input_dim": None, "n_tasks": 2, "n_experts": 3, "expert_units": [5], "expert_output": None,
+        "tower_units": [4], "task_losses": "softmax_ce", "task_outputs": [3, 4], "task_weights": None,
+        "gate": "dselect_k", "k": 1, "gamma": 1.0, "entropy_reg": 0.0, "xi": 1.0, "per_example": False,
+        "noisy": False, "temperature": 1.0, "dropout": 0.25, "seed": 5, "dtype": "float32", "input_shape": [1, 12, 12],
+        "expert": "cnn", "expert_filters": [2, 3], "expert_kernel": 3, "expert_pool": 2, "tower_dropout": 0.0}),
+}
+# the same models in today's form, and the spec each old config means
+_TODAY = {
+    "top_k_per_example": (dict(input_dim=5, n_tasks=2, n_experts=4, expert_units=(6,), tower_units=(3,),
+                               gate=G.TopK(3, per_example=True), seed=1), G.TopK(3, per_example=True)),
+    "moe_ablation": (dict(input_dim=3, n_experts=4, expert_units=(5,), gate="softmax_selector", k=2,
+                          temperature=0.5, entropy_reg=0.1, seed=2),
+                     G.SoftmaxSelector(2, temperature=0.5, entropy_reg=0.1)),
+    "dselect_k_embeddings": (dict(input_dim=None, n_tasks=2, n_experts=4, expert_units=(5,), tower_units=(3,),
+                                  task_losses=["bce", "mse"], embeddings=dict(vocab_sizes=[6, 5], dims=[3, 2]),
+                                  gate=G.DSelectK(gamma=2.0, entropy_reg=0.2, xi=0.5), seed=3),
+                             G.DSelectK(2, gamma=2.0, entropy_reg=0.2, xi=0.5)),
+    "softmax": (dict(input_dim=4, n_experts=3, expert_units=(4,), tower_units=(2,), gate="softmax", seed=4),
+                G.Softmax()),
+    "cnn": (dict(expert="cnn", input_shape=(1, 12, 12), n_tasks=2, n_experts=3, expert_units=(5,),
+                 expert_filters=(2, 3), expert_kernel=3, tower_units=(4,), task_losses="softmax_ce",
+                 task_outputs=[3, 4], tower_dropout=0.0, dropout=0.25, gate=G.DSelectK(1), seed=5), G.DSelectK(1)),
+}
+
+
+def _trained_like(model, seed=0):
+    """``model`` with its parameters (and tables) moved off their initial values."""
+    rng = np.random.default_rng(seed)
+    model.slab.data[...] += rng.standard_normal(model.slab.data.size).astype(model.dtype) * 0.1
+    for t in model.embedding_tables():
+        t += rng.standard_normal(t.shape).astype(t.dtype)
+    return model
+
+
+def write_old_format(path, model, version, cls_name, config):
+    """A model file as the code before gate specs wrote it: ``config`` in its flat form, the
+    parameters and tables of ``model`` (which has that architecture)."""
+    tables = model.named_embeddings()
+    meta = dict(format="dselectk-model", version=version, cls=cls_name, config=config,
+                index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
+    if tables:
+        meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
+    np.savez(path, params=model.slab.data, meta=np.array(json.dumps(meta)),
+             **{f"table_{name}": t for name, t in tables.items()})
+
+
+def _inputs(model, rng, n=7):
+    if model.input_layer is not None:
+        return {"ids": np.stack([rng.integers(0, v, n) for v in model.input_layer.vocab_sizes], axis=1)}
+    return rng.standard_normal((n, *model.input_shape)).astype(model.dtype)
+
+
+@pytest.mark.parametrize("name", sorted(_OLD))
+def test_load_reads_files_written_before_gate_specs(tmp_path, name):
+    version, cls_name, old_config = _OLD[name]
+    kwargs, spec = _TODAY[name]
+    today = _trained_like(getattr(dk, cls_name)(**kwargs))
+    path = tmp_path / "old.npz"
+    write_old_format(path, today, version, cls_name, old_config)
+    loaded = dk.load(path)
+    assert type(loaded).__name__ == cls_name and loaded.gate_spec == spec
+    assert loaded.config == today.config and loaded.config["gate"] == spec.to_config()
+    np.testing.assert_array_equal(loaded.slab.data, today.slab.data)
+    for a, b in zip(loaded.embedding_tables(), today.embedding_tables()):
+        np.testing.assert_array_equal(a, b)
+    X = _inputs(today, np.random.default_rng(1))
+    for a, b in zip(dk.predict(loaded, X), dk.predict(today, X)):
+        np.testing.assert_array_equal(a, b)
+    # written again, it is a version 3 file with the same meaning
+    dk.save(loaded, tmp_path / "new.npz")
+    with np.load(tmp_path / "new.npz") as z:
+        meta = json.loads(str(z["meta"][()]))
+    assert meta["version"] == 3 and meta["config"]["gate"] == spec.to_config()
+    assert not set(meta["config"]) & {"k", "gamma", "entropy_reg", "xi", "per_example", "noisy", "temperature"}
+    again = dk.load(tmp_path / "new.npz")
+    assert again.config == loaded.config
+    np.testing.assert_array_equal(again.slab.data, loaded.slab.data)
+
+
+def test_versions_written(tmp_path):
+    def version(model):
+        dk.save(model, tmp_path / "m.npz")
+        with np.load(tmp_path / "m.npz") as z:
+            return json.loads(str(z["meta"][()]))["version"]
+    assert version(dk.MMoE(4)) == 3 and version(dk.MoE(4, gate="softmax")) == 3
+    assert version(dk.SharedBottom(4)) == 1  # no gate: older readers still load it
+    assert version(dk.SharedBottom(None, embeddings=dict(vocab_sizes=[4], dims=[2]))) == 2
+
+
+@pytest.mark.parametrize("gate,match", [
+    ({"kind": "dselect_k", "k": 2, "lamda": 0.1}, r"gate config is invalid: the 'dselect_k' gate config has unknown keys "
+                                                  r"\['lamda'\]"),
+    ({"kind": "comet_v9"}, r"gate config is invalid: unknown gate 'comet_v9'"),
+    ({"k": 2}, "gate config is invalid: a gate config needs a 'kind' key"),
+    ({"kind": "dselect_k", "gamma": -1.0}, "gate config is invalid: gamma must be a finite number > 0"),
+    ({"kind": "dselect_k", "per_example": "yes"}, "gate config is invalid: .*per_example must be True or False"),
+    ([1, 2], "the stored gate config must be a dict"),
+    ("hash", "gate config is invalid: unknown gate 'hash'"),
+])
+def test_load_rejects_a_bad_gate_config(tmp_path, gate, match):
+    model = dk.MMoE(4, n_experts=4)
+    dk.save(model, tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as z:
+        meta, params = json.loads(str(z["meta"][()])), z["params"]
+    meta["config"]["gate"] = gate
+    np.savez(tmp_path / "bad.npz", params=params, meta=np.array(json.dumps(meta)))
+    with pytest.raises(ValueError, match=f"bad.npz: .*{match}"):
+        dk.load(tmp_path / "bad.npz")
+
+
+def test_load_rejects_a_config_that_is_not_a_dict(tmp_path):
+    dk.save(dk.MMoE(4), tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as z:
+        meta, params = json.loads(str(z["meta"][()])), z["params"]
+    meta["config"] = [1, 2]
+    np.savez(tmp_path / "bad.npz", params=params, meta=np.array(json.dumps(meta)))
+    with pytest.raises(ValueError, match="the model config must be a dict, got list"):
+        dk.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("gate", [G.DSelectK(2), G.TopK(2), G.Softmax(), G.SoftmaxSelector(2)], ids=repr)
+def test_gate_weights_and_selected_experts_right_after_load(tmp_path, gate):
+    model = _trained_like(dk.MMoE(4, n_tasks=2, n_experts=5, expert_units=(3,), tower_units=(2,), gate=gate))
+    X = np.random.default_rng(2).standard_normal((6, 4)).astype(np.float32)
+    dk.save(model, tmp_path / "m.npz")
+    loaded = dk.load(tmp_path / "m.npz")
+    W = loaded.gate_weights()  # before any forward
+    assert W.shape == (2, 5)
+    selected = [g.selected_experts() for g in loaded.gates]
+    model.forward(X)
+    np.testing.assert_array_equal(W, model.gate_weights())
+    for s, g in zip(selected, model.gates):
+        np.testing.assert_array_equal(s, g.selected_experts())
+    loaded.forward(X)
+    np.testing.assert_array_equal(loaded.gate_weights(), W)
+
+
+def test_per_example_gate_weights_after_load_say_to_run_a_forward(tmp_path):
+    model = dk.MMoE(4, n_tasks=2, n_experts=5, gate=G.DSelectK(2, per_example=True))
+    dk.save(model, tmp_path / "m.npz")
+    loaded = dk.load(tmp_path / "m.npz")
+    with pytest.raises(RuntimeError, match=r"depend on the input x: run a forward first \(for a model: "
+                                           r"model.forward\(X\)\)"):
+        loaded.gate_weights()
+    loaded.forward(np.ones((3, 4), np.float32))
+    assert loaded.gate_weights().shape == (2, 5) and loaded.gates[0].selected_experts().size >= 1
