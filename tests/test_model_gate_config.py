@@ -328,6 +328,17 @@ def test_versions_written(tmp_path):
     assert version(dk.SharedBottom(None, embeddings=dict(vocab_sizes=[4], dims=[2]))) == 2
 
 
+def _saved_with_edited_meta(tmp_path, model, edit):
+    """The path of a copy of ``model``'s file whose metadata ``edit`` (a function of the meta dict)
+    has changed."""
+    dk.save(model, tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as z:
+        meta, params = json.loads(str(z["meta"][()])), z["params"]
+    edit(meta)
+    np.savez(tmp_path / "bad.npz", params=params, meta=np.array(json.dumps(meta)))
+    return tmp_path / "bad.npz"
+
+
 @pytest.mark.parametrize("gate,match", [
     ({"kind": "dselect_k", "k": 2, "lamda": 0.1}, r"gate config is invalid: the 'dselect_k' gate config has unknown keys "
                                                   r"\['lamda'\]"),
@@ -339,24 +350,15 @@ def test_versions_written(tmp_path):
     ("hash", "gate config is invalid: unknown gate 'hash'"),
 ])
 def test_load_rejects_a_bad_gate_config(tmp_path, gate, match):
-    model = dk.MMoE(4, n_experts=4)
-    dk.save(model, tmp_path / "m.npz")
-    with np.load(tmp_path / "m.npz") as z:
-        meta, params = json.loads(str(z["meta"][()])), z["params"]
-    meta["config"]["gate"] = gate
-    np.savez(tmp_path / "bad.npz", params=params, meta=np.array(json.dumps(meta)))
+    path = _saved_with_edited_meta(tmp_path, dk.MMoE(4, n_experts=4), lambda meta: meta["config"].update(gate=gate))
     with pytest.raises(ValueError, match=f"bad.npz: .*{match}"):
-        dk.load(tmp_path / "bad.npz")
+        dk.load(path)
 
 
 def test_load_rejects_a_config_that_is_not_a_dict(tmp_path):
-    dk.save(dk.MMoE(4), tmp_path / "m.npz")
-    with np.load(tmp_path / "m.npz") as z:
-        meta, params = json.loads(str(z["meta"][()])), z["params"]
-    meta["config"] = [1, 2]
-    np.savez(tmp_path / "bad.npz", params=params, meta=np.array(json.dumps(meta)))
+    path = _saved_with_edited_meta(tmp_path, dk.MMoE(4), lambda meta: meta.update(config=[1, 2]))
     with pytest.raises(ValueError, match="the model config must be a dict, got list"):
-        dk.load(tmp_path / "bad.npz")
+        dk.load(path)
 
 
 @pytest.mark.parametrize("gate", [G.DSelectK(2), G.TopK(2), G.Softmax(), G.SoftmaxSelector(2)], ids=repr)
