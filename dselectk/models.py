@@ -35,8 +35,7 @@ import numpy as np
 
 from . import functional as F
 from .embedding import EmbeddingInput
-from .gates import StaticDSelectKBank
-from .gates._base import GateSpec, spec_class
+from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU
 
@@ -708,7 +707,7 @@ def save(model, path):
     and JSON metadata (class, constructor arguments with the gate as its spec's config dict,
     parameter index, table shapes, format version). Loadable with ``allow_pickle=False``."""
     tables = model.named_embeddings()
-    version = 3 if "gate" in model.config else 2 if tables else 1
+    version = FORMAT_VERSION if "gate" in model.config else 2 if tables else 1  # the oldest that holds it
     meta = dict(format=FORMAT, version=version, cls=type(model).__name__,
                 config=model.config, index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
     if tables:

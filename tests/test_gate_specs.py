@@ -28,8 +28,9 @@ def test_kinds_and_exports():
     for kind, cls in zip(G.kinds(), (G.DSelectK, G.TopK, G.Softmax, G.SoftmaxSelector)):
         assert G.spec_class(kind) is cls and cls.kind == kind
     # the gate classes where they always were
-    from dselectk.gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate  # noqa: F401
-    assert dk.DSelectKGate is DSelectKGate and dk.TopKGate is TopKGate
+    from dselectk.gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate
+    assert dk.DSelectKGate is DSelectKGate and dk.TopKGate is TopKGate and dk.SoftmaxGate is SoftmaxGate
+    assert dk.SoftmaxSelectorGate is SoftmaxSelectorGate and StaticDSelectKBank.__module__ == "dselectk.gates.dselect_k"
     assert dk.gates.DSelectK is G.DSelectK
 
 

@@ -340,8 +340,8 @@ def _saved_with_edited_meta(tmp_path, model, edit):
 
 
 @pytest.mark.parametrize("gate,match", [
-    ({"kind": "dselect_k", "k": 2, "lamda": 0.1}, r"gate config is invalid: the 'dselect_k' gate config has unknown keys "
-                                                  r"\['lamda'\]"),
+    ({"kind": "dselect_k", "k": 2, "lamda": 0.1},
+     r"gate config is invalid: the 'dselect_k' gate config has unknown keys \['lamda'\]"),
     ({"kind": "comet_v9"}, r"gate config is invalid: unknown gate 'comet_v9'"),
     ({"k": 2}, "gate config is invalid: a gate config needs a 'kind' key"),
     ({"kind": "dselect_k", "gamma": -1.0}, "gate config is invalid: gamma must be a finite number > 0"),

@@ -169,8 +169,9 @@ class GateSpec:
     validate (and normalise) their fields in ``_check`` and implement ``build``."""
 
     kind: ClassVar[str] = ""
-    per_example = False  # static; a field of the specs whose gate has both forms (unannotated here, so
-    # that the dataclass machinery keeps such a field in its own place)
+    # Static by default; a field of the specs whose gate has both forms. Unannotated here: an
+    # annotation would make the dataclass machinery put that field first in every subclass.
+    per_example = False
 
     def __post_init__(self):
         for name, value in self._check().items():
