@@ -32,7 +32,7 @@ except ImportError as _exc:  # the source tree without a build, most often
 finally:
     for _k in _set_here:
         _os.environ.pop(_k, None)
-from . import functional, metrics, optim
+from . import functional, gates, metrics, optim
 from .embedding import Embedding, EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
@@ -57,6 +57,7 @@ __all__ = [
     "save",
     "load",
     "functional",
+    "gates",
     "metrics",
     "optim",
     "build_info",

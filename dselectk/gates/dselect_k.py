@@ -29,6 +29,7 @@ class DSelectKGate(_Gate):
     input_dim : p, the size of x (per-example gates only).
     eps : float, the epsilon inside the entropy's log and the penalty's denominator.
     seed : int or numpy Generator for the initialization.
+    dtype : float32 (the default, as for models) or float64.
     """
 
     def __init__(self, n_experts, k, gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False,
