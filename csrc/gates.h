@@ -34,11 +34,14 @@
     /* Gradients dalpha (B, k), dZ (B, k, m) of                                                   \
      *   <dw, w> + lambda * mean_b Omega_b + xi * mean_b sum_i 1 / (eps + sum_{j<n} r_bij)        \
      * where Omega_b = sum_i h(r_bi), h(r) = -sum_j r_j log(r_j + eps).                           \
-     * dw (B, n) may be NULL (regularizers only). sigma, sz, r from the forward; Z (B, k, m). */  \
+     * dw (B, n) may be NULL (regularizers only). With dw_per_selector, dw is (B, k, n), one      \
+     * upstream gradient per selector, and the first term is sum_i <dw_i, sigma_i r_i> (what a   \
+     * per-selector permutation of the selectors' outputs passes back). sigma, sz, r from the    \
+     * forward; Z (B, k, m). */                                                                   \
     void dselect_k_backward_##sfx(real *dalpha, real *dZ, const real *dw, const real *sigma,      \
                                   const real *sz, const real *r, const real *Z, long B, int k,    \
-                                  int m, long n, real gamma, double lambda, double xi,            \
-                                  double eps);                                                    \
+                                  int m, long n, int dw_per_selector, real gamma, double lambda,  \
+                                  double xi, double eps);                                         \
     /* Sum over R rows of h(r_row) = -sum_j r log(r + eps), and of 1 / (eps + sum_j r) (the       \
      * Appendix B.2 penalty); r (R, n). Callers divide by B for batch means. */                   \
     double selector_entropy_##sfx(const real *r, long R, long n, double eps);                     \

@@ -171,24 +171,28 @@ void FN(dselect_k_forward)(real *w, real *sigma, real *sz, real *r, const real *
 
 void FN(dselect_k_backward)(real *dalpha, real *dZ, const real *dw, const real *sigma,
                             const real *sz, const real *r, const real *Z, long B, int k, int m,
-                            long n, real gamma, double lambda, double xi, double eps) {
+                            long n, int dw_per_selector, real gamma, double lambda, double xi,
+                            double eps) {
     /* The regularizers are batch means, hence the 1/B on their coefficients. */
     const double coef_h = lambda / (double)B, coef_xi = xi / (double)B;
+    const long dw_rows = dw_per_selector ? k : 1; /* rows of dw per example */
     DSK_PARALLEL_FOR(B * k * n * m)
     for (long b = 0; b < B; b++) {
-        const real *sigb = sigma + b * k, *dwb = dw ? dw + b * n : NULL;
+        const real *sigb = sigma + b * k, *dwb = dw ? dw + b * dw_rows * n : NULL;
         real *dab = dalpha + b * k;
-        /* dsigma_i = <dw, r_i>, then through the softmax; written into dalpha first */
+        /* dsigma_i = <dw_i, r_i>, then through the softmax; written into dalpha first */
         for (int i = 0; i < k; i++) {
+            const real *dwi = dwb && dw_per_selector ? dwb + i * n : dwb;
             double dot = 0;
-            if (dwb)
-                for (long j = 0; j < n; j++) dot += (double)dwb[j] * r[(b * k + i) * n + j];
+            if (dwi)
+                for (long j = 0; j < n; j++) dot += (double)dwi[j] * r[(b * k + i) * n + j];
             dab[i] = (real)dot;
         }
         FN(softmax_row_backward)(dab, dab, sigb, k, 1);
         for (int i = 0; i < k; i++) {
             const long row = b * k + i;
             const real *ri = r + row * n;
+            const real *dwi = dwb && dw_per_selector ? dwb + i * n : dwb;
             double coef_p = 0;
             if (coef_xi != 0) { /* d/dr_j of xi / (eps + sum_j r_j) is the same for every j < n */
                 double mass = 0;
@@ -196,7 +200,7 @@ void FN(dselect_k_backward)(real *dalpha, real *dZ, const real *dw, const real *
                 coef_p = -coef_xi / ((eps + mass) * (eps + mass));
             }
             double ds[DSK_MAX_BITS];
-            FN(selector_row_backward)(ds, sz + row * m, m, n, dwb, (double)sigb[i], ri, coef_h,
+            FN(selector_row_backward)(ds, sz + row * m, m, n, dwi, (double)sigb[i], ri, coef_h,
                                       coef_p, eps);
             for (int c = 0; c < m; c++)
                 dZ[row * m + c] = (real)(ds[c] * FN(smooth_step_slope)(Z[row * m + c], gamma));

@@ -252,14 +252,20 @@ def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
     batch, Omega = sum_i h(r(S(z^(i)))) with h(r) = -sum_j r_j log(r_j + eps) (the entropy
     regularizer of Section 3.1.3) and penalty = sum_i 1 / (eps + sum_{j<n} r(S(z^(i)))_j)
     (Appendix B.2; useful only when n is not a power of two). ``dw`` like w, or None for the
-    regularizers alone. Shapes of dalpha/dZ follow alpha/Z."""
-    B = cache.r.shape[0]
+    regularizers alone. Shapes of dalpha/dZ follow alpha/Z.
+
+    ``dw`` may also hold one upstream gradient per selector, (k, n) static or (B, k, n): the
+    first term is then sum_i <dw_i, softmax(alpha)_i r(S(z^(i)))>, the gradient that a
+    permutation of each selector's output (permutation local search) passes back."""
+    B, k, n = cache.r.shape
     if dw is not None:
         dw = _array(dw, "dw")
-        want = (cache.r.shape[2],) if cache.static else (B, cache.r.shape[2])
-        if dw.shape != want:
-            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
-        dw = dw.reshape(B, -1)
+        want = (n,) if cache.static else (B, n)
+        per_selector = (k, n) if cache.static else (B, k, n)
+        if dw.shape not in (want, per_selector):
+            raise ValueError(f"argument 'dw' must have the shape of w {want} (or {per_selector}, one row per "
+                             f"selector), got {dw.shape}")
+        dw = dw.reshape((B, k, n) if dw.shape == per_selector else (B, n))
     dalpha, dZ = _C.dselect_k_backward(dw, cache.sigma, cache.sz, cache.r, cache.Z, cache.gamma, lam, xi, eps)
     return (dalpha[0], dZ[0]) if cache.static else (dalpha, dZ)
 

@@ -203,6 +203,35 @@ def test_dselect_k_backward_regularizers_only(static, n, k, gamma):
     assert np.any(dZ != 0)
 
 
+@pytest.mark.parametrize("n,k,gamma", [(2, 2, 1.0), (3, 2, 0.5), (5, 4, 10.0), (8, 1, 1.0), (8, 4, 1.0), (16, 3, 0.5)])
+@pytest.mark.parametrize("static", [True, False], ids=["static", "per_example"])
+def test_dselect_k_backward_per_selector_dw(static, n, k, gamma):
+    """dw (k, n) / (B, k, n), one upstream gradient per selector (what per-selector permutations
+    of local search pass back): the gradient of sum_i <dw_i, softmax(alpha)_i r_i> + lam Omega +
+    xi penalty. With every dw_i equal it is the ordinary backward."""
+    rng = rng_for("dskb_sel", n, k, gamma, static)
+    alpha, Z = draw_gate(rng, n, k, gamma, static)
+    if not static:
+        alpha, Z = alpha[:3].copy(), Z[:3].copy()
+    lam, xi = rng.uniform(0.1, 1.0, size=2)
+    _, cache = F.dselect_k_forward(alpha, Z, n, gamma)
+    dw = rng.normal(size=alpha.shape + (n,))
+    dalpha, dZ = F.dselect_k_backward(dw, cache, lam=lam, xi=xi)
+
+    def objective():
+        r = ref.selector(ref.smooth_step(Z, gamma), n)  # (..., k, n)
+        sigma = ref.softmax(alpha)
+        reg = lam * ref.selector_entropy(r) + xi * ref.selector_mass_penalty(r)  # batch means
+        return float(np.sum(dw * sigma[..., None] * r)) + float(reg)
+    fd_check(objective, alpha, dalpha, rng, "dalpha")
+    fd_check(objective, Z, dZ, rng, "dZ")
+    same = np.broadcast_to(dw[..., :1, :], dw.shape).copy()
+    got = F.dselect_k_backward(same, cache, lam=lam, xi=xi)
+    want = F.dselect_k_backward(np.ascontiguousarray(same[..., 0, :]), cache, lam=lam, xi=xi)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("eps", [1e-3, 0.05])
 @pytest.mark.parametrize("n,k,static", [(3, 2, True), (5, 4, False), (8, 2, False), (9, 4, True)])
 def test_dselect_k_backward_eps(n, k, static, eps):

@@ -172,7 +172,8 @@ done:
 PyDoc_STRVAR(dselect_k_backward_doc,
 "dselect_k_backward(dw, sigma, sz, r, Z, gamma, lam=0.0, xi=0.0, eps=1e-6) -> (dalpha, dZ)\n\n"
 "Gradients of <dw, w> + lam * mean_b Omega_b + xi * mean_b sum_i 1/(eps + sum_{j<n} r_bij) with\n"
-"respect to alpha (B, k) and Z (B, k, m). dw (B, n) may be None (regularizers only);\n"
+"respect to alpha (B, k) and Z (B, k, m). dw (B, n) may be None (regularizers only), or (B, k, n):\n"
+"one upstream gradient per selector, the first term then sum_i <dw_i, sigma_i r_i>;\n"
 "sigma, sz, r come from dselect_k_forward. Omega_b = sum_i h(r_bi), h(r) = -sum_j r_j log(r_j + eps).");
 
 static PyObject *py_dselect_k_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
@@ -193,9 +194,13 @@ static PyObject *py_dselect_k_backward(PyObject *Py_UNUSED(self), PyObject *args
     const npy_intp B = rdims[0], k = rdims[1], n = rdims[2];
     if (check_batch(B, "r") < 0 || check_n(n) < 0 || check_k(k, n, "r.shape[1]") < 0) goto done;
     const int m = n_bits(n);
-    npy_intp sdims[2] = {B, k}, zdims[3] = {B, k, m}, wdims[2] = {B, n};
+    npy_intp sdims[2] = {B, k}, zdims[3] = {B, k, m}, wdims[2] = {B, n}, wsdims[3] = {B, k, n};
     PyArrayObject *dw = NULL, *sigma, *sz, *Z;
-    if (optional_input(dw_obj, "dw", &tn, 2, wdims, "(B, n)", 1, &dw) < 0) goto done;
+    /* dw (B, n), or (B, k, n) per selector */
+    const int per_selector = dw_obj && PyArray_Check(dw_obj) && PyArray_NDIM((PyArrayObject *)dw_obj) == 3;
+    if (per_selector ? optional_input(dw_obj, "dw", &tn, 3, wsdims, "(B, k, n) (one row per selector)", 1, &dw)
+                     : optional_input(dw_obj, "dw", &tn, 2, wdims, "(B, n) (or (B, k, n), per selector)", 1, &dw))
+        goto done;
     hold_from(&h, dw_obj, dw);
     if (!(sigma = hold_from(&h, sigma_obj, input_array(sigma_obj, "sigma", &tn, 2, sdims, "(B, k)", 0)))) goto done;
     if (!(sz = hold_from(&h, sz_obj, input_array(sz_obj, "sz", &tn, 3, zdims, "(B, k, m)", 0)))) goto done;
@@ -205,7 +210,7 @@ static PyObject *py_dselect_k_backward(PyObject *Py_UNUSED(self), PyObject *args
     if (!dalpha || !dZ) goto done;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, dselect_k_backward, DATA(dalpha), DATA(dZ), OPTDATA(dw), DATA(sigma), DATA(sz), DATA(r),
-             DATA(Z), (long)B, (int)k, m, (long)n, gamma, lam, xi, eps);
+             DATA(Z), (long)B, (int)k, m, (long)n, per_selector, gamma, lam, xi, eps);
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("(OO)", dalpha, dZ);
 done:
