@@ -35,6 +35,7 @@ finally:
 from . import functional, gates, metrics, optim
 from .embedding import Embedding, EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
+from .local_search import LocalSearch
 from .models import MMoE, MoE, SharedBottom, load, save
 from .trainer import AnnealTemperature, History, evaluate, fit, predict
 
@@ -47,6 +48,7 @@ __all__ = [
     "MMoE",
     "MoE",
     "SharedBottom",
+    "LocalSearch",
     "Embedding",
     "EmbeddingInput",
     "fit",

@@ -38,18 +38,20 @@ from .embedding import EmbeddingInput
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU
+from .local_search import LocalSearch, Permutation, PermutedGate
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 ARCHITECTURES = ("mlp", "cnn")
-FORMAT, FORMAT_VERSION = "dselectk-model", 3
+FORMAT, FORMAT_VERSION = "dselectk-model", 4
 # version 1: the parameter slab only; version 2 adds the embedding tables; version 3 writes a model's
 # gate as its spec's config dict (config["gate"] = {"kind": ..., options}) where versions 1 and 2
 # had the kind string with every gate's flat keys beside it (k, gamma, ...). A file gets the oldest
 # version that holds it (a SharedBottom without embeddings is still version 1), so that older
-# readers load what they can; load reads all three.
-READ_VERSIONS = (1, 2, 3)
+# readers load what they can; load reads all of them. Version 4: a model with local search (its
+# config's "local_search" and the permutations' state in meta["local_search"]).
+READ_VERSIONS = (1, 2, 3, 4)
 # the gate keys of a version 1 or 2 config, each read by the gates that have that option
 _FLAT_GATE_KEYS = ("k", "gamma", "entropy_reg", "xi", "per_example", "noisy", "temperature")
 
@@ -271,11 +273,60 @@ class _Model:
         total += self.regularization()
         return total, per_task, douts
 
+    permutations = ()  # local search: the Permutation modules (dselectk.local_search)
+
     def regularization(self):
+        """The gates' regularizers at the last forward, plus the local search's entropy term in its
+        soft phase."""
+        perms = sum(p.regularization() for p in self.permutations)
         bank = getattr(self, "_bank", None)
         if bank is not None and len(self._cache) == 4:  # the bank ran the last forward
-            return float(bank.regularization())
-        return float(sum(g.regularization() for g in self.gates))
+            return float(bank.regularization()) + perms
+        return float(sum(g.regularization() for g in self.gates)) + perms
+
+    # -- local search (dselectk.local_search) -----------------------------------------------
+    def local_search_begin(self, steps_per_epoch=None):
+        """Called by ``fit`` when training starts: resolves ``LocalSearch(epochs=...)`` into steps."""
+        for p in self.permutations:
+            p.begin(steps_per_epoch)
+
+    def local_search_step(self, step):
+        """Sets the training step (0-based: the optimizer steps done so far) that the next training
+        forward uses for the soft phase's temperature and iterations, and hardens the
+        permutations whose soft phase ends at it. Returns [(name, permutation (K, n))] of those
+        that hardened now (their log_alpha is frozen from then on)."""
+        hardened = []
+        for name, p in self._named_permutations():
+            if p.set_step(step):
+                hardened.append((name, p.hard.copy()))
+                self.freeze(f"{name}.")
+        return hardened
+
+    def _named_permutations(self):
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, Permutation)]
+
+    def _setup_local_search(self, spec, seed, dtype):
+        """Wraps every gate in a PermutedGate with its own Permutation, or one shared by all."""
+        self.local_search_spec = spec = LocalSearch.resolve(spec)
+        self._perm_names = []
+        if spec is None:
+            return
+        if self.gate_spec.kind == "softmax_selector":
+            raise ValueError("local search permutes the experts of a sparse gate (dselect_k, top_k, comet, hash); the "
+                             "softmax_selector ablation gate is not one")
+        # its own stream, so that every other parameter is drawn as without local search
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,)))
+        K = self.gates[0].slots if spec.per_selector else 1
+        if spec.shared:
+            shared = Permutation(self.n_experts, K, spec, rng, dtype)
+            perms = [shared] * len(self.gates)
+            self._perm_names = ["perm"]
+        else:
+            perms = [Permutation(self.n_experts, K, spec, rng, dtype) for _ in self.gates]
+            self._perm_names = [f"gate{t}.perm" for t in range(len(self.gates))]
+        self.gates = [PermutedGate(g, p) for g, p in zip(self.gates, perms)]
+        self.permutations = list(dict.fromkeys(perms))  # distinct, in order
+
 
     def transform_outputs(self, outputs):
         """Raw outputs -> predictions: probabilities for bce (B,) and softmax_ce (B, C), values
@@ -365,7 +416,8 @@ class MMoE(_Model):
     def __init__(self, input_dim=None, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,),
                  task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", *, dropout=0.0, seed=0,
                  dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
-                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, **gate_options):
+                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, local_search=None,
+                 **gate_options):
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         tower_units = None if tower_units is None else _widths(tower_units, "tower_units")
@@ -385,15 +437,18 @@ class MMoE(_Model):
             raise ValueError("expert_output='sum' is for MLP experts only")
         if tower_dropout is not None:  # in the config only when set: older readers load the others
             self.config["tower_dropout"] = tower_dropout
+        if local_search is not None:
+            self.config["local_search"] = LocalSearch.resolve(local_search).to_config()
         self._build(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=expert_units,
                     tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
                     task_weights=task_weights, dropout=dropout, seed=seed, dtype=dtype, towers=True,
                     expert_output=expert_output, embeddings=embeddings, tower_dropout=tower_dropout, expert=expert,
-                    input_shape=input_shape, cnn=dict(filters=expert_filters, kernel=expert_kernel, pool=expert_pool))
+                    input_shape=input_shape, cnn=dict(filters=expert_filters, kernel=expert_kernel, pool=expert_pool),
+                    local_search=local_search)
 
     def _build(self, *, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
                task_weights, dropout, seed, dtype, towers, expert_output=None, embeddings=None, tower_dropout=None,
-               expert="mlp", input_shape=None, cnn=None):
+               expert="mlp", input_shape=None, cnn=None, local_search=None):
         """The layers, with the gates built from ``self.gate_spec`` (one per task, drawn from the
         model's generator after the experts and before the towers)."""
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
@@ -420,6 +475,7 @@ class MMoE(_Model):
                             for _ in range(self.n_experts)]
         d = self.experts[0].out_dim
         self.gates = [self.gate_spec.build(self.n_experts, self.input_dim, rng, dtype) for _ in range(self.n_tasks)]
+        self._setup_local_search(local_search, seed, dtype)
         if towers and tower_units is None:  # no towers: the mixture is the output
             bad = [out for out in self.task_outputs if out != d]
             if bad:
@@ -438,6 +494,7 @@ class MMoE(_Model):
         for j, e in enumerate(self.experts):
             mods += e.named_modules(f"expert{j}")
         mods += [(f"gate{t}", g) for t, g in enumerate(self.gates)]
+        mods += list(zip(self._perm_names, self.permutations))
         for t, tw in enumerate(self.towers):
             mods += tw.named_modules(f"tower{t}")
         return mods
@@ -447,6 +504,8 @@ class MMoE(_Model):
         """[raw output per task] for X (B, *input_shape) (or the embedding input's dict): logits for
         bce/softmax_ce tasks."""
         self.train_mode(training)
+        for p in self.permutations:  # local search: this step's P (or the hard permutations), once for all gates
+            p.forward(training)
         X = self._input_forward(X, training)  # embedding lookups, else X itself
         flat = _flat(X)  # (B, input_dim) view: what the gates (and MLP experts) read
         X = X if self.expert_kind == "cnn" else flat
@@ -525,7 +584,13 @@ class MMoE(_Model):
         """Accumulates every parameter's gradient (gate regularizers included) for the output
         gradients ``douts`` of the last forward."""
         if len(self._cache) == 4:
-            return self._backward_static(douts)
+            self._backward_static(douts)
+        else:
+            self._backward_dynamic(douts)
+        for p in self.permutations:  # local search: the Sinkhorn backward of every gate's dP at once
+            p.backward()
+
+    def _backward_dynamic(self, douts):
         f, ws, rows = self._cache
         need_dx = self.input_layer is not None
         dX = np.zeros((f.shape[1], self.input_dim), f.dtype) if need_dx else None
@@ -603,15 +668,17 @@ class MoE(MMoE):
     ``gate`` and its options, and the other parameters, as :class:`MMoE`."""
 
     def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", *,
-                 dropout=0.0, seed=0, dtype="float32", embeddings=None, **gate_options):
+                 dropout=0.0, seed=0, dtype="float32", embeddings=None, local_search=None, **gate_options):
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=expert_units, loss=loss,
                            output_dim=output_dim, gate=self.gate_spec.to_config(), dropout=dropout, seed=seed,
                            dtype=str(np.dtype(dtype)))
+        if local_search is not None:
+            self.config["local_search"] = LocalSearch.resolve(local_search).to_config()
         self._build(input_dim=input_dim, n_tasks=1, n_experts=n_experts, expert_units=expert_units, tower_units=[],
                     task_losses=loss, task_outputs=output_dim, task_weights=None, dropout=dropout, seed=seed,
-                    dtype=dtype, towers=False, embeddings=embeddings)
+                    dtype=dtype, towers=False, embeddings=embeddings, local_search=local_search)
 
 
 class SharedBottom(_Model):
@@ -707,11 +774,15 @@ def save(model, path):
     and JSON metadata (class, constructor arguments with the gate as its spec's config dict,
     parameter index, table shapes, format version). Loadable with ``allow_pickle=False``."""
     tables = model.named_embeddings()
-    version = FORMAT_VERSION if "gate" in model.config else 2 if tables else 1  # the oldest that holds it
+    perms = model._named_permutations() if hasattr(model, "_named_permutations") else []
+    # the oldest version that holds it
+    version = FORMAT_VERSION if perms else 3 if "gate" in model.config else 2 if tables else 1
     meta = dict(format=FORMAT, version=version, cls=type(model).__name__,
                 config=model.config, index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
     if tables:
         meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
+    if perms:
+        meta["local_search"] = {name: p.state() for name, p in perms}
     np.savez(path, params=model.slab.data, meta=np.array(json.dumps(meta)),
              **{f"table_{name}": t for name, t in tables.items()})
 
@@ -758,6 +829,14 @@ def load(path):
         if tables[name].shape != t.shape or tables[name].dtype != t.dtype or not np.all(np.isfinite(tables[name])):
             raise ValueError(f"{path}: the stored embedding table {name!r} does not match its metadata or holds NaN "
                              "or Inf")
+    perms = model._named_permutations() if hasattr(model, "_named_permutations") else []
+    states = meta.get("local_search", {})
+    if not isinstance(states, dict) or sorted(states) != sorted(name for name, _ in perms):
+        raise ValueError(f"{path}: the stored local search state does not match the architecture in its metadata")
+    for name, p in perms:
+        p.load_state(states[name], f"{path}: local search state of {name!r}")
+        if p.is_hard:
+            model.freeze(f"{name}.")
     model.slab.data[...] = params
     for name, t in want.items():
         t[...] = tables[name]

@@ -49,6 +49,9 @@ class History:
     * ``binary_step``: per task, the first training step after which the DSelect-k gate's S(Z) was
       binary (None: never, or not a DSelect-k gate); ``total_steps``.
     * ``best_epoch``: the epoch whose weights were restored by early stopping (or None).
+    * ``permutations``: local search (dselectk.local_search): one dict per permutation module
+      that hardened, {"name", "step" (the training step it hardened at), "permutation" (K, n)
+      int64 slot -> expert}.
     """
 
     def __init__(self, n_tasks):
@@ -57,6 +60,7 @@ class History:
         self.binary_step = [None] * n_tasks
         self.total_steps = 0
         self.best_epoch = None
+        self.permutations = []
 
     @property
     def gate_weights(self):
@@ -257,6 +261,11 @@ def _update_binary_steps(model, history, step):
             history.binary_step[t] = step
 
 
+def _local_search_step(model, history, step):
+    for name, perm in model.local_search_step(step):
+        history.permutations.append({"name": name, "step": step, "permutation": perm})
+
+
 def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, optimizer_kwargs=None, shuffle=True,
         seed=0, validation_data=None, early_stopping_patience=None, restore_best_weights=True, sample_weights=None,
         metrics=None, record_gate_every=0, callbacks=(), verbose=1, out=None):
@@ -311,6 +320,8 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
     rng = np.random.default_rng(seed)
     steps_per_epoch = (N + batch_size - 1) // batch_size
     history = History(model.n_tasks)
+    if getattr(model, "permutations", ()):
+        model.local_search_begin(steps_per_epoch)
     for cb in callbacks:
         if hasattr(cb, "on_train_begin"):
             cb.on_train_begin(model, epochs * steps_per_epoch)
@@ -323,6 +334,8 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
         loss_sum = 0.0
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
+            if getattr(model, "permutations", ()):
+                _local_search_step(model, history, step)
             try:
                 model.zero_grad()
                 outputs = model.forward(_take_X(X, idx), training=True)

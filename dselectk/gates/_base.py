@@ -84,6 +84,19 @@ class _Gate:
         finally:
             self._cache, self._last_w = kept
 
+    # -- slots: what permutation local search permutes (dselectk.local_search) -------------------
+    slots = 1  # rows of forward_slots
+
+    def forward_slots(self, x=None):
+        """The weights split into ``slots`` rows c with w = sum_s c_s: (S, n) static, (B, S, n) per
+        example. A learned permutation of the experts acts on each slot row (its own matrix per row
+        for DSelect-k's selectors and COMET's trees). One row, w itself, by default."""
+        return self.forward(x)[..., None, :]
+
+    def backward_slots(self, dc, need_dx=True):
+        """:meth:`backward` for the gradient dc of the slot rows (like forward_slots' result)."""
+        return self.backward(dc[..., 0, :], need_dx=need_dx)
+
     def expert_weights(self):
         """The expert weights of the last forward: (n,) static, (B, n) per example (a static gate
         before its first forward: its weights now)."""

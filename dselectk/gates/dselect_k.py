@@ -83,7 +83,8 @@ class DSelectKGate(_Gate):
 
     def backward(self, dw, need_dx=True):
         """Accumulates the gradients of <dw, w> + lambda * Omega + xi * penalty; returns dx (None
-        for a static gate or without ``need_dx``)."""
+        for a static gate or without ``need_dx``). dw like w, or one row per selector ((k, n) /
+        (B, k, n), see :meth:`backward_slots`)."""
         self._need_forward()
         lam, xi = self.entropy_reg, self._xi_effective
         if self.per_example:
@@ -95,6 +96,23 @@ class DSelectKGate(_Gate):
         self._accumulate("alpha", dalpha)
         self._accumulate("Z", dZ)
         return None
+
+    @property
+    def slots(self):
+        """One slot row per selector (local search permutes each selector's output)."""
+        return self.k
+
+    def forward_slots(self, x=None):
+        """c_i = softmax(alpha)_i r(S(z^(i))): (k, n) static, (B, k, n) per example; w = sum_i c_i."""
+        self.forward(x)
+        cache = self._gate_cache()
+        c = cache.sigma[:, :, None] * cache.r
+        return c[0] if not self.per_example else c
+
+    def backward_slots(self, dc, need_dx=True):
+        """backward() with one upstream gradient per selector, dc like forward_slots' result (the
+        regularizers, as always, on the unpermuted selector outputs)."""
+        return self.backward(dc, need_dx=need_dx)
 
     def _gate_cache(self):
         cache = self._last_forward()[1]
