@@ -486,7 +486,11 @@ class MMoE(_Model):
                        else MLP(d, (), rng) for out in self.task_outputs]
         self._finish(dtype)
         self._cache = None
-        self._bank = StaticDSelectKBank(self.gates) if StaticDSelectKBank.applies_to(self.gates) else None
+        # static DSelect-k gates of one configuration run as one kernel call, also with one local
+        # search permutation shared by all of them (then applied to all T gates' slots at once)
+        inner = [getattr(g, "inner", g) for g in self.gates]
+        bankable = StaticDSelectKBank.applies_to(inner) and len(self.permutations) <= 1
+        self._bank = StaticDSelectKBank(inner) if bankable else None
         self.reset_flops()
 
     def named_modules(self):
@@ -557,7 +561,11 @@ class MMoE(_Model):
         experts' output is narrow relative to T (e.g. the d = 1 experts of Appendix C.2), else one
         pass of mix_experts_many over f (which also fuses the experts' last ReLU into the
         backward: for wide experts and few tasks the GEMM would be memory-bound and slower)."""
-        if self._bank is not None:
+        if self._bank is not None and self.permutations:  # one shared permutation for all T gates' slots
+            W, self._bank_perm_cache = self.permutations[0].apply(self._bank.forward_slots())
+            for g, w in zip(self.gates, W):  # the PermutedGates' diagnostics read their weights
+                g._last_w, g._cache = w, "bank"
+        elif self._bank is not None:
             W = self._bank.forward()  # (T, n), one kernel call for all gates
         else:
             W = np.stack([g.forward() for g in self.gates])
@@ -639,7 +647,9 @@ class MMoE(_Model):
         dW_active[W_active == 0] = 0
         dW = np.zeros((self.n_tasks, self.n_experts), f.dtype)
         dW[:, active] = dW_active
-        if self._bank is not None:
+        if self._bank is not None and self.permutations:
+            self._bank.backward(self.permutations[0].apply_backward(dW, self._bank_perm_cache))
+        elif self._bank is not None:
             self._bank.backward(dW)
         else:
             for gate, dw in zip(self.gates, dW):

@@ -410,3 +410,31 @@ def test_per_example_gates_gather_their_rows_after_hardening():
         np.testing.assert_array_equal(rows[j], np.flatnonzero((ws[:, :, j] != 0).any(axis=0)))
     assert model.flops["experts_executed"] < model.flops["experts_dense"]
     model.backward([np.ones_like(o) for o in outs])
+
+
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_shared_permutation_of_static_dselect_k_gates_runs_as_one_bank(hard):
+    """Static DSelect-k gates with one shared permutation: the batched kernel for all T gates and
+    one permutation call, the same values and gradients as the per-gate path."""
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((16, 4))
+    Y = [rng.standard_normal(16) for _ in range(3)]
+    results = []
+    for fast in (True, False):
+        model = Mo.MMoE(4, n_tasks=3, n_experts=8, expert_units=(3,), tower_units=(2,), dtype="float64", seed=4,
+                        gate="dselect_k", k=2, entropy_reg=0.2,
+                        local_search=dict(steps=4, shared=True, entropy_reg=0.05, **SOFT))
+        assert model._bank is not None
+        model.static_fast_path = fast
+        model.local_search_step(4 if hard else 1)
+        model.zero_grad()
+        outs = model.forward(X, training=True)
+        total, _, douts = model.loss(outs, Y)
+        model.backward(douts)
+        results.append((total, [o.copy() for o in outs], model.slab.grad.copy(), model.gate_weights()))
+    (t1, o1, g1, w1), (t2, o2, g2, w2) = results
+    assert t1 == pytest.approx(t2, rel=1e-12)
+    np.testing.assert_allclose(w1, w2, rtol=1e-12, atol=1e-15)
+    for a, b in zip(o1, o2):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g1, g2, rtol=1e-9, atol=1e-12)

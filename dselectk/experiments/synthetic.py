@@ -24,6 +24,9 @@ S(Z) is binary, and for Top-k, the rule changes nothing). For the ablation gates
 are never exactly zero, they are the argmax of each softmax selector (the paper: "the softmax
 output can be transformed to a one-hot vector using a heuristic (e.g., by taking an argmax)"). The MSE reported is the mean over tasks of each task's mean squared error.
 
+The COMET experiments' options (local search ``ls_frac`` ..., the remedies ``warmup_frac`` and
+``init``; :mod:`dselectk.experiments.local_search`) are read by both trial functions.
+
 These functions are module-level so that the process pool and Dask workers of
 :class:`dselectk.sweep.Sweep` can import them; each worker generates a data set once and keeps it.
 """
@@ -38,6 +41,7 @@ from ..gates import DSelectK, SoftmaxSelector, SoftmaxSelectorGate, TopK
 from ..models import MMoE
 from ..sweep import Sweep, SweepResult
 from ..trainer import AnnealTemperature, fit, predict
+from .local_search import local_search_from, training_extras
 
 __all__ = ["METHODS", "PAPER_GRIDS", "RECOVERY_GRIDS", "synthetic_trial", "gate_recovery_trial",
            "selected_expert_sets", "tune_and_repeat", "binary_constraint"]
@@ -126,11 +130,15 @@ def synthetic_trial(config, seed):
     method = config["method"]
     T = int(config["n_tasks"])
     data = _multitask_data(T, int(config.get("n_samples", 140_000)), int(config.get("data_seed", 0)))
+    epochs = int(config["epochs"])
     model = MMoE(data.X_train.shape[1], n_tasks=T, n_experts=T // 4, expert_units=(4,), expert_output="sum",
                  tower_units=None, task_losses="mse", gate=_gate_spec(method, config), seed=seed,
-                 task_weights=[1.0 / T] * T if config.get("task_mean", False) else None)
+                 task_weights=[1.0 / T] * T if config.get("task_mean", False) else None,
+                 local_search=local_search_from(config, epochs))
     callbacks = [AnnealTemperature(config["temperature"])] if method == "ablation_annealing" else []
-    history = fit(model, data.X_train, data.Y_train, epochs=int(config["epochs"]), batch_size=BATCH_SIZE,
+    steps = epochs * -(-data.X_train.shape[0] // BATCH_SIZE)
+    callbacks += training_extras(model, config, steps, seed)
+    history = fit(model, data.X_train, data.Y_train, epochs=epochs, batch_size=BATCH_SIZE,
                   lr=config["lr"], seed=seed, callbacks=callbacks, verbose=0)
     model.forward(data.X_val[:1])  # the gates' final weights (static: independent of the input)
     sets = selected_expert_sets(model)
@@ -172,8 +180,10 @@ def gate_recovery_trial(config, seed, return_model=False):
     method = config["method"]
     data = _recovery_data(int(config.get("data_seed", seed)))
     rng = np.random.default_rng(seed)
+    epochs = int(config["epochs"])
     model = MMoE(data.X_train.shape[1], n_tasks=1, n_experts=16, expert_units=(4,), tower_units=(),
-                 task_losses="bce", gate=_gate_spec(method, config), seed=seed)
+                 task_losses="bce", gate=_gate_spec(method, config), seed=seed,
+                 local_search=local_search_from(config, epochs))
     true_positions = np.sort(rng.choice(16, size=4, replace=False))
     for j, expert in enumerate(model.experts):
         dense = expert.layers[0]
@@ -182,8 +192,10 @@ def gate_recovery_trial(config, seed, return_model=False):
     for i, j in enumerate(true_positions):
         model.experts[j].layers[0].params["W"][...] = data.expert_weights[i]
     model.freeze("expert")
-    history = fit(model, data.X_train, [data.y_train], epochs=int(config["epochs"]), batch_size=BATCH_SIZE,
-                  lr=config["lr"], seed=seed, verbose=0, record_gate_every=int(config.get("record_every", 0)))
+    callbacks = training_extras(model, config, epochs * -(-data.X_train.shape[0] // BATCH_SIZE), seed)
+    history = fit(model, data.X_train, [data.y_train], epochs=epochs, batch_size=BATCH_SIZE,
+                  lr=config["lr"], seed=seed, verbose=0, record_gate_every=int(config.get("record_every", 0)),
+                  callbacks=callbacks)
     model.forward(data.X_val[:1])
     chosen = selected_expert_sets(model)[0]
     p = predict(model, data.X_val, batch_size=4096)[0].astype(np.float64)

@@ -188,7 +188,15 @@ class StaticDSelectKBank:
         self._cache = cache
         return w
 
+    def forward_slots(self):
+        """The T gates' slot rows at once, (T, k, n): c_ti = softmax(alpha_t)_i r(S(z_t^(i)))
+        (see DSelectKGate.forward_slots); backward() then takes dw (T, k, n)."""
+        self.forward()
+        return self._cache.sigma[:, :, None] * self._cache.r
+
     def backward(self, dw):
+        """Accumulates into each gate's grads what its own backward would, for dw (T, n) (or
+        (T, k, n), one row per selector)."""
         if self._cache is None:
             raise RuntimeError("backward() called before forward()")
         first, T = self.gates[0], len(self.gates)

@@ -1,0 +1,258 @@
+"""The COMET experiments of issue #13: permutation local search (and COMET) beside the gates we have.
+
+    python benchmarks/local_search_experiments.py recovery  [--trials 24] [--tune-reps 3] [--reps 20] [--workers 2]
+    python benchmarks/local_search_experiments.py multitask [--tasks 16 32 64 128] [--trials 6] [--reps 10] [--epochs 10]
+    python benchmarks/local_search_experiments.py tables    # rewrite every table and figure from the trials run
+
+* ``recovery``: Appendix C.3.2 (gate recovery) with every gate, with and without local search, and
+  the two remedies for DSelect-k's selector collapse (a warm-up with lambda = 0; a symmetry-breaking
+  start of the selectors), on the data, seeds and tuning budget of
+  ``benchmarks/results/gate_recovery/`` (24 random configurations x 3 seeds, then 20 new seeds).
+  Output: ``benchmarks/results/local_search_recovery/``.
+* ``multitask``: Appendix C.2 in the binary regime (``--task-mean``, where DSelect-k collapsed), with
+  COMET and local search added. Output: ``benchmarks/results/local_search_multitask/``.
+
+Every trial is appended to ``<out>/trials.jsonl``; rerunning a command resumes where it stopped
+(finished trials are not rerun). Progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from dselectk.experiments import synthetic as S
+from dselectk.sweep import load_records, summarize
+
+# label -> (method, extra grid entries). The grids of the base methods are the gate-recovery
+# grids of benchmarks/results/gate_recovery (S.RECOVERY_GRIDS; COMET takes DSelect-k's).
+LS_FRACS = [0.01, 0.03, 0.1]  # the authors' 0.01-0.1 of the epochs
+RECOVERY_VARIANTS = {
+    "DSelect-k": ("dselect_k", {}),
+    "DSelect-k + LS": ("dselect_k", {"ls_frac": LS_FRACS}),
+    "DSelect-k + LS (tau from 1)": ("dselect_k", {"ls_frac": LS_FRACS, "ls_tau_start": [1.0], "ls_tau_end": [1e-3]}),
+    "DSelect-k + warm-up lambda = 0": ("dselect_k", {"warmup_frac": [0.1, 0.25, 0.5]}),
+    "DSelect-k + distinct init": ("dselect_k", {"init": ["distinct"]}),
+    "DSelect-k + LS + warm-up": ("dselect_k", {"ls_frac": LS_FRACS, "warmup_frac": [0.1, 0.25, 0.5]}),
+    "Top-k": ("top_k", {}),
+    "Top-k + LS": ("top_k", {"ls_frac": LS_FRACS}),
+    "COMET": ("comet", {}),
+    "COMET + LS (COMET+)": ("comet", {"ls_frac": LS_FRACS}),
+}
+RECOVERY_METRICS = ["recovered", "selected", "binary", "val_accuracy", "val_loss"]
+
+MULTITASK_VARIANTS = {
+    "DSelect-k": ("dselect_k", {}),
+    "DSelect-k + LS": ("dselect_k", {"ls_frac": LS_FRACS}),
+    "DSelect-k + warm-up lambda = 0": ("dselect_k", {"warmup_frac": [0.1, 0.25, 0.5]}),
+    "Top-k": ("top_k", {}),
+    "Top-k + LS": ("top_k", {"ls_frac": LS_FRACS}),
+    "COMET": ("comet", {}),
+    "COMET + LS (COMET+)": ("comet", {"ls_frac": LS_FRACS}),
+}
+MULTITASK_METRICS = ["test_mse", "jaccard_related", "jaccard_unrelated", "selected", "binary", "val_mse"]
+
+
+def _log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _slug(label):
+    return "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
+
+
+def _base_grid(method, grids):
+    return dict(grids["dselect_k" if method == "comet" else method])
+
+
+# --- gate recovery ----------------------------------------------------------------------------
+
+def run_recovery(args):
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "trials.jsonl")
+    chosen = _read_json(os.path.join(args.out, "chosen_configs.json")).get("chosen", {})
+    for label in args.variants:
+        method, extra = RECOVERY_VARIANTS[label]
+        grid = {"method": [method], "variant": [label], **_base_grid(method, S.RECOVERY_GRIDS), **extra}
+        _log(f"gate recovery, {label}: tuning {args.trials} configurations x {args.tune_reps} seeds, then {args.reps} "
+             "seeds")
+        _, final = S.tune_and_repeat(S.gate_recovery_trial, grid, n_trials=args.trials, repetitions=args.reps,
+                                     tune_repetitions=args.tune_reps, metric="val_loss",
+                                     results_path=path, name=f"recovery/{_slug(label)}", seed=args.seed,
+                                     max_workers=args.workers, progress=not args.quiet)
+        chosen[label] = {"config": final.trials[0]["config"], "binary_constraint_met": final.constraint_met}
+        _write_json(os.path.join(args.out, "chosen_configs.json"), {"chosen": chosen})
+        write_recovery_tables(args.out)
+
+
+def write_recovery_tables(out):
+    records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].endswith("/final")]
+    if not records:
+        return None
+    table = summarize(records, group_by=("variant",), metrics=RECOVERY_METRICS)
+    table.to_csv(os.path.join(out, "recovery.csv"))
+    table.to_markdown(os.path.join(out, "recovery.md"), digits=3)
+    counts = {}
+    for r in records:
+        counts.setdefault(r["config"]["variant"], []).append(int(r["metrics"]["recovered"]))
+    state = _read_json(os.path.join(out, "chosen_configs.json"))
+    state["recovered_per_seed"] = counts
+    _write_json(os.path.join(out, "chosen_configs.json"), state)
+    try:
+        plot_recovery(out, counts)
+    except ImportError as exc:  # matplotlib missing
+        _log(f"no figure: {exc}")
+    _log(f"wrote {out}/recovery.md")
+    return table
+
+
+def plot_recovery(out, counts):
+    """Histogram per variant of the recovered true experts (0..4) over the final seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [v for v in RECOVERY_VARIANTS if v in counts]
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 1.4))
+    left = np.zeros(len(labels))
+    colors = plt.cm.viridis(np.linspace(0.1, 0.9, 5))
+    for r in range(5):
+        share = np.array([np.mean(np.array(counts[v]) == r) for v in labels])
+        ax.barh(labels, share, left=left, color=colors[r], label=f"{r} of 4")
+        left += share
+    for i, v in enumerate(labels):
+        ax.text(1.01, i, f"mean {np.mean(counts[v]):.2f} ({len(counts[v])} seeds)", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of seeds recovering r of the 4 true experts")
+    ax.legend(ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    path = os.path.join(out, "recovered.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    _log(f"wrote {path}")
+
+
+# --- Appendix C.2 in the binary regime ----------------------------------------------------------
+
+def run_multitask(args):
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "trials.jsonl")
+    chosen = _read_json(os.path.join(args.out, "chosen_configs.json"))
+    for T in args.tasks:
+        for label in args.variants:
+            method, extra = MULTITASK_VARIANTS[label]
+            grid = {"method": [method], "variant": [label], "n_tasks": [T], "task_mean": [True],
+                    **_base_grid(method, S.PAPER_GRIDS), **extra, "epochs": [args.epochs]}
+            _log(f"C.2 (task mean), {T} tasks, {label}: tuning {args.trials} configurations, then {args.reps} runs")
+            _, final = S.tune_and_repeat(S.synthetic_trial, grid, n_trials=args.trials, repetitions=args.reps,
+                                         metric="val_mse", results_path=path, name=f"multitask/{_slug(label)}/{T}",
+                                         seed=args.seed, max_workers=args.workers, progress=not args.quiet)
+            chosen[f"{label}/{T}"] = {"config": final.trials[0]["config"], "binary_constraint_met": final.constraint_met}
+            _write_json(os.path.join(args.out, "chosen_configs.json"), chosen)
+            write_multitask_tables(args.out)
+
+
+def write_multitask_tables(out):
+    records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].endswith("/final")]
+    if not records:
+        return None
+    table = summarize(records, group_by=("n_tasks", "variant"), metrics=MULTITASK_METRICS)
+    table.to_csv(os.path.join(out, "multitask.csv"))
+    table.to_markdown(os.path.join(out, "multitask.md"), digits=4)
+    try:
+        plot_multitask(out, records)
+    except ImportError as exc:
+        _log(f"no figure: {exc}")
+    _log(f"wrote {out}/multitask.md")
+    return table
+
+
+def plot_multitask(out, records):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, title in ((axes[0], "test_mse", "test MSE"), (axes[1], "jaccard_related", "Jaccard, related tasks")):
+        for label in MULTITASK_VARIANTS:
+            rows = [r for r in records if r["config"]["variant"] == label]
+            Ts = sorted({r["config"]["n_tasks"] for r in rows})
+            if not Ts:
+                continue
+            means = [np.mean([r["metrics"][metric] for r in rows if r["config"]["n_tasks"] == T]) for T in Ts]
+            sems = [np.std([r["metrics"][metric] for r in rows if r["config"]["n_tasks"] == T], ddof=1) /
+                    np.sqrt(max(1, sum(r["config"]["n_tasks"] == T for r in rows))) for T in Ts]
+            ax.errorbar(Ts, means, yerr=sems, marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tasks")
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out, "multitask.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    _log(f"wrote {path}")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, value):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    rc = sub.add_parser("recovery", help="Appendix C.3.2 with every gate, +- local search, and the remedies")
+    rc.add_argument("--variants", nargs="+", default=list(RECOVERY_VARIANTS), choices=list(RECOVERY_VARIANTS))
+    rc.add_argument("--trials", type=int, default=24)
+    rc.add_argument("--tune-reps", type=int, default=3)
+    rc.add_argument("--reps", type=int, default=20)
+    rc.add_argument("--out", default="benchmarks/results/local_search_recovery")
+    mt = sub.add_parser("multitask", help="Appendix C.2 with the task-mean loss, + COMET and local search")
+    mt.add_argument("--variants", nargs="+", default=list(MULTITASK_VARIANTS), choices=list(MULTITASK_VARIANTS))
+    mt.add_argument("--tasks", type=int, nargs="+", default=[16, 32, 64, 128])
+    mt.add_argument("--trials", type=int, default=6)
+    mt.add_argument("--reps", type=int, default=10)
+    mt.add_argument("--epochs", type=int, default=10)
+    mt.add_argument("--out", default="benchmarks/results/local_search_multitask")
+    tb = sub.add_parser("tables", help="rewrite the tables and figures from the trials run")
+    tb.add_argument("--recovery-out", default="benchmarks/results/local_search_recovery")
+    tb.add_argument("--multitask-out", default="benchmarks/results/local_search_multitask")
+    for p in (rc, mt):
+        p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    if args.cmd == "recovery":
+        run_recovery(args)
+    elif args.cmd == "multitask":
+        run_multitask(args)
+    else:
+        if os.path.exists(os.path.join(args.recovery_out, "trials.jsonl")):
+            write_recovery_tables(args.recovery_out)
+        if os.path.exists(os.path.join(args.multitask_out, "trials.jsonl")):
+            write_multitask_tables(args.multitask_out)
+    _log(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
