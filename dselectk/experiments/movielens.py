@@ -28,6 +28,7 @@ from ..gates import DSelectK, Softmax, TopK
 from ..models import MMoE, SharedBottom
 from ..movielens import MovieLensMultitask, movielens_multitask
 from ..trainer import evaluate, fit
+from .local_search import local_search_from
 
 __all__ = ["run", "mean_selected_experts", "movielens_trial", "GATES", "METHODS"]
 
@@ -55,8 +56,9 @@ def mean_selected_experts(model, X, batch_size=1024):
 
 
 def build_model(vocab_sizes, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=8, embedding_dim=128,
-                units=256, dropout=0.5, gamma=1.0, entropy_reg=0.1, seed=0, dtype="float32"):
-    """The model of Appendix D.1 for the vocabulary sizes [n_users, n_movies] (see :func:`run`)."""
+                units=256, dropout=0.5, gamma=1.0, entropy_reg=0.1, seed=0, dtype="float32", local_search=None):
+    """The model of Appendix D.1 for the vocabulary sizes [n_users, n_movies] (see :func:`run`);
+    ``local_search``: None or a :class:`~dselectk.local_search.LocalSearch` for the gates."""
     if gate not in GATES:
         raise ValueError(f"unknown gate {gate!r}; expected one of {GATES}")
     common = dict(n_tasks=2, tower_units=(units,), task_losses=["bce", "mse"], task_weights=[alpha, 1 - alpha],
@@ -66,12 +68,14 @@ def build_model(vocab_sizes, gate="dselect_k", per_example=False, *, alpha=0.5, 
         return SharedBottom(None, bottom_units=(units,), **common)
     spec = {"dselect_k": lambda: DSelectK(k, gamma=gamma, entropy_reg=entropy_reg, per_example=per_example),
             "top_k": lambda: TopK(k, per_example=per_example), "softmax": lambda: Softmax(per_example=per_example)}
-    return MMoE(None, n_experts=n_experts, expert_units=(units,), gate=spec[gate](), **common)
+    return MMoE(None, n_experts=n_experts, expert_units=(units,), gate=spec[gate](), local_search=local_search,
+                **common)
 
 
 def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=8, embedding_dim=128, units=256,
         dropout=0.5, gamma=1.0, entropy_reg=0.1, epochs=100, batch_size=128, lr=0.01, early_stopping_patience=5,
-        neg_ratio=1, data_seed=0, seed=0, dtype="float32", verbose=0, return_model=False):
+        neg_ratio=1, data_seed=0, seed=0, dtype="float32", verbose=0, return_model=False, ls_frac=0.0,
+        ls_shared=True, ls_tau_start=1e-3, ls_tau_end=1e-7):
     """Train and test one model of the paper's MovieLens experiment.
 
     data : a ratings file (``benchmarks/get_movielens.sh`` writes one), a
@@ -85,6 +89,9 @@ def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=
     epochs, batch_size, lr, early_stopping_patience : Adagrad training with early stopping on the
         validation loss (the best epoch's weights are restored; None: no early stopping).
     seed : initialization, dropout and shuffling; data_seed : negatives and split.
+    ls_frac, ls_shared, ls_tau_start, ls_tau_end : permutation local search for the first
+        ``ls_frac * epochs`` epochs (0: none), one permutation shared by both task gates (the COMET
+        authors' MovieLens configs) or one per gate; see dselectk.experiments.local_search.
 
     Returns a dict: ``test_loss`` (alpha-weighted task losses on the test set, no regularizer),
     ``test_auc`` (task 1), ``test_rmse`` (task 2, on the positives only), ``mean_selected``
@@ -95,9 +102,11 @@ def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=
     with ``return_model`` the model and the History."""
     if not isinstance(data, MovieLensMultitask):
         data = movielens_multitask(data, neg_ratio=neg_ratio, seed=data_seed)
+    local_search = local_search_from(dict(ls_frac=ls_frac, ls_shared=ls_shared, ls_tau_start=ls_tau_start,
+                                          ls_tau_end=ls_tau_end), epochs)
     model = build_model(data.vocab_sizes, gate, per_example, alpha=alpha, k=k, n_experts=n_experts,
                         embedding_dim=embedding_dim, units=units, dropout=dropout, gamma=gamma, entropy_reg=entropy_reg,
-                        seed=seed, dtype=dtype)
+                        seed=seed, dtype=dtype, local_search=local_search)
     tr, va, te = data.train, data.val, data.test
     validation = (va.X, va.Y, va.sample_weights) if len(va) else None
     history = fit(model, tr.X, tr.Y, sample_weights=tr.sample_weights, epochs=epochs, batch_size=batch_size,
