@@ -35,6 +35,7 @@ import numpy as np
 
 from . import functional as F
 from .embedding import EmbeddingInput
+from .inputs import check_task_names
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU
 
@@ -142,6 +143,17 @@ class _Model:
             raise ValueError(f"task_weights must be finite and >= 0, got {weights}")
         self.task_weights = [float(w) for w in weights]
 
+    @property
+    def task_names(self):
+        """The tasks' names (``task_names=`` of the constructor; task0, task1, ... when unnamed):
+        the keys of a dict Y and of the metrics (``val_watch_auc``)."""
+        names = self.config.get("task_names")
+        return list(names) if names else [f"task{t}" for t in range(self.n_tasks)]
+
+    def _name_tasks(self, task_names):
+        if task_names is not None:  # in the config only when given: older readers load the others
+            self.config["task_names"] = check_task_names(task_names, self.n_tasks)
+
     frozen_mask = None  # boolean mask over the slab, see freeze()
     input_layer = None  # the EmbeddingInput front, or None: X goes straight to the experts
 
@@ -161,15 +173,10 @@ class _Model:
                 raise ValueError(f"the EmbeddingInput has dtype {embeddings.dtype}, the model {np.dtype(dtype)}")
             front = embeddings
         elif isinstance(embeddings, dict):
-            unknown = sorted(set(embeddings) - {"vocab_sizes", "dims", "n_dense"})
-            if unknown or "vocab_sizes" not in embeddings or "dims" not in embeddings:
-                raise ValueError(f"embeddings must be a dict with keys 'vocab_sizes', 'dims' and optionally 'n_dense' "
-                                 f"(or an EmbeddingInput), got keys {sorted(embeddings)}")
             # the tables draw from their own stream, so the other parameters are initialized as
             # they would be for a model without embeddings
             front_seed = seed if isinstance(seed, np.random.Generator) else np.random.SeedSequence(seed, spawn_key=(1,))
-            front = EmbeddingInput(embeddings["vocab_sizes"], embeddings["dims"], embeddings.get("n_dense", 0),
-                                   seed=np.random.default_rng(front_seed), dtype=dtype)
+            front = EmbeddingInput.from_config(embeddings, seed=np.random.default_rng(front_seed), dtype=dtype)
         else:
             raise TypeError(f"embeddings must be None, a dict or an EmbeddingInput, got {type(embeddings).__name__}")
         if input_dim is not None and input_dim != front.out_dim:
@@ -331,7 +338,10 @@ class MMoE(_Model):
     embeddings : None, or dict(vocab_sizes=[V_0, ...], dims=[d_0, ...] (or one int), n_dense=0) (or
         an :class:`~dselectk.embedding.EmbeddingInput`): an embedding input front; X is then
         {"ids": (N, F) ints, "dense": (N, n_dense) floats} (or the ids alone), and input_dim may be
-        None (it is sum(dims) + n_dense).
+        None (it is sum(dims) + n_dense). With ``columns=`` names (see dselectk.embedding) X may be
+        a pandas DataFrame or a dict of columns.
+    task_names : None, or one name per task (e.g. ["watch", "rating"]): the keys of a dict or
+        DataFrame Y and of the metrics (``val_watch_auc``); unnamed tasks are task0, task1, ...
 
     With static gates (``per_example=False``) the forward pass computes only the experts that some
     task's weights use (an exact nonzero) and mixes them for all tasks in one GEMM; static DSelect-k
@@ -355,7 +365,7 @@ class MMoE(_Model):
                  task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0,
                  entropy_reg=0.0, xi=1.0, per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0,
                  dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
-                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2):
+                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, task_names=None):
         tower_units = None if tower_units is None else list(tower_units)
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=list(expert_units),
                            expert_output=expert_output,
@@ -379,6 +389,7 @@ class MMoE(_Model):
                     dtype, towers=True, expert_output=expert_output, embeddings=embeddings,
                     tower_dropout=tower_dropout, expert=expert, input_shape=input_shape,
                     cnn=dict(filters=expert_filters, kernel=expert_kernel, pool=expert_pool))
+        self._name_tasks(task_names)
 
     def _build(self, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
                task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype,
@@ -587,11 +598,11 @@ class MMoE(_Model):
 class MoE(MMoE):
     """Mixture of Experts (Figure 1(a)): one gate mixes n experts whose outputs are the prediction.
     Each expert is an MLP with hidden widths ``expert_units`` and a linear output of ``output_dim``.
-    Other parameters as :class:`MMoE`."""
+    Other parameters as :class:`MMoE` (``task_names``: one name, or a list of one)."""
 
     def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", k=2,
                  gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False, noisy=False, temperature=1.0, dropout=0.0,
-                 seed=0, dtype="float32", embeddings=None):
+                 seed=0, dtype="float32", embeddings=None, task_names=None):
         self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=list(expert_units), loss=loss,
                            output_dim=output_dim, gate=gate, k=k, gamma=gamma, entropy_reg=entropy_reg, xi=xi,
                            per_example=per_example, noisy=noisy, temperature=temperature, dropout=dropout, seed=seed,
@@ -599,12 +610,13 @@ class MoE(MMoE):
         self._build(input_dim, 1, n_experts, list(expert_units), [], loss, output_dim, None, gate, k, gamma,
                     entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype, towers=False,
                     embeddings=embeddings)
+        self._name_tasks(task_names)
 
 
 class SharedBottom(_Model):
     """The shared-bottom baseline: one Dense -> ReLU stack (``bottom_units``) shared by all tasks,
-    then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``
-    and ``tower_dropout`` as in :class:`MMoE`.
+    then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``,
+    ``tower_dropout`` and ``task_names`` as in :class:`MMoE`.
 
     With ``bottom="cnn"`` the shared bottom is the CNN of :class:`~dselectk.layers.CNNExpert`
     (``bottom_filters``, ``bottom_kernel``, ``bottom_pool``) followed by the ``bottom_units`` Dense
@@ -613,7 +625,7 @@ class SharedBottom(_Model):
     def __init__(self, input_dim=None, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse",
                  task_outputs=1, task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None,
                  tower_dropout=None, bottom="mlp", input_shape=None, bottom_filters=(10, 20), bottom_kernel=5,
-                 bottom_pool=2):
+                 bottom_pool=2, task_names=None):
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=list(bottom_units),
                            tower_units=list(tower_units), task_losses=task_losses, task_outputs=task_outputs,
                            task_weights=task_weights, dropout=dropout, seed=seed, dtype=str(np.dtype(dtype)))
@@ -644,6 +656,7 @@ class SharedBottom(_Model):
         self.gates = []
         self._finish(dtype)
         self._cache = None
+        self._name_tasks(task_names)
 
     def named_modules(self):
         mods = self.bottom.named_modules("bottom")

@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
+from . import inputs as I
 from . import metrics as M
-from .embedding import num_rows, take_rows
 from .optim import make_optimizer, make_sparse_optimizer
 
 __all__ = ["fit", "evaluate", "predict", "History", "AnnealTemperature", "DEFAULT_METRICS"]
@@ -91,148 +91,98 @@ class AnnealTemperature:
                 g.set_temperature(T)
 
 
-# --- input checks ---------------------------------------------------------------------------
-
-def _check_X(model, X, name="X"):
-    """X as the model reads it: a C-contiguous (N, *model.input_shape) array of the model's dtype
-    ((N, p) for MLP models, (N, C, H, W) for CNN ones), or for a model with an embedding input the
-    normalized dict of dselectk.embedding.check_inputs."""
-    if getattr(model, "input_layer", None) is not None:
-        return model.input_layer.check(X, name)
-    if not isinstance(X, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(X).__name__}")
-    shape = tuple(getattr(model, "input_shape", None) or (model.input_dim,))
-    if X.ndim != 1 + len(shape) or X.shape[1:] != shape:
-        want = f"(N, {', '.join(str(d) for d in shape)})"
-        hint = ""
-        if len(shape) > 1 and X.ndim == 2 and X.shape[1] == model.input_dim:
-            hint = f"; it looks flattened: reshape it with {name}.reshape(-1, {', '.join(str(d) for d in shape)})"
-        elif len(shape) == 3:
-            hint = " (NCHW images: channels, height, width)"
-        raise ValueError(f"{name} must have shape {want}, got {X.shape}{hint}")
-    if X.shape[0] == 0:
-        raise ValueError(f"{name} is empty (N = 0)")
-    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
-        raise TypeError(f"{name} must hold real numbers, got dtype {X.dtype}")
-    X = np.ascontiguousarray(X, dtype=model.dtype)
-    if not np.all(np.isfinite(X)):
-        raise ValueError(f"{name} contains NaN or Inf (first at row {int(np.argwhere(~np.isfinite(X))[0, 0])})")
-    return X
-
-
-def _check_Y(model, Y, N, name="Y"):
-    if isinstance(Y, np.ndarray) and model.n_tasks == 1:
-        Y = [Y]
-    if not isinstance(Y, (list, tuple)):
-        raise TypeError(f"{name} must be a list with one array per task ({model.n_tasks}), got {type(Y).__name__}")
-    if len(Y) != model.n_tasks:
-        raise ValueError(f"{name} has {len(Y)} tasks, the model has {model.n_tasks}")
-    out = []
-    for t, (y, loss, dim) in enumerate(zip(Y, model.task_losses, model.task_outputs)):
-        y = np.asarray(y)
-        if y.ndim == 0:
-            raise ValueError(f"{name}[{t}] must be an array with one row per example of X ({N}), got a scalar")
-        if y.shape[0] != N:
-            raise ValueError(f"{name}[{t}] has {y.shape[0]} rows, X has {N}")
-        if loss == "softmax_ce":
-            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-                raise ValueError(f"{name}[{t}] (softmax_ce) must be integer class labels of shape (N,), got "
-                                 f"{y.dtype} {y.shape}")
-            bad = np.flatnonzero((y < 0) | (y >= dim))
-            if bad.size:
-                raise ValueError(f"{name}[{t}] has label {y[bad[0]]} at row {bad[0]}; expected 0 <= label < {dim}")
-            out.append(y.astype(np.int64))
-            continue
-        want = (N,) if dim == 1 else (N, dim)
-        if y.shape != want and not (dim == 1 and y.shape == (N, 1)):
-            raise ValueError(f"{name}[{t}] ({loss}) must have shape {want}, got {y.shape}")
-        y = np.ascontiguousarray(y.reshape(N, dim), dtype=model.dtype)
-        if not np.all(np.isfinite(y)):
-            raise ValueError(f"{name}[{t}] contains NaN or Inf")
-        if loss == "bce" and np.any((y < 0) | (y > 1)):
-            raise ValueError(f"{name}[{t}] (bce) must hold targets in [0, 1]")
-        out.append(y)
-    return out
-
-
-def _check_weights(model, sample_weights, N):
-    if sample_weights is None:
-        return None
-    if not isinstance(sample_weights, (list, tuple)) or len(sample_weights) != model.n_tasks:
-        raise ValueError(f"sample_weights must be a list with one entry (None or an (N,) array) per task "
-                         f"({model.n_tasks})")
-    out = []
-    for t, w in enumerate(sample_weights):
-        if w is None:
-            out.append(None)
-            continue
-        w = np.ascontiguousarray(w, dtype=model.dtype)
-        if w.shape != (N,) or not np.all(np.isfinite(w)) or np.any(w < 0):
-            raise ValueError(f"sample_weights[{t}] must be finite, >= 0 and of shape ({N},)")
-        out.append(w)
-    return out
-
-
-def _take(arrays, idx):
-    return None if arrays is None else [None if a is None else a[idx] for a in arrays]
-
-
-def _take_X(X, idx):
-    """Rows idx of a checked X: an array, or the dict of an embedding input."""
-    return take_rows(X, idx)
-
-
 # --- evaluation -----------------------------------------------------------------------------
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _resolve_metrics(model, metrics):
+    """{task index: [(name, function)]} for ``metrics`` (None: DEFAULT_METRICS by loss; a list per
+    task; a dict by task name), every name looked up now, so that a typo fails before any work."""
+    names = I.task_names(model)
+    if metrics is None:
+        per_task = [DEFAULT_METRICS[loss] for loss in model.task_losses]
+    elif isinstance(metrics, dict):
+        unknown = sorted(set(metrics) - set(names))
+        if unknown:
+            raise ValueError(f"metrics names unknown tasks {unknown}; the tasks are {names}")
+        per_task = [metrics.get(n, DEFAULT_METRICS[loss]) for n, loss in zip(names, model.task_losses)]
+    elif isinstance(metrics, (list, tuple)) and len(metrics) == model.n_tasks:
+        per_task = list(metrics)
+    else:
+        raise ValueError(f"metrics must be None, a list with one list of metric names per task ({model.n_tasks}) or a "
+                         f"dict by task name, got {metrics!r}")
+    resolved = []
+    for t, task_metrics in enumerate(per_task):
+        if isinstance(task_metrics, str) or not isinstance(task_metrics, (list, tuple)):
+            raise TypeError(f"the metrics of task {names[t]!r} must be a list of names, got {task_metrics!r}")
+        resolved.append([(M._metric_key(m), M.get_metric(m)) for m in task_metrics])
+    return resolved
+
+
+def _data(model, X, Y=None, sample_weights=None, name="X", batch_size=None, need_targets=True):
+    """X (and Y, sample_weights) as checked data to batch: dselectk.inputs.ArrayData or BatchStream."""
+    if isinstance(X, (I.ArrayData, I.BatchStream)):
+        return X
+    return I.make_data(model, X, Y, sample_weights, name, need_targets=need_targets)
+
 
 def predict(model, X, batch_size=1024, raw=False):
     """Predictions per task for X: probabilities for bce / softmax_ce tasks, values for mse tasks
-    (``raw=True``: the logits). Runs in evaluation mode (no dropout, no gate noise)."""
-    X = _check_X(model, X)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    (``raw=True``: the logits). X: an array, a DataFrame, or a batch source of X batches (see
+    dselectk.inputs). Runs in evaluation mode (no dropout, no gate noise)."""
+    _positive_int(batch_size, "batch_size")
+    data = _data(model, X, name="X", need_targets=False)
     chunks = [[] for _ in range(model.n_tasks)]
-    for start in range(0, num_rows(X), batch_size):
-        outs = model.forward(_take_X(X, slice(start, start + batch_size)), training=False)
+    for batch in data.batches(batch_size):
+        outs = model.forward(batch.X, training=False)
         outs = outs if raw else model.transform_outputs(outs)
         for t, o in enumerate(outs):
             chunks[t].append(o)
     return [np.concatenate(c) for c in chunks]
 
 
-def evaluate(model, X, Y, batch_size=1024, sample_weights=None, metrics=None):
-    """{'loss': weighted sum of the task losses (no regularizers), 'task{t}_loss', and the metrics
-    per task ('task0_auc', ...)}. ``metrics``: None for DEFAULT_METRICS by loss, or a list per task
-    of metric names (see dselectk.metrics)."""
-    X = _check_X(model, X)
-    N = num_rows(X)
-    Y = _check_Y(model, Y, N)
-    W = _check_weights(model, sample_weights, N)
-    sums = np.zeros(model.n_tasks)
-    raw = [[] for _ in range(model.n_tasks)]
-    for start in range(0, N, batch_size):
-        sl = slice(start, start + batch_size)
-        outs = model.forward(_take_X(X, sl), training=False)
-        _, per_task, _ = model.loss(outs, [y[sl] for y in Y], _take(W, sl))
-        B = min(batch_size, N - start)
-        sums += np.array(per_task) * B  # losses are batch means
+def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=None, _name="X"):
+    """{'loss': the weighted sum of the task losses (no regularizers), '<task>_loss' per task, and
+    the metrics per task ('task0_auc', or 'watch_auc' for a task named watch)}. ``metrics``: None
+    for DEFAULT_METRICS by loss, a list per task of metric names (see dselectk.metrics) or a dict
+    by task name; an unknown name raises ValueError. X, Y: arrays, DataFrames, dicts, or a batch
+    source of (X, Y[, sample_weights]) batches with Y=None (see dselectk.inputs)."""
+    _positive_int(batch_size, "batch_size")
+    resolved = _resolve_metrics(model, metrics)
+    data = _data(model, X, Y, sample_weights, _name)
+    sums, N = np.zeros(model.n_tasks), 0
+    raw, ys, ws = [[] for _ in range(model.n_tasks)], [[] for _ in range(model.n_tasks)], []
+    for batch in data.batches(batch_size):
+        outs = model.forward(batch.X, training=False)
+        _, per_task, _ = model.loss(outs, batch.Y, batch.W)
+        sums += np.array(per_task) * batch.size  # losses are batch means
+        N += batch.size
         for t, o in enumerate(outs):
             raw[t].append(o)
+            ys[t].append(batch.Y[t])
+        ws.append(batch.W)
     task_losses = sums / N
     result = {"loss": float(np.dot(model.task_weights, task_losses))}
     preds = model.transform_outputs([np.concatenate(r) for r in raw])
-    for t in range(model.n_tasks):
-        result[f"task{t}_loss"] = float(task_losses[t])
-        names = DEFAULT_METRICS[model.task_losses[t]] if metrics is None else metrics[t]
-        y, p = Y[t], preds[t]
+    for t, task in enumerate(I.task_names(model)):
+        result[f"{task}_loss"] = float(task_losses[t])
+        y, p = np.concatenate(ys[t]), preds[t]
         if model.task_losses[t] != "softmax_ce":
             y = y.reshape(-1) if y.shape[1] == 1 else y
-        for name in names:
-            keep = slice(None) if W is None or W[t] is None else W[t] > 0
+        keep = slice(None)
+        if any(w is not None and w[t] is not None for w in ws):
+            keep = np.concatenate([np.ones(len(b), bool) if w is None or w[t] is None else w[t] > 0
+                                   for w, b in zip(ws, ys[t])])
+        for key, fn in resolved[t]:
             try:
-                result[f"task{t}_{name}"] = float(M.get_metric(name)(y[keep], p[keep]))
+                result[f"{task}_{key}"] = float(fn(y[keep], p[keep]))
             except ValueError as exc:  # e.g. AUC on a batch with one class
-                result[f"task{t}_{name}"] = float("nan")
-                result.setdefault("warnings", []).append(f"task{t}_{name}: {exc}")
+                result[f"{task}_{key}"] = float("nan")
+                result.setdefault("warnings", []).append(f"{task}_{key}: {exc}")
     return result
 
 
@@ -240,7 +190,7 @@ def evaluate(model, X, Y, batch_size=1024, sample_weights=None, metrics=None):
 
 def _where(epoch, b, steps_per_epoch, step):
     """Where training is, for error messages (b and step count the steps already finished)."""
-    return f"epoch {epoch}, step {b + 1} of {steps_per_epoch} (global step {step + 1})"
+    return f"epoch {epoch}, step {b + 1} of {steps_per_epoch or '?'} (global step {step + 1})"
 
 
 def _record_gates(model, history, step):
@@ -257,9 +207,9 @@ def _update_binary_steps(model, history, step):
             history.binary_step[t] = step
 
 
-def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, optimizer_kwargs=None, shuffle=True,
+def fit(model, X, Y=None, *, epochs=10, batch_size=128, optimizer="adam", lr=None, optimizer_kwargs=None, shuffle=True,
         seed=0, validation_data=None, early_stopping_patience=None, restore_best_weights=True, sample_weights=None,
-        metrics=None, record_gate_every=0, callbacks=(), verbose=1, out=None):
+        metrics=None, record_gate_every=0, callbacks=(), verbose=1, out=None, steps_per_epoch=None):
     """Train ``model`` on X (N, p) -- (N, C, H, W) for CNN models, see ``model.input_shape`` -- and
     Y (a list with one (N,) / (N, d) array per task).
 
@@ -281,25 +231,26 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
     Raises ValueError / TypeError on bad input before any training, and FloatingPointError naming
     the epoch and step if the loss becomes NaN or Inf. Returns a :class:`History`.
     """
-    X = _check_X(model, X)
-    N = num_rows(X)
-    Y = _check_Y(model, Y, N)
-    W = _check_weights(model, sample_weights, N)
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _positive_int(v, name)
     if early_stopping_patience is not None and (not isinstance(early_stopping_patience, int) or early_stopping_patience < 1):
         raise ValueError(f"early_stopping_patience must be None or a positive int, got {early_stopping_patience!r}")
     if early_stopping_patience is not None and validation_data is None:
         raise ValueError("early stopping needs validation_data")
+    _resolve_metrics(model, metrics)
+    train = I.make_data(model, X, Y, sample_weights, "X", steps_per_epoch)
+    if train.columns is not None and getattr(model, "input_columns", None) is None:
+        model.input_columns = train.columns  # later DataFrames are matched by these names
     val = None
     if validation_data is not None:
-        if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
-            raise ValueError("validation_data must be (X_val, Y_val) or (X_val, Y_val, sample_weights_val)")
-        Xv = _check_X(model, validation_data[0], "X_val")
-        Yv = _check_Y(model, validation_data[1], num_rows(Xv), "Y_val")
-        Wv = _check_weights(model, validation_data[2] if len(validation_data) == 3 else None, num_rows(Xv))
-        val = (Xv, Yv, Wv)
+        if I.is_batch_source(validation_data):
+            val = I.BatchStream(model, validation_data, "X_val")
+        elif not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+            raise ValueError("validation_data must be (X_val, Y_val), (X_val, Y_val, sample_weights_val) or a batch "
+                             "source of (X, Y[, sample_weights]) batches")
+        else:
+            val = I.make_data(model, validation_data[0], validation_data[1],
+                              validation_data[2] if len(validation_data) == 3 else None, "X_val")
     kwargs = dict(optimizer_kwargs or {})
     if lr is not None:
         kwargs["lr"] = lr
@@ -309,24 +260,22 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
     emit = out or (lambda line: print(line, file=sys.stderr, flush=True))
 
     rng = np.random.default_rng(seed)
-    steps_per_epoch = (N + batch_size - 1) // batch_size
+    steps_per_epoch = train.steps(batch_size)
     history = History(model.n_tasks)
     for cb in callbacks:
         if hasattr(cb, "on_train_begin"):
-            cb.on_train_begin(model, epochs * steps_per_epoch)
+            cb.on_train_begin(model, None if steps_per_epoch is None else epochs * steps_per_epoch)
     best_loss, best_params, best_tables, bad_epochs, step = np.inf, None, None, 0, 0
     if hasattr(model, "reset_flops"):
         model.reset_flops()
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
-        order = rng.permutation(N) if shuffle else np.arange(N)
-        loss_sum = 0.0
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size]
+        loss_sum, seen = 0.0, 0
+        for b, batch in enumerate(train.batches(batch_size, rng if shuffle else None)):
             try:
                 model.zero_grad()
-                outputs = model.forward(_take_X(X, idx), training=True)
-                total, _, douts = model.loss(outputs, [y[idx] for y in Y], _take(W, idx))
+                outputs = model.forward(batch.X, training=True)
+                total, _, douts = model.loss(outputs, batch.Y, batch.W)
                 if not np.isfinite(total):
                     raise FloatingPointError(f"the training loss became {total} at "
                                              f"{_where(epoch, b, steps_per_epoch, step)}; try a lower learning rate")
@@ -345,23 +294,24 @@ def fit(model, X, Y, *, epochs=10, batch_size=128, optimizer="adam", lr=None, op
                 raise FloatingPointError(f"training diverged at {_where(epoch, b, steps_per_epoch, step)}: {exc}; "
                                          "try a lower learning rate") from exc
             step += 1
-            loss_sum += total * len(idx)
+            loss_sum += total * batch.size
+            seen += batch.size
             _update_binary_steps(model, history, step)
             if record_gate_every and step % record_gate_every == 0:
                 _record_gates(model, history, step)
             for cb in callbacks:
                 if hasattr(cb, "on_step_end"):
                     cb.on_step_end(step, model)
-            if verbose >= 2 and (b + 1) % max(1, steps_per_epoch // 10) == 0:
-                emit(f"  epoch {epoch} step {b + 1}/{steps_per_epoch} loss {total:.5f}")
+            if verbose >= 2 and (b + 1) % max(1, (steps_per_epoch or 10) // 10) == 0:
+                emit(f"  epoch {epoch} step {b + 1}/{steps_per_epoch or '?'} loss {total:.5f}")
         if not record_gate_every:
             _record_gates(model, history, step)
-        logs = {"epoch": epoch, "loss": loss_sum / N}
+        logs = {"epoch": epoch, "loss": loss_sum / seen}
         if hasattr(model, "flops"):  # cumulative since the start of fit
             logs["expert_flops"] = model.flops["experts_executed"]
             logs["expert_flops_dense"] = model.flops["experts_dense"]
         if val is not None:
-            for key, value in evaluate(model, *val[:2], sample_weights=val[2], metrics=metrics).items():
+            for key, value in evaluate(model, val, metrics=metrics).items():
                 if key != "warnings":
                     logs[f"val_{key}"] = value
         logs["time"] = time.perf_counter() - t0
