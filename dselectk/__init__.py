@@ -31,7 +31,7 @@ except ImportError as _exc:  # the source tree without a build, most often
 finally:
     for _k in _set_here:
         _os.environ.pop(_k, None)
-from . import functional, metrics, optim
+from . import callbacks, functional, inputs, metrics, optim
 from .embedding import Embedding, EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
@@ -56,6 +56,8 @@ __all__ = [
     "save",
     "load",
     "functional",
+    "callbacks",
+    "inputs",
     "metrics",
     "optim",
     "build_info",

@@ -155,6 +155,10 @@ class _Model:
             self.config["task_names"] = check_task_names(task_names, self.n_tasks)
 
     frozen_mask = None  # boolean mask over the slab, see freeze()
+    # what fit leaves on the model (dselectk.trainer): the optimizers it continues, the History and
+    # counters of the last run, the DataFrame columns it read, and the callbacks' stop flag
+    optimizer = sparse_optimizer = history = train_state = input_columns = None
+    stop_training = False
     input_layer = None  # the EmbeddingInput front, or None: X goes straight to the experts
 
     def _setup_input(self, input_dim, embeddings, seed, dtype, input_shape=None, kind="mlp", what="expert"):
@@ -219,7 +223,16 @@ class _Model:
         return self.slab.named()
 
     def num_parameters(self):
-        return len(self.slab)
+        """Every trainable number: the dense slab and the embedding tables."""
+        return len(self.slab) + sum(t.size for t in self.embedding_tables())
+
+    def summary(self, print_fn=print):
+        """Layers, output shapes and parameter counts (embedding tables included), as Keras'
+        model.summary(); ``print_fn=None`` returns the text instead of printing it."""
+        from .summary import summary
+
+        text = summary(self)
+        return text if print_fn is None else print_fn(text)
 
     def freeze(self, *prefixes):
         """Freeze every parameter whose name starts with one of ``prefixes`` (e.g. "expert" or

@@ -1,54 +1,64 @@
 """Training without autograd: ``fit``, ``evaluate`` and ``predict`` for the models of dselectk.models.
 
-One training step, top to bottom::
+One training step (:func:`train_step`), top to bottom::
 
     model.zero_grad()
     outputs = model.forward(X_batch, training=True)
     total, per_task, d_outputs = model.loss(outputs, Y_batch)   # weighted task losses + gate regularizers
     model.backward(d_outputs)                                    # every gradient, into one slab
-    optimizer.step()                                             # one C call for all parameters
+    # <- here the batch's gradients are complete (model.slab.grad, model.embedding_grads())
+    model.optimizer.step()                                       # one C call for all parameters
 
-Models with an embedding input (``embeddings=`` in dselectk.models) take X as a dict
-{"ids": (N, F) integers, "dense": (N, n_dense) floats} (or the ids array alone when n_dense = 0),
-checked up front (ids in range per table, dtypes, shapes) and batched row-wise. Their tables are
-not in the slab: after the dense step, the lazy sparse step of the same optimizer
-(dselectk.optim.SparseAdagrad / SparseAdam) updates only the rows the batch looked up.
+Models with an embedding input keep their tables outside the slab: after the dense step, the lazy
+sparse step of the same optimizer (``model.sparse_optimizer``, dselectk.optim.SparseAdagrad /
+SparseAdam) updates only the rows the batch looked up. What X and Y may be (arrays, DataFrames,
+named tasks, batch sources, memory maps) is dselectk.inputs' business.
 
-Everything else here is bookkeeping: input checks before any training, shuffling with a seed,
-validation and early stopping with best-weights restore, history, progress lines, callbacks, and
-the gate diagnostics of the paper (expert weights per task over training, Figures C.5-C.7; the
-number of selected experts; the step at which S(Z) became binary, Table C.4).
+``fit`` reads top to bottom: check the arguments and the data, set up (or continue) the
+optimizer, then per epoch :func:`train_epoch` (the steps, with the callbacks' batch hooks) and
+:func:`validate` (the metrics), the History, the callbacks' epoch hooks. Everything else is
+bookkeeping: shuffling with a seed, early stopping with best-weights restore, progress, the
+restore of the last finite weights when training diverges, and the gate diagnostics of the paper
+(expert weights per task over training, Figures C.5-C.7; the number of selected experts; the
+step at which S(Z) became binary, Table C.4).
 """
 from __future__ import annotations
 
-import sys
 import time
 
 import numpy as np
 
+from . import callbacks as C
 from . import inputs as I
 from . import metrics as M
+from .callbacks import AnnealTemperature
 from .optim import make_optimizer, make_sparse_optimizer
 
-__all__ = ["fit", "evaluate", "predict", "History", "AnnealTemperature", "DEFAULT_METRICS"]
+__all__ = ["fit", "evaluate", "predict", "train_step", "train_epoch", "validate", "History", "TrainState",
+           "AnnealTemperature", "DEFAULT_METRICS"]
 
 DEFAULT_METRICS = {"bce": ("auc", "accuracy"), "softmax_ce": ("accuracy",), "mse": ("mse", "rmse")}
 
 
 class History:
-    """What ``fit`` recorded.
+    """What ``fit`` recorded (also ``model.history`` after fit).
 
-    * ``epochs``: one dict per epoch: loss (training, with regularizers), val_loss, per-task
-      validation metrics (``val_task0_auc``, ...), time; for MMoE/MoE models also
-      ``expert_flops`` and ``expert_flops_dense``, the expert FLOPs of the training steps so far,
-      executed and for the dense model (their ratio is what conditional computation saved).
+    * ``epochs``: one dict per epoch: ``loss`` (the training loss: weighted task losses, without
+      the gates' regularizers), ``reg_loss`` (the regularizers), ``<task>_loss``, ``val_loss`` and
+      the validation metrics per task (``val_task0_auc``, or ``val_watch_auc`` for a named task),
+      ``lr``, ``time``; for MMoE/MoE models also ``expert_flops`` and ``expert_flops_dense``, the
+      expert FLOPs of the training steps so far, executed and for the dense model (their ratio is
+      what conditional computation saved).
+    * ``history``: the same as {key: [value per epoch]}, as Keras' History.history;
+      ``history["val_loss"]`` (indexing the object) gives one list.
     * ``gate_steps`` and ``gate_weights``: the steps at which expert weights were recorded and the
       weights, an array (records, T, n) (per-example gates: averaged over the batch).
     * ``selected_experts``: (records, T), the number of experts with nonzero weight per task
       (per-example gates: averaged over the examples of the batch).
     * ``binary_step``: per task, the first training step after which the DSelect-k gate's S(Z) was
-      binary (None: never, or not a DSelect-k gate); ``total_steps``.
-    * ``best_epoch``: the epoch whose weights were restored by early stopping (or None).
+      binary (None: never, or not a DSelect-k gate); ``total_steps``; ``epoch_steps``, the global
+      step at the end of each epoch.
+    * ``best_epoch``: the epoch whose weights early stopping tracked as best (or None).
     """
 
     def __init__(self, n_tasks):
@@ -56,6 +66,7 @@ class History:
         self.gate_steps, self._gate_weights, self._selected = [], [], []
         self.binary_step = [None] * n_tasks
         self.total_steps = 0
+        self.epoch_steps = []
         self.best_epoch = None
 
     @property
@@ -66,29 +77,42 @@ class History:
     def selected_experts(self):
         return np.array(self._selected)
 
+    @property
+    def history(self):
+        """{key: [value per epoch]} (None where an epoch lacks the key), as keras History.history."""
+        keys = list(dict.fromkeys(k for e in self.epochs for k in e))
+        return {k: self[k] for k in keys}
+
     def __getitem__(self, key):
         """history["val_loss"] -> the per-epoch list of that entry."""
         return [e.get(key) for e in self.epochs]
 
+    def __len__(self):
+        return len(self.epochs)
 
-class AnnealTemperature:
-    """Callback for the Appendix C.2 ablation gate: the softmax temperature goes from ``start`` to
-    ``end`` evenly on a log scale over the whole training run (the paper anneals to 1e-16)."""
+    def __repr__(self):
+        if not self.epochs:
+            return "History(no epochs)"
+        last = self.epochs[-1]
+        shown = "  ".join(f"{k} {last[k]:.4g}" for k in ("loss", "reg_loss", "val_loss") if k in last)
+        best = "" if self.best_epoch is None else f", best_epoch={self.best_epoch}"
+        keys = [k for k in last if k != "epoch"]
+        return (f"History({len(self.epochs)} epochs, {self.total_steps} steps{best}; last: {shown}; "
+                f"keys: {', '.join(keys)})")
 
-    def __init__(self, start, end=1e-16):
-        self.start, self.end = float(start), float(end)
 
-    def on_train_begin(self, model, total_steps):
-        self.total_steps = total_steps
-        self.on_step_end(0, model)
+class TrainState:
+    """Where a training run is (``model.train_state``): ``epoch`` and ``step``, the epochs and
+    global steps finished; ``rng``, the shuffling generator; ``settings``, the arguments of fit a
+    resumed run must repeat to continue the same run. ``dk.save`` stores it with the model."""
 
-    def on_step_end(self, step, model):
-        from .gates import SoftmaxSelectorGate
+    def __init__(self, seed, settings, epoch=0, step=0):
+        self.epoch, self.step = epoch, step
+        self.rng = np.random.default_rng(seed)
+        self.settings = dict(settings)
 
-        T = SoftmaxSelectorGate.annealed_temperature(step, self.total_steps, self.start, self.end)
-        for g in model.gates:
-            if isinstance(g, SoftmaxSelectorGate):
-                g.set_temperature(T)
+    def __repr__(self):
+        return f"TrainState(epoch={self.epoch}, step={self.step}, settings={self.settings})"
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -207,137 +231,255 @@ def _update_binary_steps(model, history, step):
             history.binary_step[t] = step
 
 
-def fit(model, X, Y=None, *, epochs=10, batch_size=128, optimizer="adam", lr=None, optimizer_kwargs=None, shuffle=True,
-        seed=0, validation_data=None, early_stopping_patience=None, restore_best_weights=True, sample_weights=None,
-        metrics=None, record_gate_every=0, callbacks=(), verbose=1, out=None, steps_per_epoch=None):
-    """Train ``model`` on X (N, p) -- (N, C, H, W) for CNN models, see ``model.input_shape`` -- and
-    Y (a list with one (N,) / (N, d) array per task).
+def _optimizer_step(model):
+    """The dense step of the slab and the lazy step of the embedding tables; frozen parameters
+    keep their values (also against weight decay)."""
+    frozen = model.frozen_mask
+    if frozen is not None:
+        model.slab.grad[frozen] = 0
+        frozen_values = model.slab.data[frozen]
+    model.optimizer.step()
+    if model.sparse_optimizer is not None:
+        model.sparse_optimizer.step(model.embedding_grads())
+    if frozen is not None:
+        model.slab.data[frozen] = frozen_values
 
-    optimizer : "adam" (default lr 1e-3), "adagrad" (1e-2) or "sgd" (1e-2); ``optimizer_kwargs``
-        go to the optimizer class (dselectk.optim). A model with embedding tables needs "adam" or
-        "adagrad": the tables take the lazy step of dselectk.optim.SparseAdam / SparseAdagrad with
-        the same lr, eps, betas (weight_decay applies to the dense parameters only), the dense
-        parameters the usual step; Adam's bias correction uses one global step count for both.
-        ``freeze`` and ``frozen_mask`` cover the dense parameters only.
-    validation_data : (X_val, Y_val) or (X_val, Y_val, sample_weights_val); evaluated after each
-        epoch. early_stopping_patience : stop after that many epochs without a lower validation
-        loss; with ``restore_best_weights`` the best epoch's parameters are put back.
-    record_gate_every : record the expert weights per task every that many steps (0: once per
-        epoch); the step S(Z) became binary is checked every step.
-    callbacks : objects with any of on_train_begin(model, total_steps), on_step_end(step, model),
-        on_epoch_end(epoch, logs, model) (returning True stops training).
-    verbose : 0 silent, 1 one line per epoch, 2 also progress within each epoch. ``out``: a
-        callable receiving each line (default: print to stderr).
-    Raises ValueError / TypeError on bad input before any training, and FloatingPointError naming
-    the epoch and step if the loss becomes NaN or Inf. Returns a :class:`History`.
-    """
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        _positive_int(v, name)
-    if early_stopping_patience is not None and (not isinstance(early_stopping_patience, int) or early_stopping_patience < 1):
-        raise ValueError(f"early_stopping_patience must be None or a positive int, got {early_stopping_patience!r}")
-    if early_stopping_patience is not None and validation_data is None:
-        raise ValueError("early stopping needs validation_data")
-    _resolve_metrics(model, metrics)
-    train = I.make_data(model, X, Y, sample_weights, "X", steps_per_epoch)
-    if train.columns is not None and getattr(model, "input_columns", None) is None:
-        model.input_columns = train.columns  # later DataFrames are matched by these names
-    val = None
-    if validation_data is not None:
-        if I.is_batch_source(validation_data):
-            val = I.BatchStream(model, validation_data, "X_val")
-        elif not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
-            raise ValueError("validation_data must be (X_val, Y_val), (X_val, Y_val, sample_weights_val) or a batch "
-                             "source of (X, Y[, sample_weights]) batches")
-        else:
-            val = I.make_data(model, validation_data[0], validation_data[1],
-                              validation_data[2] if len(validation_data) == 3 else None, "X_val")
+
+def train_step(model, batch, where):
+    """One step on ``batch`` (a dselectk.inputs.Batch): forward, loss, backward, optimizer step.
+    Returns (loss, reg_loss, per-task losses): the weighted task losses and the regularizers
+    apart. FloatingPointError (naming ``where``) if the loss or a gradient is NaN or Inf."""
+    try:
+        model.zero_grad()
+        outputs = model.forward(batch.X, training=True)
+        total, per_task, douts = model.loss(outputs, batch.Y, batch.W)
+        if not np.isfinite(total):
+            raise FloatingPointError(f"the training loss became {total} at {where}; try a lower learning rate")
+        model.backward(douts)
+        # The batch's gradients are complete here (model.slab.grad, model.embedding_grads()): where
+        # data-parallel training would sum them across processes before the step.
+        _optimizer_step(model)
+    except ValueError as exc:  # the kernels reject NaN/Inf that training produced
+        if "NaN or Inf" not in str(exc):
+            raise
+        raise FloatingPointError(f"training diverged at {where}: {exc}; try a lower learning rate") from exc
+    data = 0.0
+    for w, value in zip(model.task_weights, per_task):  # as model.loss sums them, so reg is exact
+        data += w * value
+    return data, total - data, per_task
+
+
+def train_epoch(model, data, epoch, callbacks, batch_size, shuffle, record_gate_every):
+    """The steps of one epoch over ``data``; returns the epoch's logs: loss, reg_loss and the
+    per-task losses, means over its examples."""
+    state, history, names = model.train_state, model.history, I.task_names(model)
+    steps = data.steps(batch_size)
+    sums, seen = np.zeros(2 + model.n_tasks), 0
+    for b, batch in enumerate(data.batches(batch_size, state.rng if shuffle else None)):
+        callbacks.on_batch_begin(b, {"size": batch.size})
+        loss, reg, per_task = train_step(model, batch, _where(epoch, b, steps, state.step))
+        state.step += 1
+        sums += np.array([loss, reg, *per_task]) * batch.size
+        seen += batch.size
+        _update_binary_steps(model, history, state.step)
+        if record_gate_every and state.step % record_gate_every == 0:
+            _record_gates(model, history, state.step)
+        callbacks.on_batch_end(b, {"loss": loss, "reg_loss": reg, "size": batch.size, "step": state.step})
+        if model.stop_training:
+            break
+    if not record_gate_every:
+        _record_gates(model, history, state.step)
+    means = sums / max(seen, 1)
+    logs = {"epoch": epoch, "loss": float(means[0]), "reg_loss": float(means[1])}
+    logs.update({f"{task}_loss": float(v) for task, v in zip(names, means[2:])})
+    return logs
+
+
+def validate(model, val, metrics):
+    """{'val_loss', 'val_<task>_loss', 'val_<task>_<metric>'} on the validation data."""
+    return {f"val_{k}": v for k, v in evaluate(model, val, metrics=metrics).items() if k != "warnings"}
+
+
+def _setup_optimizer(model, optimizer, lr, optimizer_kwargs):
+    """model.optimizer (and model.sparse_optimizer for the tables): the model's own from an
+    earlier fit, continued (its state kept; ``lr`` applied), unless ``optimizer`` names another one
+    or ``optimizer_kwargs`` change a hyperparameter: then a new one, with a warning that the state
+    starts over."""
     kwargs = dict(optimizer_kwargs or {})
     if lr is not None:
         kwargs["lr"] = lr
-    opt = make_optimizer(optimizer, model.slab.data, model.slab.grad, **kwargs)
-    tables = model.embedding_tables() if hasattr(model, "embedding_tables") else []
-    sparse_opt = make_sparse_optimizer(optimizer, tables, **kwargs) if tables else None
-    emit = out or (lambda line: print(line, file=sys.stderr, flush=True))
+    old = model.optimizer
+    name = optimizer if optimizer is not None else (old.name if old is not None else "adam")
+    if not isinstance(name, str):
+        raise TypeError(f"optimizer must be a name ('adam', 'adagrad' or 'sgd'), got {type(name).__name__}")
+    if old is not None and old.params is model.slab.data and old.name == name.lower() and _same_settings(old, kwargs):
+        if lr is not None:
+            C.set_lr(model, lr)
+        return
+    tables = model.embedding_tables()
+    sparse = make_sparse_optimizer(name, tables, **kwargs) if tables else None  # refuses sgd before any change
+    dense = make_optimizer(name, model.slab.data, model.slab.grad, **kwargs)
+    if old is not None:
+        I.warn_user(f"fit: a new {dense!r} replaces the model's {old!r} (another optimizer or other settings); its "
+                    "state (moments, step count) starts over. Without optimizer= and optimizer_kwargs=, fit continues "
+                    "the model's optimizer")
+    model.optimizer, model.sparse_optimizer = dense, sparse
 
-    rng = np.random.default_rng(seed)
-    steps_per_epoch = train.steps(batch_size)
-    history = History(model.n_tasks)
-    for cb in callbacks:
-        if hasattr(cb, "on_train_begin"):
-            cb.on_train_begin(model, None if steps_per_epoch is None else epochs * steps_per_epoch)
-    best_loss, best_params, best_tables, bad_epochs, step = np.inf, None, None, 0, 0
-    if hasattr(model, "reset_flops"):
+
+def _same_settings(opt, kwargs):
+    for k, v in kwargs.items():
+        if k == "lr":
+            continue
+        if k == "betas":
+            if tuple(map(float, v)) != (opt.beta1, opt.beta2):
+                return False
+        elif not hasattr(opt, k) or getattr(opt, k) != v:
+            return False
+    return True
+
+
+class _Snapshot:
+    """The parameters at an epoch's start: what fit restores when the epoch diverges."""
+
+    def __init__(self, model, epoch):
+        self.epoch, self.weights = epoch, C._weights(model)
+
+    def restore(self, model):
+        C._put_weights(model, self.weights)
+
+
+def _after_divergence(model, snapshot, callbacks, exc):
+    """Put back the best weights early stopping tracked, else the last finite ones (the start of the
+    epoch that diverged); the optimizer, whose moments diverged too, is dropped. Returns what was
+    done, for the error message."""
+    best = [cb for cb in callbacks if isinstance(cb, C.EarlyStopping) and cb.best_weights is not None]
+    if best:
+        best[0].restore()
+        what = f"the model was restored to the best weights early stopping kept (epoch {best[0].best_epoch})"
+    else:
+        snapshot.restore(model)
+        what = (f"the model was restored to its last finite weights, those at the start of epoch {snapshot.epoch}"
+                + (" (before this fit)" if snapshot.epoch == 1 else ""))
+    model.optimizer = model.sparse_optimizer = None
+    return f"{exc}; {what}, and its optimizer state was dropped (the next fit starts a new one)"
+
+
+def fit(model, X, Y=None, *, epochs=10, batch_size=128, optimizer=None, lr=None, optimizer_kwargs=None, shuffle=True,
+        seed=0, validation_data=None, early_stopping_patience=None, restore_best_weights=True, sample_weights=None,
+        metrics=None, record_gate_every=0, callbacks=(), verbose=1, out=None, steps_per_epoch=None, resume_from=None):
+    """Train ``model`` on X and Y (see dselectk.inputs for their forms: arrays (N, p) or (N, C, H,
+    W), DataFrames, dicts by task name, memory maps, or a batch source with Y=None).
+
+    optimizer : "adam" (default lr 1e-3), "adagrad" (1e-2) or "sgd" (1e-2); ``optimizer_kwargs``
+        go to the optimizer class (dselectk.optim). After fit the model keeps it
+        (``model.optimizer``; its tables' lazy step ``model.sparse_optimizer``), and a later fit
+        continues it -- moments and step count -- unless ``optimizer`` / ``optimizer_kwargs`` ask
+        for another one (then a warning says the state starts over; ``model.optimizer = None``
+        starts over quietly). ``lr`` sets the learning rate. A model with embedding tables needs
+        "adam" or "adagrad": the tables take the lazy step of SparseAdam / SparseAdagrad with the
+        same lr, eps, betas (weight_decay applies to the dense parameters only); Adam's bias
+        correction uses one global step count for both. ``freeze`` covers the dense parameters.
+    validation_data : (X_val, Y_val), (X_val, Y_val, sample_weights_val) or a batch source;
+        evaluated after each epoch. early_stopping_patience : shorthand for
+        ``callbacks.EarlyStopping(monitor="val_loss", patience=p, restore_best_weights=
+        restore_best_weights)``.
+    metrics : per task (a list of lists, or a dict by task name) the validation metrics
+        (dselectk.metrics names); default DEFAULT_METRICS by loss. Unknown names raise now.
+    record_gate_every : record the expert weights per task every that many steps (0: once per
+        epoch); the step S(Z) became binary is checked every step.
+    callbacks : dselectk.callbacks.Callback instances (or objects of the earlier step protocol,
+        see dselectk.callbacks).
+    verbose : 0 silent; 1 (default) a progress bar with ETA per epoch (tqdm when installed) and
+        the epoch's summary; 2 one summary line per epoch (as Keras). ``out``: a callable
+        receiving the summary lines (then no bar).
+    steps_per_epoch : for a generator X: the batches per epoch.
+    resume_from : a file ``dk.save`` (or ModelCheckpoint) wrote during an earlier run of this fit:
+        its parameters, optimizer, counters, RNG states, History and callback states are loaded
+        into ``model`` and training continues with epochs e+1..epochs, as the uninterrupted run
+        would have (bit for bit at the same thread count).
+
+    Raises ValueError / TypeError on bad input before any training, and FloatingPointError naming
+    the epoch and step if the loss becomes NaN or Inf; the model is then restored to its last
+    finite weights (or the best ones early stopping kept), as the message says. Returns a
+    :class:`History` (also ``model.history``).
+    """
+    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+        _positive_int(v, name)
+    if early_stopping_patience is not None and (isinstance(early_stopping_patience, bool) or
+                                                not isinstance(early_stopping_patience, int) or
+                                                early_stopping_patience < 1):
+        raise ValueError(f"early_stopping_patience must be None or a positive int, got {early_stopping_patience!r}")
+    if early_stopping_patience is not None and validation_data is None:
+        raise ValueError("early stopping needs validation_data")
+    if verbose not in (0, 1, 2, "auto"):
+        raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
+    verbose = 1 if verbose == "auto" else verbose
+    _resolve_metrics(model, metrics)
+    given = list(C.prepare(callbacks))
+    if early_stopping_patience is not None:
+        given.append(C.EarlyStopping(patience=early_stopping_patience, restore_best_weights=restore_best_weights))
+    cbs = C.prepare(given + ([C.ProgressBar(verbose, out)] if verbose else []))
+
+    train = I.make_data(model, X, Y, sample_weights, "X", steps_per_epoch)
+    if train.columns is not None and model.input_columns is None:
+        model.input_columns = train.columns  # later DataFrames are matched by these names
+    val = _validation(model, validation_data)
+
+    settings = dict(epochs=epochs, batch_size=batch_size, shuffle=bool(shuffle), seed=seed)
+    if resume_from is not None:
+        from .checkpoint import resume
+        resume(model, resume_from, settings, cbs)  # parameters, optimizer, counters, RNGs, history
+    else:
+        model.train_state, model.history = TrainState(seed, settings), History(model.n_tasks)
+    _setup_optimizer(model, optimizer, lr, optimizer_kwargs)
+    if hasattr(model, "reset_flops") and resume_from is None:
         model.reset_flops()
-    for epoch in range(1, epochs + 1):
-        t0 = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        for b, batch in enumerate(train.batches(batch_size, rng if shuffle else None)):
-            try:
-                model.zero_grad()
-                outputs = model.forward(batch.X, training=True)
-                total, _, douts = model.loss(outputs, batch.Y, batch.W)
-                if not np.isfinite(total):
-                    raise FloatingPointError(f"the training loss became {total} at "
-                                             f"{_where(epoch, b, steps_per_epoch, step)}; try a lower learning rate")
-                model.backward(douts)
-                if model.frozen_mask is not None:
-                    model.slab.grad[model.frozen_mask] = 0
-                    frozen_values = model.slab.data[model.frozen_mask]
-                opt.step()
-                if sparse_opt is not None:
-                    sparse_opt.step(model.embedding_grads())
-                if model.frozen_mask is not None:  # also against weight decay moving them
-                    model.slab.data[model.frozen_mask] = frozen_values
-            except ValueError as exc:  # the kernels reject NaN/Inf that training produced
-                if "NaN or Inf" not in str(exc):
-                    raise
-                raise FloatingPointError(f"training diverged at {_where(epoch, b, steps_per_epoch, step)}: {exc}; "
-                                         "try a lower learning rate") from exc
-            step += 1
-            loss_sum += total * batch.size
-            seen += batch.size
-            _update_binary_steps(model, history, step)
-            if record_gate_every and step % record_gate_every == 0:
-                _record_gates(model, history, step)
-            for cb in callbacks:
-                if hasattr(cb, "on_step_end"):
-                    cb.on_step_end(step, model)
-            if verbose >= 2 and (b + 1) % max(1, (steps_per_epoch or 10) // 10) == 0:
-                emit(f"  epoch {epoch} step {b + 1}/{steps_per_epoch or '?'} loss {total:.5f}")
-        if not record_gate_every:
-            _record_gates(model, history, step)
-        logs = {"epoch": epoch, "loss": loss_sum / seen}
-        if hasattr(model, "flops"):  # cumulative since the start of fit
-            logs["expert_flops"] = model.flops["experts_executed"]
-            logs["expert_flops_dense"] = model.flops["experts_dense"]
-        if val is not None:
-            for key, value in evaluate(model, val, metrics=metrics).items():
-                if key != "warnings":
-                    logs[f"val_{key}"] = value
-        logs["time"] = time.perf_counter() - t0
-        history.epochs.append(logs)
-        if verbose >= 1:
-            extra = "  ".join(f"{k} {v:.4f}" for k, v in logs.items()
-                              if k not in ("epoch", "loss", "time", "expert_flops", "expert_flops_dense"))
-            emit(f"epoch {epoch}/{epochs}  loss {logs['loss']:.5f}  {extra}  ({logs['time']:.2f} s)")
-        stop = any(bool(cb.on_epoch_end(epoch, logs, model)) for cb in callbacks if hasattr(cb, "on_epoch_end"))
-        if val is not None and early_stopping_patience is not None:
-            if logs["val_loss"] < best_loss:
-                best_loss, best_params, bad_epochs, history.best_epoch = logs["val_loss"], model.slab.data.copy(), 0, epoch
-                best_tables = [t.copy() for t in tables]
-            else:
-                bad_epochs += 1
-                if bad_epochs >= early_stopping_patience:
-                    if verbose >= 1:
-                        emit(f"early stopping after epoch {epoch}: no better val_loss for {bad_epochs} epochs")
-                    stop = True
-        if stop:
-            break
-    if best_params is not None and restore_best_weights:
-        model.slab.data[...] = best_params
-        for t, best in zip(tables, best_tables):
-            t[...] = best
-        if verbose >= 1:
-            emit(f"restored the weights of epoch {history.best_epoch} (val_loss {best_loss:.5f})")
-    history.total_steps = step
+    state, history = model.train_state, model.history
+    steps = train.steps(batch_size)
+    params = dict(epochs=epochs, steps=steps, total_steps=None if steps is None else epochs * steps, verbose=verbose,
+                  emit=C.printer(out))
+    callback_list = C.CallbackList(cbs, model, params)
+    model.stop_training = False
+
+    callback_list.on_train_begin()
+    if resume_from is not None:
+        from .checkpoint import load_callback_states
+        load_callback_states(model, cbs)
+    snapshot = None
+    try:
+        for epoch in range(state.epoch + 1, epochs + 1):
+            snapshot = _Snapshot(model, epoch)
+            callback_list.on_epoch_begin(epoch)
+            t0 = time.perf_counter()
+            logs = train_epoch(model, train, epoch, callback_list, batch_size, shuffle, record_gate_every)
+            if hasattr(model, "flops"):  # cumulative since the start of the run
+                logs["expert_flops"] = model.flops["experts_executed"]
+                logs["expert_flops_dense"] = model.flops["experts_dense"]
+            if val is not None:
+                logs.update(validate(model, val, metrics))
+            logs["lr"] = model.optimizer.lr
+            logs["time"] = time.perf_counter() - t0
+            history.epochs.append(logs)
+            history.epoch_steps.append(state.step)
+            history.total_steps = state.step
+            state.epoch = epoch
+            callback_list.on_epoch_end(epoch, logs)
+            if model.stop_training:
+                break
+    except FloatingPointError as exc:
+        raise FloatingPointError(_after_divergence(model, snapshot, cbs, exc)) from exc
+    history.total_steps = state.step
+    callback_list.on_train_end()
     return history
+
+
+def _validation(model, validation_data):
+    if validation_data is None:
+        return None
+    if I.is_batch_source(validation_data):
+        return I.BatchStream(model, validation_data, "X_val")
+    if not isinstance(validation_data, (tuple, list)) or len(validation_data) not in (2, 3):
+        raise ValueError("validation_data must be (X_val, Y_val), (X_val, Y_val, sample_weights_val) or a batch "
+                         "source of (X, Y[, sample_weights]) batches")
+    return I.make_data(model, validation_data[0], validation_data[1],
+                       validation_data[2] if len(validation_data) == 3 else None, "X_val")
