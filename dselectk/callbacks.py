@@ -336,7 +336,7 @@ class ModelCheckpoint(Callback):
             print(f"epoch {epoch}: saved {path}", file=sys.stderr)
 
     def state_dict(self):
-        return dict(best=self.tracker.best)
+        return dict(best=self.tracker.best) if self.save_best_only else {}
 
     def load_state_dict(self, state):
         self.tracker.best = float(state["best"])

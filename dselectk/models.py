@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import zipfile
 
 import numpy as np
 
+from . import checkpoint as _checkpoint
 from . import functional as F
 from .embedding import EmbeddingInput
 from .inputs import check_task_names
@@ -698,27 +700,42 @@ class SharedBottom(_Model):
 _CLASSES = {"MMoE": MMoE, "MoE": MoE, "SharedBottom": SharedBottom}
 
 
-def save(model, path):
-    """Write ``model`` to one ``.npz``: the parameter slab, the embedding tables (``table_<name>``)
-    and JSON metadata (class, constructor arguments, parameter index, table shapes, format
-    version). Loadable with ``allow_pickle=False``."""
+def save(model, path, include_optimizer=True):
+    """Write ``model`` to one ``.npz`` at exactly ``path``: the parameter slab, the embedding tables
+    (``table_<name>``) and JSON metadata (class, constructor arguments, parameter index, table
+    shapes, format version); after ``fit`` also its training state (optimizer -- unless
+    ``include_optimizer=False`` --, counters, RNG states, History: see dselectk.checkpoint), which
+    ``fit(resume_from=path)`` continues. The write is atomic (a temporary file, fsync, rename).
+    Loadable with ``allow_pickle=False``. Refuses (ValueError) parameters holding NaN or Inf."""
+    _checkpoint.check_finite_parameters(model, f"save({os.fspath(path)!r})")
     tables = model.named_embeddings()
     meta = dict(format=FORMAT, version=FORMAT_VERSION if tables else 1, cls=type(model).__name__,
                 config=model.config, index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
     if tables:
         meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
-    np.savez(path, params=model.slab.data, meta=np.array(json.dumps(meta)),
-             **{f"table_{name}": t for name, t in tables.items()})
+    training, training_arrays = _checkpoint.training_state(model, include_optimizer)
+    if training is not None:
+        meta["training"] = training
+    _checkpoint.atomic_savez(path, dict(params=model.slab.data, meta=np.array(json.dumps(meta)),
+                                        **{f"table_{name}": t for name, t in tables.items()}, **training_arrays))
 
 
 def load(path):
-    """Rebuild a model saved by :func:`save`. Raises ValueError for a file that is not a dselectk
-    model, was written by another format version, or is corrupted."""
+    """Rebuild a model saved by :func:`save` (with its training state, when saved). Raises
+    FileNotFoundError for a missing file (``path`` or, as older versions wrote, ``path.npz``) and
+    ValueError for a file that is not a dselectk model, was written by another format version, or
+    is corrupted."""
+    path = os.fspath(path)
+    if not os.path.exists(path) and os.path.exists(path + ".npz"):
+        path += ".npz"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model file at {path!r}")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()]))
             params = z["params"]
             tables = {k[len("table_"):]: z[k] for k in z.files if k.startswith("table_")}
+            training_arrays = {k: z[k] for k in z.files if k.startswith("train_")}
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable dselectk model file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -746,4 +763,8 @@ def load(path):
     model.slab.data[...] = params
     for name, t in want.items():
         t[...] = tables[name]
+    try:
+        _checkpoint.restore_training(model, meta.get("training"), training_arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored training state is corrupted or does not fit the model ({exc})") from exc
     return model

@@ -32,6 +32,7 @@ from . import callbacks as C
 from . import inputs as I
 from . import metrics as M
 from .callbacks import AnnealTemperature
+from .checkpoint import check_finite_parameters
 from .optim import make_optimizer, make_sparse_optimizer
 
 __all__ = ["fit", "evaluate", "predict", "train_step", "train_epoch", "validate", "History", "TrainState",
@@ -154,14 +155,27 @@ def _data(model, X, Y=None, sample_weights=None, name="X", batch_size=None, need
     return I.make_data(model, X, Y, sample_weights, name, need_targets=need_targets)
 
 
+def _check_rows_used(model, X):
+    """The embedding rows a batch looks up are finite (the only table entries a prediction reads;
+    scanning whole tables per call would cost more than a small prediction)."""
+    for j, table in enumerate(model.embedding_tables()):
+        rows = table[X["ids"][:, j]]
+        if not np.all(np.isfinite(rows)):
+            raise ValueError(f"predict: the model's embedding table {j} holds NaN or Inf in rows this batch reads "
+                             "(training diverged?)")
+
+
 def predict(model, X, batch_size=1024, raw=False):
     """Predictions per task for X: probabilities for bce / softmax_ce tasks, values for mse tasks
     (``raw=True``: the logits). X: an array, a DataFrame, or a batch source of X batches (see
-    dselectk.inputs). Runs in evaluation mode (no dropout, no gate noise)."""
+    dselectk.inputs). Runs in evaluation mode (no dropout, no gate noise). Refuses (ValueError)
+    a model whose parameters hold NaN or Inf."""
     _positive_int(batch_size, "batch_size")
     data = _data(model, X, name="X", need_targets=False)
+    check_finite_parameters(model, "predict", tables=False)
     chunks = [[] for _ in range(model.n_tasks)]
     for batch in data.batches(batch_size):
+        _check_rows_used(model, batch.X)
         outs = model.forward(batch.X, training=False)
         outs = outs if raw else model.transform_outputs(outs)
         for t, o in enumerate(outs):
@@ -178,6 +192,7 @@ def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=Non
     _positive_int(batch_size, "batch_size")
     resolved = _resolve_metrics(model, metrics)
     data = _data(model, X, Y, sample_weights, _name)
+    check_finite_parameters(model, "evaluate", tables=False)
     sums, N = np.zeros(model.n_tasks), 0
     raw, ys, ws = [[] for _ in range(model.n_tasks)], [[] for _ in range(model.n_tasks)], []
     for batch in data.batches(batch_size):
@@ -428,7 +443,7 @@ def fit(model, X, Y=None, *, epochs=10, batch_size=128, optimizer=None, lr=None,
     settings = dict(epochs=epochs, batch_size=batch_size, shuffle=bool(shuffle), seed=seed)
     if resume_from is not None:
         from .checkpoint import resume
-        resume(model, resume_from, settings, cbs)  # parameters, optimizer, counters, RNGs, history
+        resume(model, resume_from, settings)  # parameters, optimizer, counters, RNGs, history
     else:
         model.train_state, model.history = TrainState(seed, settings), History(model.n_tasks)
     _setup_optimizer(model, optimizer, lr, optimizer_kwargs)
@@ -439,7 +454,7 @@ def fit(model, X, Y=None, *, epochs=10, batch_size=128, optimizer=None, lr=None,
     params = dict(epochs=epochs, steps=steps, total_steps=None if steps is None else epochs * steps, verbose=verbose,
                   emit=C.printer(out))
     callback_list = C.CallbackList(cbs, model, params)
-    model.stop_training = False
+    model.stop_training, model._callbacks = False, cbs  # dk.save stores the callbacks' states
 
     callback_list.on_train_begin()
     if resume_from is not None:
