@@ -233,7 +233,13 @@ class EarlyStopping(Callback):
         self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
         self.best_step = None if state["best_step"] is None else int(state["best_step"])
         n = len([k for k in state if k.startswith("weights")])
-        self.best_weights = [np.array(state[f"weights{i}"]) for i in range(n)] or None
+        weights = [np.array(state[f"weights{i}"]) for i in range(n)] or None
+        if weights is not None:
+            mine = _weights(self.model)
+            if [(w.shape, w.dtype) for w in weights] != [(w.shape, w.dtype) for w in mine] or \
+                    not all(np.all(np.isfinite(w)) for w in weights):
+                raise ValueError("the saved best weights do not fit the model (shapes, dtypes) or are not finite")
+        self.best_weights = weights
 
 
 class LearningRateScheduler(Callback):

@@ -267,8 +267,10 @@ def _history(model, h, arrays):
 
     history = History(model.n_tasks)
     epochs = h.get("epochs", [])
-    if not isinstance(epochs, list) or not all(isinstance(e, dict) for e in epochs):
-        raise ValueError("training.history.epochs must be a list of objects")
+    if not isinstance(epochs, list) or not all(isinstance(e, dict) and all(
+            isinstance(k, str) and (v is None or isinstance(v, (int, float)) and not isinstance(v, bool))
+            for k, v in e.items()) for e in epochs):
+        raise ValueError("training.history.epochs must be a list of objects of numbers")
     history.epochs = epochs
     history.gate_steps = [_int(s, "training.history.gate_steps") for s in h.get("gate_steps", [])]
     binary = h.get("binary_step", [None] * model.n_tasks)

@@ -211,9 +211,9 @@ class _CastOnRead:
         return self.shape[0]
 
 
-def to_dtype(a, dtype, name):
-    """The real array ``a`` as a C-contiguous array of ``dtype`` (a memory map of another dtype: a
-    view that casts the rows it reads), after the value checks of :func:`_scan`. TypeError for
+def to_dtype(a, dtype, name, lazy=False):
+    """The real array ``a`` as a C-contiguous array of ``dtype`` (with ``lazy``, a memory map of
+    another dtype: a view that casts the rows it reads), after the value checks of :func:`_scan`. TypeError for
     non-numbers, ValueError for NaN / Inf / out-of-range values, LossyCastWarning for lossy casts
     (see the module docstring)."""
     dtype = np.dtype(dtype)
@@ -227,7 +227,7 @@ def to_dtype(a, dtype, name):
     if a.dtype.kind == "f" and np.finfo(a.dtype).nmant > max(np.finfo(dtype).nmant, np.finfo(np.float64).nmant):
         warn_user(f"{name} has dtype {a.dtype} and is cast to {dtype}, the model's dtype, which rounds away its "
                   "extra precision", LossyCastWarning)
-    if isinstance(a, np.memmap) and a.dtype != dtype:
+    if lazy and isinstance(a, np.memmap) and a.dtype != dtype:
         return _CastOnRead(a, dtype)
     return np.ascontiguousarray(a, dtype=dtype)
 
@@ -310,7 +310,7 @@ def check_X(model, X, name="X"):
         raise ValueError(f"{name} must have shape {want}, got {X.shape}{hint}")
     if X.shape[0] == 0:
         raise ValueError(f"{name} is empty (N = 0)")
-    return to_dtype(X, model.dtype, name)
+    return to_dtype(X, model.dtype, name, lazy=True)
 
 
 def _embedding_format(front):
@@ -367,7 +367,7 @@ def check_embedding_X(front, X, name="X"):
         raise TypeError(f"{name}['dense'] must be a numpy.ndarray, got {type(dense).__name__}")
     if dense.shape != (N, front.n_dense):
         raise ValueError(f"{name}['dense'] must have shape (N, n_dense) = ({N}, {front.n_dense}), got {dense.shape}")
-    return {"ids": ids, "dense": to_dtype(dense, front.dtype, f"{name}['dense']")}
+    return {"ids": ids, "dense": to_dtype(dense, front.dtype, f"{name}['dense']", lazy=True)}
 
 
 def _checked_ids(front, ids, labels):

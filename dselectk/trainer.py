@@ -148,7 +148,7 @@ def _resolve_metrics(model, metrics):
     return resolved
 
 
-def _data(model, X, Y=None, sample_weights=None, name="X", batch_size=None, need_targets=True):
+def _data(model, X, Y=None, sample_weights=None, name="X", need_targets=True):
     """X (and Y, sample_weights) as checked data to batch: dselectk.inputs.ArrayData or BatchStream."""
     if isinstance(X, (I.ArrayData, I.BatchStream)):
         return X
@@ -183,7 +183,7 @@ def predict(model, X, batch_size=1024, raw=False):
     return [np.concatenate(c) for c in chunks]
 
 
-def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=None, _name="X"):
+def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=None):
     """{'loss': the weighted sum of the task losses (no regularizers), '<task>_loss' per task, and
     the metrics per task ('task0_auc', or 'watch_auc' for a task named watch)}. ``metrics``: None
     for DEFAULT_METRICS by loss, a list per task of metric names (see dselectk.metrics) or a dict
@@ -191,7 +191,7 @@ def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=Non
     source of (X, Y[, sample_weights]) batches with Y=None (see dselectk.inputs)."""
     _positive_int(batch_size, "batch_size")
     resolved = _resolve_metrics(model, metrics)
-    data = _data(model, X, Y, sample_weights, _name)
+    data = _data(model, X, Y, sample_weights)
     check_finite_parameters(model, "evaluate", tables=False)
     sums, N = np.zeros(model.n_tasks), 0
     raw, ys, ws = [[] for _ in range(model.n_tasks)], [[] for _ in range(model.n_tasks)], []
