@@ -303,6 +303,7 @@ def _rewrite(path, out, change):
     (lambda m, a: a.update(train_opt_accum=a["train_opt_accum"][:-1]), "accum"),
     (lambda m, a: a.update(train_opt_accum=np.full_like(a["train_opt_accum"], np.nan)), "NaN"),
     (lambda m, a: m["training"]["history"].update(binary_step=[1]), "binary_step"),
+    (lambda m, a: m["training"]["history"]["epochs"][0].update(loss="low"), "objects of numbers"),
 ])
 def test_a_corrupted_training_state_is_a_value_error(tmp_path, change, match):
     model = _build("dselect_k_adagrad")
@@ -311,3 +312,12 @@ def test_a_corrupted_training_state_is_a_value_error(tmp_path, change, match):
     _rewrite(tmp_path / "m.npz", tmp_path / "bad.npz", change)
     with pytest.raises(ValueError, match=match):
         dk.load(tmp_path / "bad.npz")
+
+
+def test_saved_early_stopping_weights_must_fit_the_model(tmp_path):
+    name = "dselect_k_adagrad"
+    _fit(name, _build(name), 2, callbacks=[C.ModelCheckpoint(str(tmp_path / "c.npz"))])
+    _rewrite(tmp_path / "c.npz", tmp_path / "bad.npz",
+             lambda m, a: a.update(train_cb0_weights0=a["train_cb0_weights0"][:-3]))
+    with pytest.raises(ValueError, match="EarlyStopping does not fit it.*best weights do not fit the model"):
+        _fit(name, _build(name), 4, resume_from=tmp_path / "bad.npz")
