@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import zipfile
 
 import numpy as np
 
+from . import checkpoint as _checkpoint
 from . import functional as F
 from .embedding import EmbeddingInput
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
+from .inputs import check_task_names
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU
 from .local_search import LocalSearch, Permutation, PermutedGate
 
@@ -163,7 +166,22 @@ class _Model:
             raise ValueError(f"task_weights must be finite and >= 0, got {weights}")
         self.task_weights = [float(w) for w in weights]
 
+    @property
+    def task_names(self):
+        """The tasks' names (``task_names=`` of the constructor; task0, task1, ... when unnamed):
+        the keys of a dict Y and of the metrics (``val_watch_auc``)."""
+        names = self.config.get("task_names")
+        return list(names) if names else [f"task{t}" for t in range(self.n_tasks)]
+
+    def _name_tasks(self, task_names):
+        if task_names is not None:  # in the config only when given: older readers load the others
+            self.config["task_names"] = check_task_names(task_names, self.n_tasks)
+
     frozen_mask = None  # boolean mask over the slab, see freeze()
+    # what fit leaves on the model (dselectk.trainer): the optimizers it continues, the History and
+    # counters of the last run, the DataFrame columns it read, and the callbacks' stop flag
+    optimizer = sparse_optimizer = history = train_state = input_columns = None
+    stop_training = False
     input_layer = None  # the EmbeddingInput front, or None: X goes straight to the experts
 
     def _setup_input(self, input_dim, embeddings, seed, dtype, input_shape=None, kind="mlp", what="expert"):
@@ -182,15 +200,10 @@ class _Model:
                 raise ValueError(f"the EmbeddingInput has dtype {embeddings.dtype}, the model {np.dtype(dtype)}")
             front = embeddings
         elif isinstance(embeddings, dict):
-            unknown = sorted(set(embeddings) - {"vocab_sizes", "dims", "n_dense"})
-            if unknown or "vocab_sizes" not in embeddings or "dims" not in embeddings:
-                raise ValueError(f"embeddings must be a dict with keys 'vocab_sizes', 'dims' and optionally 'n_dense' "
-                                 f"(or an EmbeddingInput), got keys {sorted(embeddings)}")
             # the tables draw from their own stream, so the other parameters are initialized as
             # they would be for a model without embeddings
             front_seed = seed if isinstance(seed, np.random.Generator) else np.random.SeedSequence(seed, spawn_key=(1,))
-            front = EmbeddingInput(embeddings["vocab_sizes"], embeddings["dims"], embeddings.get("n_dense", 0),
-                                   seed=np.random.default_rng(front_seed), dtype=dtype)
+            front = EmbeddingInput.from_config(embeddings, seed=np.random.default_rng(front_seed), dtype=dtype)
         else:
             raise TypeError(f"embeddings must be None, a dict or an EmbeddingInput, got {type(embeddings).__name__}")
         if input_dim is not None and input_dim != front.out_dim:
@@ -233,7 +246,16 @@ class _Model:
         return self.slab.named()
 
     def num_parameters(self):
-        return len(self.slab)
+        """Every trainable number: the dense slab and the embedding tables."""
+        return len(self.slab) + sum(t.size for t in self.embedding_tables())
+
+    def summary(self, print_fn=print):
+        """Layers, output shapes and parameter counts (embedding tables included), as Keras'
+        model.summary(); ``print_fn=None`` returns the text instead of printing it."""
+        from .summary import summary
+
+        text = summary(self)
+        return text if print_fn is None else print_fn(text)
 
     def freeze(self, *prefixes):
         """Freeze every parameter whose name starts with one of ``prefixes`` (e.g. "expert" or
@@ -250,8 +272,14 @@ class _Model:
                              f"{[n for n, _, _ in self.slab.index[:3]]}")
         self.frozen_mask = mask if self.frozen_mask is None else (self.frozen_mask | mask)
 
-    def unfreeze(self):
-        self.frozen_mask = None
+    def unfreeze(self, *prefixes):
+        """Unfreeze everything (no prefixes), or the parameters whose names start with ``prefixes``."""
+        if not prefixes or self.frozen_mask is None:
+            self.frozen_mask = None if not prefixes else self.frozen_mask
+            return
+        for name, shape, offset in self.slab.index:
+            if name.startswith(prefixes):
+                self.frozen_mask[offset:offset + int(np.prod(shape, dtype=np.int64))] = False
 
     # -- losses ------------------------------------------------------------------------------
     def loss(self, outputs, targets, sample_weights=None):
@@ -304,6 +332,27 @@ class _Model:
 
     def _named_permutations(self):
         return [(name, m) for name, m in self.named_modules() if isinstance(m, Permutation)]
+
+    def local_search_state(self):
+        """{name: state} of every permutation module (step, soft-phase length, hard permutations
+        and the step they hardened), JSON-able; None without local search. What ``dk.save`` stores
+        and early stopping restores with the best weights."""
+        perms = self._named_permutations()
+        return {name: p.state() for name, p in perms} if perms else None
+
+    def load_local_search_state(self, states, where="local search state"):
+        """Put back :meth:`local_search_state`: hardened permutations are frozen again, soft ones
+        (e.g. the best epoch was before hardening) trainable. ValueError for a state that does not
+        fit the model."""
+        perms = self._named_permutations()
+        if not isinstance(states, dict) or sorted(states) != sorted(name for name, _ in perms):
+            raise ValueError(f"{where}: expected the states of {sorted(name for name, _ in perms)}")
+        for name, p in perms:
+            p.load_state(states[name], f"{where} of {name!r}")
+            if p.is_hard:
+                self.freeze(f"{name}.")
+            else:
+                self.unfreeze(f"{name}.")
 
     def _setup_local_search(self, spec, seed, dtype):
         """Wraps every gate in a PermutedGate with its own Permutation, or one shared by all."""
@@ -393,7 +442,10 @@ class MMoE(_Model):
     embeddings : None, or dict(vocab_sizes=[V_0, ...], dims=[d_0, ...] (or one int), n_dense=0) (or
         an :class:`~dselectk.embedding.EmbeddingInput`): an embedding input front; X is then
         {"ids": (N, F) ints, "dense": (N, n_dense) floats} (or the ids alone), and input_dim may be
-        None (it is sum(dims) + n_dense).
+        None (it is sum(dims) + n_dense). With ``columns=`` names (see dselectk.embedding) X may be
+        a pandas DataFrame or a dict of columns.
+    task_names : None, or one name per task (e.g. ["watch", "rating"]): the keys of a dict or
+        DataFrame Y and of the metrics (``val_watch_auc``); unnamed tasks are task0, task1, ...
 
     With static gates (``per_example=False``) the forward pass computes only the experts that some
     task's weights use (an exact nonzero) and mixes them for all tasks in one GEMM; static DSelect-k
@@ -416,7 +468,8 @@ class MMoE(_Model):
     def __init__(self, input_dim=None, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,),
                  task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", *, dropout=0.0, seed=0,
                  dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
-                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, local_search=None,
+                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, task_names=None,
+                 local_search=None,
                  **gate_options):
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
@@ -445,6 +498,7 @@ class MMoE(_Model):
                     expert_output=expert_output, embeddings=embeddings, tower_dropout=tower_dropout, expert=expert,
                     input_shape=input_shape, cnn=dict(filters=expert_filters, kernel=expert_kernel, pool=expert_pool),
                     local_search=local_search)
+        self._name_tasks(task_names)
 
     def _build(self, *, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
                task_weights, dropout, seed, dtype, towers, expert_output=None, embeddings=None, tower_dropout=None,
@@ -675,10 +729,12 @@ class MMoE(_Model):
 class MoE(MMoE):
     """Mixture of Experts (Figure 1(a)): one gate mixes n experts whose outputs are the prediction.
     Each expert is an MLP with hidden widths ``expert_units`` and a linear output of ``output_dim``.
-    ``gate`` and its options, and the other parameters, as :class:`MMoE`."""
+    ``gate`` and its options, and the other parameters, as :class:`MMoE` (``task_names``: one
+    name, or a list of one)."""
 
     def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", *,
-                 dropout=0.0, seed=0, dtype="float32", embeddings=None, local_search=None, **gate_options):
+                 dropout=0.0, seed=0, dtype="float32", embeddings=None, task_names=None, local_search=None,
+                 **gate_options):
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=expert_units, loss=loss,
@@ -689,12 +745,13 @@ class MoE(MMoE):
         self._build(input_dim=input_dim, n_tasks=1, n_experts=n_experts, expert_units=expert_units, tower_units=[],
                     task_losses=loss, task_outputs=output_dim, task_weights=None, dropout=dropout, seed=seed,
                     dtype=dtype, towers=False, embeddings=embeddings, local_search=local_search)
+        self._name_tasks(task_names)
 
 
 class SharedBottom(_Model):
     """The shared-bottom baseline: one Dense -> ReLU stack (``bottom_units``) shared by all tasks,
-    then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``
-    and ``tower_dropout`` as in :class:`MMoE`.
+    then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``,
+    ``tower_dropout`` and ``task_names`` as in :class:`MMoE`.
 
     With ``bottom="cnn"`` the shared bottom is the CNN of :class:`~dselectk.layers.CNNExpert`
     (``bottom_filters``, ``bottom_kernel``, ``bottom_pool``) followed by the ``bottom_units`` Dense
@@ -703,7 +760,7 @@ class SharedBottom(_Model):
     def __init__(self, input_dim=None, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse",
                  task_outputs=1, task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None,
                  tower_dropout=None, bottom="mlp", input_shape=None, bottom_filters=(10, 20), bottom_kernel=5,
-                 bottom_pool=2):
+                 bottom_pool=2, task_names=None):
         bottom_units, tower_units = _widths(bottom_units, "bottom_units"), _widths(tower_units, "tower_units")
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=bottom_units,
                            tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
@@ -735,6 +792,7 @@ class SharedBottom(_Model):
         self.gates = []
         self._finish(dtype)
         self._cache = None
+        self._name_tasks(task_names)
 
     def named_modules(self):
         mods = self.bottom.named_modules("bottom")
@@ -779,10 +837,15 @@ def _gate_spec_of(config, path):
     raise ValueError(f"{path}: the stored gate config must be a dict (or a kind string), got {type(gate).__name__}")
 
 
-def save(model, path):
-    """Write ``model`` to one ``.npz``: the parameter slab, the embedding tables (``table_<name>``)
-    and JSON metadata (class, constructor arguments with the gate as its spec's config dict,
-    parameter index, table shapes, format version). Loadable with ``allow_pickle=False``."""
+def save(model, path, include_optimizer=True):
+    """Write ``model`` to one ``.npz`` at exactly ``path``: the parameter slab, the embedding tables
+    (``table_<name>``) and JSON metadata (class, constructor arguments with the gate as its spec's
+    config dict, parameter index, table shapes, format version); after ``fit`` also its training
+    state (optimizer -- unless ``include_optimizer=False`` --, counters, RNG states, History: see
+    dselectk.checkpoint), which ``fit(resume_from=path)`` continues. The write is atomic (a
+    temporary file, fsync, rename). Loadable with ``allow_pickle=False``. Refuses (ValueError)
+    parameters holding NaN or Inf."""
+    _checkpoint.check_finite_parameters(model, f"save({os.fspath(path)!r})")
     tables = model.named_embeddings()
     perms = model._named_permutations() if hasattr(model, "_named_permutations") else []
     # the oldest version that holds it
@@ -792,21 +855,31 @@ def save(model, path):
     if tables:
         meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
     if perms:
-        meta["local_search"] = {name: p.state() for name, p in perms}
-    np.savez(path, params=model.slab.data, meta=np.array(json.dumps(meta)),
-             **{f"table_{name}": t for name, t in tables.items()})
+        meta["local_search"] = model.local_search_state()
+    training, training_arrays = _checkpoint.training_state(model, include_optimizer)
+    if training is not None:
+        meta["training"] = training
+    _checkpoint.atomic_savez(path, dict(params=model.slab.data, meta=np.array(json.dumps(meta)),
+                                        **{f"table_{name}": t for name, t in tables.items()}, **training_arrays))
 
 
 def load(path):
-    """Rebuild a model saved by :func:`save`, by this version or an older one (format versions 1
-    and 2 stored the gate as a kind string with flat keys k, gamma, ...; they are read as the
-    gate's spec). Raises ValueError for a file that is not a dselectk model, was written by a
-    newer format version, or is corrupted."""
+    """Rebuild a model saved by :func:`save` (with its training state, when saved), by this
+    version or an older one (format versions 1 and 2 stored the gate as a kind string with flat
+    keys k, gamma, ...; they are read as the gate's spec). Raises FileNotFoundError for a missing
+    file (``path`` or, as older versions wrote, ``path.npz``) and ValueError for a file that is
+    not a dselectk model, was written by a newer format version, or is corrupted."""
+    path = os.fspath(path)
+    if not os.path.exists(path) and os.path.exists(path + ".npz"):
+        path += ".npz"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model file at {path!r}")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()]))
             params = z["params"]
             tables = {k[len("table_"):]: z[k] for k in z.files if k.startswith("table_")}
+            training_arrays = {k: z[k] for k in z.files if k.startswith("train_")}
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable dselectk model file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -839,15 +912,15 @@ def load(path):
         if tables[name].shape != t.shape or tables[name].dtype != t.dtype or not np.all(np.isfinite(tables[name])):
             raise ValueError(f"{path}: the stored embedding table {name!r} does not match its metadata or holds NaN "
                              "or Inf")
-    perms = model._named_permutations() if hasattr(model, "_named_permutations") else []
-    states = meta.get("local_search", {})
-    if not isinstance(states, dict) or sorted(states) != sorted(name for name, _ in perms):
+    if getattr(model, "permutations", ()):
+        model.load_local_search_state(meta.get("local_search"), f"{path}: the stored local search state")
+    elif "local_search" in meta:
         raise ValueError(f"{path}: the stored local search state does not match the architecture in its metadata")
-    for name, p in perms:
-        p.load_state(states[name], f"{path}: local search state of {name!r}")
-        if p.is_hard:
-            model.freeze(f"{name}.")
     model.slab.data[...] = params
     for name, t in want.items():
         t[...] = tables[name]
+    try:
+        _checkpoint.restore_training(model, meta.get("training"), training_arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored training state is corrupted or does not fit the model ({exc})") from exc
     return model

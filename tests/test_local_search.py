@@ -13,7 +13,7 @@ import reference as ref
 from dselectk import functional as F
 from dselectk import local_search as L
 from dselectk import models as Mo
-from dselectk import trainer as T
+from dselectk import inputs as I
 from fd import check_entries
 
 pytest.importorskip("scipy")
@@ -168,7 +168,7 @@ def test_whole_model_gradient_in_the_soft_phase(gate_kwargs, shared):
                     **gate_kwargs)
     _spread(model, rng)
     X = rng.standard_normal((9, 4))
-    Y = T._check_Y(model, [rng.standard_normal(9), (rng.random(9) < 0.5).astype(float)], 9)
+    Y = I.check_Y(model, [rng.standard_normal(9), (rng.random(9) < 0.5).astype(float)], 9)
     model.local_search_step(3)
 
     def objective():
@@ -438,3 +438,60 @@ def test_shared_permutation_of_static_dselect_k_gates_runs_as_one_bank(hard):
     for a, b in zip(o1, o2):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(g1, g2, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# the trainer: resume across the hardening, early stopping before it
+# --------------------------------------------------------------------------------------------
+
+def _ls_model(**ls):
+    return Mo.MMoE(5, n_tasks=2, n_experts=8, expert_units=(4,), tower_units=(3,), gate="dselect_k", k=2,
+                   entropy_reg=0.1, seed=3, local_search=dict(steps=10, **ls))
+
+
+def test_resume_across_the_hardening_is_the_uninterrupted_run(tmp_path):
+    rng = np.random.default_rng(12)
+    X, Y = _data(rng, 96, 5)
+    X = X.astype(np.float32)
+    full = _ls_model()
+    h_full = dk.fit(full, X, Y, epochs=5, batch_size=16, verbose=0)  # 6 steps per epoch: hardens in epoch 2
+    first = _ls_model()
+    dk.fit(first, X, Y, epochs=1, batch_size=16, verbose=0, callbacks=[dk.callbacks.ModelCheckpoint(tmp_path / "c.npz")])
+    resumed = _ls_model()
+    h_resumed = dk.fit(resumed, X, Y, epochs=5, batch_size=16, verbose=0, resume_from=tmp_path / "c.npz")
+    np.testing.assert_array_equal(resumed.slab.data, full.slab.data)
+    assert [(r["name"], r["step"]) for r in h_resumed.permutations] == [(r["name"], r["step"])
+                                                                       for r in h_full.permutations]
+    for a, b in zip(h_resumed.permutations, h_full.permutations):
+        np.testing.assert_array_equal(a["permutation"], b["permutation"])
+    # and a checkpoint written after the hardening carries the records and the frozen permutations
+    late = _ls_model()
+    dk.fit(late, X, Y, epochs=3, batch_size=16, verbose=0, callbacks=[dk.callbacks.ModelCheckpoint(tmp_path / "d.npz")])
+    again = _ls_model()
+    h_again = dk.fit(again, X, Y, epochs=5, batch_size=16, verbose=0, resume_from=tmp_path / "d.npz")
+    np.testing.assert_array_equal(again.slab.data, full.slab.data)
+    assert [r["step"] for r in h_again.permutations] == [10, 10]
+
+
+def test_early_stopping_restores_the_permutations_of_the_best_epoch():
+    """Best weights from before the hardening: the permutations go back to their soft state of that
+    epoch (and log_alpha becomes trainable again), so the model is the one that was validated."""
+    rng = np.random.default_rng(13)
+    X, Y = _data(rng, 96, 5)
+    X = X.astype(np.float32)
+    model = _ls_model()
+    states = []
+
+    class Record(dk.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            states.append(self.model.local_search_state())
+
+    # mode="max" makes the worst validation loss the best: the first epoch, before the hardening
+    stop = dk.callbacks.EarlyStopping(monitor="val_loss", mode="max", patience=10, restore_best_weights=True)
+    dk.fit(model, X, Y, epochs=4, batch_size=16, verbose=0, validation_data=(X, Y), callbacks=[Record(), stop])
+    assert stop.best_epoch == 1 and states[-1]["gate0.perm"]["hard"] is not None
+    assert model.local_search_state() == states[0] and all(p.hard is None for p in model.permutations)
+    for name, shape, off in model.slab.index:
+        if name.endswith("log_alpha"):
+            assert not model.frozen_mask[off:off + int(np.prod(shape))].any()
+    dk.evaluate(model, X, Y)  # the Hungarian rounding of the restored soft permutations
