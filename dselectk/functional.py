@@ -20,6 +20,7 @@ Rules shared by every function:
   named tuple of arrays. It refers to (does not copy) the caller's inputs, as the layers' caches
   do: modify them between forward and backward and the gradients follow the modified values. The C kernels release the GIL, so calls from several threads run in
   parallel.
+* Optimizer steps check their state slabs like their gradients (see :func:`sgd_step`).
 * Bit convention: ``s[..., 0]`` (the paper's z_1) is the least significant bit: expert j
   (0-based) is selected when the binary number s[m-1]...s[0] equals j (eq. 4). The official
   TensorFlow code reads the bits the other way round; it is a relabelling of the experts.
@@ -93,7 +94,13 @@ def trusted_inputs():
     read or written out of bounds. The models use it between their checked input and their
     checked loss: the scan of each intermediate activation and gradient is a full extra read of
     it, about a tenth of a training step, and a NaN produced inside the model still reaches the
-    (checked) loss or optimizer in the same step. Calls outside the context are unaffected."""
+    (checked) loss or optimizer in the same step. Calls outside the context are unaffected.
+
+    The dense optimizer steps' value scans are skipped too: of params and grads, and of their
+    state slabs (velocity, m, v, accum: NaN / Inf, and v, accum < 0), all O(N) reads of the
+    whole slab. ``fit`` steps its optimizer outside this context, so a corrupted state is
+    refused there. The sparse steps' row checks (the O(rows * d) rows they read: finite, and
+    >= 0 for accum and v) and the embedding tables' row checks always run."""
     previous = _C.set_finite_checks(False)
     try:
         yield
@@ -698,8 +705,9 @@ def sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nester
     length: g = grads + weight_decay * params; if momentum > 0: velocity = momentum * velocity + g
     and params -= lr * (g + momentum * velocity if nesterov else velocity); else params -= lr * g
     (velocity may then be None, and is not touched). lr > 0, momentum >= 0, weight_decay >= 0;
-    nesterov needs momentum > 0 (as in PyTorch). grads is not modified; NaN/Inf in params or
-    grads raise ValueError."""
+    nesterov needs momentum > 0 (as in PyTorch). grads is not modified. NaN/Inf in params, grads
+    or (when momentum > 0, which reads it) velocity raise ValueError naming the slab, before anything
+    changes; the optimizer state is input too. :func:`trusted_inputs` skips these scans."""
     _C.sgd_step(params, grads, velocity, lr, momentum, weight_decay, nesterov)
 
 
@@ -708,7 +716,10 @@ def adam_step(params, grads, m, v, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1
     place on the 1-D slabs params, m, v; ``step`` >= 1 is the 1-based number of this update:
     g = grads + weight_decay * params (L2, not AdamW); m = beta1 m + (1 - beta1) g;
     v = beta2 v + (1 - beta2) g^2; params -= lr / (1 - beta1**step) * m /
-    (sqrt(v) / sqrt(1 - beta2**step) + eps). lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0."""
+    (sqrt(v) / sqrt(1 - beta2**step) + eps). lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0.
+    NaN/Inf in params, grads, m or v, and a negative v (a mean of squares, whose square root is
+    taken) raise ValueError naming the slab, before anything changes (skipped inside
+    :func:`trusted_inputs`)."""
     _C.adam_step(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay)
 
 
@@ -716,7 +727,9 @@ def adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0):
     """One Adagrad step (torch.optim.Adagrad's rule and defaults, lr_decay 0) in place on the 1-D
     slabs params and accum: g = grads + weight_decay * params; accum += g^2;
     params -= lr * g / (sqrt(accum) + eps). PyTorch's initial_accumulator_value is the initial
-    fill of accum (see :class:`dselectk.optim.Adagrad`). lr > 0, eps > 0, weight_decay >= 0."""
+    fill of accum (see :class:`dselectk.optim.Adagrad`). lr > 0, eps > 0, weight_decay >= 0.
+    NaN/Inf in params, grads or accum, and a negative accum, raise ValueError naming the slab,
+    before anything changes (skipped inside :func:`trusted_inputs`)."""
     _C.adagrad_step(params, grads, accum, lr, eps, weight_decay)
 
 
@@ -778,7 +791,8 @@ def sparse_adagrad_step(table, accum, rows, grad_rows, lr=0.01, eps=1e-10):
     Rows not listed keep their values and accumulators. rows: integer dtype, DISTINCT (ValueError
     naming a repeated value; the rows are updated in parallel), each in [0, V). The arithmetic is
     :func:`adagrad_step`'s, so with every row listed it equals the dense step (weight decay 0;
-    these sparse steps have none, as torch.optim's sparse Adagrad). lr > 0, eps > 0."""
+    these sparse steps have none, as torch.optim's sparse Adagrad). lr > 0, eps > 0. The listed
+    rows of table and accum must be finite, those of accum >= 0 (ValueError naming the row)."""
     _C.sparse_adagrad_step(table, accum, rows, grad_rows, lr, eps)
 
 
@@ -793,5 +807,6 @@ def sparse_adam_step(table, m, v, rows, grad_rows, step, lr=0.001, beta1=0.9, be
     count, the number of this update of the model, also for a row last touched long ago: the same
     rule as PyTorch's torch.optim.SparseAdam and TensorFlow Addons' LazyAdam. rows: integer dtype,
     distinct, in [0, V). With every row listed it equals :func:`adam_step` (weight decay 0).
-    lr > 0, betas in [0, 1), eps > 0."""
+    lr > 0, betas in [0, 1), eps > 0. The listed rows of table, m and v must be finite, those of
+    v >= 0 (ValueError naming the row)."""
     _C.sparse_adam_step(table, m, v, rows, grad_rows, step, lr, beta1, beta2, eps)
