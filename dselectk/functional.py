@@ -18,8 +18,13 @@ Rules shared by every function:
   dtype and shape that shares no memory with an input.
 * Forward functions that a backward needs return ``(output, cache)``; the cache is a small
   named tuple of arrays. It refers to (does not copy) the caller's inputs, as the layers' caches
-  do: modify them between forward and backward and the gradients follow the modified values. The C kernels release the GIL, so calls from several threads run in
-  parallel.
+  do: modify them between forward and backward and the gradients follow the modified values. A
+  backward checks the cache's structure (its type, each field's type, dtype and shape, their
+  consistency, the scalars) and raises TypeError / ValueError naming the field, e.g.
+  ``cache.gate.r``; the values in its arrays are the forward's and are not re-scanned. The C
+  kernels release the GIL, so calls from several threads run in parallel.
+* Numbers out of range raise ValueError naming the argument, also when they do not fit a float64
+  or a 64-bit integer at all (``gamma=10**400``), never OverflowError.
 * Optimizer steps check their state slabs like their gradients (see :func:`sgd_step`).
 * Bit convention: ``s[..., 0]`` (the paper's z_1) is the least significant bit: expert j
   (0-based) is selected when the binary number s[m-1]...s[0] equals j (eq. 4). The official
@@ -154,6 +159,91 @@ def _out_view(out, shape, flat_shape):
     return out.reshape(flat_shape)
 
 
+def _real(v, name, strictly_positive):
+    """A finite float > 0 (or >= 0) from a cache's scalar field."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an int too large for a float64") from None
+    if not np.isfinite(f) or (f <= 0 if strictly_positive else f < 0):
+        raise ValueError(f"{name} must be a finite number {'>' if strictly_positive else '>='} 0, got {f}")
+    return f
+
+
+def _flag(v, name):
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def _cache_of(cache, cls, name="cache"):
+    """cache, if it is a ``cls`` (a forward's named tuple): else TypeError saying which forward
+    makes the cache expected, and which made the one given."""
+    if isinstance(cache, cls):
+        return cache
+    got = type(cache).__name__
+    if type(cache) in _CACHE_SOURCE:
+        got += f" (from {_CACHE_SOURCE[type(cache)]})"
+    raise TypeError(f"argument '{name}' must be the {cls.__name__} that {_CACHE_SOURCE[cls]} returns, got {got}")
+
+
+def _cache_arrays(cache, prefix, fields):
+    """The arrays of a cache, checked: fields is ((name, shape_doc), ...), shape_doc such as
+    "(B, k, n)" with the symbols the shapes must agree on; every array is an ndarray of one float
+    dtype with that many dimensions, and a symbol has one value across the fields. Returns
+    {symbol: size}."""
+    sizes, dtype = {}, None
+    for field, doc in fields:
+        label = f"{prefix}.{field}"
+        a = getattr(cache, field)
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{label} must be a numpy.ndarray {doc}, got {type(a).__name__}")
+        if a.dtype.type not in (np.float32, np.float64):
+            raise TypeError(f"{label} must have dtype float32 or float64, got {a.dtype}")
+        if dtype is None:
+            dtype, first = a.dtype.type, label
+        elif a.dtype.type is not dtype:
+            raise TypeError(f"{label} has dtype {a.dtype}, expected {np.dtype(dtype)} like {first}")
+        symbols = [t.strip() for t in doc.strip("()").split(",")]
+        if a.ndim != len(symbols):
+            raise ValueError(f"{label} must be {len(symbols)}-D with shape {doc}, got shape {a.shape}")
+        for sym, size in zip(symbols, a.shape):
+            if sizes.setdefault(sym, size) != size:
+                raise ValueError(f"{label} has {sym} = {size} (shape {a.shape}), but the cache's other arrays have "
+                                 f"{sym} = {sizes[sym]}")
+    if sizes.get("B", 1) < 1:
+        raise ValueError(f"{prefix} holds an empty batch (B = 0)")
+    return sizes
+
+
+def _dselect_k_cache(cache, prefix="cache"):
+    """A DSelectKCache, structurally checked (see the module's rules)."""
+    sizes = _cache_arrays(cache, prefix, (("r", "(B, k, n)"), ("sigma", "(B, k)"), ("sz", "(B, k, m)"),
+                                          ("Z", "(B, k, m)")))
+    n, m = sizes["n"], sizes["m"]
+    if n < 2 or sizes["k"] < 1 or m != (n - 1).bit_length():
+        raise ValueError(f"{prefix}.r (B, k, n) and {prefix}.sz (B, k, m) must have n >= 2 experts, k >= 1 selectors "
+                         f"and m = ceil(log2 n) bits, got n = {n}, k = {sizes['k']}, m = {m}")
+    _real(cache.gamma, f"{prefix}.gamma", True)
+    if _flag(cache.static, f"{prefix}.static") and sizes["B"] != 1:
+        raise ValueError(f"{prefix}.static is True (alpha was (k,)), so its arrays must have B = 1, got B = "
+                         f"{sizes['B']}")
+    return cache
+
+
+def _softmax_selector_cache(cache):
+    sizes = _cache_arrays(cache, "cache", (("P", "(B, k, n)"), ("sigma", "(B, k)")))
+    if sizes["n"] < 2 or sizes["k"] < 1:
+        raise ValueError(f"cache.P (B, k, n) must have n >= 2 experts and k >= 1 selectors, got n = {sizes['n']}, "
+                         f"k = {sizes['k']}")
+    _real(cache.T, "cache.T", True)
+    if _flag(cache.static, "cache.static") and sizes["B"] != 1:
+        raise ValueError(f"cache.static is True (alpha was (k,)), so its arrays must have B = 1, got B = {sizes['B']}")
+    return cache
+
+
 def n_bits(n):
     """m = ceil(log2 n), the number of bits of each selector's binary code, for n >= 2 experts."""
     n = _int(n, "n (the number of experts)", 2)
@@ -256,6 +346,7 @@ def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
     regularizer of Section 3.1.3) and penalty = sum_i 1 / (eps + sum_{j<n} r(S(z^(i)))_j)
     (Appendix B.2; useful only when n is not a power of two). ``dw`` like w, or None for the
     regularizers alone. Shapes of dalpha/dZ follow alpha/Z."""
+    _dselect_k_cache(_cache_of(cache, DSelectKCache))
     B = cache.r.shape[0]
     if dw is not None:
         dw = _array(dw, "dw")
@@ -270,6 +361,7 @@ def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
 def dselect_k_regularization(cache, eps=1e-6):
     """(Omega, penalty): the entropy regularizer sum_i h(r_i) and the Appendix B.2 mass penalty
     sum_i 1 / (eps + sum_j r_ij), each averaged over the batch (coefficients not applied)."""
+    _dselect_k_cache(_cache_of(cache, DSelectKCache))
     B, k, n = cache.r.shape
     r2 = cache.r.reshape(B * k, n)
     return _C.selector_entropy(r2, eps) / B, _C.selector_mass_penalty(r2, eps) / B
@@ -280,6 +372,21 @@ class DSelectKPerExampleCache(NamedTuple):
     G: np.ndarray  # (k, p)
     W2: np.ndarray  # W reshaped to (k*m, p)
     gate: DSelectKCache
+
+
+def _dselect_k_per_example_cache(cache):
+    gate = _dselect_k_cache(_cache_of(cache.gate, DSelectKCache, "cache.gate"), "cache.gate")
+    if gate.static:
+        raise ValueError("cache.gate.static must be False in a per-example cache")
+    B, k, _ = gate.r.shape
+    m = gate.sz.shape[2]
+    sizes = _cache_arrays(cache, "cache", (("x", "(B, p)"), ("G", "(k, p)"), ("W2", "(km, p)")))
+    if (sizes["B"], sizes["k"], sizes["km"]) != (B, k, k * m):
+        raise ValueError(f"cache.x (B, p), cache.G (k, p) and cache.W2 (k*m, p) must match cache.gate's B = {B}, k = "
+                         f"{k}, m = {m}, got shapes {cache.x.shape}, {cache.G.shape}, {cache.W2.shape}")
+    if cache.x.dtype != gate.r.dtype:
+        raise TypeError(f"cache.x has dtype {cache.x.dtype}, expected {gate.r.dtype} like cache.gate.r")
+    return cache
 
 
 def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
@@ -312,6 +419,7 @@ def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
 def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx=True):
     """Gradients of <dw, w> + lam * Omega + xi * penalty (batch means) for the per-example gate.
     Returns a dict with keys 'x' (None unless need_dx), 'G', 'b_G', 'W', 'b_W'."""
+    _dselect_k_per_example_cache(_cache_of(cache, DSelectKPerExampleCache))
     dalpha, dZ = dselect_k_backward(dw, cache.gate, lam, xi, eps)
     B, k, m = dZ.shape
     dZ2 = dZ.reshape(B, k * m)
@@ -402,6 +510,11 @@ class SoftmaxSelectorCache(NamedTuple):
     static: bool
 
 
+# the forward that makes each cache, for messages
+_CACHE_SOURCE = {DSelectKCache: "dselect_k_forward", DSelectKPerExampleCache: "dselect_k_per_example_forward",
+                 SoftmaxSelectorCache: "softmax_selector_forward"}
+
+
 def softmax_selector_forward(alpha, beta, T=1.0):
     """The ablation gate of Appendix C.2: w = sum_i softmax(alpha)_i softmax(beta^(i) / T), each
     binary-encoded selector replaced by a softmax over the n experts with temperature T.
@@ -413,6 +526,7 @@ def softmax_selector_forward(alpha, beta, T=1.0):
 
 def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
     """(dalpha, dbeta) of <dw, w> + lam * sum_i h(softmax(beta^(i) / T)) (batch mean)."""
+    _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
     if dw is not None:
         dw = _array(dw, "dw")
@@ -426,6 +540,7 @@ def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
 
 def softmax_selector_entropy(cache, eps=1e-6):
     """sum_i h(softmax(beta^(i) / T)), averaged over the batch (the Ablation (Entropy) regularizer)."""
+    _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
     return _C.selector_entropy(cache.P.reshape(B * k, n), eps) / B
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import functional as F
+from ._memory import check_gate
 
 __all__ = ["DSelectKGate", "TopKGate", "SoftmaxGate", "SoftmaxSelectorGate", "StaticDSelectKBank"]
 
@@ -40,6 +41,7 @@ def _check_common(n_experts, k, per_example, input_dim, dtype):
     dtype = np.dtype(dtype)
     if dtype.type not in _DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    check_gate(n, dtype)  # refuse sizes that cannot fit before allocating
     return n, k, input_dim, dtype
 
 

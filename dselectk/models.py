@@ -34,6 +34,7 @@ import zipfile
 import numpy as np
 
 from . import functional as F
+from ._memory import check_experts
 from .embedding import EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU
@@ -392,6 +393,7 @@ class MMoE(_Model):
         self.n_experts = F._int(n_experts, "n_experts", 2)
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
+        check_experts(self, expert_units, dtype)  # before building any: refuse what cannot fit
         if towers:
             if not expert_units:
                 raise ValueError("expert_units must list at least one hidden width")

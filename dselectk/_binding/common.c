@@ -3,6 +3,7 @@
 
 #include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <string.h>
 
 #include "dsk.h"
@@ -469,5 +470,93 @@ int check_blas_dims(npy_intp a, npy_intp b, npy_intp c) {
         PyErr_SetString(PyExc_ValueError, "a dimension exceeds 2**31 - 1, the limit of the 32-bit BLAS");
         return -1;
     }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Argument parsing
+ */
+
+/* The format unit (its letter) of argument i of a PyArg format such as "OOd|O"; 0 past the end. */
+static char format_unit(const char *format, int i) {
+    for (const char *c = format; *c && *c != ':' && *c != ';'; c++) {
+        if (*c == '|' || *c == '$') continue;
+        if (i-- == 0) return *c;
+        if (c[1] == '&' || c[1] == '!' || c[1] == '#' || c[1] == '*') c++; /* O&, O!, s#, s*: one unit */
+    }
+    return 0;
+}
+
+/* Whether converting v for format unit `unit` ('d': a double, 'n': a Py_ssize_t) raises `failure`
+ * (OverflowError or TypeError); if so, that error is replaced by one naming the argument `name`. */
+static int name_conversion_error(PyObject *v, char unit, const char *name, PyObject *failure) {
+    if (unit != 'd' && unit != 'n') return 0;
+    PyObject *index = NULL;
+    long nbits = -1;
+    if (unit == 'd') {
+        if (!(PyFloat_AsDouble(v) == -1 && PyErr_Occurred())) return 0;
+    } else if ((index = PyNumber_Index(v)) != NULL) {
+        if (!(PyLong_AsSsize_t(index) == -1 && PyErr_Occurred())) {
+            Py_DECREF(index);
+            return 0;
+        }
+    }
+    const int matches = PyErr_ExceptionMatches(failure);
+    PyErr_Clear();
+    if (matches && index) {
+        PyObject *bits = PyObject_CallMethod(index, "bit_length", NULL);
+        nbits = bits ? PyLong_AsLong(bits) : -1;
+        Py_XDECREF(bits);
+        PyErr_Clear();
+    }
+    Py_XDECREF(index);
+    if (!matches) return 0;
+    const char *type = Py_TYPE(v)->tp_name;
+    if (failure == PyExc_TypeError)
+        PyErr_Format(PyExc_TypeError, unit == 'd' ? "%s must be a real number (a float), got %s"
+                                                  : "%s must be an integer, got %s", name, type);
+    else if (unit == 'd')
+        PyErr_Format(PyExc_ValueError, "%s must be a finite number, got %s %s too large for a float64 (whose "
+                     "largest value is about 1.8e308)", name, PyLong_Check(v) ? "an" : "a", type);
+    else
+        PyErr_Format(PyExc_ValueError, "%s is out of range: expected an integer of magnitude below 2**63 (and "
+                     "within this function's limits), got one of %ld bits", name, nbits);
+    return 1;
+}
+
+int parse_args(PyObject *args, PyObject *kw, const char *format, char **kwlist, ...) {
+    va_list va;
+    va_start(va, kwlist);
+    const int ok = PyArg_VaParseTupleAndKeywords(args, kw, format, kwlist, va);
+    va_end(va);
+    PyObject *failure = ok ? NULL
+                     : PyErr_ExceptionMatches(PyExc_OverflowError) ? PyExc_OverflowError
+                     : PyErr_ExceptionMatches(PyExc_TypeError) ? PyExc_TypeError : NULL;
+    if (!failure) return ok;
+    /* Find the number argument that failed to convert; keep the original error if none did. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *original = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+#endif
+    const Py_ssize_t npos = PyTuple_GET_SIZE(args);
+    int named = 0;
+    for (int i = 0; kwlist[i] && !named; i++) {
+        PyObject *v = i < npos ? PyTuple_GET_ITEM(args, i) : kw ? PyDict_GetItemString(kw, kwlist[i]) : NULL;
+        if (v) named = name_conversion_error(v, format_unit(format, i), kwlist[i], failure);
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    if (named) Py_DECREF(original);
+    else PyErr_SetRaisedException(original);
+#else
+    if (named) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+    } else {
+        PyErr_Restore(type, value, traceback);
+    }
+#endif
     return 0;
 }

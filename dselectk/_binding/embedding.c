@@ -143,7 +143,7 @@ static PyObject *py_embedding_forward(PyObject *Py_UNUSED(self), PyObject *args,
     PyObject *t_obj, *ids_obj, *out_obj = Py_None, *offset_obj = NULL, *result = NULL;
     unsigned long long offset = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", kwlist, &t_obj, &ids_obj, &out_obj, &offset_obj)) return NULL;
+    if (!parse_args(args, kw, "OO|OO", kwlist, &t_obj, &ids_obj, &out_obj, &offset_obj)) return NULL;
     if (offset_obj && parse_count(offset_obj, "offset", 0, LONG_MAX, &offset) < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp tdims[2] = {-1, -1}, idims[2] = {-1, -1}, width, ld;
@@ -192,7 +192,7 @@ static PyObject *py_embedding_backward(PyObject *Py_UNUSED(self), PyObject *args
     unsigned long long V, d, offset = 0;
     long U = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|O", kwlist, &dout_obj, &ids_obj, &V_obj, &d_obj, &offset_obj))
+    if (!parse_args(args, kw, "OOOO|O", kwlist, &dout_obj, &ids_obj, &V_obj, &d_obj, &offset_obj))
         return NULL;
     if (parse_count(V_obj, "num_embeddings", 1, LONG_MAX, &V) < 0 || parse_count(d_obj, "dim", 1, LONG_MAX, &d) < 0 ||
         (offset_obj && parse_count(offset_obj, "offset", 0, LONG_MAX, &offset) < 0))
@@ -325,8 +325,8 @@ static PyObject *py_sparse_adagrad_step(PyObject *Py_UNUSED(self), PyObject *arg
     const int nonneg[2] = {0, 1};
     double lr = 1e-2, eps = 1e-10;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|dd", kwlist, &states_obj[0], &states_obj[1], &r_obj, &g_obj, &lr,
-                                     &eps))
+    if (!parse_args(args, kw, "OOOO|dd", kwlist, &states_obj[0], &states_obj[1], &r_obj, &g_obj, &lr,
+                    &eps))
         return NULL;
     if (check_scalar(lr, "lr", 1) < 0 || check_scalar(eps, "eps", 1) < 0) return NULL;
     int tn = NPY_NOTYPE;
@@ -363,8 +363,8 @@ static PyObject *py_sparse_adam_step(PyObject *Py_UNUSED(self), PyObject *args, 
     double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
     unsigned long long step;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO|dddd", kwlist, &states_obj[0], &states_obj[1], &states_obj[2],
-                                     &r_obj, &g_obj, &step_obj, &lr, &beta1, &beta2, &eps))
+    if (!parse_args(args, kw, "OOOOOO|dddd", kwlist, &states_obj[0], &states_obj[1], &states_obj[2],
+                    &r_obj, &g_obj, &step_obj, &lr, &beta1, &beta2, &eps))
         return NULL;
     if (parse_count(step_obj, "step", 1, LONG_MAX, &step) < 0 || check_scalar(lr, "lr", 1) < 0 ||
         check_unit(beta1, "beta1") < 0 || check_unit(beta2, "beta2") < 0 || check_scalar(eps, "eps", 1) < 0)

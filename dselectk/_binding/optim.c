@@ -35,8 +35,8 @@ static PyObject *py_sgd_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject
     double lr, momentum = 0, weight_decay = 0;
     int nesterov = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOd|ddp", kwlist, &p_obj, &g_obj, &v_obj, &lr, &momentum,
-                                     &weight_decay, &nesterov))
+    if (!parse_args(args, kw, "OOOd|ddp", kwlist, &p_obj, &g_obj, &v_obj, &lr, &momentum,
+                    &weight_decay, &nesterov))
         return NULL;
     if (check_scalar(lr, "lr", 1) < 0 || check_nonneg(momentum, "momentum") < 0 ||
         check_nonneg(weight_decay, "weight_decay") < 0)
@@ -87,8 +87,8 @@ static PyObject *py_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObjec
     double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
     unsigned long long step;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|ddddd", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &step_obj, &lr,
-                                     &beta1, &beta2, &eps, &weight_decay))
+    if (!parse_args(args, kw, "OOOOO|ddddd", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &step_obj, &lr,
+                    &beta1, &beta2, &eps, &weight_decay))
         return NULL;
     if (parse_count(step_obj, "step", 1, LONG_MAX, &step) < 0 || check_scalar(lr, "lr", 1) < 0 ||
         check_unit(beta1, "beta1") < 0 || check_unit(beta2, "beta2") < 0 || check_scalar(eps, "eps", 1) < 0 ||
@@ -126,7 +126,7 @@ static PyObject *py_adagrad_step(PyObject *Py_UNUSED(self), PyObject *args, PyOb
     PyObject *p_obj, *g_obj, *a_obj, *result = NULL;
     double lr = 1e-2, eps = 1e-10, weight_decay = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|ddd", kwlist, &p_obj, &g_obj, &a_obj, &lr, &eps, &weight_decay))
+    if (!parse_args(args, kw, "OOO|ddd", kwlist, &p_obj, &g_obj, &a_obj, &lr, &eps, &weight_decay))
         return NULL;
     if (check_scalar(lr, "lr", 1) < 0 || check_scalar(eps, "eps", 1) < 0 ||
         check_nonneg(weight_decay, "weight_decay") < 0)
