@@ -62,12 +62,15 @@ def check_mlp(in_dim, units, output_dim, dtype):
             values * np.dtype(dtype).itemsize, f"its parameters and their gradients, {np.dtype(dtype)}")
 
 
-def check_gate(n_experts, dtype):
-    """A gate over n experts: every gate holds its weights w (n,) and at least one more array of n
-    values (its logits, or the k >= 1 selector outputs r (k, n) of one example)."""
-    values = 2 * n_experts
-    require(f"a gate over n_experts = {n_experts}", values * np.dtype(dtype).itemsize,
-            f"its weights w and at least n more values for one example, {np.dtype(dtype)}")
+def check_gate(n_experts, k, dtype):
+    """A gate over n experts, with k selectors or kept experts (None for the softmax gate). Each
+    gate holds at least 3 arrays of n values, or k + 1 when k + 1 < 3: its weights w (n,) and its
+    logits and their gradients (softmax, Top-k), or the k selector outputs r (k, n) of one example
+    (DSelect-k; the softmax-selector gate has more)."""
+    per_expert = 3 if k is None else min(k + 1, 3)
+    require(f"a gate over n_experts = {n_experts}", per_expert * n_experts * np.dtype(dtype).itemsize,
+            f"{per_expert} values per expert for its weights, logits or selector outputs and their "
+            f"gradients, {np.dtype(dtype)}")
 
 
 def check_experts(model, expert_units, dtype):
@@ -77,6 +80,6 @@ def check_experts(model, expert_units, dtype):
     in_dim = model.input_dim if getattr(model, "expert_kind", "mlp") == "mlp" else None
     per_expert = mlp_parameters(in_dim, expert_units) if in_dim else mlp_parameters(1, expert_units)
     itemsize = np.dtype(dtype).itemsize
-    values = 2 * n * per_expert + getattr(model, "n_tasks", 1) * 2 * n
+    values = 2 * n * per_expert + getattr(model, "n_tasks", 1) * 2 * n  # gates: >= 2 values per expert
     require(f"{type(model).__name__} with n_experts = {n}", values * itemsize,
             f"{n} experts of {per_expert} parameters, their gradients and the gates, {np.dtype(dtype)}")

@@ -459,13 +459,20 @@ def sixteen_gib(monkeypatch):
 
 @pytest.fixture
 def no_layer_built(monkeypatch):
-    """Fails the test if a Dense layer (the first thing an MLP allocates) or a gate is built."""
+    """Fails the test if a Dense layer (the first thing an MLP allocates) or a gate (which draws
+    its generator first) is built."""
+    import importlib
+    import pkgutil
+
     from dselectk import gates, layers
 
     def refuse(*args, **kwargs):
         raise AssertionError("a layer was built before the size check")
     monkeypatch.setattr(layers, "glorot_uniform", refuse)
-    monkeypatch.setattr(gates, "_rng", refuse)
+    for info in pkgutil.iter_modules(gates.__path__):
+        module = importlib.import_module(f"dselectk.gates.{info.name}")
+        if hasattr(module, "_rng"):
+            monkeypatch.setattr(module, "_rng", refuse)
 
 
 NEED_RE = r"would need at least [0-9.]+ (GiB|TiB|PiB|EiB) .*more than the 16\.0 GiB of physical memory"
@@ -500,8 +507,9 @@ def test_size_message_states_the_need(sixteen_gib):
     with pytest.raises(ValueError, match=r"MMoE with n_experts = 2147483647 would need at least 11\.0 TiB "
                                          r"\(2147483647 experts of 704 parameters"):
         dk.MMoE(10, n_experts=2**31 - 1)
-    with pytest.raises(ValueError, match=r"a gate over n_experts = 2147483647 would need at least 32\.0 GiB"):
-        dk.DSelectKGate(2**31 - 1, 2)
+    with pytest.raises(ValueError, match=r"a gate over n_experts = 2147483647 would need at least 24\.0 GiB "
+                                         r"\(3 values per expert"):
+        dk.DSelectKGate(2**31 - 1, 2)  # float32: w (n,) and r (2, n) of one example
 
 
 def test_sizes_that_fit_are_built(sixteen_gib):
