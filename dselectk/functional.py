@@ -159,23 +159,26 @@ def _out_view(out, shape, flat_shape):
     return out.reshape(flat_shape)
 
 
-def _real(v, name, strictly_positive):
-    """A finite float > 0 (or >= 0) from a cache's scalar field."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+def _number(value, name, minimum=0.0, strict=False):
+    """value as a float, finite and >= minimum (> with ``strict``); TypeError for a non-number
+    (bools and strings included), ValueError for an out-of-range one (10**400 included), each
+    naming it. The one check of scalar hyperparameters: the gates and the optimizers use it too."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
-        f = float(v)
-    except OverflowError:
-        raise ValueError(f"{name} must be a finite number, got an int too large for a float64") from None
-    if not np.isfinite(f) or (f <= 0 if strictly_positive else f < 0):
-        raise ValueError(f"{name} must be a finite number {'>' if strictly_positive else '>='} 0, got {f}")
+        f = float(value)
+    except OverflowError:  # an int beyond float's range
+        f = float("inf")
+    if not np.isfinite(f) or (f <= minimum if strict else f < minimum):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {shown}")
     return f
 
 
-def _flag(v, name):
-    if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-    return bool(v)
+def _flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def _cache_of(cache, cls, name="cache"):
@@ -226,7 +229,7 @@ def _dselect_k_cache(cache, prefix="cache"):
     if n < 2 or sizes["k"] < 1 or m != (n - 1).bit_length():
         raise ValueError(f"{prefix}.r (B, k, n) and {prefix}.sz (B, k, m) must have n >= 2 experts, k >= 1 selectors "
                          f"and m = ceil(log2 n) bits, got n = {n}, k = {sizes['k']}, m = {m}")
-    _real(cache.gamma, f"{prefix}.gamma", True)
+    _number(cache.gamma, f"{prefix}.gamma", strict=True)
     if _flag(cache.static, f"{prefix}.static") and sizes["B"] != 1:
         raise ValueError(f"{prefix}.static is True (alpha was (k,)), so its arrays must have B = 1, got B = "
                          f"{sizes['B']}")
@@ -238,7 +241,7 @@ def _softmax_selector_cache(cache):
     if sizes["n"] < 2 or sizes["k"] < 1:
         raise ValueError(f"cache.P (B, k, n) must have n >= 2 experts and k >= 1 selectors, got n = {sizes['n']}, "
                          f"k = {sizes['k']}")
-    _real(cache.T, "cache.T", True)
+    _number(cache.T, "cache.T", strict=True)
     if _flag(cache.static, "cache.static") and sizes["B"] != 1:
         raise ValueError(f"cache.static is True (alpha was (k,)), so its arrays must have B = 1, got B = {sizes['B']}")
     return cache

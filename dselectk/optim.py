@@ -22,8 +22,6 @@ a round trip through ``numpy.load`` (0-d arrays for the scalars).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import functional as F
@@ -49,37 +47,17 @@ def _slabs(params, grads):
     return params, grads
 
 
-def _float(v, name):
-    """float(v) for a real number v; TypeError for a string, a bool or a non-number, ValueError for
-    one beyond float64's range (10**400), each naming the hyperparameter."""
-    if isinstance(v, (str, bytes, bool, np.bool_)):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    try:
-        return float(v)
-    except OverflowError:
-        raise ValueError(f"{name} must be a finite number, got {type(v).__name__} too large for a float64 "
-                         "(whose largest value is about 1.8e308)") from None
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(v).__name__}") from None
-
-
 def _positive(v, name):
-    v = _float(v, name)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number > 0, got {v}")
-    return v
+    return F._number(v, name, strict=True)
 
 
 def _nonneg(v, name):
-    v = _float(v, name)
-    if not (v >= 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-    return v
+    return F._number(v, name)
 
 
 def _unit(v, name):
-    v = _float(v, name)
-    if not 0 <= v < 1:
+    v = F._number(v, name)
+    if v >= 1:
         raise ValueError(f"{name} must be a finite number in [0, 1), got {v}")
     return v
 

@@ -515,3 +515,19 @@ def test_size_message_states_the_need(sixteen_gib):
 def test_sizes_that_fit_are_built(sixteen_gib):
     dk.MMoE(10, n_experts=64, expert_units=(32,))
     dk.DSelectKGate(2**20, 2)  # 16 MiB of weights per example: fits
+
+
+@pytest.mark.parametrize("make", [
+    lambda v: dk.DSelectKGate(8, 2, gamma=v),
+    lambda v: dk.DSelectKGate(8, 2, entropy_reg=v),
+    lambda v: dk.SoftmaxSelectorGate(8, 2, temperature=v),
+    lambda v: dk.SoftmaxSelectorGate(8, 2, entropy_reg=v),
+    lambda v: dk.gates.DSelectK(k=2, gamma=v),
+    lambda v: dk.MMoE(4, gamma=v),
+], ids=["dselect-k-gamma", "dselect-k-lambda", "selector-T", "selector-lambda", "spec-gamma", "mmoe-gamma"])
+def test_gate_hyperparameters_out_of_range(make):
+    for bad in HUGE_FLOATS:
+        with pytest.raises(ValueError, match="must be a finite number"):
+            make(bad)
+    with pytest.raises(TypeError, match="must be a real number"):
+        make("1.0")
