@@ -64,10 +64,10 @@ def test_negative_squared_state_is_refused(sid, arg):
 
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("size", [1, 3, 4095, 4096, 4097, 20_000])
-def test_fused_slab_check_finds_every_bad_entry(dtype, size):
-    """The dense steps check params, grads and the state in one fused pass: a bad entry anywhere in
-    any slab, of any size, is found and named with its first index; the first slab (in argument
-    order) with a bad entry is the one named."""
+def test_slab_check_finds_every_bad_entry(dtype, size):
+    """The dense steps check params, grads and the state before anything changes: a bad entry
+    anywhere in any slab, of any size (the scans work in blocks of 4096), is found and named with
+    its first index; the first slab (in argument order) with a bad entry is the one named."""
     rng = np.random.default_rng(size)
     names = ("params", "grads", "m", "v")
     for slab, bad in [(j, b) for j in range(4) for b in (NAN, INF, -INF)] + [(3, -1.0)]:

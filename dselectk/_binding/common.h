@@ -154,12 +154,11 @@ void format_position(char *buf, size_t size, int ndim, const npy_intp *dims, npy
 int parse_args(PyObject *args, PyObject *kw, const char *format, char **kwlist, ...);
 
 /* The value check of a dense optimizer step's slabs (params, grads and its state: velocity, m, v,
- * accum), 1-D of one dtype and size, in one fused pass: ValueError naming the first slab, in
- * argument order, with a NaN / Inf or, where nonneg[j] (a sum or mean of squares: Adam's v,
- * Adagrad's accum, whose square root the step takes), a negative value (-0.0 is fine). Skipped
- * inside trusted_inputs(), like every NaN / Inf scan. At most DSK_MAX_SLABS slabs. */
-#define DSK_MAX_SLABS 4
-int check_slabs(PyArrayObject *const *slabs, const char *const *names, const int *nonneg, int count);
+ * accum), before anything changes: ValueError naming the first slab, in argument order, with a
+ * NaN / Inf or, with last_nonneg, a negative value in the last slab (a sum or mean of squares:
+ * Adam's v, Adagrad's accum, whose square root the step takes; -0.0 is fine). Skipped inside
+ * trusted_inputs(), like every NaN / Inf scan. */
+int check_slabs(PyArrayObject *const *slabs, const char *const *names, int count, int last_nonneg);
 
 /* ---------------------------------------------------------------------------------------------
  * Scalar and size checks: 0, or -1 with a ValueError naming the argument.

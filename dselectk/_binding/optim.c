@@ -59,9 +59,8 @@ static PyObject *py_sgd_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject
         goto done;
     }
     const char *names[3] = {"params", "grads", "velocity"};
-    const int nonneg[3] = {0, 0, 0};
     PyArrayObject *slabs[3] = {params, grads, velocity};
-    if (check_slabs(slabs, names, nonneg, momentum != 0 ? 3 : 2) < 0) goto done; /* velocity: read with momentum */
+    if (check_slabs(slabs, names, momentum != 0 ? 3 : 2, 0) < 0) goto done; /* velocity: read with momentum */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, sgd_step, DATA(params), momentum != 0 ? OPTDATA(velocity) : NULL, DATA(grads), (long)N[0], lr,
              momentum, weight_decay, nesterov);
@@ -101,9 +100,8 @@ static PyObject *py_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObjec
     if (!(m = hold_from(&h, m_obj, inplace_array(m_obj, "m", &tn, 1, N, "(N,)", &h, 0)))) goto done;
     if (!(v = hold_from(&h, v_obj, inplace_array(v_obj, "v", &tn, 1, N, "(N,)", &h, 0)))) goto done;
     const char *names[4] = {"params", "grads", "m", "v"};
-    const int nonneg[4] = {0, 0, 0, 1};
     PyArrayObject *slabs[4] = {params, grads, m, v};
-    if (check_slabs(slabs, names, nonneg, 4) < 0) goto done;
+    if (check_slabs(slabs, names, 4, 1) < 0) goto done; /* v >= 0 */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, adam_step, DATA(params), DATA(m), DATA(v), DATA(grads), (long)N[0], (long)step, lr, beta1, beta2,
              eps, weight_decay);
@@ -137,9 +135,8 @@ static PyObject *py_adagrad_step(PyObject *Py_UNUSED(self), PyObject *args, PyOb
     if (slab_pair(p_obj, g_obj, &tn, N, &h, &params, &grads) < 0) goto done;
     if (!(accum = hold_from(&h, a_obj, inplace_array(a_obj, "accum", &tn, 1, N, "(N,)", &h, 0)))) goto done;
     const char *names[3] = {"params", "grads", "accum"};
-    const int nonneg[3] = {0, 0, 1};
     PyArrayObject *slabs[3] = {params, grads, accum};
-    if (check_slabs(slabs, names, nonneg, 3) < 0) goto done;
+    if (check_slabs(slabs, names, 3, 1) < 0) goto done; /* accum >= 0 */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, adagrad_step, DATA(params), DATA(accum), DATA(grads), (long)N[0], lr, eps, weight_decay);
     Py_END_ALLOW_THREADS
