@@ -33,6 +33,7 @@ Rules shared by every function:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -169,7 +170,7 @@ def _number(value, name, minimum=0.0, strict=False):
         f = float(value)
     except OverflowError:  # an int beyond float's range
         f = float("inf")
-    if not np.isfinite(f) or (f <= minimum if strict else f < minimum):
+    if not math.isfinite(f) or (f <= minimum if strict else f < minimum):
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {shown}")
     return f
@@ -193,38 +194,39 @@ def _cache_of(cache, cls, name="cache"):
 
 
 def _cache_arrays(cache, prefix, fields):
-    """The arrays of a cache, checked: fields is ((name, shape_doc), ...), shape_doc such as
-    "(B, k, n)" with the symbols the shapes must agree on; every array is an ndarray of one float
-    dtype with that many dimensions, and a symbol has one value across the fields. Returns
-    {symbol: size}."""
+    """The arrays of a cache, checked: fields is ((name, symbols), ...), symbols such as
+    ("B", "k", "n") naming the axes the shapes must agree on; every array is an ndarray of one
+    float dtype with that many dimensions, and a symbol has one value across the fields. Returns
+    {symbol: size}. (Runs on every backward of a gate: string work only on the error paths.)"""
     sizes, dtype = {}, None
-    for field, doc in fields:
-        label = f"{prefix}.{field}"
+    for field, symbols in fields:
         a = getattr(cache, field)
         if not isinstance(a, np.ndarray):
-            raise TypeError(f"{label} must be a numpy.ndarray {doc}, got {type(a).__name__}")
-        if a.dtype.type not in (np.float32, np.float64):
-            raise TypeError(f"{label} must have dtype float32 or float64, got {a.dtype}")
+            raise TypeError(f"{prefix}.{field} must be a numpy.ndarray ({', '.join(symbols)}), got {type(a).__name__}")
         if dtype is None:
-            dtype, first = a.dtype.type, label
-        elif a.dtype.type is not dtype:
-            raise TypeError(f"{label} has dtype {a.dtype}, expected {np.dtype(dtype)} like {first}")
-        symbols = [t.strip() for t in doc.strip("()").split(",")]
+            if a.dtype.type not in (np.float32, np.float64):
+                raise TypeError(f"{prefix}.{field} must have dtype float32 or float64, got {a.dtype}")
+            dtype, first = a.dtype, field
+        elif a.dtype != dtype:
+            raise TypeError(f"{prefix}.{field} has dtype {a.dtype}, expected {dtype} like {prefix}.{first}")
         if a.ndim != len(symbols):
-            raise ValueError(f"{label} must be {len(symbols)}-D with shape {doc}, got shape {a.shape}")
+            raise ValueError(f"{prefix}.{field} must be {len(symbols)}-D with shape ({', '.join(symbols)}), got shape "
+                             f"{a.shape}")
         for sym, size in zip(symbols, a.shape):
             if sizes.setdefault(sym, size) != size:
-                raise ValueError(f"{label} has {sym} = {size} (shape {a.shape}), but the cache's other arrays have "
-                                 f"{sym} = {sizes[sym]}")
+                raise ValueError(f"{prefix}.{field} has {sym} = {size} (shape {a.shape}), but the cache's other arrays "
+                                 f"have {sym} = {sizes[sym]}")
     if sizes.get("B", 1) < 1:
         raise ValueError(f"{prefix} holds an empty batch (B = 0)")
     return sizes
 
 
+_DSELECT_K_FIELDS = (("r", ("B", "k", "n")), ("sigma", ("B", "k")), ("sz", ("B", "k", "m")), ("Z", ("B", "k", "m")))
+
+
 def _dselect_k_cache(cache, prefix="cache"):
     """A DSelectKCache, structurally checked (see the module's rules)."""
-    sizes = _cache_arrays(cache, prefix, (("r", "(B, k, n)"), ("sigma", "(B, k)"), ("sz", "(B, k, m)"),
-                                          ("Z", "(B, k, m)")))
+    sizes = _cache_arrays(cache, prefix, _DSELECT_K_FIELDS)
     n, m = sizes["n"], sizes["m"]
     if n < 2 or sizes["k"] < 1 or m != (n - 1).bit_length():
         raise ValueError(f"{prefix}.r (B, k, n) and {prefix}.sz (B, k, m) must have n >= 2 experts, k >= 1 selectors "
@@ -237,7 +239,7 @@ def _dselect_k_cache(cache, prefix="cache"):
 
 
 def _softmax_selector_cache(cache):
-    sizes = _cache_arrays(cache, "cache", (("P", "(B, k, n)"), ("sigma", "(B, k)")))
+    sizes = _cache_arrays(cache, "cache", (("P", ("B", "k", "n")), ("sigma", ("B", "k"))))
     if sizes["n"] < 2 or sizes["k"] < 1:
         raise ValueError(f"cache.P (B, k, n) must have n >= 2 experts and k >= 1 selectors, got n = {sizes['n']}, "
                          f"k = {sizes['k']}")
@@ -383,7 +385,7 @@ def _dselect_k_per_example_cache(cache):
         raise ValueError("cache.gate.static must be False in a per-example cache")
     B, k, _ = gate.r.shape
     m = gate.sz.shape[2]
-    sizes = _cache_arrays(cache, "cache", (("x", "(B, p)"), ("G", "(k, p)"), ("W2", "(km, p)")))
+    sizes = _cache_arrays(cache, "cache", (("x", ("B", "p")), ("G", ("k", "p")), ("W2", ("km", "p"))))
     if (sizes["B"], sizes["k"], sizes["km"]) != (B, k, k * m):
         raise ValueError(f"cache.x (B, p), cache.G (k, p) and cache.W2 (k*m, p) must match cache.gate's B = {B}, k = "
                          f"{k}, m = {m}, got shapes {cache.x.shape}, {cache.G.shape}, {cache.W2.shape}")
