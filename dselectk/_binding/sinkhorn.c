@@ -54,7 +54,7 @@ static PyObject *py_sinkhorn_forward(PyObject *Py_UNUSED(self), PyObject *args, 
     int keep = 1;
     unsigned long long iters;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OdO|pO", kwlist, &a_obj, &tau, &iters_obj, &keep, &out_obj))
+    if (!parse_args(args, kw, "OdO|pO", kwlist, &a_obj, &tau, &iters_obj, &keep, &out_obj))
         return NULL;
     if (check_gamma(tau, "tau (the temperature)") < 0 ||
         parse_count(iters_obj, "iters (the number of Sinkhorn iterations)", 1, SINKHORN_MAX_ITERS, &iters) < 0)
@@ -99,7 +99,7 @@ static PyObject *py_sinkhorn_backward(PyObject *Py_UNUSED(self), PyObject *args,
     PyObject *dP_obj, *P_obj, *logs_obj, *result = NULL;
     double tau, lam = 0, eps = 1e-6;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOd|dd", kwlist, &dP_obj, &P_obj, &logs_obj, &tau, &lam, &eps))
+    if (!parse_args(args, kw, "OOOd|dd", kwlist, &dP_obj, &P_obj, &logs_obj, &tau, &lam, &eps))
         return NULL;
     if (check_gamma(tau, "tau (the temperature)") < 0 || check_nonneg(lam, "lam") < 0 || check_gamma(eps, "eps") < 0)
         return NULL;
@@ -152,7 +152,7 @@ static PyObject *py_sinkhorn_entropy(PyObject *Py_UNUSED(self), PyObject *args, 
     PyObject *P_obj, *result = NULL;
     double eps = 1e-6, value = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|d", kwlist, &P_obj, &eps)) return NULL;
+    if (!parse_args(args, kw, "O|d", kwlist, &P_obj, &eps)) return NULL;
     if (check_gamma(eps, "eps") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[3] = {-1, -1, -1};
