@@ -34,6 +34,7 @@ finally:
         _os.environ.pop(_k, None)
 from . import functional, gates, metrics, optim
 from .embedding import Embedding, EmbeddingInput
+from .export import export_onnx
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
 from .trainer import AnnealTemperature, History, evaluate, fit, predict
@@ -56,6 +57,7 @@ __all__ = [
     "AnnealTemperature",
     "save",
     "load",
+    "export_onnx",
     "functional",
     "gates",
     "metrics",

@@ -77,12 +77,29 @@ class _Gate:
         if self.per_example:
             raise RuntimeError(f"{type(self).__name__}(per_example=True) has not run forward(x) yet, and its weights "
                                "depend on the input x: run a forward first (for a model: model.forward(X))")
+        return self._forward_detached()
+
+    def _forward_detached(self):
+        """(w, cache) of a forward of a static gate from its parameters now, leaving the state of
+        the last forward (what backward() uses) as it was."""
         kept = self._cache, self._last_w
         try:
             w = self.forward()
             return w, self._cache
         finally:
             self._cache, self._last_w = kept
+
+    def onnx_weights(self, graph, x):
+        """The gate's expert weights in an ONNX graph that :func:`dselectk.export_onnx` is building:
+        for a static gate (this version), its weights from its parameters now, an (n,) NumPy array
+        that the exporter folds in as a constant (leaving out experts whose weight is exactly zero
+        in every task). A per-example gate overrides this in its own file: it builds its (B, n)
+        weights from ``x``, the graph name of its (B, p) input, with the methods of ``graph`` (a
+        :class:`dselectk.export.OnnxGraph`) and returns the name of the result."""
+        if self.per_example:
+            raise TypeError(f"{type(self).__name__}(per_example=True) has no ONNX export: its file must define "
+                            "onnx_weights(graph, x) (see dselectk.gates, 'Adding a gate')")
+        return np.array(self._forward_detached()[0], copy=True)
 
     def expert_weights(self):
         """The expert weights of the last forward: (n,) static, (B, n) per example (a static gate

@@ -96,6 +96,30 @@ class DSelectKGate(_Gate):
         self._accumulate("Z", dZ)
         return None
 
+    def onnx_weights(self, graph, x):
+        """Static: the weights as constants (the base class). Per example, eq. (6) as ONNX
+        operators on x (B, p): alpha = x G^T + b_G and Z = x W^T + b_W (two Gemms), S(Z) =
+        v^2 (3 - 2 v) with v = clip(Z / gamma + 1/2, 0, 1) (the smooth-step, exactly 0 and 1 outside
+        (-gamma/2, gamma/2)), r(S) as the products over the bits of one Gather from [1 - S | S], and
+        w = softmax(alpha) r, one batched MatMul."""
+        if not self.per_example:
+            return super().onnx_weights(graph, x)
+        p, k, m, n = self.params, self.k, self.m, self.n_experts
+        alpha = graph.linear(x, p["G"], p["b_G"], "dselect_k_alpha")  # (B, k)
+        sigma = graph.reshape(graph.op("Softmax", alpha, axis=-1), [-1, 1, k], "dselect_k_sigma")  # (B, 1, k)
+        z = graph.linear(x, p["W"].reshape(k * m, -1), p["b_W"].reshape(-1), "dselect_k_z")  # (B, k m)
+        v = graph.op("Add", graph.op("Mul", z, graph.const(1 / self.gamma, "inv_gamma")), graph.const(0.5, "half"))
+        v = graph.op("Clip", v, graph.const(0.0, "zero"), graph.const(1.0, "one"))
+        s = graph.op("Mul", graph.op("Mul", v, v), graph.op("Sub", graph.const(3.0, "three"),
+                                                             graph.op("Add", v, v)), hint="dselect_k_sz")
+        s = graph.reshape(s, [-1, k, m], "dselect_k_s")  # (B, k, m)
+        both = graph.op("Concat", graph.op("Sub", graph.const(1.0, "one"), s), s, axis=2)  # (B, k, 2m): [1 - s | s]
+        # r_j = prod_b (s_b if bit b of j is set else 1 - s_b): column b + m * bit_b(j) of [1 - s | s]
+        bits = (np.arange(n)[:, None] >> np.arange(m)[None, :]) & 1  # (n, m)
+        picked = graph.op("Gather", both, graph.const(np.arange(m)[None, :] + m * bits, "selector_index"), axis=2)
+        r = graph.op("ReduceProd", picked, axes=[3], keepdims=0, hint="dselect_k_r")  # (B, k, n)
+        return graph.reshape(graph.op("MatMul", sigma, r), [-1, n], "dselect_k_w")
+
     def _gate_cache(self):
         cache = self._last_forward()[1]
         return cache.gate if self.per_example else cache

@@ -53,6 +53,13 @@ class SoftmaxGate(_Gate):
     def regularization(self):
         return 0.0
 
+    def onnx_weights(self, graph, x):
+        """Static: the weights as constants (the base class). Per example: softmax(x A^T + b)."""
+        if not self.per_example:
+            return super().onnx_weights(graph, x)
+        return graph.op("Softmax", graph.linear(x, self.params["A"], self.params["b"], "softmax_logits"), axis=-1,
+                        hint="softmax_w")
+
 
 @register
 @dataclasses.dataclass(frozen=True)

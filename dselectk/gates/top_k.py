@@ -86,6 +86,17 @@ class TopKGate(_Gate):
     def regularization(self):
         return 0.0
 
+    def onnx_weights(self, graph, x):
+        """Static: the weights as constants (the base class). Per example: a = x A^T + b (one
+        Gemm), TopK, softmax of the k kept logits, scattered into zeros (B, n). The noise is a
+        training-time term and is not exported; ties are broken toward the lower index, as here."""
+        if not self.per_example:
+            return super().onnx_weights(graph, x)
+        logits = graph.linear(x, self.params["A"], self.params["b"], "top_k_logits")  # (B, n)
+        kept, index = graph.op("TopK", logits, graph.const(np.array([self.k], np.int64), "k"), outputs=2, axis=-1)
+        return graph.op("ScatterElements", graph.zeros_like(logits), index, graph.op("Softmax", kept, axis=-1),
+                        axis=1, hint="top_k_w")
+
 
 @register
 @dataclasses.dataclass(frozen=True)
