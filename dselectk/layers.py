@@ -16,7 +16,7 @@ import numpy as np
 
 from . import functional as F
 
-__all__ = ["Dense", "ReLU", "Dropout", "SumUnits", "MLP", "Conv2D", "MaxPool2D", "Flatten", "CNNExpert",
+__all__ = ["Dense", "ReLU", "Dropout", "dropout_rate", "SumUnits", "MLP", "Conv2D", "MaxPool2D", "Flatten", "CNNExpert",
            "ParameterSlab", "glorot_uniform"]
 
 
@@ -58,6 +58,16 @@ class ReLU:
         return F.relu_backward(dout, self._y)
 
 
+def dropout_rate(rate, name="dropout"):
+    """``rate`` as a float in [0, 1): TypeError for a non-number (bools included), ValueError for a
+    rate outside [0, 1) or NaN (1 would drop every unit, a negative rate has no meaning)."""
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(rate).__name__}")
+    if not 0.0 <= float(rate) < 1.0:  # False for NaN too
+        raise ValueError(f"{name} must be a number in [0, 1) (the fraction of units dropped), got {rate!r}")
+    return float(rate)
+
+
 class Dropout:
     """Inverted dropout: at training time each entry is kept with probability 1 - rate and scaled
     by 1 / (1 - rate); the identity at evaluation. The mask is a counter-based hash of
@@ -65,9 +75,7 @@ class Dropout:
     and independent of the thread count."""
 
     def __init__(self, rate, seed):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-        self.rate, self.seed, self.step = float(rate), int(seed), 0
+        self.rate, self.seed, self.step = dropout_rate(rate, "the dropout rate"), int(seed), 0
         self.params, self.grads, self._training = {}, {}, False
 
     def forward(self, x, training=False):
@@ -174,6 +182,7 @@ class MLP(Sequential):
     ``units`` lists the hidden widths. With no units and no output layer the MLP is the identity."""
 
     def __init__(self, in_dim, units, rng, dropout=0.0, output_dim=None, dtype=np.float32):
+        dropout = dropout_rate(dropout)
         self.layers = []
         d = int(in_dim)
         for u in units:

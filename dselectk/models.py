@@ -37,7 +37,7 @@ from . import functional as F
 from .embedding import EmbeddingInput
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
-from .layers import MLP, CNNExpert, ParameterSlab, ReLU
+from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
 
@@ -109,6 +109,13 @@ def _widths(units, name):
     return [int(u) for u in widths]
 
 
+def _check_dropout(dropout, tower_dropout):
+    """Rates in [0, 1), checked before any layer is built (ValueError / TypeError naming the argument)."""
+    dropout_rate(dropout, "dropout")
+    if tower_dropout is not None:
+        dropout_rate(tower_dropout, "tower_dropout")
+
+
 def _trusted_forward(forward):
     """Checks the model input for NaN/Inf once, then runs ``forward`` inside
     F.trusted_inputs(): the kernels skip re-scanning the intermediate activations (the loss and
@@ -133,6 +140,13 @@ def _trusted_backward(backward):
         with F.trusted_inputs():
             return backward(self, douts)
     return unscanned
+
+
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) in z's dtype, without overflow: exp is taken of -|z| only, and for
+    z < 0 the form e^z / (1 + e^z), which keeps its relative accuracy far into the tail."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
 
 
 def _flat(X):
@@ -283,7 +297,7 @@ class _Model:
         preds = []
         for name, out in zip(self.task_losses, outputs):
             if name == "bce":
-                preds.append(1.0 / (1.0 + np.exp(-out.reshape(-1))))
+                preds.append(_sigmoid(out.reshape(-1)))
             elif name == "softmax_ce":
                 preds.append(F.softmax(out))
             else:
@@ -397,6 +411,7 @@ class MMoE(_Model):
         """The layers, with the gates built from ``self.gate_spec`` (one per task, drawn from the
         model's generator after the experts and before the towers)."""
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        _check_dropout(dropout, tower_dropout)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, expert, "expert")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
@@ -639,6 +654,7 @@ class SharedBottom(_Model):
             self.config.update(bottom=bottom, bottom_filters=_listed(bottom_filters),
                                bottom_kernel=_listed(bottom_kernel), bottom_pool=_listed(bottom_pool))
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        _check_dropout(dropout, tower_dropout)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, bottom, "bottom")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
