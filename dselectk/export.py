@@ -53,6 +53,8 @@ from .layers import CNNExpert, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU,
 if TYPE_CHECKING:
     import onnx
 
+    from .models import _Model
+
 __all__ = ["export_onnx", "OnnxGraph", "OPSET", "IR_VERSION"]
 
 #: The ONNX opset (default domain) of exported graphs.
@@ -65,7 +67,7 @@ BATCH = "batch"  # the symbolic batch dimension of every input and output
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _require_onnx():
+def _require_onnx() -> Any:
     try:
         import onnx
     except ImportError as exc:
@@ -135,7 +137,7 @@ class OnnxGraph:
         value = self.onnx.numpy_helper.from_array(np.zeros(1, self.dtype))
         return self.op("ConstantOfShape", self.op("Shape", x, hint=hint + "_shape"), hint=hint, value=value)
 
-    def value_info(self, name: str, shape: Sequence[Any], elem_type: int | None = None):
+    def value_info(self, name: str, shape: Sequence[Any], elem_type: int | None = None) -> Any:
         return self.onnx.helper.make_tensor_value_info(name, self.elem_type if elem_type is None else elem_type,
                                                        list(shape))
 
@@ -295,7 +297,7 @@ def _task_names(model: Any, output_names: Sequence[str] | None) -> list[str]:
     return [str(n) for n in names]
 
 
-def export_onnx(model: Any, path: PathLike, *, output_names: Sequence[str] | None = None) -> "onnx.ModelProto":
+def export_onnx(model: _Model, path: PathLike, *, output_names: Sequence[str] | None = None) -> onnx.ModelProto:
     """Write the inference forward of ``model`` (MMoE, MoE or SharedBottom, any gate, MLP or CNN
     experts, with or without an embedding input) to ``path`` as an ONNX graph (opset 17), and
     return the ``onnx.ModelProto``. The graph's outputs are what :func:`dselectk.predict` returns,

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import zipfile
+from typing import Any, Sequence, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import functional as F
 from .embedding import EmbeddingInput
@@ -40,6 +43,12 @@ from .gates._base import resolve as _resolve_gate
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
+
+# the types of the public constructors' arguments
+GateArg = Union[GateSpec, dict, str]  # a spec, its config dict, or a kind string (with **gate_options)
+Embeddings = Union[EmbeddingInput, dict, None]
+Pair = Union[int, Sequence[int]]
+PathLike = Union[str, "os.PathLike[str]"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 ARCHITECTURES = ("mlp", "cnn")
@@ -156,6 +165,9 @@ def _flat(X):
 
 class _Model:
     """Shared machinery: tasks, losses, the parameter slab, prediction transforms."""
+
+    config: dict  # the constructor's arguments, JSON-able: what save writes and load rebuilds from
+    gates: list  # one gate per task (none for SharedBottom)
 
     def _setup_tasks(self, n_tasks, task_losses, task_outputs, task_weights):
         if not isinstance(n_tasks, int) or n_tasks < 1:
@@ -376,10 +388,14 @@ class MMoE(_Model):
     # their own examples only; at or above it, on the whole batch (gathering would cost more).
     sparse_threshold = 0.75
 
-    def __init__(self, input_dim=None, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,),
-                 task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", *, dropout=0.0, seed=0,
-                 dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
-                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, **gate_options):
+    def __init__(self, input_dim: int | None = None, n_tasks: int = 2, n_experts: int = 8,
+                 expert_units: Sequence[int] = (64,), tower_units: Sequence[int] | None = (32,),
+                 task_losses: str | Sequence[str] = "mse", task_outputs: int | Sequence[int] = 1,
+                 task_weights: Sequence[float] | None = None, gate: GateArg = "dselect_k", *, dropout: float = 0.0,
+                 seed: int = 0, dtype: DTypeLike = "float32", expert_output: str | None = None,
+                 embeddings: Embeddings = None, tower_dropout: float | None = None, expert: str = "mlp",
+                 input_shape: Sequence[int] | None = None, expert_filters: Sequence[int] = (10, 20),
+                 expert_kernel: Pair = 5, expert_pool: Pair = 2, **gate_options: Any) -> None:
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         tower_units = None if tower_units is None else _widths(tower_units, "tower_units")
@@ -617,8 +633,10 @@ class MoE(MMoE):
     Each expert is an MLP with hidden widths ``expert_units`` and a linear output of ``output_dim``.
     ``gate`` and its options, and the other parameters, as :class:`MMoE`."""
 
-    def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", *,
-                 dropout=0.0, seed=0, dtype="float32", embeddings=None, **gate_options):
+    def __init__(self, input_dim: int | None, n_experts: int = 8, expert_units: Sequence[int] = (64,),
+                 loss: str = "mse", output_dim: int = 1, gate: GateArg = "dselect_k", *, dropout: float = 0.0,
+                 seed: int = 0, dtype: DTypeLike = "float32", embeddings: Embeddings = None,
+                 **gate_options: Any) -> None:
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=expert_units, loss=loss,
@@ -638,10 +656,12 @@ class SharedBottom(_Model):
     (``bottom_filters``, ``bottom_kernel``, ``bottom_pool``) followed by the ``bottom_units`` Dense
     layers, on images X (N, C, H, W) of ``input_shape`` (C, H, W)."""
 
-    def __init__(self, input_dim=None, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse",
-                 task_outputs=1, task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None,
-                 tower_dropout=None, bottom="mlp", input_shape=None, bottom_filters=(10, 20), bottom_kernel=5,
-                 bottom_pool=2):
+    def __init__(self, input_dim: int | None = None, n_tasks: int = 2, bottom_units: Sequence[int] = (64,),
+                 tower_units: Sequence[int] = (32,), task_losses: str | Sequence[str] = "mse",
+                 task_outputs: int | Sequence[int] = 1, task_weights: Sequence[float] | None = None,
+                 dropout: float = 0.0, seed: int = 0, dtype: DTypeLike = "float32", embeddings: Embeddings = None,
+                 tower_dropout: float | None = None, bottom: str = "mlp", input_shape: Sequence[int] | None = None,
+                 bottom_filters: Sequence[int] = (10, 20), bottom_kernel: Pair = 5, bottom_pool: Pair = 2) -> None:
         bottom_units, tower_units = _widths(bottom_units, "bottom_units"), _widths(tower_units, "tower_units")
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=bottom_units,
                            tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
@@ -661,6 +681,7 @@ class SharedBottom(_Model):
         self.bottom_kind = bottom
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
+        self.bottom: MLP | CNNExpert
         if bottom == "cnn":
             if not bottom_units:
                 raise ValueError("bottom_units must list at least one Dense width after the CNN")
@@ -718,7 +739,7 @@ def _gate_spec_of(config, path):
     raise ValueError(f"{path}: the stored gate config must be a dict (or a kind string), got {type(gate).__name__}")
 
 
-def save(model, path):
+def save(model: _Model, path: PathLike) -> None:
     """Write ``model`` to one ``.npz``: the parameter slab, the embedding tables (``table_<name>``)
     and JSON metadata (class, constructor arguments with the gate as its spec's config dict,
     parameter index, table shapes, format version). Loadable with ``allow_pickle=False``."""
@@ -732,7 +753,7 @@ def save(model, path):
              **{f"table_{name}": t for name, t in tables.items()})
 
 
-def load(path):
+def load(path: PathLike) -> _Model:
     """Rebuild a model saved by :func:`save`, by this version or an older one (format versions 1
     and 2 stored the gate as a kind string with flat keys k, gamma, ...; they are read as the
     gate's spec). Raises ValueError for a file that is not a dselectk model, was written by a
@@ -749,7 +770,7 @@ def load(path):
     if meta.get("version") not in READ_VERSIONS:
         raise ValueError(f"{path}: written by model format version {meta.get('version')!r}; this dselectk reads "
                          f"versions {', '.join(map(str, READ_VERSIONS))}")
-    cls = _CLASSES.get(meta.get("cls"))
+    cls = _CLASSES.get(str(meta.get("cls")))
     if cls is None:
         raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
     config = meta.get("config")

@@ -86,9 +86,9 @@ class Optimizer(_LearningRate):
     copied), ``lr`` a settable attribute (checked: finite, > 0)."""
 
     name = ""
-    _hyper = ("lr",)  # scalar hyperparameters saved by state_dict
-    _states = ()  # names of the state slabs
-    _optional_states = ()  # state slabs that may be absent (None)
+    _hyper: tuple[str, ...] = ("lr",)  # scalar hyperparameters saved by state_dict
+    _states: tuple[str, ...] = ()  # names of the state slabs
+    _optional_states: tuple[str, ...] = ()  # state slabs that may be absent (None)
 
     def __init__(self, params, grads, lr):
         self.params, self.grads = _slabs(params, grads)

@@ -38,7 +38,7 @@ def _pyproject():
 def test_version_and_license_agree_with_pyproject():
     text = _pyproject()
     assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == dselectk.__version__
-    assert 'license = { text = "Apache-2.0" }' in text
+    assert 'license = "Apache-2.0"' in text and 'license-files = ["LICENSE"]' in text
     with open(os.path.join(ROOT, "LICENSE")) as f:
         license_text = f.read()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Iterable
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, _check_common, _flag, _Gate, _number, _rng, register
+from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _number, _rng, register
 
 __all__ = ["DSelectK", "DSelectKGate", "StaticDSelectKBank"]
 
@@ -32,8 +34,9 @@ class DSelectKGate(_Gate):
     dtype : float32 (the default, as for models) or float64.
     """
 
-    def __init__(self, n_experts, k, gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False,
-                 input_dim=None, eps=1e-6, seed=None, dtype=np.float32):
+    def __init__(self, n_experts: int, k: int, gamma: float = 1.0, entropy_reg: float = 0.0, xi: float = 1.0,
+                 per_example: bool = False, input_dim: int | None = None, eps: float = 1e-6, seed: Seed = None,
+                 dtype: DTypeLike = np.float32) -> None:
         n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
         for name, value, strict in (("gamma", gamma, True), ("entropy_reg", entropy_reg, False),
                                     ("xi", xi, False), ("eps", eps, True)):
@@ -96,7 +99,7 @@ class DSelectKGate(_Gate):
         self._accumulate("Z", dZ)
         return None
 
-    def onnx_weights(self, graph, x):
+    def onnx_weights(self, graph: Any, x: str) -> Any:
         """Static: the weights as constants (the base class). Per example, eq. (6) as ONNX
         operators on x (B, p): alpha = x G^T + b_G and Z = x W^T + b_W (two Gemms), S(Z) =
         v^2 (3 - 2 v) with v = clip(Z / gamma + 1/2, 0, 1) (the smooth-step, exactly 0 and 1 outside
@@ -161,7 +164,7 @@ class StaticDSelectKBank:
     are therefore passed multiplied by T, so each gate's gradient gets its own full regularizer.
     """
 
-    def __init__(self, gates):
+    def __init__(self, gates: Iterable[DSelectKGate]) -> None:
         gates = list(gates)
         if not gates:
             raise ValueError("StaticDSelectKBank needs at least one gate")
@@ -235,6 +238,7 @@ class DSelectK(GateSpec):
                     entropy_reg=_number(self.entropy_reg, "entropy_reg"), xi=_number(self.xi, "xi"),
                     per_example=_flag(self.per_example, "per_example"))
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> DSelectKGate:
         return DSelectKGate(n_experts, self.k, gamma=self.gamma, entropy_reg=self.entropy_reg, xi=self.xi,
                             per_example=self.per_example, input_dim=input_dim, seed=rng, dtype=dtype)

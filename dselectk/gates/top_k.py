@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, _check_common, _flag, _Gate, _logits_params, _rng, register
+from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _logits_params, _rng, register
 
 __all__ = ["TopK", "TopKGate"]
 
@@ -19,8 +21,8 @@ class TopKGate(_Gate):
     Initialization: A uniform in (-0.05, 0.05), b and the static logits 0 (ties are broken toward
     the lower index, so a fresh static gate picks experts 0..k-1), A_noise and b_noise 0."""
 
-    def __init__(self, n_experts, k, per_example=False, input_dim=None, noisy=False, seed=None,
-                 dtype=np.float32):
+    def __init__(self, n_experts: int, k: int, per_example: bool = False, input_dim: int | None = None,
+                 noisy: bool = False, seed: Seed = None, dtype: DTypeLike = np.float32) -> None:
         n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
         if noisy and not per_example:
             raise ValueError("noisy=True needs per_example=True (the noise scale is a function of x)")
@@ -86,7 +88,7 @@ class TopKGate(_Gate):
     def regularization(self):
         return 0.0
 
-    def onnx_weights(self, graph, x):
+    def onnx_weights(self, graph: Any, x: str) -> Any:
         """Static: the weights as constants (the base class). Per example: a = x A^T + b (one
         Gemm), TopK, softmax of the k kept logits, scattered into zeros (B, n). The noise is a
         training-time term and is not exported; ties are broken toward the lower index, as here."""
@@ -119,6 +121,7 @@ class TopK(GateSpec):
             raise ValueError("noisy=True needs per_example=True (the noise scale is a function of x)")
         return checked
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> TopKGate:
         return TopKGate(n_experts, self.k, per_example=self.per_example, input_dim=input_dim, noisy=self.noisy,
                         seed=rng, dtype=dtype)
