@@ -43,6 +43,7 @@ class's version, which returns its weights as an (n,) NumPy array. A per-example
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
@@ -92,6 +93,10 @@ class OnnxGraph:
         self.initializers: list = []
         self._used: set[str] = set()
 
+    def reserve(self, *names: str) -> None:
+        """Keep ``names`` (the graph's inputs and outputs) from being given to other values."""
+        self._used.update(names)
+
     def name(self, hint: str) -> str:
         """A fresh value name starting with ``hint``."""
         name, i = hint, 0
@@ -116,7 +121,7 @@ class OnnxGraph:
         and returns its output's name (a tuple of names when ``outputs`` > 1). ``out`` names the
         (single) output exactly, for graph outputs."""
         if out is not None:
-            self._used.add(out)
+            self.reserve(out)
             names = [out]
         else:
             names = [self.name(hint or op_type.lower()) for _ in range(outputs)]
@@ -215,19 +220,19 @@ def _inputs(g: OnnxGraph, model: Any) -> tuple[list, str, str]:
     if front is None:
         shape = tuple(model.input_shape)
         inputs = [g.value_info("X", [BATCH, *shape])]
-        g._used.add("X")
+        g.reserve("X")
         flat = "X" if len(shape) == 1 else g.op("Flatten", "X", hint="X_flat", axis=1)
         return inputs, "X", flat
     int64 = g.onnx.TensorProto.INT64
     inputs = [g.value_info("ids", [BATCH, front.n_ids], int64)]
-    g._used.add("ids")
+    g.reserve("ids")
     parts = []
     for j, table in enumerate(front.tables):  # table_j[ids[:, j]]
         column = g.op("Gather", "ids", g.const(np.array(j, np.int64), f"ids_col{j}"), hint=f"ids{j}", axis=1)
         parts.append(g.op("Gather", g.const(table.table, f"embedding{j}"), column, hint=f"embedded{j}", axis=0))
     if front.n_dense:
         inputs.append(g.value_info("dense", [BATCH, front.n_dense]))
-        g._used.add("dense")
+        g.reserve("dense")
         parts.append("dense")
     row = parts[0] if len(parts) == 1 else g.op("Concat", *parts, hint="features", axis=1)
     return inputs, row, row
@@ -319,6 +324,7 @@ def export_onnx(model: _Model, path: PathLike, *, output_names: Sequence[str] | 
                                                            for t in model.named_embeddings().values()):
         raise ValueError("the model's parameters contain NaN or Inf; export a model with finite weights")
     g = OnnxGraph(model.dtype)
+    g.reserve(*names)  # before any value is named: the outputs' names are the user's
     inputs, x, flat = _inputs(g, model)
     if isinstance(model, SharedBottom):
         h = _networks(g, [model.bottom], x if model.bottom_kind == "cnn" else flat, "bottom")
@@ -336,6 +342,9 @@ def export_onnx(model: _Model, path: PathLike, *, output_names: Sequence[str] | 
                                    producer_name="dselectk", producer_version=_version(),
                                    doc_string=repr(model))
     proto.ir_version = IR_VERSION
+    # what a server needs to know besides the graph: the class and its constructor arguments
+    onnx.helper.set_model_props(proto, {"dselectk_class": type(model).__name__,
+                                        "dselectk_config": json.dumps(model.config)})
     onnx.checker.check_model(proto)
     onnx.save_model(proto, os.fspath(path))
     return proto

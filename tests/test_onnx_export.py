@@ -2,6 +2,7 @@
 model kind, every gate, MLP and CNN experts, embedding inputs, float32 and float64), passes the
 ONNX checker, has a dynamic batch size, leaves out the experts a static gate does not use, and bad
 calls raise clear errors. Skips cleanly without onnx / onnxruntime (the `test` extra has them)."""
+import json
 import sys
 
 import numpy as np
@@ -224,6 +225,14 @@ def test_output_names_and_file(tmp_path):
     path = tmp_path / "named.onnx"
     proto = dk.export_onnx(model, str(path), output_names=["click", "rating"])
     assert [o.name for o in proto.graph.output] == ["click", "rating"]
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["dselectk_class"] == "MMoE" and json.loads(props["dselectk_config"]) == model.config
+    # an output name that the exporter would also give an inner value
+    proto = dk.export_onnx(model, path, output_names=["expert_0_dense", "tower1_0_dense"])
+    onnx.checker.check_model(proto, full_check=True)
+    got = _session(proto).run(None, {"X": np.ones((2, 6), np.float32)})
+    for g, w in zip(got, dk.predict(model, np.ones((2, 6), np.float32))):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
     assert proto.opset_import[0].version == export.OPSET == 17 and proto.ir_version == export.IR_VERSION
     assert ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0].shape == ["batch", 6]
     with pytest.raises(ValueError, match="3 names, the model has 2 tasks"):
