@@ -113,7 +113,8 @@ def main(argv=None):
     lines = [f"Command: `{command.strip()}` (from the repository root, dselectk built).", "",
              f"onnxruntime {ort.__version__}, dselectk {dk.__version__}; {args.threads} thread(s) each; float32; "
              f"median of {args.repeats} interleaved blocks of ~0.2 s.", "",
-             "| model | batch | dk.predict examples/s | onnxruntime examples/s | onnxruntime / dk.predict | max abs diff |",
+             "| model | batch | dk.predict examples/s | onnxruntime examples/s | onnxruntime / dk.predict "
+             "| max abs diff |",
              "|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as workdir:
         for name, B, ours, theirs, ratio, err in rows(args.batches, args.threads, args.repeats, workdir):

@@ -150,7 +150,7 @@ class OnnxGraph:
 # --- layers ---------------------------------------------------------------------------------
 
 def _networks(g: OnnxGraph, nets: Sequence[Any], x: str, hint: str) -> str:
-    """x through ``nets``, a networks of one structure (MLP or CNNExpert layer lists) side by side:
+    """x through ``nets``, networks of one structure (MLPs or CNNExperts: lists of layers) side by side:
     (B, d) for one network, the stacked (a, B, d) for several. x is their common input, (B, p) or
     an NCHW image batch."""
     a = len(nets)
@@ -159,7 +159,7 @@ def _networks(g: OnnxGraph, nets: Sequence[Any], x: str, hint: str) -> str:
     width = None  # u of the column blocks
     for i, group in enumerate(zip(*[net.layers for net in nets])):
         layer, name = group[0], f"{hint}_{i}"
-        if isinstance(layer, (Dropout,)):
+        if isinstance(layer, Dropout):
             continue  # the identity at evaluation
         if isinstance(layer, ReLU):
             x = g.op("Relu", x, hint=name + "_relu")
