@@ -58,8 +58,10 @@ def test_plots_leave_the_backend_and_pyplot_alone(tmp_path):
         assert plt.get_fignums() == []
         print("ok")
     """)
-    env = dict(os.environ, MPLBACKEND="", PYTHONPATH=os.pathsep.join(sys.path))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    # the child imports dselectk from where the tests do (not an unbuilt checkout in its cwd)
+    env = dict(os.environ, MPLBACKEND="", PYTHONPATH=os.path.dirname(os.path.dirname(dk.__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
