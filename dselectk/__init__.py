@@ -32,7 +32,7 @@ except ImportError as _exc:  # the source tree without a build, most often
 finally:
     for _k in _set_here:
         _os.environ.pop(_k, None)
-from . import functional, gates, metrics, optim
+from . import callbacks, functional, gates, inputs, metrics, optim
 from .embedding import Embedding, EmbeddingInput
 from .export import export_onnx
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
@@ -59,7 +59,9 @@ __all__ = [
     "load",
     "export_onnx",
     "functional",
+    "callbacks",
     "gates",
+    "inputs",
     "metrics",
     "optim",
     "build_info",

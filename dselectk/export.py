@@ -14,7 +14,11 @@ The graph
   dtype, or for a model with an embedding input ``ids`` (batch, F) int64 (column j the ids of
   table j) and, when it has dense features, ``dense`` (batch, n_dense): the keys of the dict X
   that ``dk.predict`` takes, so ``session.run(None, {"ids": ids.astype(np.int64), "dense":
-  dense})`` works.
+  dense})`` works. An embedding input with named columns (``columns=``, ``dense_columns=``) has
+  one (batch,) input per column instead, named as the column: int64 ids for an id column (for a
+  categorical column, the value's index in the input's ``categories``, which the exported
+  metadata holds: the graph does not map values), the model's dtype for a dense one.
+  :func:`input_names` lists them.
 * Outputs, one per task, named ``task0``, ``task1``, ... (or ``output_names``): what
   ``dk.predict`` returns: probabilities for bce (batch,) and softmax_ce (batch, C) tasks, values
   for mse tasks ((batch,) with one output, else (batch, d)).
@@ -56,7 +60,7 @@ if TYPE_CHECKING:
 
     from .models import _Model
 
-__all__ = ["export_onnx", "OnnxGraph", "OPSET", "IR_VERSION"]
+__all__ = ["export_onnx", "input_names", "OnnxGraph", "OPSET", "IR_VERSION"]
 
 #: The ONNX opset (default domain) of exported graphs.
 OPSET = 17
@@ -214,26 +218,44 @@ def _stack(g: OnnxGraph, x: str, a: int, width: int | None, hint: str) -> str:
 
 # --- model inputs and outputs ---------------------------------------------------------------
 
+def input_names(model: _Model) -> list[str]:
+    """The names of the graph inputs of ``model``'s export: X; or ids (or one per named id column)
+    and, with dense features, dense (or one per named dense column)."""
+    front = model.input_layer
+    if front is None:
+        return ["X"]
+    names = ["ids"] if front.columns is None else list(front.columns)
+    if front.n_dense:
+        names += ["dense"] if front.dense_columns is None else list(front.dense_columns)
+    return names
+
+
 def _inputs(g: OnnxGraph, model: Any) -> tuple[list, str, str]:
-    """(graph inputs, the model input name, the flattened (B, p) feature row's name)."""
+    """(graph inputs, the model input name, the flattened (B, p) feature row's name). The input
+    names are reserved already (see input_names)."""
     front = model.input_layer
     if front is None:
         shape = tuple(model.input_shape)
         inputs = [g.value_info("X", [BATCH, *shape])]
-        g.reserve("X")
         flat = "X" if len(shape) == 1 else g.op("Flatten", "X", hint="X_flat", axis=1)
         return inputs, "X", flat
     int64 = g.onnx.TensorProto.INT64
-    inputs = [g.value_info("ids", [BATCH, front.n_ids], int64)]
-    g.reserve("ids")
-    parts = []
-    for j, table in enumerate(front.tables):  # table_j[ids[:, j]]
-        column = g.op("Gather", "ids", g.const(np.array(j, np.int64), f"ids_col{j}"), hint=f"ids{j}", axis=1)
+    inputs, parts = [], []
+    if front.columns is None:  # ids (B, F): table_j[ids[:, j]]
+        inputs.append(g.value_info("ids", [BATCH, front.n_ids], int64))
+        columns = [g.op("Gather", "ids", g.const(np.array(j, np.int64), f"ids_col{j}"), hint=f"ids{j}", axis=1)
+                   for j in range(front.n_ids)]
+    else:  # one (B,) input per named id column
+        inputs += [g.value_info(name, [BATCH], int64) for name in front.columns]
+        columns = list(front.columns)
+    for j, (table, column) in enumerate(zip(front.tables, columns)):
         parts.append(g.op("Gather", g.const(table.table, f"embedding{j}"), column, hint=f"embedded{j}", axis=0))
-    if front.n_dense:
+    if front.n_dense and front.dense_columns is None:
         inputs.append(g.value_info("dense", [BATCH, front.n_dense]))
-        g.reserve("dense")
         parts.append("dense")
+    elif front.n_dense:  # one (B,) input per named dense column, each a column of the row
+        inputs += [g.value_info(name, [BATCH]) for name in front.dense_columns]
+        parts += [g.reshape(name, [-1, 1], f"{name}_column") for name in front.dense_columns]
     row = parts[0] if len(parts) == 1 else g.op("Concat", *parts, hint="features", axis=1)
     return inputs, row, row
 
@@ -296,9 +318,10 @@ def _task_names(model: Any, output_names: Sequence[str] | None) -> list[str]:
         names = list(output_names)
     if len(names) != T:
         raise ValueError(f"output_names has {len(names)} names, the model has {T} tasks")
-    taken = {"X", "ids", "dense"} & set(names)
-    if len(set(names)) != len(names) or taken:
-        raise ValueError(f"output_names must be distinct and differ from the input names X, ids, dense; got {names}")
+    inputs = input_names(model)
+    if len(set(names)) != len(names) or set(inputs) & set(names):
+        raise ValueError(f"output names must be distinct and differ from the input names {', '.join(inputs)}; got "
+                         f"{names} (pass output_names=)")
     return [str(n) for n in names]
 
 
@@ -324,7 +347,7 @@ def export_onnx(model: _Model, path: PathLike, *, output_names: Sequence[str] | 
                                                            for t in model.named_embeddings().values()):
         raise ValueError("the model's parameters contain NaN or Inf; export a model with finite weights")
     g = OnnxGraph(model.dtype)
-    g.reserve(*names)  # before any value is named: the outputs' names are the user's
+    g.reserve(*names, *input_names(model))  # before any other value is named
     inputs, x, flat = _inputs(g, model)
     if isinstance(model, SharedBottom):
         h = _networks(g, [model.bottom], x if model.bottom_kind == "cnn" else flat, "bottom")

@@ -9,6 +9,7 @@ import pytest
 import dselectk as dk
 from fd import check_entries
 from dselectk import models as Mo
+from dselectk import inputs as I
 from dselectk import trainer as T
 
 GATE_KINDS = [
@@ -38,7 +39,7 @@ def _data(rng, N, p, losses, outputs):
 def _fd_check(model, X, Y, rng, n_entries=60):
     """Gradient of the total objective (weighted task losses + regularizers) in the slab against
     central differences, on a random subset of entries."""
-    Yc = T._check_Y(model, Y, X.shape[0])
+    Yc = I.check_Y(model, Y, X.shape[0])
 
     def objective():
         outs = model.forward(X, training=True)
@@ -362,7 +363,7 @@ def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary, width):
     slow.slab.data[...] = fast.slab.data
     slow.static_fast_path = False
     X, Y = _data(rng, 10, 4, losses, outputs)
-    Yc = T._check_Y(fast, Y, 10)
+    Yc = I.check_Y(fast, Y, 10)
     calls = []
     for j, e in enumerate(fast.experts):
         e.forward = (lambda orig, j: lambda x, training=False, **kw: (calls.append(j), orig(x, training, **kw))[1])(
@@ -435,7 +436,7 @@ def test_per_example_sparse_path_matches_the_dense_path(gate_kwargs):
     dense.slab.data[...] = sparse.slab.data
     dense.sparse_threshold = 0.0
     X, Y = _data(rng, 40, 4, losses, outputs)
-    Yc = T._check_Y(sparse, Y, 40)
+    Yc = I.check_Y(sparse, Y, 40)
     results = []
     for model in (sparse, dense):
         model.zero_grad()

@@ -172,6 +172,33 @@ def test_embedding_ids_only(tmp_path):
 
 
 @needs_onnx
+@pytest.mark.parametrize("gate", ["dselect_k", "top_k_per_example"])
+def test_named_columns_and_tasks(gate, tmp_path):
+    # an embedding input with named id and dense columns: one graph input per column, named as it;
+    # named tasks: one output per task, named as it
+    rng = np.random.default_rng(15)
+    model = _randomize(dk.MMoE(None, n_tasks=2, n_experts=3, expert_units=(4,), tower_units=(2,), gate=GATES[gate],
+                               task_names=["watch", "rating"], task_losses=["bce", "mse"],
+                               embeddings=dict(columns={"user": 4, "movie": 3}, vocab_sizes={"user": 7, "movie": 5},
+                                               dense_columns=["age", "hour"])), 16)
+    X = {"user": rng.integers(0, 7, 60), "movie": rng.integers(0, 5, 60),
+         "age": rng.random(60).astype(np.float32), "hour": rng.random(60).astype(np.float32)}
+    assert export.input_names(model) == ["user", "movie", "age", "hour"]
+    proto = dk.export_onnx(model, tmp_path / "m.onnx")
+    onnx.checker.check_model(proto, full_check=True)
+    session = _session(proto)
+    assert [i.name for i in session.get_inputs()] == ["user", "movie", "age", "hour"]
+    assert [o.name for o in session.get_outputs()] == ["watch", "rating"]
+    for batch in (slice(None), slice(0, 1)):
+        got = session.run(None, {k: v[batch] for k, v in X.items()})
+        for g, w in zip(got, dk.predict(model, {k: v[batch] for k, v in X.items()})):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="differ from the input names user, movie, age, hour"):
+        dk.export_onnx(model, tmp_path / "m.onnx", output_names=["age", "b"])
+
+
+@needs_onnx
 def test_static_binary_gate_exports_only_the_experts_in_use(tmp_path):
     # S(Z) binary: each of the 2 tasks' gates selects at most k = 2 of the 8 experts
     model = dk.MMoE(6, n_tasks=2, n_experts=8, expert_units=(5,), tower_units=(3,), gate="dselect_k", k=2)
@@ -239,7 +266,7 @@ def test_output_names_and_file(tmp_path):
         dk.export_onnx(model, path, output_names=["a", "b", "c"])
     with pytest.raises(ValueError, match="distinct"):
         dk.export_onnx(model, path, output_names=["a", "a"])
-    with pytest.raises(ValueError, match="input names"):
+    with pytest.raises(ValueError, match="input names X"):
         dk.export_onnx(model, path, output_names=["X", "b"])
     with pytest.raises(TypeError, match="list of non-empty strings"):
         dk.export_onnx(model, path, output_names="ab")
