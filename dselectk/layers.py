@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import functional as F
+from ._memory import check_mlp
 
 __all__ = ["Dense", "ReLU", "Dropout", "dropout_rate", "SumUnits", "MLP", "Conv2D", "MaxPool2D", "Flatten", "CNNExpert",
            "ParameterSlab", "glorot_uniform"]
@@ -183,6 +184,7 @@ class MLP(Sequential):
 
     def __init__(self, in_dim, units, rng, dropout=0.0, output_dim=None, dtype=np.float32):
         dropout = dropout_rate(dropout)
+        check_mlp(in_dim, units, output_dim, dtype)  # refuse sizes that cannot fit before allocating
         self.layers = []
         d = int(in_dim)
         for u in units:
