@@ -151,7 +151,7 @@ class Local:
     def eval_batches(self, data, batch_size):
         return data.batches(batch_size)
 
-    def global_rows(self, batch):
+    def global_rows(self, batch, model):
         return contextlib.nullcontext()
 
     def sum_gradients(self, model, batch, local):
@@ -277,6 +277,8 @@ class DataParallel:
         everyone = self.comm.allgather(signature)
         differ = []
         for key in everyone[0]:
+            if key.startswith("~"):  # may differ: each rank's own row count
+                continue
             values = [s.get(key) for s in everyone]
             if any(v != values[0] for v in values):
                 shown = "; ".join(f"rank {r}: {v}" for r, v in enumerate(values) if v != values[0])
@@ -285,7 +287,7 @@ class DataParallel:
             raise ValueError("fit(comm=...): the ranks must train the same model with the same settings on data of "
                              "the same shapes, but they differ in " + "; ".join(differ))
         if self.shard == "given" and isinstance(train, I.ArrayData):
-            self._given_rows = [s["X rows"] for s in everyone]
+            self._given_rows = [s["~X rows"] for s in everyone]
             empty = [r for r, n in enumerate(self._given_rows) if n == 0]
             if empty:
                 raise ValueError(f"fit(comm=..., shard='given'): ranks {empty} have no training rows")
@@ -316,7 +318,7 @@ class DataParallel:
             sig[f"{name} rows"] = data.n_examples
             sig[f"{name} fingerprint"] = _fingerprint(data)
         elif name == "X":
-            sig["X rows"] = data.n_examples
+            sig["~X rows"] = data.n_examples
         return sig
 
     def _broadcast_model(self, model):
@@ -422,12 +424,18 @@ class DataParallel:
         for start in range(first, first + sizes[self.rank], batch_size):
             yield data.take(slice(start, min(start + batch_size, first + sizes[self.rank])))
 
-    def global_rows(self, batch):
+    @contextlib.contextmanager
+    def global_rows(self, batch, model):
+        """The rows' places in the global batch, for the layers' random draws; a stand-in row
+        (an empty share) is not counted in the FLOP counters."""
         from .layers import global_rows
 
-        if batch.size == 0:
-            return global_rows(np.zeros(1, np.int64), batch.global_size)
-        return global_rows(batch.offset + np.arange(batch.size, dtype=np.int64), batch.global_size)
+        counted = dict(model.flops) if batch.size == 0 and hasattr(model, "flops") else None
+        rows = np.zeros(1, np.int64) if batch.size == 0 else batch.offset + np.arange(batch.size, dtype=np.int64)
+        with global_rows(rows, batch.global_size):
+            yield
+        if counted is not None:
+            model.flops = counted
 
     # --- the step ------------------------------------------------------------------------------
     def sum_gradients(self, model, batch, local):

@@ -325,7 +325,7 @@ def train_step(model, batch, where, sync=LOCAL):
 
     ``sync`` (dselectk.distributed; fit passes it): in a data-parallel fit the batch is this
     rank's share, and the gradients are summed across the ranks before the step."""
-    with sync.global_rows(batch):  # dropout masks and gate noise by the rows' place in the global batch
+    with sync.global_rows(batch, model):  # dropout masks and gate noise by the rows' place in the global batch
         local = sync.local(_local_gradients, model, batch, where)  # data-parallel: an error is held, not raised
     total, per_task = sync.sum_gradients(model, batch, local)  # ... and raised here on every rank
     # The batch's gradients are complete here (model.slab.grad, model.embedding_grads()), summed
