@@ -43,7 +43,9 @@ What is reduced: the training losses of the History (global batch means), the va
 and metrics (the rows of all ranks are gathered on rank 0 in rank order and the metrics computed
 there once, so the AUC is the exact AUC of all rows, not an average of per-rank AUCs), the gate
 diagnostics (expert weights and selected counts of per-example gates averaged over the global
-batch; S(Z) binary only when it is on every rank), the expert FLOP counters (sums). Decisions are
+batch; S(Z) binary only when it is on every rank), the expert FLOP counters (sums; each rank
+decides on its share whether experts run on their rows only, so the executed count may differ
+from one process's, which decides on the whole batch). Decisions are
 taken once: callbacks see the same reduced logs on every rank, and rank 0's ``stop_training``
 after each epoch is broadcast (EarlyStopping); divergence (a NaN loss on any rank) stops every
 rank. Only rank 0 prints (``verbose`` is 0 elsewhere) and runs the callbacks with ``root_only``

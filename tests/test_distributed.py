@@ -95,8 +95,8 @@ def _close(mine, ref, dtype, what):
 
 
 @needs_mpi
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("case", list(W.CASES))
+@pytest.mark.parametrize("case, dtype", [(case, dtype) for case, (_, fit_kwargs) in W.CASES.items()
+                                         for dtype in fit_kwargs.get("dtypes", ("float32", "float64"))])
 def test_two_ranks_train_the_single_process_run(runs, case, dtype):
     out, results = runs
     model = W.make_model(case, dtype)
@@ -110,12 +110,18 @@ def test_two_ranks_train_the_single_process_run(runs, case, dtype):
     for rank_result in results["equivalence"]:
         got = rank_result[f"{case}-{dtype}"]
         assert got["binary_step"] == history.binary_step and got["gate_steps"] == history.gate_steps
+        if case == "dselectk_binary":
+            assert all(s is not None for s in history.binary_step)  # binary on both ranks' rows
         np.testing.assert_allclose(got["gate_weights"], history.gate_weights, atol=10 * TOL[dtype])
         np.testing.assert_allclose(got["selected"], history.selected_experts, atol=1e-12)
         for mine, ref in zip(got["epochs"], history.epochs):
             assert set(mine) == set(ref)
             for key in ref:
-                if key != "time":
+                # executed expert FLOPs: each rank decides on its share whether to run experts on
+                # their rows only (sparse_threshold), so they may differ from one process's
+                if key == "expert_flops":
+                    assert mine[key] <= mine["expert_flops_dense"]
+                elif key != "time":
                     assert mine[key] == pytest.approx(ref[key], rel=50 * TOL[dtype], abs=50 * TOL[dtype]), key
     # the comparison has teeth: local batches of B/2 in one process end elsewhere
     half = W.make_model(case, dtype)
