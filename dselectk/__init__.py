@@ -10,7 +10,7 @@ README for the math in the paper's notation.
 """
 import os as _os
 
-import numpy as _np  # noqa: F401  (loaded first, so the settings below do not reach NumPy's own BLAS)
+import numpy as _np  # loaded first, so the settings below do not reach NumPy's own BLAS
 
 # The kernels alternate between BLAS calls and OpenMP loops. Idle OpenBLAS threads spin for ~2^28
 # cycles and idle libgomp threads for 300k spins by default, so on few cores each pool's spinning
@@ -72,9 +72,9 @@ def set_num_threads(n):
     """Threads used by the C kernels' OpenMP loops and by the vendored OpenBLAS (one knob for both;
     the kernels never call BLAS from inside an OpenMP region). Default: $DSELECTK_NUM_THREADS, else
     the number of CPUs this process may run on."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, (bool, _np.bool_)) or not isinstance(n, (int, _np.integer)):
         raise TypeError(f"the number of threads must be an int, got {type(n).__name__}")
-    _C.set_num_threads(n)
+    _C.set_num_threads(int(n))  # ValueError outside [1, 4096], however large
 
 
 def get_num_threads():

@@ -18,8 +18,14 @@ Rules shared by every function:
   dtype and shape that shares no memory with an input.
 * Forward functions that a backward needs return ``(output, cache)``; the cache is a small
   named tuple of arrays. It refers to (does not copy) the caller's inputs, as the layers' caches
-  do: modify them between forward and backward and the gradients follow the modified values. The C kernels release the GIL, so calls from several threads run in
-  parallel.
+  do: modify them between forward and backward and the gradients follow the modified values. A
+  backward checks the cache's structure (its type, each field's type, dtype and shape, their
+  consistency, the scalars) and raises TypeError / ValueError naming the field, e.g.
+  ``cache.gate.r``; the values in its arrays are the forward's and are not re-scanned. The C
+  kernels release the GIL, so calls from several threads run in parallel.
+* Numbers out of range raise ValueError naming the argument, also when they do not fit a float64
+  or a 64-bit integer at all (``gamma=10**400``), never OverflowError.
+* Optimizer steps check their state slabs like their gradients (see :func:`sgd_step`).
 * Bit convention: ``s[..., 0]`` (the paper's z_1) is the least significant bit: expert j
   (0-based) is selected when the binary number s[m-1]...s[0] equals j (eq. 4). The official
   TensorFlow code reads the bits the other way round; it is a relabelling of the experts.
@@ -27,6 +33,7 @@ Rules shared by every function:
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -93,7 +100,13 @@ def trusted_inputs():
     read or written out of bounds. The models use it between their checked input and their
     checked loss: the scan of each intermediate activation and gradient is a full extra read of
     it, about a tenth of a training step, and a NaN produced inside the model still reaches the
-    (checked) loss or optimizer in the same step. Calls outside the context are unaffected."""
+    (checked) loss or optimizer in the same step. Calls outside the context are unaffected.
+
+    The dense optimizer steps' value scans are skipped too: of params and grads, and of their
+    state slabs (velocity, m, v, accum: NaN / Inf, and v, accum < 0), all O(N) reads of the
+    whole slab. ``fit`` steps its optimizer outside this context, so a corrupted state is
+    refused there. The sparse steps' row checks (the O(rows * d) rows they read: finite, and
+    >= 0 for accum and v) and the embedding tables' row checks always run."""
     previous = _C.set_finite_checks(False)
     try:
         yield
@@ -145,6 +158,95 @@ def _out_view(out, shape, flat_shape):
     if not out.flags.c_contiguous:
         raise ValueError("argument 'out' must be a C-contiguous, aligned, writeable array")
     return out.reshape(flat_shape)
+
+
+def _number(value, name, minimum=0.0, strict=False):
+    """value as a float, finite and >= minimum (> with ``strict``); TypeError for a non-number
+    (bools and strings included), ValueError for an out-of-range one (10**400 included), each
+    naming it. The one check of scalar hyperparameters: the gates and the optimizers use it too."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        f = float(value)
+    except OverflowError:  # an int beyond float's range
+        f = float("inf")
+    if not math.isfinite(f) or (f <= minimum if strict else f < minimum):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {shown}")
+    return f
+
+
+def _flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _cache_of(cache, cls, name="cache"):
+    """cache, if it is a ``cls`` (a forward's named tuple): else TypeError saying which forward
+    makes the cache expected, and which made the one given."""
+    if isinstance(cache, cls):
+        return cache
+    got = type(cache).__name__
+    if type(cache) in _CACHE_SOURCE:
+        got += f" (from {_CACHE_SOURCE[type(cache)]})"
+    raise TypeError(f"argument '{name}' must be the {cls.__name__} that {_CACHE_SOURCE[cls]} returns, got {got}")
+
+
+def _cache_arrays(cache, prefix, fields):
+    """The arrays of a cache, checked: fields is ((name, symbols), ...), symbols such as
+    ("B", "k", "n") naming the axes the shapes must agree on; every array is an ndarray of one
+    float dtype with that many dimensions, and a symbol has one value across the fields. Returns
+    {symbol: size}. (Runs on every backward of a gate: string work only on the error paths.)"""
+    sizes, dtype = {}, None
+    for field, symbols in fields:
+        a = getattr(cache, field)
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{prefix}.{field} must be a numpy.ndarray ({', '.join(symbols)}), got {type(a).__name__}")
+        if dtype is None:
+            if a.dtype.type not in (np.float32, np.float64):
+                raise TypeError(f"{prefix}.{field} must have dtype float32 or float64, got {a.dtype}")
+            dtype, first = a.dtype, field
+        elif a.dtype != dtype:
+            raise TypeError(f"{prefix}.{field} has dtype {a.dtype}, expected {dtype} like {prefix}.{first}")
+        if a.ndim != len(symbols):
+            raise ValueError(f"{prefix}.{field} must be {len(symbols)}-D with shape ({', '.join(symbols)}), got shape "
+                             f"{a.shape}")
+        for sym, size in zip(symbols, a.shape):
+            if sizes.setdefault(sym, size) != size:
+                raise ValueError(f"{prefix}.{field} has {sym} = {size} (shape {a.shape}), but the cache's other arrays "
+                                 f"have {sym} = {sizes[sym]}")
+    if sizes.get("B", 1) < 1:
+        raise ValueError(f"{prefix} holds an empty batch (B = 0)")
+    return sizes
+
+
+_DSELECT_K_FIELDS = (("r", ("B", "k", "n")), ("sigma", ("B", "k")), ("sz", ("B", "k", "m")), ("Z", ("B", "k", "m")))
+
+
+def _dselect_k_cache(cache, prefix="cache"):
+    """A DSelectKCache, structurally checked (see the module's rules)."""
+    sizes = _cache_arrays(cache, prefix, _DSELECT_K_FIELDS)
+    n, m = sizes["n"], sizes["m"]
+    if n < 2 or sizes["k"] < 1 or m != (n - 1).bit_length():
+        raise ValueError(f"{prefix}.r (B, k, n) and {prefix}.sz (B, k, m) must have n >= 2 experts, k >= 1 selectors "
+                         f"and m = ceil(log2 n) bits, got n = {n}, k = {sizes['k']}, m = {m}")
+    _number(cache.gamma, f"{prefix}.gamma", strict=True)
+    if _flag(cache.static, f"{prefix}.static") and sizes["B"] != 1:
+        raise ValueError(f"{prefix}.static is True (alpha was (k,)), so its arrays must have B = 1, got B = "
+                         f"{sizes['B']}")
+    return cache
+
+
+def _softmax_selector_cache(cache):
+    sizes = _cache_arrays(cache, "cache", (("P", ("B", "k", "n")), ("sigma", ("B", "k"))))
+    if sizes["n"] < 2 or sizes["k"] < 1:
+        raise ValueError(f"cache.P (B, k, n) must have n >= 2 experts and k >= 1 selectors, got n = {sizes['n']}, "
+                         f"k = {sizes['k']}")
+    _number(cache.T, "cache.T", strict=True)
+    if _flag(cache.static, "cache.static") and sizes["B"] != 1:
+        raise ValueError(f"cache.static is True (alpha was (k,)), so its arrays must have B = 1, got B = {sizes['B']}")
+    return cache
 
 
 def n_bits(n):
@@ -249,6 +351,7 @@ def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
     regularizer of Section 3.1.3) and penalty = sum_i 1 / (eps + sum_{j<n} r(S(z^(i)))_j)
     (Appendix B.2; useful only when n is not a power of two). ``dw`` like w, or None for the
     regularizers alone. Shapes of dalpha/dZ follow alpha/Z."""
+    _dselect_k_cache(_cache_of(cache, DSelectKCache))
     B = cache.r.shape[0]
     if dw is not None:
         dw = _array(dw, "dw")
@@ -263,6 +366,7 @@ def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
 def dselect_k_regularization(cache, eps=1e-6):
     """(Omega, penalty): the entropy regularizer sum_i h(r_i) and the Appendix B.2 mass penalty
     sum_i 1 / (eps + sum_j r_ij), each averaged over the batch (coefficients not applied)."""
+    _dselect_k_cache(_cache_of(cache, DSelectKCache))
     B, k, n = cache.r.shape
     r2 = cache.r.reshape(B * k, n)
     return _C.selector_entropy(r2, eps) / B, _C.selector_mass_penalty(r2, eps) / B
@@ -273,6 +377,21 @@ class DSelectKPerExampleCache(NamedTuple):
     G: np.ndarray  # (k, p)
     W2: np.ndarray  # W reshaped to (k*m, p)
     gate: DSelectKCache
+
+
+def _dselect_k_per_example_cache(cache):
+    gate = _dselect_k_cache(_cache_of(cache.gate, DSelectKCache, "cache.gate"), "cache.gate")
+    if gate.static:
+        raise ValueError("cache.gate.static must be False in a per-example cache")
+    B, k, _ = gate.r.shape
+    m = gate.sz.shape[2]
+    sizes = _cache_arrays(cache, "cache", (("x", ("B", "p")), ("G", ("k", "p")), ("W2", ("km", "p"))))
+    if (sizes["B"], sizes["k"], sizes["km"]) != (B, k, k * m):
+        raise ValueError(f"cache.x (B, p), cache.G (k, p) and cache.W2 (k*m, p) must match cache.gate's B = {B}, k = "
+                         f"{k}, m = {m}, got shapes {cache.x.shape}, {cache.G.shape}, {cache.W2.shape}")
+    if cache.x.dtype != gate.r.dtype:
+        raise TypeError(f"cache.x has dtype {cache.x.dtype}, expected {gate.r.dtype} like cache.gate.r")
+    return cache
 
 
 def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
@@ -305,6 +424,7 @@ def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
 def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx=True):
     """Gradients of <dw, w> + lam * Omega + xi * penalty (batch means) for the per-example gate.
     Returns a dict with keys 'x' (None unless need_dx), 'G', 'b_G', 'W', 'b_W'."""
+    _dselect_k_per_example_cache(_cache_of(cache, DSelectKPerExampleCache))
     dalpha, dZ = dselect_k_backward(dw, cache.gate, lam, xi, eps)
     B, k, m = dZ.shape
     dZ2 = dZ.reshape(B, k * m)
@@ -395,6 +515,11 @@ class SoftmaxSelectorCache(NamedTuple):
     static: bool
 
 
+# the forward that makes each cache, for messages
+_CACHE_SOURCE = {DSelectKCache: "dselect_k_forward", DSelectKPerExampleCache: "dselect_k_per_example_forward",
+                 SoftmaxSelectorCache: "softmax_selector_forward"}
+
+
 def softmax_selector_forward(alpha, beta, T=1.0):
     """The ablation gate of Appendix C.2: w = sum_i softmax(alpha)_i softmax(beta^(i) / T), each
     binary-encoded selector replaced by a softmax over the n experts with temperature T.
@@ -406,6 +531,7 @@ def softmax_selector_forward(alpha, beta, T=1.0):
 
 def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
     """(dalpha, dbeta) of <dw, w> + lam * sum_i h(softmax(beta^(i) / T)) (batch mean)."""
+    _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
     if dw is not None:
         dw = _array(dw, "dw")
@@ -419,6 +545,7 @@ def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
 
 def softmax_selector_entropy(cache, eps=1e-6):
     """sum_i h(softmax(beta^(i) / T)), averaged over the batch (the Ablation (Entropy) regularizer)."""
+    _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
     return _C.selector_entropy(cache.P.reshape(B * k, n), eps) / B
 
@@ -710,8 +837,9 @@ def sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nester
     length: g = grads + weight_decay * params; if momentum > 0: velocity = momentum * velocity + g
     and params -= lr * (g + momentum * velocity if nesterov else velocity); else params -= lr * g
     (velocity may then be None, and is not touched). lr > 0, momentum >= 0, weight_decay >= 0;
-    nesterov needs momentum > 0 (as in PyTorch). grads is not modified; NaN/Inf in params or
-    grads raise ValueError."""
+    nesterov needs momentum > 0 (as in PyTorch). grads is not modified. NaN/Inf in params, grads
+    or (when momentum > 0, which reads it) velocity raise ValueError naming the slab, before anything
+    changes; the optimizer state is input too. :func:`trusted_inputs` skips these scans."""
     _C.sgd_step(params, grads, velocity, lr, momentum, weight_decay, nesterov)
 
 
@@ -720,7 +848,10 @@ def adam_step(params, grads, m, v, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1
     place on the 1-D slabs params, m, v; ``step`` >= 1 is the 1-based number of this update:
     g = grads + weight_decay * params (L2, not AdamW); m = beta1 m + (1 - beta1) g;
     v = beta2 v + (1 - beta2) g^2; params -= lr / (1 - beta1**step) * m /
-    (sqrt(v) / sqrt(1 - beta2**step) + eps). lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0."""
+    (sqrt(v) / sqrt(1 - beta2**step) + eps). lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0.
+    NaN/Inf in params, grads, m or v, and a negative v (a mean of squares, whose square root is
+    taken) raise ValueError naming the slab, before anything changes (skipped inside
+    :func:`trusted_inputs`)."""
     _C.adam_step(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay)
 
 
@@ -728,7 +859,9 @@ def adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0):
     """One Adagrad step (torch.optim.Adagrad's rule and defaults, lr_decay 0) in place on the 1-D
     slabs params and accum: g = grads + weight_decay * params; accum += g^2;
     params -= lr * g / (sqrt(accum) + eps). PyTorch's initial_accumulator_value is the initial
-    fill of accum (see :class:`dselectk.optim.Adagrad`). lr > 0, eps > 0, weight_decay >= 0."""
+    fill of accum (see :class:`dselectk.optim.Adagrad`). lr > 0, eps > 0, weight_decay >= 0.
+    NaN/Inf in params, grads or accum, and a negative accum, raise ValueError naming the slab,
+    before anything changes (skipped inside :func:`trusted_inputs`)."""
     _C.adagrad_step(params, grads, accum, lr, eps, weight_decay)
 
 
@@ -790,7 +923,8 @@ def sparse_adagrad_step(table, accum, rows, grad_rows, lr=0.01, eps=1e-10):
     Rows not listed keep their values and accumulators. rows: integer dtype, DISTINCT (ValueError
     naming a repeated value; the rows are updated in parallel), each in [0, V). The arithmetic is
     :func:`adagrad_step`'s, so with every row listed it equals the dense step (weight decay 0;
-    these sparse steps have none, as torch.optim's sparse Adagrad). lr > 0, eps > 0."""
+    these sparse steps have none, as torch.optim's sparse Adagrad). lr > 0, eps > 0. The listed
+    rows of table and accum must be finite, those of accum >= 0 (ValueError naming the row)."""
     _C.sparse_adagrad_step(table, accum, rows, grad_rows, lr, eps)
 
 
@@ -805,5 +939,6 @@ def sparse_adam_step(table, m, v, rows, grad_rows, step, lr=0.001, beta1=0.9, be
     count, the number of this update of the model, also for a row last touched long ago: the same
     rule as PyTorch's torch.optim.SparseAdam and TensorFlow Addons' LazyAdam. rows: integer dtype,
     distinct, in [0, V). With every row listed it equals :func:`adam_step` (weight decay 0).
-    lr > 0, betas in [0, 1), eps > 0."""
+    lr > 0, betas in [0, 1), eps > 0. The listed rows of table, m and v must be finite, those of
+    v >= 0 (ValueError naming the row)."""
     _C.sparse_adam_step(table, m, v, rows, grad_rows, step, lr, beta1, beta2, eps)

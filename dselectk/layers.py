@@ -18,6 +18,7 @@ import contextvars
 import numpy as np
 
 from . import functional as F
+from ._memory import check_mlp
 
 __all__ = ["Dense", "ReLU", "Dropout", "SumUnits", "MLP", "Conv2D", "MaxPool2D", "Flatten", "CNNExpert",
            "ParameterSlab", "glorot_uniform", "global_rows", "subset_rows", "current_rows", "standard_normal"]
@@ -235,6 +236,7 @@ class MLP(Sequential):
     ``units`` lists the hidden widths. With no units and no output layer the MLP is the identity."""
 
     def __init__(self, in_dim, units, rng, dropout=0.0, output_dim=None, dtype=np.float32):
+        check_mlp(in_dim, units, output_dim, dtype)  # refuse sizes that cannot fit before allocating
         self.layers = []
         d = int(in_dim)
         for u in units:

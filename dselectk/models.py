@@ -36,6 +36,7 @@ import numpy as np
 
 from . import checkpoint as _checkpoint
 from . import functional as F
+from ._memory import check_experts
 from .embedding import EmbeddingInput
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
@@ -431,6 +432,7 @@ class MMoE(_Model):
         self.n_experts = F._int(n_experts, "n_experts", 2)
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
+        check_experts(self, expert_units, dtype)  # before building any: refuse what cannot fit
         if towers:
             if not expert_units:
                 raise ValueError("expert_units must list at least one hidden width")

@@ -25,7 +25,7 @@ static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *result = NULL;
     int relu = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
+    if (!parse_args(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *b = NULL;
@@ -63,8 +63,8 @@ static PyObject *py_dense_backward(PyObject *Py_UNUSED(self), PyObject *args, Py
     PyObject *dy_obj, *x_obj, *W_obj, *dW_obj, *db_obj = Py_None, *result = NULL;
     int need_dx = 1;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|Op", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
-                                     &need_dx))
+    if (!parse_args(args, kw, "OOOO|Op", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
+                    &need_dx))
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
@@ -99,7 +99,7 @@ static PyObject *py_relu_forward(PyObject *Py_UNUSED(self), PyObject *args, PyOb
     static char *kwlist[] = {"x", "out", NULL};
     PyObject *x_obj, *out_obj = NULL, *result = NULL;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist, &x_obj, &out_obj)) return NULL;
+    if (!parse_args(args, kw, "O|O", kwlist, &x_obj, &out_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 1, dims, "(N,)", 1));
@@ -122,7 +122,7 @@ static PyObject *py_relu_backward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     static char *kwlist[] = {"dy", "y", NULL};
     PyObject *dy_obj, *y_obj, *result = NULL;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", kwlist, &dy_obj, &y_obj)) return NULL;
+    if (!parse_args(args, kw, "OO", kwlist, &dy_obj, &y_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
     PyArrayObject *dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 1, dims, "(N,)", 1));
@@ -161,8 +161,8 @@ static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
     int training = 1;
     unsigned long long seed, step;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OdOO|pO", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
-                                     &step_obj, &training, &rows_obj))
+    if (!parse_args(args, kw, "OdOO|pO", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
+                    &step_obj, &training, &rows_obj))
         return NULL;
     if (check_unit(rate, "rate (the dropout probability)") < 0 ||
         parse_count(seed_obj, "seed", 0, UINT64_MAX, &seed) < 0 ||
@@ -221,7 +221,7 @@ static PyObject *py_bce_with_logits(PyObject *Py_UNUSED(self), PyObject *args, P
     PyObject *z_obj, *t_obj, *w_obj = Py_None, *result = NULL;
     double loss = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &z_obj, &t_obj, &w_obj)) return NULL;
+    if (!parse_args(args, kw, "OO|O", kwlist, &z_obj, &t_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
     PyArrayObject *z = hold_from(&h, z_obj, input_array(z_obj, "logits", &tn, 1, dims, "(B,)", 1)), *w = NULL;
@@ -253,7 +253,7 @@ static PyObject *py_mse(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw)
     PyObject *p_obj, *t_obj, *w_obj = Py_None, *result = NULL;
     double loss = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &p_obj, &t_obj, &w_obj)) return NULL;
+    if (!parse_args(args, kw, "OO|O", kwlist, &p_obj, &t_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
     PyArrayObject *pred = hold_from(&h, p_obj, input_array(p_obj, "pred", &tn, 2, dims, "(B, d)", 1)), *w = NULL;
@@ -286,7 +286,7 @@ static PyObject *py_softmax_cross_entropy(PyObject *Py_UNUSED(self), PyObject *a
     PyObject *z_obj, *l_obj, *w_obj = Py_None, *result = NULL;
     double loss = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &z_obj, &l_obj, &w_obj)) return NULL;
+    if (!parse_args(args, kw, "OO|O", kwlist, &z_obj, &l_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
     PyArrayObject *z = hold_from(&h, z_obj, input_array(z_obj, "logits", &tn, 2, dims, "(B, C)", 1)), *w = NULL;

@@ -7,6 +7,8 @@ from typing import ClassVar
 import numpy as np
 
 from .. import functional as F
+from ..functional import _flag, _number  # the shared scalar checks, re-exported to the gate modules
+from .._memory import check_gate
 
 _DTYPES = (np.float32, np.float64)
 
@@ -24,6 +26,7 @@ def _check_common(n_experts, k, per_example, input_dim, dtype):
     dtype = np.dtype(dtype)
     if dtype.type not in _DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    check_gate(n, k, dtype)  # refuse sizes that cannot fit before allocating
     return n, k, input_dim, dtype
 
 
@@ -106,27 +109,6 @@ class _Gate:
 
 
 # -- gate specifications -----------------------------------------------------------------------
-
-def _number(value, name, minimum=0.0, strict=False):
-    """value as a float, finite and >= minimum (> with ``strict``); TypeError for a non-number
-    (bools included), ValueError for an out-of-range one."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        f = float(value)
-    except OverflowError:  # an int beyond float's range
-        f = float("inf")
-    if not np.isfinite(f) or (f <= minimum if strict else f < minimum):
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {shown}")
-    return f
-
-
-def _flag(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
 
 _REGISTRY: dict[str, type[GateSpec]] = {}
 

@@ -37,8 +37,7 @@ class DSelectKGate(_Gate):
         n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
         for name, value, strict in (("gamma", gamma, True), ("entropy_reg", entropy_reg, False),
                                     ("xi", xi, False), ("eps", eps, True)):
-            if not np.isfinite(value) or (value <= 0 if strict else value < 0):
-                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, got {value}")
+            _number(value, name, strict=strict)  # TypeError / ValueError naming it, 10**400 included
         self.n_experts, self.k, self.gamma = n, k, float(gamma)
         self.entropy_reg, self.xi, self.eps = float(entropy_reg), float(xi), float(eps)
         self.per_example, self.input_dim, self.dtype = bool(per_example), input_dim, dtype

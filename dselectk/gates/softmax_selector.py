@@ -25,8 +25,7 @@ class SoftmaxSelectorGate(_Gate):
         n, k, _, dtype = _check_common(n_experts, k, False, None, dtype)
         self.n_experts, self.k, self.per_example, self.dtype = n, k, False, dtype
         self.set_temperature(temperature)
-        if not np.isfinite(entropy_reg) or entropy_reg < 0:
-            raise ValueError(f"entropy_reg must be a finite number >= 0, got {entropy_reg}")
+        _number(entropy_reg, "entropy_reg")
         self.entropy_reg, self.eps = float(entropy_reg), float(eps)
         rng = _rng(seed)
         self.params = {"alpha": rng.uniform(-0.05, 0.05, (k,)).astype(dtype),
@@ -39,8 +38,7 @@ class SoftmaxSelectorGate(_Gate):
         return dict(n_experts=self.n_experts, k=self.k, temperature=self.temperature, entropy_reg=self.entropy_reg)
 
     def set_temperature(self, T):
-        if not np.isfinite(T) or T <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {T}")
+        _number(T, "temperature", strict=True)
         self.temperature = float(T)
 
     @staticmethod
