@@ -91,9 +91,9 @@ def mpi():
     """mpi4py's MPI module (imported on first use)."""
     try:
         from mpi4py import MPI
-    except ImportError:
-        raise ImportError("data-parallel training needs mpi4py and an MPI library, which are not installed: "
-                          "pip install 'dselectk[mpi]' (with Open MPI from the system packages, e.g. apt-get "
+    except (ImportError, RuntimeError, OSError) as exc:  # not installed, or no MPI library to load
+        raise ImportError(f"data-parallel training needs mpi4py and an MPI library ({type(exc).__name__}: {exc}): "
+                          "pip install 'dselectk[mpi]', with Open MPI from the system packages (e.g. apt-get "
                           "install openmpi-bin libopenmpi-dev)") from None
     return MPI
 
