@@ -78,6 +78,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import time
 import zlib
 
 import numpy as np
@@ -168,6 +169,9 @@ class Local:
     def sum_counters(self, model):
         pass
 
+    def epoch_logs(self):
+        return {}
+
     def combine_evaluation(self, part, compute):
         return compute(part)
 
@@ -222,6 +226,7 @@ class DataParallel:
         self._vote_after_batch = False
         self._given_rows = None  # shard="given", arrays: every rank's row count
         self._flops_carry = None
+        self._comm_seconds = 0.0
 
     # --- failures: held, then raised on every rank ------------------------------------------------
     def _hold(self, exc):
@@ -459,17 +464,27 @@ class DataParallel:
             trailer[2:2 + T] = rho * np.asarray(per_task, np.float64)
             flags = _binary_flags(model)
             trailer[2 + T:] = [0 if (f is None or f or batch.size == 0) else 1 for f in flags]
+        t0 = time.perf_counter()
         request = self.comm.Iallreduce(MPI.IN_PLACE, trailer, op=MPI.SUM)
         self.comm.Allreduce(MPI.IN_PLACE, model.slab.grad, op=MPI.SUM)
         request.Wait()
+        self._comm_seconds += time.perf_counter() - t0
         if trailer[0] > 0:
             self._raise_if_any()
         self._rho = rho
         self._binary = [None if f is None else bool(trailer[2 + T + t] == 0)
                         for t, f in enumerate(_binary_flags(model))]
         if model.input_layer is not None:
+            t0 = time.perf_counter()
             self._sum_sparse(model.input_layer.tables, rho)
+            self._comm_seconds += time.perf_counter() - t0
         return float(trailer[1]), [float(v) for v in trailer[2:2 + T]]
+
+    def epoch_logs(self):
+        """Collective: {"comm_time": the seconds rank 0 spent in the steps' gradient sums this
+        epoch} (waiting for slower ranks included)."""
+        seconds, self._comm_seconds = self._comm_seconds, 0.0
+        return {"comm_time": self.comm.bcast(seconds, root=0)}
 
     def _sum_sparse(self, tables, rho):
         """Every rank's (ids, rows) of each table's sparse gradient, gathered and merged in rank

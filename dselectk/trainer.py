@@ -51,7 +51,8 @@ class History:
       the validation metrics per task (``val_task0_auc``, or ``val_watch_auc`` for a named task),
       ``lr``, ``time``; for MMoE/MoE models also ``expert_flops`` and ``expert_flops_dense``, the
       expert FLOPs of the training steps so far, executed and for the dense model (their ratio is
-      what conditional computation saved).
+      what conditional computation saved); in a data-parallel fit (``comm=``) also ``comm_time``,
+      the seconds rank 0 spent in the steps' gradient sums (waiting for slower ranks included).
     * ``history``: the same as {key: [value per epoch]}, as Keras' History.history;
       ``history["val_loss"]`` (indexing the object) gives one list.
     * ``gate_steps`` and ``gate_weights``: the steps at which expert weights were recorded and the
@@ -553,6 +554,7 @@ def fit(model, X, Y=None, *, epochs=10, batch_size=128, optimizer=None, lr=None,
                 logs.update(validate(model, val, metrics, sync))
             logs["lr"] = model.optimizer.lr
             logs["time"] = sync.root_decides(time.perf_counter() - t0)
+            logs.update(sync.epoch_logs())  # data-parallel: comm_time, the seconds in gradient sums
             history.epochs.append(logs)
             history.epoch_steps.append(state.step)
             history.total_steps = state.step
