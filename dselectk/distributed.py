@@ -278,10 +278,13 @@ class DataParallel:
         naming what differs), then take rank 0's parameters, optimizer state and random state."""
         from . import inputs as I
 
-        signature = dict(signature, **self._data_signature(train, "X"))
-        if val is not None:
-            signature.update(self._data_signature(val, "validation_data"))
-        everyone = self.comm.allgather(signature)
+        try:
+            signature = dict(signature, **self._data_signature(train, "X"))
+            if val is not None:
+                signature.update(self._data_signature(val, "validation_data"))
+        except Exception as exc:
+            self._hold(exc)
+        everyone = [s for _, s in self._raise_if_any(signature)]
         differ = []
         for key in everyone[0]:
             if key.startswith("~"):  # may differ: each rank's own row count
@@ -585,7 +588,7 @@ def _overrides(cb, hook):
 def _describe(X):
     if isinstance(X, dict):
         return {k: _describe(v) for k, v in sorted(X.items())}
-    return [list(X.shape[1:]), str(X.dtype)]
+    return None if X is None else [list(X.shape[1:]), str(X.dtype)]
 
 
 def _fingerprint(data):
@@ -599,7 +602,7 @@ def _fingerprint(data):
 
 
 def _arrays(X):
-    return [X[k] for k in sorted(X)] if isinstance(X, dict) else [X]
+    return [X[k] for k in sorted(X) if X[k] is not None] if isinstance(X, dict) else [X]
 
 
 def _merge(ids, rows):
