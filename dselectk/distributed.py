@@ -426,7 +426,10 @@ class DataParallel:
         order is row order), "given" all of its own."""
         from . import inputs as I
 
-        if self.shard == "given" or isinstance(data, I.BatchStream):
+        if isinstance(data, I.BatchStream) and self.shard == "rows":
+            raise ValueError("evaluate(comm=..., shard='rows') splits the rows of one X that every rank holds; a batch "
+                             "source is read per rank: give each rank its own with shard='given'")
+        if self.shard == "given":
             yield from data.batches(batch_size)
             return
         sizes = _parts(data.n_examples, self.size)

@@ -258,6 +258,14 @@ def test_dropout_rows_bad_input(rows, error, match):
         F.dropout_forward(x, 0.4, 9, 2, rows=rows)
 
 
+def test_dropout_rows_any_integer_array():
+    x = np.random.default_rng(1).standard_normal((4, 6))
+    rows = np.array([9, 0, 9, 2, 5, 3, 1, 8], np.int64)
+    want = F.dropout_forward(x, 0.5, 3, 1, rows=np.ascontiguousarray(rows[::2]))
+    for other in (rows[::2], rows[::2].astype(np.uint16), rows[::2].astype(">i4")):
+        np.testing.assert_array_equal(F.dropout_forward(x, 0.5, 3, 1, rows=other), want)
+
+
 def test_conditional_computation_keeps_the_dense_pass_dropout_masks():
     """Top-k (k=1 of 6): experts run on their own rows only; with masks by the rows' place in the
     batch the gradients are those of the dense pass (sparse_threshold=0)."""
