@@ -196,8 +196,6 @@ def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=Non
     ``comm`` (an mpi4py communicator, see dselectk.distributed): every rank evaluates its rows
     (``shard="rows"``: a block of the common X; ``"given"``: its own X), and the result is that of
     all the rows together -- the exact AUC of all of them -- on every rank."""
-    from .distributed import make_sync
-
     sync = make_sync(comm, shard)
     with sync.all_ranks("evaluate"):
         _positive_int(batch_size, "batch_size")
