@@ -20,9 +20,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import dselectk as dk  # noqa: E402
+import dselectk as dk  # the one the launching test imported (it sets PYTHONPATH)
 
 STEPS_PER_EPOCH, EPOCHS, BATCH = 10, 5, 64
 N_ROWS = (STEPS_PER_EPOCH - 1) * BATCH + 1  # the last batch has one row: on 2 ranks, one share is empty

@@ -51,8 +51,10 @@ TOL = {"float32": 2e-5, "float64": 1e-12}  # of the largest |parameter|
 
 def _mpirun(scenarios, out, timeout=300):
     """Runs the worker on 2 ranks; (return code, seconds, {scenario: [rank 0's result, rank 1's]})."""
+    # the ranks import the dselectk this process imported (an installed one, or the in-place build)
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(dk.__file__)))
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", DSELECTK_NUM_THREADS="1",
-               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONPATH=ROOT)
+               OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", PYTHONPATH=package_parent)
     cmd = ["mpirun", "-n", "2", "--oversubscribe", "--bind-to", "none", "--mca", "btl", "self,vader",
            sys.executable, WORKER, ",".join(scenarios), str(out)]
     t0 = time.perf_counter()
