@@ -36,7 +36,8 @@ gradient of the global batch mean, and the static regularizers' gradients, prese
 rank with weights rho summing to 1, count once. The random draws of training follow the global
 batch, not the rank: dropout masks hash (seed, step, the row's position in the global batch)
 and the noisy Top-k gate draws the global batch's noise and takes its rows, so 1 rank and 4 give
-the same masks and noise. A rank whose share of a batch is empty (a last batch with fewer rows
+the same masks and noise (seeds derived per rank would instead make the run depend on the number of
+ranks; with shard="given" only the shuffling is per rank, drawn from the common generator). A rank whose share of a batch is empty (a last batch with fewer rows
 than ranks) runs one stand-in row with weight 0, so that its layers' random counters stay in step.
 
 What is reduced: the training losses of the History (global batch means), the validation loss
