@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import json
 import time
 import zlib
 
@@ -625,8 +624,3 @@ def _concatenate_parts(parts):
         merged[key] = [[a for p in parts for a in p[key][t]] for t in range(len(first[key]))]
     merged["ws"] = [w for p in parts for w in p["ws"]]
     return merged
-
-
-def describe_settings(**settings):
-    """The fit settings as JSON text, for the ranks' comparison."""
-    return {k: json.dumps(v, sort_keys=True, default=repr) for k, v in settings.items()}
