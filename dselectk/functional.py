@@ -669,7 +669,8 @@ def relu_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
     return _C.relu_backward(dy.reshape(-1), y.reshape(-1)).reshape(y.shape)
 
 
-def dropout_forward(x: np.ndarray, rate: float, seed: int, step: int, training: bool = True) -> np.ndarray:
+def dropout_forward(x: np.ndarray, rate: float, seed: int, step: int, training: bool = True,
+                    rows: np.ndarray | None = None) -> np.ndarray:
     """Inverted dropout: each entry of x (any shape) is kept with probability 1 - rate and
     scaled by 1 / (1 - rate), so the expectation is x; the others are 0.
 
@@ -678,16 +679,29 @@ def dropout_forward(x: np.ndarray, rate: float, seed: int, step: int, training: 
     deterministic, :func:`dropout_backward` recomputes the same mask from the same arguments, and
     it does not depend on the thread count. Pass a new ``step`` (e.g. the training step or a
     per-layer counter) for a new mask. 0 <= rate < 1; seed and step are integers in
-    [0, 2**64 - 1]. ``training=False`` or rate == 0 returns a copy of x."""
+    [0, 2**64 - 1]. ``training=False`` or rate == 0 returns a copy of x.
+
+    ``rows``: None, or an integer array (B,) with x (B, ...): the place of each row of x in a
+    larger batch (>= 0). Entry j of row b (R entries a row) then hashes i = rows[b] * R + j, so
+    that a row gets the mask it has at that place in the whole batch: the rows an expert
+    computes under conditional computation, a rank's share of a data-parallel batch."""
     x = _array(x, "x")
-    return _C.dropout_forward(x.reshape(-1), rate, seed, step, training).reshape(x.shape)
+    _check_rows(rows, x)
+    return _C.dropout_forward(x.reshape(-1), rate, seed, step, training, rows).reshape(x.shape)
 
 
-def dropout_backward(dy: np.ndarray, rate: float, seed: int, step: int, training: bool = True) -> np.ndarray:
+def _check_rows(rows, x):
+    if isinstance(rows, np.ndarray) and rows.ndim == 1 and x.ndim >= 1 and rows.shape[0] != x.shape[0]:
+        raise ValueError(f"argument 'rows' must have one entry per row of x {x.shape}, got shape {rows.shape}")
+
+
+def dropout_backward(dy: np.ndarray, rate: float, seed: int, step: int, training: bool = True,
+                     rows: np.ndarray | None = None) -> np.ndarray:
     """dx = dy * mask / (1 - rate) with the mask of ``dropout_forward(x, rate, seed, step,
-    training)`` (dy has x's shape); a copy of dy when training is false or rate == 0."""
+    training, rows)`` (dy has x's shape); a copy of dy when training is false or rate == 0."""
     dy = _array(dy, "dy")
-    return _C.dropout_backward(dy.reshape(-1), rate, seed, step, training).reshape(dy.shape)
+    _check_rows(rows, dy)
+    return _C.dropout_backward(dy.reshape(-1), rate, seed, step, training, rows).reshape(dy.shape)
 
 
 def _column(a: Any, name: str) -> np.ndarray:

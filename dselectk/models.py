@@ -43,7 +43,7 @@ from .embedding import EmbeddingInput
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
 from .inputs import check_task_names
-from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate
+from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate, subset_rows
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
 
@@ -403,8 +403,8 @@ class MMoE(_Model):
     With per-example gates, when fewer than ``sparse_threshold`` (0.75) of the batch's (example,
     expert) pairs have a nonzero weight in some task, each expert runs only on the examples that use
     it (gather -> dense -> scatter, forward and backward); ``sparse_threshold = 0`` turns this off.
-    Results are the same to rounding, except that expert dropout then draws its masks for the
-    computed rows only (same distribution, other draws). ``model.flops`` counts the expert FLOPs
+    Results are the same to rounding (dropout masks hash each row's place in the batch, so the
+    computed rows get the masks they have in the dense pass). ``model.flops`` counts the expert FLOPs
     executed in training steps and those of the dense model (``reset_flops()``; ``fit`` records
     them per epoch as ``expert_flops`` and ``expert_flops_dense``).
     """
@@ -524,7 +524,8 @@ class MMoE(_Model):
             f = np.zeros((n, B, self.experts[0].out_dim), self.dtype)
             for j, e in enumerate(self.experts):
                 if rows[j].size:
-                    f[j, rows[j]] = e.forward(X[rows[j]], training)
+                    with subset_rows(rows[j]):  # dropout masks by the rows' place in the batch
+                        f[j, rows[j]] = e.forward(X[rows[j]], training)
             self._count_flops(sum(r.size for r in rows), B, training)
         else:
             rows = None

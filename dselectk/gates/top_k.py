@@ -8,6 +8,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .. import functional as F
+from ..layers import standard_normal
 from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _logits_params, _rng, register
 
 __all__ = ["TopK", "TopKGate"]
@@ -56,7 +57,7 @@ class TopKGate(_Gate):
             noise = None
             if self.noisy and self.training:
                 raw = F.linear(x, p["A_noise"], p["b_noise"])
-                normal = self._rng.standard_normal(raw.shape).astype(self.dtype)
+                normal = standard_normal(self._rng, raw.shape, self.dtype)  # by the rows' place in the batch
                 logits = F.noisy_logits(logits, raw, normal)
                 noise = (raw, normal)
             w = F.top_k(logits, self.k)
