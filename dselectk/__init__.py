@@ -34,6 +34,7 @@ finally:
         _os.environ.pop(_k, None)
 from . import callbacks, functional, gates, inputs, metrics, optim
 from .embedding import Embedding, EmbeddingInput
+from .export import export_onnx
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .local_search import LocalSearch
 from .models import MMoE, MoE, SharedBottom, load, save
@@ -58,6 +59,7 @@ __all__ = [
     "AnnealTemperature",
     "save",
     "load",
+    "export_onnx",
     "functional",
     "callbacks",
     "gates",

@@ -49,7 +49,7 @@ __all__ = ["LocalSearch", "Permutation", "PermutedGate", "hungarian", "permute_s
            "remap_slots", "remap_slots_backward"]
 
 
-def hungarian(P):
+def hungarian(P: np.ndarray) -> np.ndarray:
     """The permutation maximising sum_i P[i, perm[i]] for each matrix of P (n, n) or (K, n, n):
     ``scipy.optimize.linear_sum_assignment`` on -P. Returns int64 (n,) or (K, n), slot -> expert."""
     try:
@@ -113,11 +113,11 @@ class LocalSearch:
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
-    def to_config(self):
+    def to_config(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict) -> LocalSearch:
         if not isinstance(config, dict):
             raise TypeError(f"local_search must be None, a dict of LocalSearch's options or a LocalSearch, got "
                             f"{type(config).__name__}")
@@ -128,21 +128,21 @@ class LocalSearch:
         return cls(**config)
 
     @classmethod
-    def resolve(cls, value):
+    def resolve(cls, value: LocalSearch | dict | None) -> LocalSearch | None:
         """None, a LocalSearch or a dict of its options -> None or a LocalSearch."""
         if value is None or isinstance(value, cls):
             return value
-        return cls.from_config(value)
+        return cls.from_config(value)  # type: ignore[arg-type]  # (any other type: its TypeError)
 
-    def soft_steps(self, steps_per_epoch=None):
+    def soft_steps(self, steps_per_epoch: int | None = None) -> int | None:
         """T in steps; for ``epochs=`` the steps per epoch are needed (None: not known yet)."""
         if self.steps is not None:
             return self.steps
-        if steps_per_epoch is None:
+        if steps_per_epoch is None or self.epochs is None:
             return None
         return max(1, int(round(self.epochs * steps_per_epoch)))
 
-    def schedule(self, step, T):
+    def schedule(self, step: int, T: int) -> tuple[float, int]:
         """(tau, iterations) of soft step ``step`` of T (clamped to [0, T - 1])."""
         frac = min(max(step, 0), T - 1) / T
         log_tau = math.log10(self.tau_start) + (math.log10(self.tau_end) - math.log10(self.tau_start)) * frac
@@ -159,7 +159,7 @@ def _batched(c):
     return (c[None], True) if c.ndim == 2 else (c, False)
 
 
-def permute_slots(c, P):
+def permute_slots(c: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, tuple]:
     """Soft phase: w = m * v / sum(v) with v = sum_s c_s P_s and m = sum(c), the gate's own total
     weight (so a gate on the simplex stays on it). Returns (w, cache)."""
     c3, static = _batched(c)
@@ -174,7 +174,7 @@ def permute_slots(c, P):
     return (w[0] if static else w), (c3, P, v, total, factor, static)
 
 
-def permute_slots_backward(dw, cache):
+def permute_slots_backward(dw: np.ndarray, cache: tuple) -> tuple[np.ndarray, np.ndarray]:
     """(dc, dP) of <dw, w> for :func:`permute_slots`; dc like c, dP like P (summed over the batch)."""
     c3, P, v, total, factor, static = cache
     dw = dw[None] if static else dw
@@ -191,7 +191,7 @@ def permute_slots_backward(dw, cache):
     return (dc[0] if static else dc), dP
 
 
-def remap_slots(c, perm):
+def remap_slots(c: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, tuple]:
     """Hard phase: w[..., perm_s[i]] += c[..., s, i], perm (K, n) slot -> expert, K = S or 1. An
     index remap: w has as many nonzeros as the slots' sum (per-selector permutations may map two
     selectors' slots onto one expert, as two selectors may pick one expert without them)."""
@@ -207,7 +207,7 @@ def remap_slots(c, perm):
     return (w[0] if static else w), (perm, c3.shape, static)
 
 
-def remap_slots_backward(dw, cache):
+def remap_slots_backward(dw: np.ndarray, cache: tuple) -> np.ndarray:
     """dc of <dw, w> for :func:`remap_slots`."""
     perm, shape, static = cache
     dw = dw[None] if static else dw
@@ -410,6 +410,24 @@ class PermutedGate(_Gate):
         if perm._mode is None:
             perm.forward(training=False)
         return super()._last_forward()
+
+    def onnx_weights(self, graph, x):
+        """The ONNX form (dselectk.export_onnx) of the evaluation weights: the hard permutations (in
+        the soft phase their Hungarian rounding, as in evaluation). Static gates: constants; a
+        per-example gate with one permutation: its own graph's weights, columns gathered by the
+        inverse permutation."""
+        perm = self.local_search
+        if perm._mode in (None, "soft"):
+            perm.forward(training=False)
+        if not self.per_example:
+            return super().onnx_weights(graph, x)
+        hard = perm._perm()
+        if hard.shape[0] != 1:
+            raise TypeError("ONNX export of a per-example gate with one permutation per selector / tree is not "
+                            "supported; use LocalSearch(per_selector=False) or a static gate")
+        w = self.inner.onnx_weights(graph, x)
+        inverse = np.argsort(hard[0]).astype(np.int64)  # w'[:, perm[i]] = w[:, i]
+        return graph.op("Gather", w, graph.const(inverse, "permutation_inverse"), hint="permuted_weights", axis=1)
 
     @property
     def permutation(self):

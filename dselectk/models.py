@@ -31,8 +31,10 @@ import functools
 import json
 import os
 import zipfile
+from typing import Any, Sequence, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import checkpoint as _checkpoint
 from . import functional as F
@@ -41,10 +43,17 @@ from .embedding import EmbeddingInput
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
 from .inputs import check_task_names
-from .layers import MLP, CNNExpert, ParameterSlab, ReLU
+from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate, subset_rows
 from .local_search import LocalSearch, Permutation, PermutedGate
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
+
+# the types of the public constructors' arguments
+GateArg = Union[GateSpec, dict, str]  # a spec, its config dict, or a kind string (with **gate_options)
+Embeddings = Union[EmbeddingInput, dict, None]
+Pair = Union[int, Sequence[int]]
+TaskNames = Union[str, Sequence[str], None]
+PathLike = Union[str, "os.PathLike[str]"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 ARCHITECTURES = ("mlp", "cnn")
@@ -115,6 +124,13 @@ def _widths(units, name):
     return [int(u) for u in widths]
 
 
+def _check_dropout(dropout, tower_dropout):
+    """Rates in [0, 1), checked before any layer is built (ValueError / TypeError naming the argument)."""
+    dropout_rate(dropout, "dropout")
+    if tower_dropout is not None:
+        dropout_rate(tower_dropout, "tower_dropout")
+
+
 def _trusted_forward(forward):
     """Checks the model input for NaN/Inf once, then runs ``forward`` inside
     F.trusted_inputs(): the kernels skip re-scanning the intermediate activations (the loss and
@@ -141,6 +157,19 @@ def _trusted_backward(backward):
     return unscanned
 
 
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) in z's dtype, without overflow: exp is taken of -|z| only, and for
+    z < 0 the form e^z / (1 + e^z), which keeps its relative accuracy far into the tail."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def _local_search_config(value):
+    """The config dict of a local_search argument (a LocalSearch or a dict of its options)."""
+    spec = LocalSearch.resolve(value)
+    return None if spec is None else spec.to_config()
+
+
 def _flat(X):
     """X (B, ...) as (B, p): a view of a C-contiguous batch."""
     return X if X.ndim == 2 else X.reshape(X.shape[0], -1)
@@ -148,6 +177,9 @@ def _flat(X):
 
 class _Model:
     """Shared machinery: tasks, losses, the parameter slab, prediction transforms."""
+
+    config: dict  # the constructor's arguments, JSON-able: what save writes and load rebuilds from
+    gates: list  # one gate per task (none for SharedBottom)
 
     def _setup_tasks(self, n_tasks, task_losses, task_outputs, task_weights):
         if not isinstance(n_tasks, int) or n_tasks < 1:
@@ -384,7 +416,7 @@ class _Model:
         preds = []
         for name, out in zip(self.task_losses, outputs):
             if name == "bce":
-                preds.append(1.0 / (1.0 + np.exp(-out.reshape(-1))))
+                preds.append(_sigmoid(out.reshape(-1)))
             elif name == "softmax_ce":
                 preds.append(F.softmax(out))
             else:
@@ -455,8 +487,8 @@ class MMoE(_Model):
     With per-example gates, when fewer than ``sparse_threshold`` (0.75) of the batch's (example,
     expert) pairs have a nonzero weight in some task, each expert runs only on the examples that use
     it (gather -> dense -> scatter, forward and backward); ``sparse_threshold = 0`` turns this off.
-    Results are the same to rounding, except that expert dropout then draws its masks for the
-    computed rows only (same distribution, other draws). ``model.flops`` counts the expert FLOPs
+    Results are the same to rounding (dropout masks hash each row's place in the batch, so the
+    computed rows get the masks they have in the dense pass). ``model.flops`` counts the expert FLOPs
     executed in training steps and those of the dense model (``reset_flops()``; ``fit`` records
     them per epoch as ``expert_flops`` and ``expert_flops_dense``).
     """
@@ -466,12 +498,15 @@ class MMoE(_Model):
     # their own examples only; at or above it, on the whole batch (gathering would cost more).
     sparse_threshold = 0.75
 
-    def __init__(self, input_dim=None, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,),
-                 task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", *, dropout=0.0, seed=0,
-                 dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
-                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, task_names=None,
-                 local_search=None,
-                 **gate_options):
+    def __init__(self, input_dim: int | None = None, n_tasks: int = 2, n_experts: int = 8,
+                 expert_units: Sequence[int] = (64,), tower_units: Sequence[int] | None = (32,),
+                 task_losses: str | Sequence[str] = "mse", task_outputs: int | Sequence[int] = 1,
+                 task_weights: Sequence[float] | None = None, gate: GateArg = "dselect_k", *, dropout: float = 0.0,
+                 seed: int = 0, dtype: DTypeLike = "float32", expert_output: str | None = None,
+                 embeddings: Embeddings = None, tower_dropout: float | None = None, expert: str = "mlp",
+                 input_shape: Sequence[int] | None = None, expert_filters: Sequence[int] = (10, 20),
+                 expert_kernel: Pair = 5, expert_pool: Pair = 2, task_names: TaskNames = None,
+                 local_search: LocalSearch | dict | None = None, **gate_options: Any) -> None:
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         tower_units = None if tower_units is None else _widths(tower_units, "tower_units")
@@ -491,8 +526,8 @@ class MMoE(_Model):
             raise ValueError("expert_output='sum' is for MLP experts only")
         if tower_dropout is not None:  # in the config only when set: older readers load the others
             self.config["tower_dropout"] = tower_dropout
-        if local_search is not None:
-            self.config["local_search"] = LocalSearch.resolve(local_search).to_config()
+        if local_search is not None:  # in the config only when set: older readers load the others
+            self.config["local_search"] = _local_search_config(local_search)
         self._build(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=expert_units,
                     tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
                     task_weights=task_weights, dropout=dropout, seed=seed, dtype=dtype, towers=True,
@@ -507,6 +542,7 @@ class MMoE(_Model):
         """The layers, with the gates built from ``self.gate_spec`` (one per task, drawn from the
         model's generator after the experts and before the towers)."""
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        _check_dropout(dropout, tower_dropout)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, expert, "expert")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
@@ -583,7 +619,8 @@ class MMoE(_Model):
             f = np.zeros((n, B, self.experts[0].out_dim), self.dtype)
             for j, e in enumerate(self.experts):
                 if rows[j].size:
-                    f[j, rows[j]] = e.forward(X[rows[j]], training)
+                    with subset_rows(rows[j]):  # dropout masks by the rows' place in the batch
+                        f[j, rows[j]] = e.forward(X[rows[j]], training)
             self._count_flops(sum(r.size for r in rows), B, training)
         else:
             rows = None
@@ -734,16 +771,18 @@ class MoE(MMoE):
     ``gate`` and its options, and the other parameters, as :class:`MMoE` (``task_names``: one
     name, or a list of one)."""
 
-    def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", *,
-                 dropout=0.0, seed=0, dtype="float32", embeddings=None, task_names=None, local_search=None,
-                 **gate_options):
+    def __init__(self, input_dim: int | None, n_experts: int = 8, expert_units: Sequence[int] = (64,),
+                 loss: str = "mse", output_dim: int = 1, gate: GateArg = "dselect_k", *, dropout: float = 0.0,
+                 seed: int = 0, dtype: DTypeLike = "float32", embeddings: Embeddings = None,
+                 task_names: TaskNames = None, local_search: LocalSearch | dict | None = None,
+                 **gate_options: Any) -> None:
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=expert_units, loss=loss,
                            output_dim=output_dim, gate=self.gate_spec.to_config(), dropout=dropout, seed=seed,
                            dtype=str(np.dtype(dtype)))
-        if local_search is not None:
-            self.config["local_search"] = LocalSearch.resolve(local_search).to_config()
+        if local_search is not None:  # in the config only when set: older readers load the others
+            self.config["local_search"] = _local_search_config(local_search)
         self._build(input_dim=input_dim, n_tasks=1, n_experts=n_experts, expert_units=expert_units, tower_units=[],
                     task_losses=loss, task_outputs=output_dim, task_weights=None, dropout=dropout, seed=seed,
                     dtype=dtype, towers=False, embeddings=embeddings, local_search=local_search)
@@ -759,10 +798,13 @@ class SharedBottom(_Model):
     (``bottom_filters``, ``bottom_kernel``, ``bottom_pool``) followed by the ``bottom_units`` Dense
     layers, on images X (N, C, H, W) of ``input_shape`` (C, H, W)."""
 
-    def __init__(self, input_dim=None, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse",
-                 task_outputs=1, task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None,
-                 tower_dropout=None, bottom="mlp", input_shape=None, bottom_filters=(10, 20), bottom_kernel=5,
-                 bottom_pool=2, task_names=None):
+    def __init__(self, input_dim: int | None = None, n_tasks: int = 2, bottom_units: Sequence[int] = (64,),
+                 tower_units: Sequence[int] = (32,), task_losses: str | Sequence[str] = "mse",
+                 task_outputs: int | Sequence[int] = 1, task_weights: Sequence[float] | None = None,
+                 dropout: float = 0.0, seed: int = 0, dtype: DTypeLike = "float32", embeddings: Embeddings = None,
+                 tower_dropout: float | None = None, bottom: str = "mlp", input_shape: Sequence[int] | None = None,
+                 bottom_filters: Sequence[int] = (10, 20), bottom_kernel: Pair = 5, bottom_pool: Pair = 2,
+                 task_names: TaskNames = None) -> None:
         bottom_units, tower_units = _widths(bottom_units, "bottom_units"), _widths(tower_units, "tower_units")
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=bottom_units,
                            tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
@@ -775,12 +817,14 @@ class SharedBottom(_Model):
             self.config.update(bottom=bottom, bottom_filters=_listed(bottom_filters),
                                bottom_kernel=_listed(bottom_kernel), bottom_pool=_listed(bottom_pool))
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        _check_dropout(dropout, tower_dropout)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, bottom, "bottom")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
         self.bottom_kind = bottom
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
+        self.bottom: MLP | CNNExpert
         if bottom == "cnn":
             if not bottom_units:
                 raise ValueError("bottom_units must list at least one Dense width after the CNN")
@@ -839,7 +883,7 @@ def _gate_spec_of(config, path):
     raise ValueError(f"{path}: the stored gate config must be a dict (or a kind string), got {type(gate).__name__}")
 
 
-def save(model, path, include_optimizer=True):
+def save(model: _Model, path: PathLike, include_optimizer: bool = True) -> None:
     """Write ``model`` to one ``.npz`` at exactly ``path``: the parameter slab, the embedding tables
     (``table_<name>``) and JSON metadata (class, constructor arguments with the gate as its spec's
     config dict, parameter index, table shapes, format version); after ``fit`` also its training
@@ -865,7 +909,7 @@ def save(model, path, include_optimizer=True):
                                         **{f"table_{name}": t for name, t in tables.items()}, **training_arrays))
 
 
-def load(path):
+def load(path: PathLike) -> _Model:
     """Rebuild a model saved by :func:`save` (with its training state, when saved), by this
     version or an older one (format versions 1 and 2 stored the gate as a kind string with flat
     keys k, gamma, ...; they are read as the gate's spec). Raises FileNotFoundError for a missing
@@ -889,7 +933,7 @@ def load(path):
     if meta.get("version") not in READ_VERSIONS:
         raise ValueError(f"{path}: written by model format version {meta.get('version')!r}; this dselectk reads "
                          f"versions {', '.join(map(str, READ_VERSIONS))}")
-    cls = _CLASSES.get(meta.get("cls"))
+    cls = _CLASSES.get(str(meta.get("cls")))
     if cls is None:
         raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
     config = meta.get("config")

@@ -495,3 +495,20 @@ def test_early_stopping_restores_the_permutations_of_the_best_epoch():
         if name.endswith("log_alpha"):
             assert not model.frozen_mask[off:off + int(np.prod(shape))].any()
     dk.evaluate(model, X, Y)  # the Hungarian rounding of the restored soft permutations
+
+
+@pytest.mark.parametrize("gate_kwargs", [MODEL_GATES[0], MODEL_GATES[2], MODEL_GATES[3]],
+                         ids=["dselect_k", "top_k", "top_k_pe"])
+@pytest.mark.parametrize("hard", [False, True], ids=["soft", "hard"])
+def test_onnx_export_of_permuted_gates_matches_predict(tmp_path, gate_kwargs, hard):
+    ort = pytest.importorskip("onnxruntime")
+    rng = np.random.default_rng(14)
+    model = Mo.MMoE(5, n_tasks=2, n_experts=8, expert_units=(4,), tower_units=(3,), seed=2,
+                    local_search=dict(steps=3, per_selector=False), **gate_kwargs)
+    _spread(model, rng)
+    model.local_search_step(3 if hard else 1)
+    X = rng.standard_normal((17, 5)).astype(np.float32)
+    proto = dk.export_onnx(model, tmp_path / "m.onnx")
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": X})
+    for g, w in zip(got, dk.predict(model, X)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -141,25 +141,28 @@ done:
 }
 
 PyDoc_STRVAR(dropout_forward_doc,
-"dropout_forward(x, rate, seed, step, training=True) -> y\n\n"
+"dropout_forward(x, rate, seed, step, training=True, rows=None) -> y\n\n"
 "Inverted dropout of a 1-D x: each entry is kept with probability 1 - rate and scaled by\n"
 "1 / (1 - rate). The mask is a counter-based hash of (seed, step, flat index) (csrc/nn.h): not\n"
 "stored, the same in dropout_backward, independent of the thread count. 0 <= rate < 1; seed and\n"
-"step are integers in [0, 2**64 - 1]. training=False or rate == 0 returns a copy of x.");
+"step are integers in [0, 2**64 - 1]. training=False or rate == 0 returns a copy of x.\n"
+"rows: None, or the place in a larger batch of each of the B = len(rows) rows x holds (an\n"
+"integer array (B,), values >= 0; B divides len(x), R = len(x) / B entries a row): entry j of\n"
+"row b then hashes rows[b] * R + j instead of its flat index.");
 PyDoc_STRVAR(dropout_backward_doc,
-"dropout_backward(dy, rate, seed, step, training=True) -> dx\n\n"
-"dx = dy * mask / (1 - rate) with the mask of dropout_forward(x, rate, seed, step, training).");
+"dropout_backward(dy, rate, seed, step, training=True, rows=None) -> dx\n\n"
+"dx = dy * mask / (1 - rate) with the mask of dropout_forward(x, rate, seed, step, training, rows).");
 
 static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
-    static char *kwlist_f[] = {"x", "rate", "seed", "step", "training", NULL};
-    static char *kwlist_b[] = {"dy", "rate", "seed", "step", "training", NULL};
-    PyObject *x_obj, *seed_obj, *step_obj, *result = NULL;
+    static char *kwlist_f[] = {"x", "rate", "seed", "step", "training", "rows", NULL};
+    static char *kwlist_b[] = {"dy", "rate", "seed", "step", "training", "rows", NULL};
+    PyObject *x_obj, *seed_obj, *step_obj, *rows_obj = Py_None, *result = NULL;
     double rate;
     int training = 1;
     unsigned long long seed, step;
     Hold h = {0};
-    if (!parse_args(args, kw, "OdOO|p", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
-                    &step_obj, &training))
+    if (!parse_args(args, kw, "OdOO|pO", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
+                    &step_obj, &training, &rows_obj))
         return NULL;
     if (check_unit(rate, "rate (the dropout probability)") < 0 ||
         parse_count(seed_obj, "seed", 0, UINT64_MAX, &seed) < 0 ||
@@ -169,11 +172,30 @@ static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
     npy_intp dims[1] = {-1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, backward ? "dy" : "x", &tn, 1, dims, "(N,)", 1));
     if (!x) goto done;
+    PyArrayObject *rows = NULL;
+    long R = 1;
+    if (rows_obj != Py_None) {
+        npy_intp rdims[1] = {-1};
+        if (PyArray_Check(rows_obj) && PyArray_NDIM((PyArrayObject *)rows_obj) == 1) {
+            const npy_intp B = PyArray_DIM((PyArrayObject *)rows_obj, 0);
+            if (B == 0 || dims[0] % B) {
+                PyErr_Format(PyExc_ValueError, "argument 'rows' must have one entry per row of x: its length B = %ld "
+                             "must divide the %ld entries of x", (long)B, (long)dims[0]);
+                goto done;
+            }
+            R = (long)(dims[0] / B);
+        }
+        /* rows[b] * R + R <= 2^63: every hashed index fits */
+        rows = hold(&h, index_array(rows_obj, "rows", "row positions", 1, rdims, "(B,)", (npy_intp)(INT64_MAX / R),
+                                    "2**63 / (entries per row)", 0));
+        if (!rows) goto done;
+    }
     PyArrayObject *y = hold(&h, new_array(tn, 1, dims));
     if (!y) goto done;
     const double r = training ? rate : 0;
+    const int64_t *row_data = rows ? (const int64_t *)DATA(rows) : NULL;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, dropout_forward, DATA(y), DATA(x), (long)dims[0], r, (uint64_t)seed, (uint64_t)step);
+    DISPATCH(tn, dropout_forward, DATA(y), DATA(x), (long)dims[0], row_data, R, r, (uint64_t)seed, (uint64_t)step);
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)y);
 done:
