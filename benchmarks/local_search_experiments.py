@@ -2,6 +2,8 @@
 
     python benchmarks/local_search_experiments.py recovery  [--trials 24] [--tune-reps 3] [--reps 20] [--workers 2]
     python benchmarks/local_search_experiments.py multitask [--tasks 16 32 64 128] [--trials 6] [--reps 10] [--epochs 10]
+    python benchmarks/local_search_experiments.py movielens [--trials 24] [--tune-trials 12] [--reps 10] [--workers 2]
+    python benchmarks/local_search_experiments.py fashion   [--trials 3] [--reps 5] [--workers 2]
     python benchmarks/local_search_experiments.py tables    # rewrite every table and figure from the trials run
 
 * ``recovery``: Appendix C.3.2 (gate recovery) with every gate, with and without local search, and
@@ -11,6 +13,15 @@
   Output: ``benchmarks/results/local_search_recovery/``.
 * ``multitask``: Appendix C.2 in the binary regime (``--task-mean``, where DSelect-k collapsed), with
   COMET and local search added. Output: ``benchmarks/results/local_search_multitask/``.
+* ``movielens``: the two tasks of Table 1 on our dslabs ratings (``sh benchmarks/get_movielens.sh``)
+  with per-example gates: Hash (user id), Top-k, DSelect-k, COMET, each without and with local
+  search (one permutation shared by both task gates, as the authors' MovieLens configs). Hash and
+  Top-k (+- LS) run ``--trials`` random-search trials each, which are also the data of the
+  tuning-budget curves; DSelect-k and COMET (+- LS) ``--tune-trials``; then ``--reps`` runs of each
+  best configuration. Output: ``benchmarks/results/local_search_movielens/``.
+* ``fashion``: COMET and COMET + LS on Multi-Fashion MNIST with the protocol of
+  ``benchmarks/results/multi_fashion_mnist/`` (Table 2), beside its rows.
+  Output: ``benchmarks/results/local_search_fashion/``.
 
 Every trial is appended to ``<out>/trials.jsonl``; rerunning a command resumes where it stopped
 (finished trials are not rerun). Progress goes to stderr.
@@ -201,6 +212,120 @@ def plot_multitask(out, records):
     _log(f"wrote {path}")
 
 
+# --- MovieLens (Table 1's tasks, the COMET paper's gates) and the tuning-budget curves ---------------
+
+ML_ALPHA = 0.9  # the loss 0.9 BCE(watch) + 0.1 MSE(rating): the watch task's ROC AUC is the COMET metric
+# Adagrad learning rates, 12 log-spaced in [0.003, 0.1]: a fine grid stands in for the authors'
+# log-uniform draws, so that random search over it has as many distinct choices as trials
+ML_LRS = [float(f"{v:.3g}") for v in np.geomspace(0.003, 0.1, 12)]
+ML_COMMON = {"alpha": [ML_ALPHA], "epochs": [3], "early_stopping_patience": [1], "lr": ML_LRS}
+ML_SMOOTH = {"k": [2, 4], "entropy_reg": [0.1, 1.0, 10.0], "gamma": [1.0, 10.0]}
+ML_VARIANTS = {  # label -> (movielens method, grid, budget curve?)
+    "Hash": ("hash", {"k": [1]}, True),
+    "Hash + LS": ("hash", {"k": [1], "ls_frac": LS_FRACS}, True),
+    "Top-k": ("top_k_per_example", {"k": [1, 2, 4]}, True),
+    "Top-k + LS": ("top_k_per_example", {"k": [1, 2, 4], "ls_frac": LS_FRACS}, True),
+    "DSelect-k": ("dselect_k_per_example", dict(ML_SMOOTH), False),
+    "DSelect-k + LS": ("dselect_k_per_example", {**ML_SMOOTH, "ls_frac": LS_FRACS}, False),
+    "COMET": ("comet_per_example", dict(ML_SMOOTH), False),
+    "COMET + LS (COMET+)": ("comet_per_example", {**ML_SMOOTH, "ls_frac": LS_FRACS}, False),
+}
+ML_METRICS = ["test_auc", "test_rmse", "test_loss_x1e4", "mean_selected", "binary", "val_auc", "epochs"]
+BUDGETS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def run_movielens(args):
+    from dselectk.experiments import movielens as ML
+
+    if not os.path.exists(args.data):
+        sys.exit(f"{args.data} not found: run `sh benchmarks/get_movielens.sh` first (or pass --data)")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "trials.jsonl")
+    chosen = _read_json(os.path.join(args.out, "chosen_configs.json"))
+    for label in args.variants:
+        method, extra, budget = ML_VARIANTS[label]
+        grid = {"path": [os.path.abspath(args.data)], "method": [method], "variant": [label], **ML_COMMON, **extra}
+        trials = args.trials if budget else args.tune_trials
+        _log(f"MovieLens, {label}: {trials} random-search trials, then {args.reps} repetitions")
+        _, final = S.tune_and_repeat(ML.movielens_trial, grid, n_trials=trials, repetitions=args.reps,
+                                     metric="val_loss", results_path=path, name=f"movielens/{_slug(label)}",
+                                     seed=args.seed, max_workers=args.workers, progress=not args.quiet)
+        chosen[label] = {"config": final.trials[0]["config"], "binary_constraint_met": final.constraint_met}
+        _write_json(os.path.join(args.out, "chosen_configs.json"), chosen)
+        write_movielens_tables(args.out)
+
+
+def write_movielens_tables(out):
+    records = load_records(os.path.join(out, "trials.jsonl"))
+    finals = [r for r in records if r["sweep"].endswith("/final")]
+    if not finals:
+        return None
+    for r in finals:
+        r["metrics"]["test_loss_x1e4"] = r["metrics"]["test_loss"] * 1e4
+    table = summarize(finals, group_by=("variant",), metrics=ML_METRICS)
+    table.to_csv(os.path.join(out, "movielens.csv"))
+    table.to_markdown(os.path.join(out, "movielens.md"), digits=4)
+    tuning = [r for r in records if r["sweep"].endswith("/tune")]
+    lines = write_budget_curves(out, tuning)
+    with open(os.path.join(out, "budget.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _log(f"wrote {out}/movielens.md, budget.md")
+    return table
+
+
+def write_budget_curves(out, tuning, metric="val_auc"):
+    """The expected best validation AUC of b random-search trials (bootstrapped over the trials run),
+    per budget variant, as a table and a figure; and the budget ratios at equal quality."""
+    from dselectk.experiments.local_search import best_of_budget, budget_ratio
+
+    curves, lines = {}, [f"Expected best {metric} of b random-search trials (bootstrap of the trials run, 2000 draws; "
+                         "[5%, 95%] quantiles):", "", "| variant | trials run | " +
+                         " | ".join(f"b = {b}" for b in BUDGETS) + " |", "|---|---:|" + "---:|" * len(BUDGETS)]
+    for label, (_, _, budget) in ML_VARIANTS.items():
+        values = [r["metrics"][metric] for r in tuning if r["config"].get("variant") == label and budget
+                  and r["metrics"].get(metric) == r["metrics"].get(metric)]
+        if not values:
+            continue
+        mean, (lo, hi) = best_of_budget(values, BUDGETS)
+        curves[label] = (mean, lo, hi, len(values))
+        lines.append(f"| {label} | {len(values)} | " + " | ".join(f"{m:.4f} [{a:.4f}, {b:.4f}]"
+                                                                for m, a, b in zip(mean, lo, hi)) + " |")
+    lines += ["", "Budget ratio at equal quality: trials the method without local search needs to reach the best "
+              "expected value that the method with local search reaches within the budgets above, divided by the "
+              "trials the latter needs (None: never reached within b = 128).", ""]
+    for base in ("Hash", "Top-k"):
+        if base in curves and f"{base} + LS" in curves:
+            ratio = budget_ratio(BUDGETS, curves[base][0], curves[f"{base} + LS"][0])
+            lines.append(f"* {base}: {'not reached' if ratio is None else f'{ratio:.2f}x'}")
+    try:
+        plot_budget_curves(out, curves, metric)
+    except ImportError as exc:
+        _log(f"no figure: {exc}")
+    return lines
+
+
+def plot_budget_curves(out, curves, metric):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for label, (mean, lo, hi, n) in curves.items():
+        line, = ax.plot(BUDGETS, mean, marker="o", label=f"{label} ({n} trials)")
+        ax.fill_between(BUDGETS, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("random-search trials (budget)")
+    ax.set_ylabel(f"expected best {metric}")
+    ax.set_title("MovieLens: tuning budget (bootstrap over the trials run)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out, "budget.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    _log(f"wrote {path}")
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 def _read_json(path):
@@ -233,10 +358,18 @@ def main(argv=None):
     mt.add_argument("--reps", type=int, default=10)
     mt.add_argument("--epochs", type=int, default=10)
     mt.add_argument("--out", default="benchmarks/results/local_search_multitask")
+    ml = sub.add_parser("movielens", help="MovieLens, per-example gates +- local search, and the tuning budget")
+    ml.add_argument("--data", default="benchmarks/data/movielens.csv")
+    ml.add_argument("--variants", nargs="+", default=list(ML_VARIANTS), choices=list(ML_VARIANTS))
+    ml.add_argument("--trials", type=int, default=24, help="random-search trials of Hash / Top-k (+- LS)")
+    ml.add_argument("--tune-trials", type=int, default=12, help="random-search trials of DSelect-k / COMET (+- LS)")
+    ml.add_argument("--reps", type=int, default=10)
+    ml.add_argument("--out", default="benchmarks/results/local_search_movielens")
     tb = sub.add_parser("tables", help="rewrite the tables and figures from the trials run")
     tb.add_argument("--recovery-out", default="benchmarks/results/local_search_recovery")
     tb.add_argument("--multitask-out", default="benchmarks/results/local_search_multitask")
-    for p in (rc, mt):
+    tb.add_argument("--movielens-out", default="benchmarks/results/local_search_movielens")
+    for p in (rc, mt, ml):
         p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true")
@@ -246,11 +379,15 @@ def main(argv=None):
         run_recovery(args)
     elif args.cmd == "multitask":
         run_multitask(args)
+    elif args.cmd == "movielens":
+        run_movielens(args)
     else:
         if os.path.exists(os.path.join(args.recovery_out, "trials.jsonl")):
             write_recovery_tables(args.recovery_out)
         if os.path.exists(os.path.join(args.multitask_out, "trials.jsonl")):
             write_multitask_tables(args.multitask_out)
+        if os.path.exists(os.path.join(args.movielens_out, "trials.jsonl")):
+            write_movielens_tables(args.movielens_out)
     _log(f"done in {time.time() - t0:.0f} s")
 
 

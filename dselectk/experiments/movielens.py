@@ -98,7 +98,8 @@ def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=
     (experts with nonzero weight, averaged over tasks and test examples; None for the shared
     bottom), ``binary_fraction`` (per task, the fraction of the training steps after which the
     DSelect-k gate's S(Z) was binary, History.binary_step / total steps; None where it never was or
-    for other gates), ``epochs`` (trained), ``total_steps``, ``val_loss`` (best), the settings, and
+    for other gates), ``epochs`` (trained), ``total_steps``, ``val_loss`` (best), ``val_auc`` (task 1,
+    of the restored weights), the settings, and
     with ``return_model`` the model and the History."""
     if not isinstance(data, MovieLensMultitask):
         data = movielens_multitask(data, neg_ratio=neg_ratio, seed=data_seed)
@@ -114,6 +115,7 @@ def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=
                   early_stopping_patience=early_stopping_patience if validation else None, seed=seed,
                   verbose=verbose)
     result = evaluate(model, te.X, te.Y, sample_weights=te.sample_weights)
+    val_result = evaluate(model, va.X, va.Y, sample_weights=va.sample_weights) if validation else None
     steps = history.total_steps
     out = dict(
         test_loss=result["loss"],
@@ -127,6 +129,7 @@ def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=
         expert_flops=history.epochs[-1].get("expert_flops") if history.epochs else None,
         expert_flops_dense=history.epochs[-1].get("expert_flops_dense") if history.epochs else None,
         val_loss=min(history["val_loss"]) if validation else None,
+        val_auc=val_result["task0_auc"] if validation else None,
         settings=dict(gate=gate, per_example=per_example, alpha=alpha, k=k, n_experts=n_experts,
                       embedding_dim=embedding_dim, units=units, dropout=dropout, gamma=gamma, entropy_reg=entropy_reg,
                       batch_size=batch_size, lr=lr, seed=seed, data_seed=data.seed, neg_ratio=data.neg_ratio),
@@ -156,7 +159,8 @@ def movielens_trial(config, seed):
     fractions = out["binary_fraction"]
     dselect = gate == "dselect_k"
     return {
-        "val_loss": out["val_loss"], "test_loss": out["test_loss"], "test_auc": out["test_auc"],
+        "val_loss": out["val_loss"], "val_auc": out["val_auc"], "test_loss": out["test_loss"],
+        "test_auc": out["test_auc"],
         "test_rmse": out["test_rmse"],
         "mean_selected": float("nan") if out["mean_selected"] is None else out["mean_selected"],
         "binary_pct": (100 * float(np.mean(fractions)) if dselect and all(f is not None for f in fractions)
