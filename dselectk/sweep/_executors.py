@@ -23,9 +23,34 @@ _THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 # this module on purpose: unpickling a function of dselectk.sweep in the freshly spawned worker would
 # import dselectk, and with it NumPy, OpenBLAS and libgomp, whose thread pools read these variables
 # once, when they load. ``exec`` unpickles without importing anything, so the variables are set first.
+#
+# It also makes the worker die with its parent (PARENT, the pid of the process running the sweep).
+# A parent that is SIGKILLed cannot shut the pool down, and the workers would wait for work forever
+# (each holds the write end of its own call queue, so it never sees EOF), keeping multiprocessing's
+# resource tracker alive too (it exits when the last holder of its pipe does). On Linux the kernel
+# sends the worker SIGKILL when the thread that started it exits (prctl PR_SET_PDEATHSIG: immediate,
+# nothing runs in the worker; that thread is the one in Sweep.run, which outlives the pool). Where
+# prctl is missing or refused, a daemon thread polls os.getppid(), which changes to the reaper's pid
+# when the parent dies (POSIX). The getppid check after arming covers a parent that died before.
 _WORKER_BOOTSTRAP = """
-import os
+import os, sys
 os.environ.update(ENV)
+armed = False
+if sys.platform.startswith("linux"):
+    import ctypes, signal
+    try:
+        armed = ctypes.CDLL(None).prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+if not armed:
+    import threading, time
+    def watch_parent():
+        while os.getppid() == PARENT:
+            time.sleep(0.2)
+        os._exit(1)
+    threading.Thread(target=watch_parent, name="dselectk-sweep-parent-watch", daemon=True).start()
+if os.getppid() != PARENT:
+    os._exit(1)
 import dselectk
 dselectk.set_num_threads(THREADS)
 """
@@ -132,7 +157,7 @@ class _ProcessBackend:
     def _start(self):
         self.pool = _cf.ProcessPoolExecutor(
             max_workers=self.workers, mp_context=self.context, initializer=exec,
-            initargs=(_WORKER_BOOTSTRAP, {"ENV": self.env, "THREADS": self.threads}))
+            initargs=(_WORKER_BOOTSTRAP, {"ENV": self.env, "THREADS": self.threads, "PARENT": os.getpid()}))
         self.broken = False
 
     def submit(self, trial):

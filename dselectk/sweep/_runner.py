@@ -169,6 +169,8 @@ class Sweep:
         * ``executor``: ``"process"`` (default: a ProcessPoolExecutor started with "spawn"),
           ``"serial"`` (one after the other in this process), a ``dask.distributed.Client``, or a
           Dask scheduler address such as ``"tcp://10.0.0.1:8786"`` (a Client is opened and closed).
+          The process pool's workers exit when this process dies, even by SIGKILL (the trials they
+          were running are lost; a rerun with the same results file runs them again).
         * ``max_workers``: ``"process"``: worker processes (default: the CPUs this process may use,
           at most the number of trials to run); Dask: the most trials submitted at a time (default:
           all). Ignored by ``"serial"``.
