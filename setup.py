@@ -36,7 +36,18 @@ KERNEL_SOURCES = [
     "csrc/optim.c",
     "csrc/threads.c",
 ]
-BINDING_SOURCES = ["dselectk/_C.c"]
+# The binding, one file per kernel family (dselectk/_binding/module.c says how to add one).
+BINDING_SOURCES = [
+    "dselectk/_binding/common.c",
+    "dselectk/_binding/module.c",
+    "dselectk/_binding/gates.c",
+    "dselectk/_binding/mix.c",
+    "dselectk/_binding/nn.c",
+    "dselectk/_binding/optim.c",
+    "dselectk/_binding/embedding.c",
+    "dselectk/_binding/conv.c",
+]
+HEADERS = sorted(glob.glob("csrc/*.h")) + ["dselectk/_binding/common.h"]
 
 
 def _openblas():
@@ -103,7 +114,11 @@ class build_ext_dselectk(build_ext):
                 f"but DSELECTK_NO_OPENMP is set or compiling and linking with -fopenmp {' '.join(sanitizer_flags)} "
                 f"failed")
 
-        cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-math-errno"]
+        # -fvisibility=hidden: the binding's files share plain extern names (input_array, overlaps, ...);
+        # hidden, they cannot be bound to like-named symbols of other libraries. PyInit__C stays
+        # exported (PyMODINIT_FUNC marks it visible).
+        cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-math-errno",
+                  "-fvisibility=hidden"]
         if os.environ.get("DSELECTK_WERROR", "") in ("1", "true", "yes"):
             cflags.append("-Werror")
         ldflags = ["-Wl,-rpath,$ORIGIN/_lib"]
@@ -145,7 +160,7 @@ class build_ext_dselectk(build_ext):
         shutil.copy2(os.path.join(lib_dir, lib_file), os.path.join(dest_dir, lib_file))
 
 
-extensions = [Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=sorted(glob.glob("csrc/*.h")))]
+extensions = [Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=HEADERS)]
 if SANITIZE:  # a plain shared library (loaded with ctypes), built with the extension's flags
     extensions.append(Extension("dselectk._sanitizer_selftest", sources=[SANITIZER_SELFTEST, "csrc/threads.c"],
                                 depends=["csrc/dsk.h"]))
