@@ -120,6 +120,8 @@ def _trusted_forward(forward):
                 if isinstance(value, np.ndarray):
                     F.check_finite(value, f"X[{name!r}]")
         elif isinstance(X, np.ndarray):
+            if X.ndim == 0:
+                raise ValueError("X must be a batch (B, ...) of examples, got a 0-d array")
             F.check_finite(X, "X")
         with F.trusted_inputs():
             return forward(self, X, training)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
+from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("DSELECTK_FUZZ_EXAMPLES", "25"))
@@ -23,9 +24,9 @@ def fuzz_settings(fraction=1.0):
 ALLOWED = (ValueError, TypeError)
 
 
-FLOAT_DTYPES = ("keep",) * 8 + ("float16", "float32", "float64", "int32", "int64", "bool", "object",
+FLOAT_DTYPES = ("keep",) * 30 + ("float16", "float32", "float64", "int32", "int64", "bool", "object",
                                 "complex128", "swapped", "longdouble")
-INDEX_DTYPES = ("keep",) * 8 + ("int8", "int32", "uint64", "uint8", "float64", "bool", "object", "swapped")
+INDEX_DTYPES = ("keep",) * 30 + ("int8", "int32", "uint64", "uint8", "float64", "bool", "object", "swapped")
 LAYOUTS = ("C",) * 6 + ("F", "strided", "negative", "readonly", "misaligned", "broadcast")
 
 
@@ -154,6 +155,8 @@ def copy_value(v):
         return plain_copy(v)
     if isinstance(v, tuple) and hasattr(v, "_fields"):
         return type(v)(*(copy_value(x) for x in v))
+    if isinstance(v, list):
+        return [copy_value(x) for x in v]
     return v
 
 
@@ -167,9 +170,9 @@ def attempt(fn, kwargs):
 def arrays_in(kwargs):
     seen = {}
     for k, v in kwargs.items():
-        for i, a in enumerate(v if isinstance(v, tuple) else (v,)):
+        for i, a in enumerate(v if isinstance(v, (tuple, list)) else (v,)):
             if isinstance(a, np.ndarray) and id(a) not in seen:
-                seen[id(a)] = (f"{k}[{i}]" if isinstance(v, tuple) else k, a)
+                seen[id(a)] = (f"{k}[{i}]" if isinstance(v, (tuple, list)) else k, a)
     return list(seen.values())
 
 
@@ -215,6 +218,8 @@ def check_call(case):
     before = snapshot(kwargs)
     ref, ref_exc = attempt(fn, ref_kwargs)
     got, exc = attempt(fn, kwargs)
+    if currently_in_test_context():  # --hypothesis-show-statistics: how many calls returned, how many raised
+        event(f"{case.name}: {'returned' if exc is None else 'raised ' + type(exc).__name__}")
     for e in (exc, ref_exc):
         if e is not None and not isinstance(e, ALLOWED):  # raised as is, for xfail(raises=...) to match
             if hasattr(e, "add_note"):

@@ -57,7 +57,7 @@ class _Gate:
             return None
         if x is None:
             raise ValueError(f"{type(self).__name__}(per_example=True) needs its input x of shape (B, {self.input_dim})")
-        if not isinstance(x, np.ndarray) or x.dtype != self.dtype:
+        if not isinstance(x, np.ndarray) or x.dtype.newbyteorder("=") != self.dtype:  # the kernels copy swapped x
             raise TypeError(f"x must be a numpy.ndarray of dtype {self.dtype}, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim != 2 or x.shape[1] != self.input_dim:
