@@ -10,6 +10,8 @@ import os
 import numpy as np
 from hypothesis import HealthCheck, event, settings
 from hypothesis.control import currently_in_test_context
+
+from test_bad_input import assert_same  # exact equality of nested results (NaN == NaN)
 from hypothesis import strategies as st
 
 EXAMPLES = int(os.environ.get("DSELECTK_FUZZ_EXAMPLES", "25"))
@@ -187,27 +189,6 @@ def snapshot(kwargs):
 
 def changed(snap):
     return [label for label, a, before in snap if state(a) != before]
-
-
-def assert_same(a, b, path="result"):
-    """Exact equality of nested results (NaN == NaN)."""
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray), f"{path}: {type(a)} vs {type(b)}"
-        assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
-        assert a.dtype.newbyteorder("=") == b.dtype.newbyteorder("="), f"{path}: dtype {a.dtype} != {b.dtype}"
-        assert np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"), f"{path}: values differ"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for key in a:
-            assert_same(a[key], b[key], f"{path}[{key!r}]")
-    elif isinstance(a, (tuple, list)):
-        assert type(a) is type(b) and len(a) == len(b), f"{path}: {type(a)} vs {type(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert isinstance(b, float) and (a == b or (a != a and b != b)), f"{path}: {a} != {b}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def check_call(case):

@@ -156,6 +156,16 @@ def count_calls(log):
     return counts
 
 
+def _python_child(code, cwd, stderr=subprocess.PIPE):
+    """A child interpreter running ``code``, which imports dselectk from where this process did
+    (site-packages after `pip install .`; the checkout only when it is built in place), never the
+    unbuilt source tree, and this directory's modules (``import test_sweep as T``)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(dselectk.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, package_parent]))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(cwd), stdout=subprocess.DEVNULL,
+                            stderr=stderr)
+
+
 def call_key(trial):
     return (json.dumps({k: v for k, v in trial["config"].items() if k != "log"}, sort_keys=True), trial["seed"])
 
@@ -316,13 +326,7 @@ def test_resume_after_sigkill(tmp_path):
         "import sys; from dselectk.sweep import Sweep; import test_sweep as T\n"
         f"Sweep(T.slow_quadratic, {grid!r}, results_path={path!r}, **{args!r}).run('serial', progress=False)\n"
     )
-    # the child imports dselectk from where this process did (site-packages after `pip install .`;
-    # the checkout only when it is built in place), never the unbuilt source tree
-    import dselectk
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(dselectk.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, package_parent]))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _python_child(code, tmp_path)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
@@ -509,10 +513,7 @@ def test_process_workers_exit_when_the_parent_is_killed(tmp_path):
         "from dselectk.sweep import Sweep; import test_sweep as T\n"
         f"Sweep(T.sleep_long, {{'x': [0, 1], 'log': [{log!r}]}}, 2).run('process', max_workers=2, progress=False)\n"
     )
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(dselectk.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, package_parent]))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _python_child(code, tmp_path)
     children = {}
     try:
         deadline = time.monotonic() + 90
@@ -559,9 +560,7 @@ def test_worker_bootstrap_exits_with_its_parent(tmp_path, mechanism):
         f"open({ready!r}, 'w').write(repr(threads)); time.sleep(120)\n"
     )
     parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(120)"
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(dselectk.__file__)))
-    env = dict(os.environ, PYTHONPATH=package_parent)
-    proc = subprocess.Popen([sys.executable, "-c", parent], env=env)
+    proc = _python_child(parent, tmp_path, stderr=None)
     children = {}
     try:
         deadline = time.monotonic() + 60
