@@ -328,7 +328,8 @@ SPECS = {
                            scalars={"need_dx": BOOL}),
     "relu_forward": Spec(lambda g: dict(x=g.sparse(*g.shape())), floats=("x",), out=True),
     "relu_backward": Spec(
-        lambda g: (lambda s: dict(dy=g.arr(*s), y=np.asarray(np.maximum(g.sparse(*s), 0))))(g.shape()), floats=("dy", "y")),
+        lambda g: (lambda s: dict(dy=g.arr(*s), y=np.asarray(np.maximum(g.sparse(*s), 0))))(g.shape()),
+        floats=("dy", "y")),
     "dropout_forward": Spec(_dropout, floats=("x",),
                             scalars={"rate": PROB, "seed": U64, "step": U64, "training": BOOL}),
     "dropout_backward": Spec(lambda g: _dropout(g, backward=True), floats=("dy",),

@@ -170,7 +170,8 @@ def test_a_forged_array_header_is_refused_before_allocating(tmp_path):
     meta, _ = _parts(_save(MODELS["mmoe"](), tmp_path / "good.npz"))
     path = tmp_path / "forged.npz"
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("meta.npy", _npy_bytes((), json.dumps(meta).encode("utf-32-le"), dtype=f"<U{len(json.dumps(meta))}"))
+        text = json.dumps(meta)
+        zf.writestr("meta.npy", _npy_bytes((), text.encode("utf-32-le"), dtype=f"<U{len(text)}"))
         zf.writestr("params.npy", _npy_bytes((2**40,), b"\0" * 16))
     assert _peak_bytes(lambda: _rejects(path, "params", "truncated or corrupted")) < 2_000_000
 

@@ -10,6 +10,7 @@ put the tests directory).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -20,7 +21,6 @@ import subprocess
 import sys
 import time
 import warnings
-import contextlib
 from contextlib import contextmanager
 
 import numpy as np

@@ -56,7 +56,6 @@ dselectk.set_num_threads(THREADS)
 """
 
 
-
 def _available_cpus():
     try:
         return len(os.sched_getaffinity(0))

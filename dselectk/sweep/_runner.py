@@ -30,7 +30,6 @@ class TrialError(RuntimeError):
         self.config, self.repetition, self.seed = config, repetition, seed
 
 
-
 class Sweep:
     """Random grid search with repetitions, generic over a trial function.
 
