@@ -40,6 +40,8 @@ import zipfile
 
 import numpy as np
 
+from ._memory import mlp_parameters
+
 __all__ = ["ModelFile", "read", "validate", "parameter_floor", "CONFIG_TYPES"]
 
 # Deflate cannot expand data more than about 1032:1; a member claiming more is corrupted.
@@ -199,10 +201,25 @@ def _bool(v):
     return isinstance(v, bool)
 
 
+def _json_scalar(v):
+    return v is None or isinstance(v, (str, bool, int)) or _is_number(v)
+
+
+# An embedding input's config as EmbeddingInput.config stores it (vocab_sizes and dims as lists),
+# key -> check; tests/test_model_file.py asserts these are the keys EmbeddingInput takes.
+EMBEDDINGS_TYPES = {
+    "vocab_sizes": _list_of(_size, 1),
+    "dims": _one_of(_size, _list_of(_size, 1)),
+    "n_dense": lambda v: _is_int(v) and v >= 0,
+    "columns": _list_of(_str, 1),
+    "dense_columns": _list_of(_str),
+    "categories": lambda v: isinstance(v, dict) and all(_list_of(_json_scalar)(c) for c in v.values()),
+}
+
+
 def _embeddings(v):
-    return (isinstance(v, dict) and set(v) <= {"vocab_sizes", "dims", "n_dense"} and {"vocab_sizes", "dims"} <= set(v)
-            and _list_of(_size, 1)(v["vocab_sizes"]) and _one_of(_size, _list_of(_size, 1))(v["dims"])
-            and (_is_int(v.get("n_dense", 0)) and v.get("n_dense", 0) >= 0))
+    return (isinstance(v, dict) and set(v) <= set(EMBEDDINGS_TYPES) and {"vocab_sizes", "dims"} <= set(v)
+            and all(EMBEDDINGS_TYPES[key](value) for key, value in v.items()))
 
 
 _PAIR = _one_of(_size, _list_of(_size, 2, 2))
@@ -227,7 +244,8 @@ CONFIG_TYPES = {
     "dtype": (lambda v: v in ("float32", "float64"), "'float32' or 'float64'"),
     "expert_output": (lambda v: v in (None, "sum"), "None or 'sum'"),
     "embeddings": (_one_of(_none, _embeddings),
-                   "None or {'vocab_sizes': [ints >= 1], 'dims': int(s) >= 1, 'n_dense': int >= 0}"),
+                   "None or {'vocab_sizes': [ints >= 1], 'dims': int(s) >= 1, 'n_dense': int >= 0, and optionally "
+                   "'columns', 'dense_columns': [names], 'categories': {name: [values]}}"),
     "expert": (_str, "an expert kind ('mlp' or 'cnn')"),
     "bottom": (_str, "a bottom kind ('mlp' or 'cnn')"),
     "input_shape": (_one_of(_none, _list_of(_size, 3, 3)), "None or [C, H, W] of ints >= 1"),
@@ -361,11 +379,6 @@ def validate(f, classes, read_versions, format_name):
 
 # --- 3. sizes against the file -------------------------------------------------------------------
 
-def _chain(widths):
-    """Parameters of a stack of Dense layers through ``widths`` (weights and biases)."""
-    return sum(a * b + b for a, b in zip(widths, widths[1:]))
-
-
 def _pair(v):
     return (v, v) if _is_int(v) else tuple(v)
 
@@ -383,8 +396,7 @@ def _cnn_floor(input_shape, filters, kernel, pool, units):
         if h < ph or w < pw:
             return 0, units[-1] if units else c
         h, w, c = (h - ph) // ph + 1, (w - pw) // pw + 1, f
-    widths = [c * h * w, *units]
-    return total + _chain(widths), widths[-1]
+    return total + mlp_parameters(c * h * w, units), units[-1] if units else c * h * w
 
 
 def parameter_floor(cls_name, config):
@@ -410,10 +422,9 @@ def parameter_floor(cls_name, config):
                               g(f"{prefix}_pool", 2), units)
         why = f"input_shape={g('input_shape')}, {prefix}_filters, {prefix}_units={_short(units)}"
     else:
-        widths = [p, *units]
-        if cls_name == "MoE":
-            widths.append(g("output_dim", 1))
-        block, d = _chain(widths), 1 if g("expert_output") == "sum" else widths[-1]  # "sum": no parameters
+        out = g("output_dim", 1) if cls_name == "MoE" else g("expert_output")  # "sum": no parameters
+        block = mlp_parameters(p, units, out)
+        d = 1 if out == "sum" else out if out is not None else units[-1] if units else p
         why = f"input width {p}, {prefix}_units={_short(units)}"
     n = 1 if cls_name == "SharedBottom" else g("n_experts", 1)
     total = n * block
@@ -421,7 +432,7 @@ def parameter_floor(cls_name, config):
         why += f", n_experts={n}"
     towers = g("tower_units", [])
     if cls_name != "MoE" and towers is not None:
-        total += (sum(_chain([d, *towers, out]) for out in outputs[:T]) if isinstance(outputs, list)
-                  else T * _chain([d, *towers, outputs]))
+        total += (sum(mlp_parameters(d, towers, out) for out in outputs[:T]) if isinstance(outputs, list)
+                  else T * mlp_parameters(d, towers, outputs))
         why += f", n_tasks={T}, tower_units={_short(towers)}, task_outputs={_short(g('task_outputs'))}"
     return max(total, T if cls_name != "MoE" else 0), why

@@ -257,8 +257,3 @@ BAD_SCALARS = {
     "padding": {"bad": "bad", "-1": -1, "(1, -1)": (1, -1), "(1, 2, 3)": (1, 2, 3), "10**400": HUGE,
                 "None": None, "1.5": 1.5, "(True, 0)": (True, 0), "(10**400, 0)": (HUGE, 0)},
 }
-
-
-ITEM4 = "issue #16 item 4 (out-of-range numbers and hand-edited caches, another engineer's): "
-
-

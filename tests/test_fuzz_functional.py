@@ -13,9 +13,8 @@ that is written to (``out``, in-place arguments), which are never copied.
 
 Scalars: every scalar argument gets every out-of-range value of its kind (negative, 0, NaN, Inf,
 10**400 as a Python int, 2**64, bool, None, str) in a deterministic test, and every cache argument
-every hand edit, in another. Both must raise ValueError / TypeError; the known failures of issue #16
-item 4 (OverflowError, IndexError, AttributeError, ZeroDivisionError today) are strict xfails, so
-that each fix shows up as an XPASS to remove.
+every hand edit, in another. Both must raise ValueError / TypeError (before issue #16 item 4, 10**400
+raised OverflowError and edited caches IndexError / AttributeError).
 
 Budget: ``DSELECTK_FUZZ_EXAMPLES`` examples per function (default 25; e.g. 2000 for a long run).
 """
@@ -30,7 +29,7 @@ from hypothesis import strategies as st
 
 from dselectk import functional as F
 from fuzz_specs import SPECS, Gen
-from fuzzing import (ALLOWED, BAD_SCALARS, HUGE, ITEM4, Case, check_call, copy_value, describe, fuzz_settings,
+from fuzzing import (ALLOWED, BAD_SCALARS, HUGE, Case, check_call, copy_value, describe, fuzz_settings,
                      relayout)
 
 
@@ -105,15 +104,7 @@ def _scalar_cases():
     for name, spec in sorted(SPECS.items()):
         for arg, kind in spec.scalars.items():
             for label in BAD_SCALARS[kind]:
-                yield pytest.param(name, arg, label, id=f"{name}-{arg}={label}",
-                                   marks=_known_scalar_failure(name, arg, kind, label))
-
-
-def _known_scalar_failure(name, arg, kind, label):
-    if kind in ("positive", "nonneg", "unit", "prob") and label in ("10**400", "-10**400"):
-        return pytest.mark.xfail(raises=OverflowError, strict=True,
-                                 reason=ITEM4 + "a float argument of 10**400 raises OverflowError")
-    return ()
+                yield pytest.param(name, arg, label, id=f"{name}-{arg}={label}")
 
 
 @pytest.mark.parametrize("name, arg, label", list(_scalar_cases()))
@@ -170,21 +161,7 @@ def _cache_cases():
             cache = _base_kwargs(name)[arg]
             labels = [label for label, _ in _cache_edits(cache)] + [f"cache={k}" for k in _whole_cache_edits(cache)]
             for label in labels:
-                yield pytest.param(name, arg, label, id=f"{name}-{label}", marks=_known_cache_failure(name, label))
-
-
-def _known_cache_failure(name, label):
-    field, edit = label.split("=")
-    field = field.split(".")[-1]
-    if field == "cache" or field in ("r", "P") and edit in ("None", "list"):
-        exc = AttributeError
-    elif field == "r" and edit == "drop_axis" and name != "dselect_k_regularization":
-        exc = IndexError
-    elif field in ("gamma", "T") and edit == "10**400" and name.endswith("_backward"):  # read by backwards only
-        exc = OverflowError
-    else:
-        return ()
-    return pytest.mark.xfail(raises=exc, strict=True, reason=ITEM4 + f"a hand-edited cache raises {exc.__name__}")
+                yield pytest.param(name, arg, label, id=f"{name}-{label}")
 
 
 @pytest.mark.parametrize("name, arg, label", list(_cache_cases()))

@@ -31,6 +31,11 @@ MODELS = {
     "shared_bottom_embeddings": lambda: dk.SharedBottom(None, n_tasks=2, bottom_units=(4,), tower_units=(2,),
                                                         embeddings=dict(vocab_sizes=[5, 3], dims=[2, 3], n_dense=1),
                                                         seed=3),
+    "mmoe_named_embeddings": lambda: dk.MMoE(None, n_tasks=1, n_experts=2, expert_units=(3,), tower_units=(2,),
+                                             embeddings=dict(vocab_sizes=[5, 3], dims=[2, 2], n_dense=1,
+                                                             columns=["user", "movie"], dense_columns=["age"],
+                                                             categories={"movie": ["a", "b", "c"]}),
+                                             task_names=["rating"], seed=6),
     "mmoe_cnn": lambda: dk.MMoE(expert="cnn", input_shape=(1, 12, 12), n_tasks=2, n_experts=2, expert_units=(3,),
                                 expert_filters=(2, 3), expert_kernel=3, tower_units=(2,), task_losses="softmax_ce",
                                 task_outputs=[3, 2], seed=4),
@@ -222,7 +227,6 @@ def test_meta_that_is_not_json(tmp_path):
     (lambda m: m.update(version=999), ("format version 999",)),
     (lambda m: m.update(cls="Transformer"), ("unknown model class", "Transformer")),
     (lambda m: m.update(cls=["MMoE"]), ("unknown model class",)),
-    (lambda m: m.update(training=[1]), ("'training' must be a dict",)),
     (lambda m: m.update(index={"a": 1}), ("'index' must be a list",)),
     (lambda m: m["index"].__setitem__(0, ["expert0.W", [4, -4], 0]), ("index[0]",)),
     (lambda m: m["index"].__setitem__(0, ["expert0.W", [True, 4], 0]), ("index[0]",)),
@@ -285,6 +289,11 @@ def test_flat_gate_keys_only_beside_a_kind_string(tmp_path):
     _rejects(_edited(tmp_path, lambda m: m["config"].update(k=2)), "unknown key", "'k'")
 
 
+def test_the_embeddings_keys_are_the_inputs():
+    from dselectk import embedding
+    assert set(MF.EMBEDDINGS_TYPES) == set(embedding._CONFIG_KEYS)
+
+
 def test_the_flat_gate_keys_are_the_readers():
     assert set(MF.FLAT_GATE_TYPES) == set(Mo._FLAT_GATE_KEYS)
 
@@ -305,12 +314,18 @@ def test_parameter_floor_is_a_lower_bound_of_real_models(name):
 
 
 def test_files_with_a_training_state_load(tmp_path):
-    """meta['training'] and train_* arrays (saved training state, read by the code that restores
-    it) do not make a file unreadable."""
-    meta, arrays = _parts(_save(MODELS["mmoe"](), tmp_path / "good.npz"))
-    meta["training"] = {"optimizer": {"name": "adam"}}
-    path = _write(tmp_path / "t.npz", meta, dict(arrays, train_m=np.zeros(3)))
-    assert isinstance(dk.load(path), dk.MMoE)
+    """A file saved after fit holds meta['training'] and train_* arrays (dselectk.checkpoint
+    validates and restores them); the schema lets them through, and a 'training' that is not a
+    dict is refused."""
+    model = MODELS["mmoe"]()
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16, 4)).astype(np.float32)
+    dk.fit(model, X, [rng.standard_normal(16).astype(np.float32)] * 2, epochs=1, batch_size=8, verbose=0)
+    meta, arrays = _parts(_save(model, tmp_path / "fitted.npz"))
+    assert "training" in meta and any(k.startswith("train_") for k in arrays)
+    loaded = dk.load(tmp_path / "fitted.npz")
+    np.testing.assert_array_equal(loaded.slab.data, model.slab.data)
+    _rejects(_write(tmp_path / "bad.npz", dict(meta, training=[1]), arrays), "'training' must be a dict")
 
 
 # ---------------------------------------------------------------------------------------------
