@@ -35,8 +35,10 @@ import inspect
 import json
 import math
 import numbers
+import struct
 import tokenize
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -66,6 +68,10 @@ def _fail(path, what):
 # --- 1. the archive ------------------------------------------------------------------------------
 
 _UNREADABLE = "not a readable dselectk model file"
+# what zipfile raises for a damaged archive: a flipped bit can mark a member encrypted
+# (RuntimeError), its name UTF-8 (UnicodeDecodeError), or break its deflated data (zlib.error)
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, UnicodeDecodeError,
+               EOFError, OSError, zlib.error, struct.error)
 
 
 def _describe_non_zip(path):
@@ -86,6 +92,8 @@ def _member_header(path, zf, info):
     """(shape, dtype) from a member's .npy header, after checking that they account exactly for
     the member's bytes and that the archive's size bounds those bytes."""
     name = info.filename
+    if info.flag_bits & 0x1:
+        _fail(path, f"member {name!r} is encrypted; dselectk.save writes plain members")
     if info.compress_type == zipfile.ZIP_STORED:
         bound = info.compress_size
     elif info.compress_type == zipfile.ZIP_DEFLATED:
@@ -103,9 +111,9 @@ def _member_header(path, zf, info):
                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             if reader is None:
                 _fail(path, f"member {name!r} has .npy format version {version}, expected 1.0 or 2.0")
-            shape, fortran, dtype = reader(f, max_header_size=_NPY_HEADER_MAX)
+            shape, _, dtype = reader(f, max_header_size=_NPY_HEADER_MAX)  # (shape, fortran order, dtype)
             header_size = f.tell()
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile, SyntaxError, TypeError, RecursionError,
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, SyntaxError, TypeError, RecursionError,
             tokenize.TokenError) as exc:  # numpy parses a damaged header with ast, then tokenize
         _fail(path, f"member {name!r} is not a readable .npy array ({type(exc).__name__}: {exc})")
     if dtype.hasobject:
@@ -137,8 +145,8 @@ def read(path):
                     _fail(path, f"{_UNREADABLE}: unexpected array {key!r} (it holds meta, params, table_<name> and "
                                 "train_<name>)")
                 arrays[key] = _member_header(path, zf, info)
-    except zipfile.BadZipFile as exc:
-        _fail(path, f"{_UNREADABLE} (BadZipFile: {exc})")
+    except _ZIP_ERRORS as exc:
+        _fail(path, f"{_UNREADABLE} ({type(exc).__name__}: {exc})")
     for required in ("meta", "params"):
         if required not in arrays:
             _fail(path, f"{_UNREADABLE}: no {required!r} array (it has {sorted(arrays)})")
@@ -151,7 +159,7 @@ def read(path):
     try:
         with np.load(path, allow_pickle=False) as z:
             loaded = {key: z[key] for key in arrays}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # e.g. a CRC error in the data
+    except (ValueError, *_ZIP_ERRORS) as exc:  # e.g. a CRC error in the data
         _fail(path, f"{_UNREADABLE} ({type(exc).__name__}: {exc})")
     try:
         meta = json.loads(str(loaded["meta"][()]))

@@ -200,6 +200,22 @@ def test_a_member_claiming_more_than_deflate_can_expand(tmp_path):
     _rejects(path, "params.npy", "claims")
 
 
+@pytest.mark.parametrize("flip, what", [
+    (lambda raw, entry: raw.__setitem__(entry + 8, raw[entry + 8] | 0x01), "encrypted"),  # the encryption flag
+    (lambda raw, entry: (raw.__setitem__(entry + 9, raw[entry + 9] | 0x08),  # "the name is UTF-8" ...
+                         raw.__setitem__(entry + 46, 0xFF)), "UnicodeDecodeError"),  # ... and it is not
+])
+def test_damaged_zip_directory_entries(tmp_path, flip, what):
+    """Bits of params.npy's central directory entry that made zipfile raise RuntimeError and
+    UnicodeDecodeError (without the file's name) from dk.load."""
+    raw = bytearray(_save(MODELS["mmoe"](), tmp_path / "good.npz").read_bytes())
+    entry = raw.rindex(b"params.npy") - 46
+    assert raw[entry:entry + 4] == b"PK\x01\x02"
+    flip(raw, entry)
+    (tmp_path / "bad.npz").write_bytes(bytes(raw))
+    _rejects(tmp_path / "bad.npz", what)
+
+
 def test_an_object_array_is_refused(tmp_path):
     meta, arrays = _parts(_save(MODELS["mmoe"](), tmp_path / "good.npz"))
     path = tmp_path / "obj.npz"
@@ -411,8 +427,10 @@ def test_fuzz_file_bytes(tmp_path_factory, data):
     if data.draw(st.booleans()):
         raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
     else:
+        directory = raw.rindex(b"PK\x01\x02", 0, raw.index(b"PK\x05\x06"))  # the last directory entry
         for _ in range(data.draw(st.integers(1, 8))):
-            i = data.draw(st.integers(0, len(raw) - 1))
+            # anywhere, or in the zip's directory (names, flags, sizes), where parsing is
+            i = data.draw(st.integers(0, len(raw) - 1) | st.integers(directory - 200, len(raw) - 1))
             raw[i] ^= 1 << data.draw(st.integers(0, 7))
     file = tmp_path_factory.mktemp("fuzz") / "m.npz"
     file.write_bytes(bytes(raw))
