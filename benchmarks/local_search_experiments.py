@@ -1,6 +1,7 @@
 """The COMET experiments of issue #13: permutation local search (and COMET) beside the gates we have.
 
     python benchmarks/local_search_experiments.py recovery  [--trials 24] [--tune-reps 3] [--reps 20] [--workers 2]
+    python benchmarks/local_search_experiments.py paired    [--workers 2]   # after recovery
     python benchmarks/local_search_experiments.py multitask [--tasks 16 32 64 128] [--trials 6] [--reps 10] [--epochs 10]
     python benchmarks/local_search_experiments.py movielens [--trials 24] [--tune-trials 12] [--reps 10] [--workers 2]
     python benchmarks/local_search_experiments.py fashion   [--trials 3] [--reps 5] [--workers 2]
@@ -151,6 +152,63 @@ def plot_recovery(out, counts):
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     _log(f"wrote {path}")
+
+
+# --- paired: local search on and off at one configuration, on the same problems -----------------
+
+# (label, the chosen configuration of which variant, local search's share of the epochs)
+PAIRS = [("Top-k, the config of Top-k + LS", "Top-k + LS", None),
+         ("DSelect-k, the config of DSelect-k + LS", "DSelect-k + LS", None),
+         ("DSelect-k, the config of DSelect-k, + LS 0.1", "DSelect-k", 0.1),
+         ("COMET, the config of COMET+", "COMET + LS (COMET+)", None)]
+PAIR_SEEDS = list(range(1000, 1020))
+
+
+def run_paired(args):
+    from dselectk.experiments.local_search import paired_recovery_trial
+    from dselectk.sweep import Sweep
+
+    path = os.path.join(args.out, "trials.jsonl")
+    chosen = _read_json(os.path.join(args.out, "chosen_configs.json")).get("chosen", {})
+    for label, source, frac in PAIRS:
+        if source not in chosen:
+            _log(f"paired {label}: {source} has not run yet, skipped")
+            continue
+        config = {k: v for k, v in chosen[source]["config"].items() if k not in ("variant", "ls_frac")}
+        with_ls = dict(config, ls_frac=frac if frac is not None else chosen[source]["config"]["ls_frac"])
+        for on, cfg in ((False, config), (True, with_ls)):
+            grid = {**{k: [v] for k, v in cfg.items()}, "pair": [label], "local_search": [on], "pair_seed": PAIR_SEEDS}
+            _log(f"paired {label}, local search {'on' if on else 'off'}: {len(PAIR_SEEDS)} seeds")
+            Sweep(paired_recovery_trial, grid, n_trials=len(PAIR_SEEDS), seed=args.seed, results_path=path,
+                  name=f"paired/{_slug(label)}/{'ls' if on else 'no_ls'}").run(max_workers=args.workers,
+                                                                                progress=not args.quiet)
+    write_paired_table(args.out)
+
+
+def write_paired_table(out):
+    records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].startswith("paired/")]
+    lines = ["| configuration | recovered, no LS | recovered, LS | paired difference | LS better / equal / worse | "
+             "selected, no LS | selected, LS | val loss, no LS | val loss, LS |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for label, _, _ in PAIRS:
+        runs = {on: {r["config"]["pair_seed"]: r["metrics"] for r in records
+                     if r["config"].get("pair") == label and r["config"]["local_search"] == on} for on in (False, True)}
+        seeds = sorted(set(runs[False]) & set(runs[True]))
+        if not seeds:
+            continue
+        off = np.array([runs[False][s]["recovered"] for s in seeds])
+        on = np.array([runs[True][s]["recovered"] for s in seeds])
+        d = on - off
+
+        def ms(key, flag):
+            v = np.array([runs[flag][s][key] for s in seeds])
+            return f"{v.mean():.2f} ± {v.std(ddof=1) / np.sqrt(len(v)):.2f}"
+        lines.append(f"| {label} ({len(seeds)} seeds) | {ms('recovered', False)} | {ms('recovered', True)} | "
+                     f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f} | {int((d > 0).sum())} / "
+                     f"{int((d == 0).sum())} / {int((d < 0).sum())} | {ms('selected', False)} | {ms('selected', True)} | "
+                     f"{ms('val_loss', False)} | {ms('val_loss', True)} |")
+    with open(os.path.join(out, "paired.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _log(f"wrote {out}/paired.md")
 
 
 # --- Appendix C.2 in the binary regime ----------------------------------------------------------
@@ -355,6 +413,8 @@ def main(argv=None):
     rc.add_argument("--tune-reps", type=int, default=3)
     rc.add_argument("--reps", type=int, default=20)
     rc.add_argument("--out", default="benchmarks/results/local_search_recovery")
+    pr = sub.add_parser("paired", help="gate recovery: local search on and off at one configuration, same seeds")
+    pr.add_argument("--out", default="benchmarks/results/local_search_recovery")
     mt = sub.add_parser("multitask", help="Appendix C.2 with the task-mean loss, + COMET and local search")
     mt.add_argument("--variants", nargs="+", default=list(MULTITASK_VARIANTS), choices=list(MULTITASK_VARIANTS))
     mt.add_argument("--tasks", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -373,7 +433,7 @@ def main(argv=None):
     tb.add_argument("--recovery-out", default="benchmarks/results/local_search_recovery")
     tb.add_argument("--multitask-out", default="benchmarks/results/local_search_multitask")
     tb.add_argument("--movielens-out", default="benchmarks/results/local_search_movielens")
-    for p in (rc, mt, ml):
+    for p in (rc, pr, mt, ml):
         p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true")
@@ -381,6 +441,8 @@ def main(argv=None):
     t0 = time.time()
     if args.cmd == "recovery":
         run_recovery(args)
+    elif args.cmd == "paired":
+        run_paired(args)
     elif args.cmd == "multitask":
         run_multitask(args)
     elif args.cmd == "movielens":
@@ -388,6 +450,7 @@ def main(argv=None):
     else:
         if os.path.exists(os.path.join(args.recovery_out, "trials.jsonl")):
             write_recovery_tables(args.recovery_out)
+            write_paired_table(args.recovery_out)
         if os.path.exists(os.path.join(args.multitask_out, "trials.jsonl")):
             write_multitask_tables(args.multitask_out)
         if os.path.exists(os.path.join(args.movielens_out, "trials.jsonl")):

@@ -25,7 +25,7 @@ import numpy as np
 from ..local_search import LocalSearch
 
 __all__ = ["local_search_from", "LambdaWarmup", "distinct_selector_init", "training_extras", "best_of_budget",
-           "budget_ratio"]
+           "budget_ratio", "paired_recovery_trial"]
 
 
 def local_search_from(config, epochs, steps_per_epoch=None):
@@ -104,6 +104,16 @@ def training_extras(model, config, total_steps, seed):
         raise ValueError(f"init must be 'reference' or 'distinct', got {init!r}")
     frac = float(config.get("warmup_frac", 0) or 0)
     return [LambdaWarmup(round(frac * total_steps))] if frac > 0 else []
+
+
+def paired_recovery_trial(config, seed):
+    """:func:`~dselectk.experiments.synthetic.gate_recovery_trial` with the seed (hence the data,
+    the true experts' positions and the initialization) ``config["pair_seed"]`` rather than the
+    sweep's: runs of two configurations with equal pair seeds are paired (the same problem)."""
+    from .synthetic import gate_recovery_trial
+
+    config = dict(config)
+    return gate_recovery_trial(config, int(config.pop("pair_seed")))
 
 
 # --- the tuning-budget claim ------------------------------------------------------------------
