@@ -34,6 +34,7 @@ from .. import images
 from ..gates import DSelectK, Softmax, TopK
 from ..models import MMoE, SharedBottom
 from ..trainer import evaluate, fit
+from .local_search import local_search_from
 
 __all__ = ["MODELS", "build_model", "run", "multi_mnist_trial"]
 
@@ -42,8 +43,9 @@ MODELS = ("dselect_k", "top_k", "softmax", "shared_bottom")
 
 def build_model(name, input_shape, n_classes=(10, 10), n_experts=8, k=2, expert_layers=1, units=50,
                 tower_units=(50, 50), filters=(10, 20), kernel=5, pool=2, gamma=1.0, entropy_reg=0.1, seed=0,
-                dtype="float32"):
-    """One model of ``MODELS`` for images of ``input_shape`` (C, H, W) and two softmax tasks."""
+                dtype="float32", local_search=None):
+    """One model of ``MODELS`` for images of ``input_shape`` (C, H, W) and two softmax tasks;
+    ``local_search``: None or a :class:`~dselectk.local_search.LocalSearch` for the gates."""
     common = dict(input_shape=tuple(input_shape), n_tasks=2, tower_units=tuple(tower_units),
                   task_losses="softmax_ce", task_outputs=list(n_classes), seed=seed, dtype=dtype)
     dense = (units,) * expert_layers
@@ -55,7 +57,7 @@ def build_model(name, input_shape, n_classes=(10, 10), n_experts=8, k=2, expert_
     if name not in gates:
         raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
     return MMoE(expert="cnn", n_experts=n_experts, expert_units=dense, expert_filters=filters, expert_kernel=kernel,
-                expert_pool=pool, gate=gates[name](), **common)
+                expert_pool=pool, gate=gates[name](), local_search=local_search, **common)
 
 
 def run(data=None, *, dataset="mnist", path=None, n_train=100_000, n_val=20_000, n_test=20_000, models=MODELS,
@@ -86,14 +88,20 @@ def run(data=None, *, dataset="mnist", path=None, n_train=100_000, n_val=20_000,
 
 
 def train_and_test(data, name, *, epochs=100, batch_size=256, lr=1e-3, early_stopping_patience=10, seed=0, verbose=0,
-                   return_model=False, **model_kwargs):
+                   return_model=False, ls_frac=0.0, ls_shared=False, ls_tau_start=1e-3, ls_tau_end=1e-7,
+                   **model_kwargs):
     """Train one model of ``MODELS`` on ``data`` (a :class:`dselectk.images.MultiMNIST`) and test
     it: the dict of :func:`run` for one model, plus ``val_accuracy`` (per task, of the restored
     weights), ``binary_step`` (DSelect-k: per task, the training step after which S(Z) was binary,
     or None), ``total_steps``, ``epoch_seconds`` (mean wall time of an epoch, validation included)
     and ``expert_flops`` / ``expert_flops_dense`` (expert FLOPs of the whole training, executed
-    and for the dense model); with ``return_model`` also the model and the History."""
-    model = build_model(name, data.input_shape, seed=seed, **model_kwargs)  # 10 classes per task
+    and for the dense model); with ``return_model`` also the model and the History. ``ls_frac``,
+    ``ls_shared``, ``ls_tau_start``, ``ls_tau_end``: permutation local search for the first
+    ``ls_frac * epochs`` epochs (0: none), see dselectk.experiments.local_search."""
+    local_search = local_search_from(dict(ls_frac=ls_frac, ls_shared=ls_shared, ls_tau_start=ls_tau_start,
+                                          ls_tau_end=ls_tau_end), epochs)
+    model = build_model(name, data.input_shape, seed=seed, local_search=local_search,
+                        **model_kwargs)  # 10 classes per task
     start = time.perf_counter()
     validation = (data.X_val, data.Y_val) if len(data.X_val) else None
     history = fit(model, data.X_train, data.Y_train, epochs=epochs, batch_size=batch_size, lr=lr,
