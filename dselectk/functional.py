@@ -157,14 +157,21 @@ def n_bits(n):
 
 def smooth_step(t, gamma=1.0, out=None):
     """S(t; gamma), elementwise (Section 3.1.3): 0 for t <= -gamma/2, 1 for t >= gamma/2, and
-    -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between. Any shape; returns an array like t."""
+    -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between. Any shape; returns an array like t.
+
+    Evaluated as v^2 (3 - 2v) (t < 0) and 1 - v^2 (3 - 2v) (t >= 0), v = (gamma/2 - |t|) / gamma,
+    which is accurate relative to S near both ends, and saturated: where min(S, 1 - S) rounds to
+    at most half the spacing of the numbers just below 1 (2^-25 in float32, 2^-54 in float64), S
+    is exactly 0 or 1 and its slope exactly 0. So S == 0 exactly when 1 - S rounds to 1 in the
+    working precision, and an entry of S(Z) that the selectors treat as binary is binary."""
     t = _array(t, "t")
     return _C.smooth_step_forward(t.reshape(-1), gamma, _out_view(out, t.shape, -1)).reshape(t.shape)
 
 
 def smooth_step_backward(dout, t, gamma=1.0):
     """dt = dout * S'(t; gamma): the backward of :func:`smooth_step`. S' is 0 outside
-    (-gamma/2, gamma/2), so an entry whose S(t) is exactly 0 or 1 receives no gradient."""
+    (-gamma/2, gamma/2), and 0 where S(t) is saturated (see :func:`smooth_step`), so an entry
+    whose S(t) is exactly 0 or 1 receives no gradient."""
     t, dout = _array(t, "t"), _array(dout, "dout")
     if dout.shape != t.shape:
         raise ValueError(f"argument 'dout' must have the shape of t {t.shape}, got {dout.shape}")
