@@ -23,6 +23,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 KERNEL_SOURCES = [
+    "csrc/comet.c",
     "csrc/conv.c",
     "csrc/embedding.c",
     "csrc/gates.c",

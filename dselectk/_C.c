@@ -2393,7 +2393,14 @@ static PyObject *py_build_info(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(un
 }
 
 #define KW(name) {#name, (PyCFunction)(void (*)(void))py_##name, METH_VARARGS | METH_KEYWORDS, name##_doc}
+/* The COMET family is written as a file of the binding split (dselectk/_binding/); until that
+ * split lands here, this file includes it with the converters above. */
+#define DSK_BINDING_MONOLITHIC
+#include "_binding/comet.c"
 static PyMethodDef methods[] = {
+    KW(comet_forward),
+    KW(comet_backward),
+    KW(comet_leaf_nodes),
     KW(smooth_step_forward),
     KW(smooth_step_backward),
     KW(selector_forward),

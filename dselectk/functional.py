@@ -3,7 +3,8 @@
 Symbols are the paper's (Hazimeh et al., "DSelect-k", NeurIPS 2021): n experts, k selectors,
 m = ceil(log2 n) bits per selector, gamma the smooth-step width, alpha the selector logits, Z the
 binary-encoding logits, lambda (``lam``) the entropy coefficient, xi the coefficient of the penalty
-for n not a power of two (Appendix B.2).
+for n not a power of two (Appendix B.2). The COMET gate (Ibrahim et al., KDD 2023) has k trees with
+leaf logits A (k, n) and node logits Z (k, n - 1) (see its section below).
 
 Rules shared by every function:
 
@@ -47,6 +48,13 @@ __all__ = [
     "dselect_k_regularization",
     "dselect_k_per_example_forward",
     "dselect_k_per_example_backward",
+    "comet_leaf_nodes",
+    "comet",
+    "comet_forward",
+    "comet_backward",
+    "comet_regularization",
+    "comet_per_example_forward",
+    "comet_per_example_backward",
     "softmax",
     "softmax_backward",
     "top_k",
@@ -323,6 +331,144 @@ def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx
         "b_G": db_G,
         "W": dW2.reshape(k, m, -1),
         "b_W": db_W.reshape(k, m),
+    }
+
+
+# --- COMET (Ibrahim et al., KDD 2023) ----------------------------------------------------------
+#
+# k soft binary trees over the n experts (csrc/comet.h). Tree t has n - 1 internal nodes in heap
+# order (children of node v: 2v + 1 left, 2v + 2 right; unbalanced when n is not a power of two)
+# with logits Z[t] (n - 1) and n leaves with logits A[t] (n) in expert order, expert j being the
+# j-th leaf in left-first depth-first order (:func:`comet_leaf_nodes`). Node v sends
+# s_v = S(z_v; gamma) of its reach left and 1 - s_v right; p_{t,j} is the reach of expert j's leaf
+# in tree t; g = softmax over all k n scores a_{t,j} + log p_{t,j} (one softmax, not one per tree);
+# w_j = sum_t g_{t,j}. Leaves with p = 0 get weight exactly 0.
+
+class CometCache(NamedTuple):
+    """What :func:`comet_backward` needs from the forward pass (batch-first, B = 1 when static)."""
+    A: np.ndarray  # leaf logits, (B, k, n), expert order
+    Z: np.ndarray  # node logits, (B, k, n - 1), heap order
+    sz: np.ndarray  # S(Z), (B, k, n - 1)
+    reach_int: np.ndarray  # reach of the internal nodes, (B, k, n - 1)
+    reach: np.ndarray  # reach p of the leaves, (B, k, n), expert order
+    g: np.ndarray  # the softmax over the k n leaf scores, (B, k, n)
+    norm: np.ndarray  # (amax, Dsum) of each example's softmax, (B, 2)
+    gamma: float
+    static: bool  # A was (k, n) and Z (k, n - 1)
+
+
+def comet_leaf_nodes(n):
+    """leaf (n,) int64: the heap index of expert j's leaf in a COMET tree over n experts. Expert j
+    is the j-th leaf in left-first depth-first order: for n = 3 the leaves 3, 4, 2."""
+    return _C.comet_leaf_nodes(_int(n, "n (the number of experts)", 2))
+
+
+def _batched_A_Z(A, Z):
+    """(A (B, k, n), Z (B, k, n - 1), static) from the static or batched forms."""
+    A, Z = _array(A, "A"), _array(Z, "Z")
+    if A.ndim == 2:
+        if Z.ndim != 2:
+            raise ValueError(f"argument 'Z' must be (k, n - 1) for a static A of shape (k, n) = {A.shape}, got {Z.shape}")
+        return A[None], Z[None], True
+    if A.ndim == 3:
+        if Z.ndim != 3:
+            raise ValueError(f"argument 'Z' must be (B, k, n - 1) for A of shape (B, k, n) = {A.shape}, got {Z.shape}")
+        return A, Z, False
+    raise ValueError(f"argument 'A' must be (k, n) (static gate) or (B, k, n) (per example), got {A.shape}")
+
+
+def comet_forward(A, Z, gamma=1.0, out=None):
+    """The COMET gate: w_j = sum_t softmax_{t,j}(a_{t,j} + log p_{t,j}) (see the section comment).
+
+    A (k, n) leaf logits and Z (k, n - 1) node logits of k trees give the static gate's weights
+    w (n,); A (B, k, n) and Z (B, k, n - 1) (per-example logits) give w (B, n). 1 <= k <= n,
+    gamma > 0. Returns ``(w, cache)`` for :func:`comet_backward`. w is on the probability simplex,
+    and has at most k nonzeros once every S(z) is 0 or 1 (each tree then reaches one leaf)."""
+    A3, Z3, static = _batched_A_Z(A, Z)
+    B, n = A3.shape[0], A3.shape[2]
+    out2 = None if out is None else _out_view(out, (n,) if static else (B, n), (-1, n))
+    w, sz, reach_int, reach, g, norm = _C.comet_forward(A3, Z3, gamma, out2)
+    cache = CometCache(np.ascontiguousarray(A3), np.ascontiguousarray(Z3), sz, reach_int, reach, g, norm,
+                       float(gamma), static)
+    return (out if out is not None else w[0] if static else w), cache
+
+
+def comet(A, Z, gamma=1.0):
+    """Expert weights of the COMET gate (see :func:`comet_forward`), without the cache."""
+    return comet_forward(A, Z, gamma)[0]
+
+
+def comet_backward(dw, cache, lam=0.0, eps=1e-6):
+    """Gradients (dA, dZ) of  <dw, w> + lam * Omega  where Omega, averaged over the batch, is
+    sum_t h(p_t), h(p) = -sum_j p_j log(p_j + eps): the entropy of each tree's leaf-reach
+    distribution (the COMET regularizer). ``dw`` like w, or None for the regularizer alone.
+    Shapes of dA / dZ follow A / Z. A node whose S(z) is 0 or 1 gets dZ = 0 exactly, and so does
+    every node below a reach of 0."""
+    B, k, n = cache.A.shape
+    if dw is not None:
+        dw = _array(dw, "dw")
+        want = (n,) if cache.static else (B, n)
+        if dw.shape != want:
+            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
+        dw = dw.reshape(B, n)
+    dA, dZ = _C.comet_backward(dw, cache.A, cache.Z, cache.sz, cache.reach_int, cache.reach, cache.g, cache.norm,
+                               cache.gamma, lam, eps)
+    return (dA[0], dZ[0]) if cache.static else (dA, dZ)
+
+
+def comet_regularization(cache, eps=1e-6):
+    """Omega = sum_t h(p_t), h(p) = -sum_j p_j log(p_j + eps), averaged over the batch (the
+    coefficient lambda not applied)."""
+    B, k, n = cache.reach.shape
+    return _C.selector_entropy(cache.reach.reshape(B * k, n), eps) / B
+
+
+class CometPerExampleCache(NamedTuple):
+    x: np.ndarray  # (B, p)
+    U2: np.ndarray  # U reshaped to (k*n, p)
+    W2: np.ndarray  # W reshaped to (k*(n-1), p)
+    gate: CometCache
+
+
+def comet_per_example_forward(x, U, b_U, W, b_W, gamma=1.0):
+    """Per-example COMET: leaf logits a_t = U_t x + b_U,t (B, k, n) and node logits
+    z_t = W_t x + b_W,t (B, k, n - 1), then :func:`comet_forward` per example.
+
+    x (B, p), U (k, n, p), b_U (k, n), W (k, n - 1, p), b_W (k, n - 1). Returns ``(w, cache)``
+    with w (B, n)."""
+    x, U = _array(x, "x"), _array(U, "U")
+    if x.dtype.type not in (np.float32, np.float64):
+        raise TypeError(f"argument 'x' must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"argument 'x' must be 2-D with shape (B, p), got shape {x.shape}")
+    p = x.shape[1]
+    if U.ndim != 3 or U.shape[1] < 2:
+        raise ValueError(f"argument 'U' must be (k, n, p) with n >= 2 experts, got {U.shape}")
+    k, n = U.shape[:2]
+    U = _float_array(U, "U", x.dtype, (k, n, p), "(k, n, p)")
+    b_U = _float_array(b_U, "b_U", x.dtype, (k, n), "(k, n)")
+    W = _float_array(W, "W", x.dtype, (k, n - 1, p), "(k, n - 1, p)")
+    b_W = _float_array(b_W, "b_W", x.dtype, (k, n - 1), "(k, n - 1)")
+    U2, W2 = U.reshape(k * n, p), W.reshape(k * (n - 1), p)
+    A = linear(x, U2, b_U.reshape(-1)).reshape(-1, k, n)
+    Z = linear(x, W2, b_W.reshape(-1)).reshape(-1, k, n - 1)
+    w, gate = comet_forward(A, Z, gamma)
+    return w, CometPerExampleCache(x, U2, W2, gate)
+
+
+def comet_per_example_backward(dw, cache, lam=0.0, eps=1e-6, need_dx=True):
+    """Gradients of <dw, w> + lam * Omega (batch mean) for the per-example gate. Returns a dict
+    with keys 'x' (None unless need_dx), 'U', 'b_U', 'W', 'b_W'."""
+    dA, dZ = comet_backward(dw, cache.gate, lam, eps)
+    B, k, n = dA.shape
+    dx_a, dU2, db_U = linear_backward(dA.reshape(B, k * n), cache.x, cache.U2, need_dx)
+    dx_z, dW2, db_W = linear_backward(dZ.reshape(B, k * (n - 1)), cache.x, cache.W2, need_dx)
+    return {
+        "x": dx_a + dx_z if need_dx else None,
+        "U": dU2.reshape(k, n, -1),
+        "b_U": db_U.reshape(k, n),
+        "W": dW2.reshape(k, n - 1, -1),
+        "b_W": db_W.reshape(k, n - 1),
     }
 
 
