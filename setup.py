@@ -32,7 +32,19 @@ KERNEL_SOURCES = [
     "csrc/optim.c",
     "csrc/threads.c",
 ]
-BINDING_SOURCES = ["dselectk/_C.c"]
+# The binding, one file per kernel family (dselectk/_binding/module.c says how to add one).
+BINDING_SOURCES = [
+    "dselectk/_binding/common.c",
+    "dselectk/_binding/module.c",
+    "dselectk/_binding/gates.c",
+    "dselectk/_binding/mix.c",
+    "dselectk/_binding/nn.c",
+    "dselectk/_binding/optim.c",
+    "dselectk/_binding/embedding.c",
+    "dselectk/_binding/conv.c",
+    "dselectk/_binding/comet.c",
+]
+HEADERS = sorted(glob.glob("csrc/*.h")) + ["dselectk/_binding/common.h"]
 
 
 def _openblas():
@@ -76,7 +88,11 @@ class build_ext_dselectk(build_ext):
         elif not use_openmp:
             print("dselectk: DSELECTK_NO_OPENMP set, building serial kernels", file=sys.stderr)
 
-        cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-math-errno"]
+        # -fvisibility=hidden: the binding's files share plain extern names (input_array, overlaps, ...);
+        # hidden, they cannot be bound to like-named symbols of other libraries. PyInit__C stays
+        # exported (PyMODINIT_FUNC marks it visible).
+        cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-math-errno",
+                  "-fvisibility=hidden"]
         if os.environ.get("DSELECTK_WERROR", "") in ("1", "true", "yes"):
             cflags.append("-Werror")
         ldflags = ["-Wl,-rpath,$ORIGIN/_lib"]
@@ -116,6 +132,6 @@ class build_ext_dselectk(build_ext):
 
 
 setup(
-    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=sorted(glob.glob("csrc/*.h")))],
+    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=HEADERS)],
     cmdclass={"build_ext": build_ext_dselectk},
 )

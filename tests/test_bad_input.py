@@ -1,7 +1,7 @@
 """Input zoo for every public function of ``dselectk.functional`` and every raw ``dselectk._C``
 binding, in the style of pydata/bottleneck's input-checking tests.
 
-Documented rules (``dselectk/functional.py``, ``dselectk/_C.c``) under test:
+Documented rules (``dselectk/functional.py``, ``dselectk/_binding/common.h``) under test:
 
 * arrays must be ``numpy.ndarray`` of float32 or float64, else ``TypeError`` naming the argument;
   all arrays of one call share one dtype (``TypeError`` on a mismatch, nothing cast silently);

@@ -1,8 +1,6 @@
 /* dselectk._C, COMET family: the tree gate kernels of csrc/comet.h.
  * Converters and conventions: common.h. */
-#ifndef DSK_BINDING_MONOLITHIC /* until the binding split lands, _C.c includes this file */
 #include "common.h"
-#endif
 
 #include "comet.h"
 
