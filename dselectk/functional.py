@@ -367,8 +367,10 @@ def _batched_A_Z(A, Z):
     """(A (B, k, n), Z (B, k, n - 1), static) from the static or batched forms."""
     A, Z = _array(A, "A"), _array(Z, "Z")
     if A.ndim == 2:
-        if Z.ndim != 2:
-            raise ValueError(f"argument 'Z' must be (k, n - 1) for a static A of shape (k, n) = {A.shape}, got {Z.shape}")
+        want = (A.shape[0], A.shape[1] - 1)
+        if Z.ndim != 2 or (A.shape[1] >= 2 and Z.shape != want):
+            raise ValueError(f"argument 'Z' must have shape (k, n - 1) = {want} for a static A of shape (k, n) = "
+                             f"{A.shape}, got {Z.shape}")
         return A[None], Z[None], True
     if A.ndim == 3:
         if Z.ndim != 3:
