@@ -7,7 +7,8 @@ Workloads (float32):
 1. gate only: per-example DSelect-k forward + backward (gradients of <dw, w> + lambda * Omega for
    x and every parameter), B = 4096, p = 64, k = 4, n in {8, 32, 128}, lambda = 0.1 (PyTorch
    also evaluates Omega itself, which its autograd needs; dselectk's backward needs only its
-   gradient);
+   gradient); ``comet``: the same for the per-example COMET gate, k = 2 trees, n in {8, 16, 64}
+   (PyTorch: torch_models.CometGate, the heap walked a level at a time);
 2. one MMoE training step (forward, task losses, backward, Adam): 8 experts Dense(256) + ReLU on
    128 inputs, 2 tasks with Dense(256) + ReLU towers and one output (MSE and BCE), batch 128 and
    1024, with per-example DSelect-k (k = 2, lambda = 0.1), per-example Top-k (k = 2) and static
@@ -61,6 +62,7 @@ if torch is not None:
     import torch_models as tm
 
 P_GATE, K_GATE, B_GATE, LAM = 64, 4, 4096, 0.1
+K_COMET, N_COMET = 2, (8, 16, 64)
 STEP_GATES = {  # label: MMoE keyword arguments
     "DSelect-k per-example": dict(gate="dselect_k", per_example=True, k=2, entropy_reg=0.1),
     "Top-k per-example": dict(gate="top_k", per_example=True, k=2),
@@ -138,6 +140,44 @@ def gate_workload(n, rng):
     _check_close(w_ours, w_theirs.detach().numpy(), "gate forward")
     _check_close(g_ours["x"], xt.grad.numpy(), "gate dx")
     _check_close(g_ours["W"], gate.W.grad.numpy(), "gate dW")
+    return ours, theirs
+
+
+def comet_gate_workload(n, rng):
+    """(ours, theirs or None) callables for the per-example COMET forward + backward (k trees)."""
+    p, k, B = P_GATE, K_COMET, B_GATE
+    x = rng.standard_normal((B, p)).astype(np.float32)
+    U = rng.uniform(-0.05, 0.05, (k, n, p)).astype(np.float32)
+    b_U = rng.uniform(-0.05, 0.05, (k, n)).astype(np.float32)
+    W = rng.uniform(-1 / 8, 1 / 8, (k, n - 1, p)).astype(np.float32)  # z over the fractional region and beyond
+    b_W = rng.uniform(-1 / 4, 1 / 4, (k, n - 1)).astype(np.float32)
+    dw = rng.standard_normal((B, n)).astype(np.float32)
+
+    def ours():
+        w, cache = F.comet_per_example_forward(x, U, b_U, W, b_W, 1.0)
+        return w, F.comet_per_example_backward(dw, cache, lam=LAM)
+
+    if torch is None:
+        return ours, None
+    gate = tm.CometGate(n, k, 1.0, entropy_reg=LAM, per_example=True, input_dim=p)
+    with torch.no_grad():
+        for name, v in (("U", U), ("b_U", b_U), ("W", W), ("b_W", b_W)):
+            getattr(gate, name).copy_(torch.from_numpy(v))
+    xt, dwt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(dw)
+
+    def theirs():
+        xt.grad = None
+        gate.zero_grad(set_to_none=True)
+        w = gate(xt)
+        ((w * dwt).sum() + gate.reg).backward()
+        return w
+
+    w_ours, g_ours = ours()
+    w_theirs = theirs()
+    _check_close(w_ours, w_theirs.detach().numpy(), "COMET forward")
+    for name in ("U", "b_U", "W", "b_W"):
+        _check_close(g_ours[name], getattr(gate, name).grad.numpy(), f"COMET d{name}")
+    _check_close(g_ours["x"], xt.grad.numpy(), "COMET dx")
     return ours, theirs
 
 
@@ -283,7 +323,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=None, help="timing blocks per side (default 7, --quick 3)")
     ap.add_argument("--block-time", type=float, default=None,
                     help="seconds per timing block (default 0.3, --quick 0.02)")
-    ap.add_argument("--workloads", nargs="+", choices=["gate", "step", "cnn"], default=["gate", "step"],
+    ap.add_argument("--workloads", nargs="+", choices=["gate", "comet", "step", "cnn"],
+                    default=["gate", "comet", "step"],
                     help="cnn (the Multi-Fashion MNIST models) is not in the default set: its steps take seconds")
     ap.add_argument("--out", help="also write the Markdown report to this file")
     args = ap.parse_args(argv)
@@ -316,7 +357,7 @@ def main(argv=None):
     out("- ours/PyTorch = dselectk examples/s divided by PyTorch examples/s, in this process run (> 1: dselectk faster)")
     out()
     rng = np.random.default_rng(0)
-    results = {"gate": [], "step": [], "cnn": []}
+    results = {"gate": [], "comet": [], "step": [], "cnn": []}
 
     if "gate" in args.workloads:
         out(f"## Per-example DSelect-k gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_GATE}, lambda={LAM})")
@@ -332,6 +373,23 @@ def main(argv=None):
                 r_ours = B_GATE / t["ours"]
                 r_theirs = B_GATE / t["theirs"] if "theirs" in t else None
                 results["gate"].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
+                out(f"| {n} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | {_fmt_ratio(r_ours, r_theirs)} |")
+        out()
+
+    if "comet" in args.workloads:
+        out(f"## Per-example COMET gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_COMET} trees, lambda={LAM})")
+        out()
+        out("| n | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch |")
+        out("|---:|---:|---:|---:|---:|")
+        for n in N_COMET:
+            ours, theirs = comet_gate_workload(n, rng)
+            for threads in args.threads:
+                set_threads(threads)
+                fns = {"ours": ours} if theirs is None else {"ours": ours, "theirs": theirs}
+                t = interleaved(fns, blocks, block_time, pause)
+                r_ours = B_GATE / t["ours"]
+                r_theirs = B_GATE / t["theirs"] if "theirs" in t else None
+                results["comet"].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
                 out(f"| {n} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | {_fmt_ratio(r_ours, r_theirs)} |")
         out()
 

@@ -24,19 +24,28 @@ static inline long comet_expert_of(comet_leaves L, long v) {
     return v >= L.first_deep ? v - L.first_deep : L.n_deep + (v - (L.n - 1));
 }
 
+/* heap index of expert j's leaf, the inverse of comet_expert_of */
+static inline long comet_leaf_node(comet_leaves L, long j) {
+    return j < L.n_deep ? L.first_deep + j : (L.n - 1) + (j - L.n_deep);
+}
+
 void comet_leaf_nodes(long *leaf, long n) {
     const comet_leaves L = comet_layout(n);
-    for (long j = 0; j < n; j++) leaf[j] = j < L.n_deep ? L.first_deep + j : (n - 1) + (j - L.n_deep);
+    for (long j = 0; j < n; j++) leaf[j] = comet_leaf_node(L, j);
 }
 
 #define real float
 #define FN(name) name##_f32
+#define DSK_REAL_MIN FLT_MIN
 #include "comet_impl.h"
 #undef real
 #undef FN
+#undef DSK_REAL_MIN
 
 #define real double
 #define FN(name) name##_f64
+#define DSK_REAL_MIN DBL_MIN
 #include "comet_impl.h"
 #undef real
 #undef FN
+#undef DSK_REAL_MIN

@@ -35,6 +35,10 @@
 #ifndef DSK_COMET_H
 #define DSK_COMET_H
 
+/* Trees of up to this many nodes (n <= 2048 experts) keep the backward's per-node gradients in a
+ * stack buffer (32 KB); larger ones use the caller's work array. */
+#define DSK_COMET_STACK_NODES 4095
+
 #define DSK_DECLARE_COMET(real, sfx)                                                              \
     /* w (B, n) = the COMET weights for leaf logits A (B, k, n) and node logits Z (B, k, n - 1).  \
      * Also fills the cache the backward needs: sz (B, k, n - 1) = S(Z), reach_int (B, k, n - 1) \
@@ -46,9 +50,10 @@
     /* Gradients dA (B, k, n), dZ (B, k, n - 1) of                                               \
      *   <dw, w> + lambda * mean_b sum_t h(p_{b,t}),  h(p) = -sum_j p_j log(p_j + eps).           \
      * dw (B, n) may be NULL (regularizer only). A, Z the forward's inputs; sz, reach_int, reach, \
-     * g, norm its cache. work (B, n - 1) is scratch (the gradients of the internal nodes'       \
-     * reach, one pass up the heap per tree). Leaves and subtrees with reach 0 get no gradient, \
-     * and a node whose s is saturated gets dZ = 0 exactly. O(k n) per example. */              \
+     * g, norm its cache. work (B, 2n - 1) is scratch for the gradients of every node's reach   \
+     * (one pass up the heap per tree), needed only when 2n - 1 > DSK_COMET_STACK_NODES (else it \
+     * may be NULL: the kernel keeps them on the stack). Leaves and subtrees with reach 0 get no \
+     * gradient, and a node whose s is saturated gets dZ = 0 exactly. O(k n) per example. */    \
     void comet_backward_##sfx(real *dA, real *dZ, double *work, const real *dw, const real *A,     \
                               const real *Z, const real *sz, const real *reach_int,               \
                               const real *reach, const real *g, const real *norm, long B, int k,  \

@@ -22,6 +22,18 @@ static void FN(comet_tree_reach)(real *reach_int, real *reach, const real *s, co
     }
 }
 
+/* e (kn) = p exp(a - shift) where p > 0, else 0 (in the working precision); returns their sum,
+ * accumulated in double. */
+static double FN(comet_unnormalized)(real *e, const real *p, const real *a, long kn, double shift) {
+    double sum = 0;
+    for (long i = 0; i < kn; i++) {
+        const double ei = p[i] > 0 ? (double)p[i] * exp((double)a[i] - shift) : 0;
+        e[i] = (real)ei;
+        sum += ei;
+    }
+    return sum;
+}
+
 void FN(comet_forward)(real *w, real *sz, real *reach_int, real *reach, real *g, real *norm,
                        const real *A, const real *Z, long B, int k, long n, real gamma) {
     const comet_leaves L = comet_layout(n);
@@ -37,22 +49,26 @@ void FN(comet_forward)(real *w, real *sz, real *reach_int, real *reach, real *g,
             for (long v = 0; v < n - 1; v++) s[v] = FN(smooth_step_value)(z[v], gamma);
             FN(comet_tree_reach)(reach_int + b * kv + (long)t * (n - 1), pb + (long)t * n, s, L);
         }
-        /* one softmax over the k n scores a + log p, as p exp(a - amax) / Dsum: amax over the
-         * leaves that are reached, so that Dsum >= the reach of one of them */
-        double amax = -HUGE_VAL;
-        for (long i = 0; i < kn; i++)
-            if (pb[i] > 0 && (double)Ab[i] > amax) amax = (double)Ab[i];
-        double dsum = 0;
-        for (long i = 0; i < kn; i++)
-            if (pb[i] > 0) dsum += (double)pb[i] * exp((double)Ab[i] - amax);
-        for (long j = 0; j < n; j++) wb[j] = 0;
-        for (long i = 0; i < kn; i++) {
-            const double gi = pb[i] > 0 ? (double)pb[i] * exp((double)Ab[i] - amax) / dsum : 0;
-            gb[i] = (real)gi;
+        /* one softmax over the k n scores a + log p, as p exp(a - shift) / Dsum, with shift the
+         * largest a of a reached leaf (so every exponent is <= 0 and Dsum >= that leaf's reach) */
+        double shift = -HUGE_VAL;
+        for (long i = 0; i < kn; i++) { /* selects, no branches: reached or not is random */
+            const double ai = pb[i] > 0 ? (double)Ab[i] : -HUGE_VAL;
+            shift = ai > shift ? ai : shift;
         }
+        double dsum = FN(comet_unnormalized)(gb, pb, Ab, kn, shift);
+        if (sizeof(real) < sizeof(double) && dsum < 0x1p-60) {
+            /* that leaf's reach is tiny: the terms stored in float may have underflowed. Shift by
+             * log Dsum as well, which brings Dsum to ~1 (rare: one more pass) */
+            shift += log(dsum);
+            dsum = FN(comet_unnormalized)(gb, pb, Ab, kn, shift);
+        }
+        const double inv = 1 / dsum;
+        for (long i = 0; i < kn; i++) gb[i] = (real)((double)gb[i] * inv);
+        for (long j = 0; j < n; j++) wb[j] = 0;
         for (int t = 0; t < k; t++) /* w_j = sum_t g_tj, trees in order */
             for (long j = 0; j < n; j++) wb[j] += gb[(long)t * n + j];
-        norm[2 * b] = (real)amax;
+        norm[2 * b] = (real)shift;
         norm[2 * b + 1] = (real)dsum;
     }
 }
@@ -67,8 +83,11 @@ void FN(comet_backward)(real *dA, real *dZ, double *work, const real *dw, const 
     for (long b = 0; b < B; b++) {
         const long kn = (long)k * n, kv = (long)k * (n - 1);
         const real *dwb = dw ? dw + b * n : NULL, *gb = g + b * kn, *pb = reach + b * kn, *Ab = A + b * kn;
-        double *dp = work + b * (n - 1);
-        const double amax = (double)norm[2 * b], dsum = (double)norm[2 * b + 1];
+        /* d/dp of every node of one tree, heap order: on the stack for trees of up to
+         * DSK_COMET_STACK_NODES nodes, else in the caller's work */
+        double stack_dp[DSK_COMET_STACK_NODES];
+        double *dp = 2 * n - 1 <= DSK_COMET_STACK_NODES ? stack_dp : work + b * (2 * n - 1);
+        const double shift = (double)norm[2 * b], dsum = (double)norm[2 * b + 1];
         double wdw = 0; /* <w, dw> = sum_{t,j} g_tj dw_j */
         if (dwb)
             for (int t = 0; t < k; t++)
@@ -80,29 +99,28 @@ void FN(comet_backward)(real *dA, real *dZ, double *work, const real *dw, const 
             real *da = dA + row * n, *dz = dZ + row * (n - 1);
             /* the softmax over the scores: d/da = g (dw - <w, dw>) */
             for (long j = 0; j < n; j++) da[j] = dwb ? (real)((double)gt[j] * ((double)dwb[j] - wdw)) : 0;
-            /* one pass up the heap: dp of a node from its children's, dz from the difference */
-            for (long v = n - 2; v >= 0; v--) {
-                double dchild[2];
-                for (int side = 0; side < 2; side++) {
-                    const long c = 2 * v + 1 + side;
-                    if (c < n - 1) {
-                        dchild[side] = dp[c];
-                        continue;
-                    }
-                    const long j = comet_expert_of(L, c);
-                    const double p = (double)pt[j];
-                    double d = 0; /* a leaf that is not reached gets no gradient */
-                    if (p > 0) {
-                        /* d sigma / d p = 1 / p, and g / p = exp(a - amax) / Dsum */
-                        if (dwb) d = exp((double)at[j] - amax) / dsum * ((double)dwb[j] - wdw);
-                        if (coef_h != 0) d -= coef_h * (log(p + eps) + p / (p + eps));
-                    }
-                    dchild[side] = d;
+            /* the leaves: d sigma / d p = 1 / p, and c = g / p = exp(a - shift) / Dsum, read off the
+             * cached g (one rounding) unless g is not a normal number; a leaf that is not reached
+             * gets no gradient (and then neither does anything below a node with reach 0) */
+            for (long j = 0; j < n; j++) {
+                const double p = (double)pt[j], gj = (double)gt[j];
+                double c = p > 0 ? gj / p : 0;
+                if (gj < DSK_REAL_MIN && p > 0) c = exp((double)at[j] - shift) / dsum; /* rare */
+                double d = dwb ? c * ((double)dwb[j] - wdw) : 0;
+                if (coef_h != 0) {
+                    const double h = coef_h * (log(p + eps) + p / (p + eps));
+                    d -= p > 0 ? h : 0;
                 }
-                const double p = (double)pint[v], on = (double)s[v];
-                const double slope = (double)FN(smooth_step_slope)(z[v], gamma);
-                dz[v] = (p != 0 && slope != 0) ? (real)(p * (dchild[0] - dchild[1]) * slope) : 0;
-                dp[v] = p != 0 ? on * dchild[0] + (1 - on) * dchild[1] : 0;
+                dp[comet_leaf_node(L, j)] = d;
+            }
+            /* S' of every node first (a loop that vectorizes), then one pass up the heap: dp of a
+             * node from its children's, dz from their difference. Below a node with reach 0 every
+             * dp is 0, and a saturated node has S' = 0: dz = 0 exactly in both cases. */
+            for (long v = 0; v < n - 1; v++) dz[v] = FN(smooth_step_slope)(z[v], gamma);
+            for (long v = n - 2; v >= 0; v--) {
+                const double dl = dp[2 * v + 1], dr = dp[2 * v + 2], on = (double)s[v];
+                dz[v] = (real)((double)pint[v] * (dl - dr) * (double)dz[v]);
+                dp[v] = on * dl + (1 - on) * dr;
             }
         }
     }

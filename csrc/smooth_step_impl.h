@@ -22,31 +22,33 @@
 #define DSK_SATURATION_TOL ((real)(sizeof(real) == sizeof(float) ? FLT_EPSILON / 4 : DBL_EPSILON / 4))
 #endif
 
-/* v of the comment above, in double; <= 0 outside the open fractional region. */
+/* Written as selects between values that are all computed (no conditional arithmetic), so that
+ * loops over t vectorize (blends, no branches) and random signs and saturation patterns cost no
+ * mispredictions; GCC, with its default -ftrapping-math, keeps a conditionally computed
+ * floating-point expression behind a branch. */
+
+/* v of the comment above, in double, clamped to >= 0 (0 outside the open fractional region). */
 static inline double FN(smooth_step_tail)(real t, real gamma) {
-    const double g = (double)gamma;
-    return (0.5 * g - fabs((double)t)) / g;
+    const double g = (double)gamma, v = (0.5 * g - fabs((double)t)) / g;
+    return v > 0 ? v : 0;
 }
 
-/* 1 when S(t) is saturated (exactly 0 or 1, slope 0), 0 inside the fractional region. */
-static inline int FN(smooth_step_saturated)(real t, real gamma, double *q_out) {
-    const double v = FN(smooth_step_tail)(t, gamma);
-    if (!(v > 0)) return 1;
+/* min(S, 1 - S) = v^2 (3 - 2v), or exactly 0 where S is saturated. */
+static inline double FN(smooth_step_tail_mass)(double v) {
     const double q = v * v * (3 - 2 * v);
-    *q_out = q;
-    return (real)q <= DSK_SATURATION_TOL;
+    const real qr = (real)q;
+    return qr <= DSK_SATURATION_TOL ? 0 : q;
 }
 
 static inline real FN(smooth_step_value)(real t, real gamma) {
-    double q = 0;
-    if (FN(smooth_step_saturated)(t, gamma, &q)) return t < 0 ? 0 : 1;
-    return t < 0 ? (real)q : (real)(1 - q);
+    const double q = FN(smooth_step_tail_mass)(FN(smooth_step_tail)(t, gamma));
+    const real low = (real)q, high = (real)(1 - q);
+    return t < 0 ? low : high;
 }
 
 /* S'(t) = 6 v (1 - v) / gamma, and exactly 0 wherever S is saturated. */
 static inline real FN(smooth_step_slope)(real t, real gamma) {
-    double q = 0;
-    if (FN(smooth_step_saturated)(t, gamma, &q)) return 0;
     const double v = FN(smooth_step_tail)(t, gamma);
-    return (real)(6 * v * (1 - v) / (double)gamma);
+    const real slope = (real)(6 * v * (1 - v) / (double)gamma);
+    return FN(smooth_step_tail_mass)(v) == 0 ? 0 : slope;
 }

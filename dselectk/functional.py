@@ -463,10 +463,12 @@ def comet_per_example_backward(dw, cache, lam=0.0, eps=1e-6, need_dx=True):
     with keys 'x' (None unless need_dx), 'U', 'b_U', 'W', 'b_W'."""
     dA, dZ = comet_backward(dw, cache.gate, lam, eps)
     B, k, n = dA.shape
-    dx_a, dU2, db_U = linear_backward(dA.reshape(B, k * n), cache.x, cache.U2, need_dx)
+    dx, dU2, db_U = linear_backward(dA.reshape(B, k * n), cache.x, cache.U2, need_dx)
     dx_z, dW2, db_W = linear_backward(dZ.reshape(B, k * (n - 1)), cache.x, cache.W2, need_dx)
+    if need_dx:
+        dx += dx_z
     return {
-        "x": dx_a + dx_z if need_dx else None,
+        "x": dx,
         "U": dU2.reshape(k, n, -1),
         "b_U": db_U.reshape(k, n),
         "W": dW2.reshape(k, n - 1, -1),

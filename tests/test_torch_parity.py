@@ -113,6 +113,55 @@ def test_per_example_gate_forward_backward(dtype, n, lam, xi):
     assert abs(reg - (gate.reg.item() if gate.reg is not None else 0.0)) <= TOL[dtype] * max(abs(reg), 1)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n, k, lam", [(2, 1, 0.0), (6, 2, 0.1), (16, 2, 0.1), (9, 4, 0.5)])
+def test_comet_gate_forward_backward(dtype, n, k, lam):
+    """What bench_vs_torch.py times as the COMET gate: per example (gradients for x and every map)
+    and static, with some saturated nodes (reach exactly 0 below them)."""
+    rng = np.random.default_rng(100 + n)
+    gamma = 1.0
+    x = rng.standard_normal((B, P)).astype(dtype)
+    U, b_U = rng.standard_normal((k, n, P)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    W = rng.uniform(-0.1, 0.1, (k, n - 1, P)).astype(dtype)
+    b_W = rng.uniform(-0.8, 0.8, (k, n - 1)).astype(dtype)
+    dw = rng.standard_normal((B, n)).astype(dtype)
+    w, cache = F.comet_per_example_forward(x, U, b_U, W, b_W, gamma)
+    grads = F.comet_per_example_backward(dw, cache, lam=lam)
+    sz = cache.gate.sz
+    assert 0 < np.mean((sz == 0) | (sz == 1)) < 1  # saturated and fractional nodes
+    gate = tm.CometGate(n, k, gamma, entropy_reg=lam, per_example=True, input_dim=P, dtype=tm.TORCH_DTYPES[dtype])
+    with torch.no_grad():
+        for name, v in (("U", U), ("b_U", b_U), ("W", W), ("b_W", b_W)):
+            getattr(gate, name).copy_(_t(v))
+    xt = _t(x).requires_grad_(True)
+    wt = gate(xt)
+    obj = (wt * _t(dw)).sum()
+    if gate.reg is not None:
+        obj = obj + gate.reg
+    obj.backward()
+    assert rel_err(w, wt.detach().numpy()) < TOL[dtype]
+    assert rel_err(grads["x"], xt.grad.numpy()) < TOL[dtype]
+    for name in ("U", "b_U", "W", "b_W"):
+        assert rel_err(grads[name], getattr(gate, name).grad.numpy()) < TOL[dtype], name
+    if lam:
+        reg = lam * F.comet_regularization(cache.gate)
+        assert abs(reg - gate.reg.item()) <= TOL[dtype] * max(abs(reg), 1)
+    # the static gate
+    A, Z = rng.standard_normal((k, n)).astype(dtype), rng.uniform(-0.8, 0.8, (k, n - 1)).astype(dtype)
+    ws, cs = F.comet_forward(A, Z, gamma)
+    dA, dZ = F.comet_backward(dw[0], cs, lam=lam)
+    static = tm.CometGate(n, k, gamma, entropy_reg=lam, dtype=tm.TORCH_DTYPES[dtype])
+    with torch.no_grad():
+        static.A.copy_(_t(A))
+        static.Z.copy_(_t(Z))
+    wst = static()
+    obj = (wst * _t(dw[0])).sum()
+    (obj + static.reg if static.reg is not None else obj).backward()
+    assert rel_err(ws, wst.detach().numpy()) < TOL[dtype]
+    assert rel_err(dA, static.A.grad.numpy()) < TOL[dtype]
+    assert rel_err(dZ, static.Z.grad.numpy()) < TOL[dtype]
+
+
 # --- whole models ------------------------------------------------------------------------------
 
 GATES = {

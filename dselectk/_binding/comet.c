@@ -87,10 +87,12 @@ static PyObject *py_comet_backward(PyObject *Py_UNUSED(self), PyObject *args, Py
     PyArrayObject *dA = hold(&h, new_array(tn, 3, adims));
     PyArrayObject *dZ = hold(&h, new_array(tn, 3, zdims));
     if (!dA || !dZ) goto done;
-    work = PyMem_RawMalloc((size_t)B * (size_t)(n - 1) * sizeof(double)); /* the kernel's scratch */
-    if (!work) {
-        PyErr_NoMemory();
-        goto done;
+    if (2 * n - 1 > DSK_COMET_STACK_NODES) { /* the kernel's scratch, when its stack buffer is too small */
+        work = PyMem_RawMalloc((size_t)B * (size_t)(2 * n - 1) * sizeof(double));
+        if (!work) {
+            PyErr_NoMemory();
+            goto done;
+        }
     }
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, comet_backward, DATA(dA), DATA(dZ), work, OPTDATA(dw), DATA(A), DATA(Z), DATA(sz), DATA(reach_int),
