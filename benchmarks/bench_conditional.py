@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 import dselectk as dk
+from dselectk.gates import DSelectK, TopK
 from dselectk.models import MMoE
 from dselectk.optim import make_optimizer
 
@@ -32,7 +33,7 @@ from bench_train_step import make_step  # this folder is on sys.path when run as
 
 def _model(per_example, binary, shared=False, seed=0):
     model = MMoE(128, n_tasks=2, n_experts=8, expert_units=(256,), tower_units=(64,), task_losses=["mse", "bce"],
-                 gate="dselect_k", k=2, gamma=1.0, per_example=per_example, seed=seed)
+                 gate=DSelectK(2, gamma=1.0, per_example=per_example), seed=seed)
     if binary:  # S(Z) saturated: each selector points at one expert, (k = 2) experts per task
         rng = np.random.default_rng(seed)
         for t, g in enumerate(model.gates):
@@ -87,10 +88,10 @@ def flops_rows(epochs, seed=0):
     v1, v2 = rng.standard_normal(p), rng.standard_normal(p)
     Y = [np.tanh(X @ v1).astype(np.float32), (np.sin(X @ v2) > 0).astype(np.float32)]
     out = {}
-    for name, kw in (("dselect_k", dict(gate="dselect_k", gamma=1.0, entropy_reg=0.5)), ("top_k", dict(gate="top_k"))):
+    for name, spec in (("dselect_k", DSelectK(2, gamma=1.0, entropy_reg=0.5)), ("top_k", TopK(2))):
         for per_example in (False, True):
             model = MMoE(p, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,), task_losses=["mse", "bce"],
-                         k=2, per_example=per_example, seed=seed, **kw)
+                         gate=spec.replace(per_example=per_example), seed=seed)
             h = dk.fit(model, X, Y, epochs=epochs, batch_size=128, lr=1e-2, verbose=0)
             steps = None if name != "dselect_k" or any(s is None for s in h.binary_step) else max(h.binary_step)
             out[name, per_example] = (h["expert_flops"][-1], h["expert_flops_dense"][-1], steps, h.total_steps)

@@ -17,6 +17,7 @@ import numpy as np
 
 import dselectk
 from dselectk import functional as F
+from dselectk.gates import DSelectK, Softmax, TopK
 from dselectk.models import MMoE
 
 GEMM_FUNCTIONS = ("dense_forward", "dense_backward", "linear", "linear_backward")
@@ -72,11 +73,14 @@ def main(argv=None):
           f"{args.gate} {'static' if args.static else 'per-example'} gates (k=2), Adam, float32; "
           f"openmp={info['openmp']}, BLAS={info['blas']}")
     print(f"{'threads':>7} {'steps/s':>9} {'ms/step':>8} {'GEMM share':>11}")
+    per_example = not args.static
+    gate = {"dselect_k": DSelectK(2, entropy_reg=0.1, per_example=per_example),
+            "top_k": TopK(2, per_example=per_example), "softmax": Softmax(per_example=per_example)}[args.gate]
     rows = []
     for threads in args.threads:
         dselectk.set_num_threads(threads)
         model = MMoE(128, n_tasks=2, n_experts=8, expert_units=(256,), tower_units=(256,), task_losses=["mse", "bce"],
-                     gate=args.gate, k=2, per_example=not args.static, entropy_reg=0.1, seed=0)
+                     gate=gate, seed=0)
         opt = dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=1e-4)
         step = make_step(model, opt, X, Y)
         time.sleep(0.5)  # let the idle threads of the previous setting go to sleep

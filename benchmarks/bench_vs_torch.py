@@ -48,6 +48,7 @@ import numpy as np
 
 import dselectk  # before torch: see the module docstring
 from dselectk import functional as F
+from dselectk.gates import DSelectK, TopK
 from dselectk.models import MMoE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -63,10 +64,10 @@ if torch is not None:
 
 P_GATE, K_GATE, B_GATE, LAM = 64, 4, 4096, 0.1
 K_COMET, N_COMET = 2, (8, 16, 64)
-STEP_GATES = {  # label: MMoE keyword arguments
-    "DSelect-k per-example": dict(gate="dselect_k", per_example=True, k=2, entropy_reg=0.1),
-    "Top-k per-example": dict(gate="top_k", per_example=True, k=2),
-    "DSelect-k static": dict(gate="dselect_k", per_example=False, k=2, entropy_reg=0.1),
+STEP_GATES = {  # label: the MMoE's gate
+    "DSelect-k per-example": DSelectK(2, entropy_reg=0.1, per_example=True),
+    "Top-k per-example": TopK(2, per_example=True),
+    "DSelect-k static": DSelectK(2, entropy_reg=0.1, per_example=False),
 }
 INPUT, N_EXPERTS, UNITS, TOWER, N_TASKS = 128, 8, 256, 256, 2
 
@@ -200,10 +201,10 @@ def step_data(batch, rng):
     return X, Y
 
 
-def step_workload(gate_kwargs, X, Y):
-    """(ours, theirs or None, adam variant) callables for one training step."""
+def step_workload(gate, X, Y):
+    """(ours, theirs or None, adam variant) callables for one training step of an MMoE with ``gate``."""
     model = MMoE(INPUT, n_tasks=N_TASKS, n_experts=N_EXPERTS, expert_units=(UNITS,), tower_units=(TOWER,),
-                 task_losses=["mse", "bce"], seed=0, **gate_kwargs)
+                 task_losses=["mse", "bce"], seed=0, gate=gate)
     tmodel = tm.from_dselectk(model) if torch is not None else None
     if tmodel is not None:  # same outputs before anything is timed
         outs = model.forward(X, training=True)
@@ -258,15 +259,15 @@ def cnn_workload(name, rng):
 
 # --- workload 3: the step's GEMMs alone ---------------------------------------------------------
 
-def gemm_plan(batch, gate_kwargs):
+def gemm_plan(batch, gate):
     """The step's necessary matrix products as Dense calls (rows, in, out, need_dx, bias):
     forward y = x W (+ b) and backward dW += x^T dy (+ db), dx = dy W^T when need_dx."""
     B, plan = batch, []
     plan += [(B, INPUT, UNITS, False, True)] * N_EXPERTS  # experts: input gradient not needed
     plan += [(B, UNITS, TOWER, True, True), (B, TOWER, 1, True, True)] * N_TASKS  # towers
-    if gate_kwargs["per_example"]:
-        if gate_kwargs["gate"] == "dselect_k":  # alpha = x G^T + b_G and Z = x W^T + b_W, per task
-            k, m = gate_kwargs["k"], F.n_bits(N_EXPERTS)
+    if gate.per_example:
+        if gate.kind == "dselect_k":  # alpha = x G^T + b_G and Z = x W^T + b_W, per task
+            k, m = gate.k, F.n_bits(N_EXPERTS)
             plan += [(B, INPUT, k, False, True), (B, INPUT, k * m, False, True)] * N_TASKS
         else:  # Top-k logits x A^T + b
             plan += [(B, INPUT, N_EXPERTS, False, True)] * N_TASKS
@@ -275,9 +276,9 @@ def gemm_plan(batch, gate_kwargs):
     return plan
 
 
-def gemm_workload(batch, gate_kwargs, rng):
+def gemm_workload(batch, gate, rng):
     arrays = []
-    for rows, i, o, need_dx, bias in gemm_plan(batch, gate_kwargs):
+    for rows, i, o, need_dx, bias in gemm_plan(batch, gate):
         arrays.append(dict(x=rng.standard_normal((rows, i)).astype(np.float32),
                            W=rng.standard_normal((i, o)).astype(np.float32) * 0.05,
                            b=np.zeros(o, np.float32) if bias else None,
@@ -407,9 +408,9 @@ def main(argv=None):
         out("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for batch in (128, 1024):
             X, Y = step_data(batch, rng)
-            for label, kwargs in STEP_GATES.items():
-                ours, theirs, variant = step_workload(kwargs, X, Y)
-                gemms = gemm_workload(batch, kwargs, rng)
+            for label, gate in STEP_GATES.items():
+                ours, theirs, variant = step_workload(gate, X, Y)
+                gemms = gemm_workload(batch, gate, rng)
                 for threads in args.threads:
                     set_threads(threads)
                     fns = {"ours": ours, "gemm": gemms}

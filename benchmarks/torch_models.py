@@ -332,7 +332,8 @@ class MMoE(nn.Module):
 
 
 _MODEL_KEYS = ("input_dim", "n_tasks", "n_experts", "expert_units", "tower_units", "task_losses", "task_outputs",
-               "task_weights", "gate", "k", "gamma", "entropy_reg", "xi", "per_example", "expert_output")
+               "task_weights", "expert_output")
+_GATE_KEYS = ("k", "gamma", "entropy_reg", "xi", "per_example")  # of the dselect_k and top_k gate configs
 
 
 def copy_parameters(torch_model, dsk_model):
@@ -353,10 +354,11 @@ def copy_parameters(torch_model, dsk_model):
 def from_dselectk(dsk_model, dtype=None):
     """A torch MMoE with the architecture and the parameters of ``dsk_model`` (a dselectk.MMoE);
     dtype: "float32"/"float64" or a torch dtype, default the dselectk model's."""
-    cfg = dsk_model.config
-    if cfg.get("dropout", 0) or cfg.get("noisy"):
+    cfg, gate = dsk_model.config, dsk_model.gate_spec.to_config()
+    if cfg.get("dropout", 0) or gate.get("noisy"):
         raise ValueError("torch_models has no dropout and no noisy Top-k")
     kwargs = {key: cfg[key] for key in _MODEL_KEYS if key in cfg}
+    kwargs.update(gate=gate["kind"], **{key: gate[key] for key in _GATE_KEYS if key in gate})
     model = MMoE(**kwargs, dtype=dtype or cfg["dtype"])
     return copy_parameters(model, dsk_model)
 

@@ -4,8 +4,9 @@
     gate = dk.DSelectKGate(n_experts=16, k=4, gamma=1.0, entropy_reg=0.1)
     w = gate.forward()          # expert weights, on the simplex, <= k nonzeros once S(Z) is binary
 
-The kernels live in ``dselectk.functional``; gate objects with parameters and gradients in
-``dselectk.gates``. See the README for the math in the paper's notation.
+The kernels live in ``dselectk.functional``; gate objects with parameters and gradients, and the
+gate specifications models take (``dk.gates.DSelectK(k=2, ...)``), in ``dselectk.gates``. See the
+README for the math in the paper's notation.
 """
 import os as _os
 
@@ -31,7 +32,7 @@ except ImportError as _exc:  # the source tree without a build, most often
 finally:
     for _k in _set_here:
         _os.environ.pop(_k, None)
-from . import functional, metrics, optim
+from . import functional, gates, metrics, optim
 from .embedding import Embedding, EmbeddingInput
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
@@ -56,6 +57,7 @@ __all__ = [
     "save",
     "load",
     "functional",
+    "gates",
     "metrics",
     "optim",
     "build_info",

@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from . import functional as F
-from .gates import DSelectKGate, TopKGate
+from .gates import DSelectK, DSelectKGate, TopK, TopKGate
 
 
 class _Adam:
@@ -77,8 +77,8 @@ def run(steps=800, lr=0.02, seed=0, out=print):
     out(f"16 experts, the data mixes experts {truth} with weights {w_true[truth].tolist()}")
     results = {}
     for name, gate in (
-        ("DSelect-k", DSelectKGate(16, k=2, gamma=1.0, entropy_reg=0.02, seed=seed)),
-        ("Top-k", TopKGate(16, k=2, seed=seed)),
+        ("DSelect-k", DSelectKGate(16, k=2, gamma=1.0, entropy_reg=0.02, seed=seed, dtype=np.float64)),
+        ("Top-k", TopKGate(16, k=2, seed=seed, dtype=np.float64)),
     ):
         out(f"\n{name} (static, k = 2):")
         t0 = time.perf_counter()
@@ -126,9 +126,9 @@ def run_mmoe(epochs=12, seed=0, out=print):
     out(f"{T} regression tasks (tasks 0-1 share one group of generating experts, 2-3 another); "
         f"{n_train} train / {n_val} validation / {X.shape[0] - n_train - n_val} test examples")
     results = {}
-    for name, kw in (("DSelect-k", dict(gate="dselect_k", gamma=1.0, entropy_reg=0.1)), ("Top-k", dict(gate="top_k"))):
+    for name, gate in (("DSelect-k", DSelectK(2, gamma=1.0, entropy_reg=0.1)), ("Top-k", TopK(2))):
         model = MMoE(X.shape[1], n_tasks=T, n_experts=8, expert_units=(32,), tower_units=(16,), task_losses="mse",
-                     k=2, seed=seed, **kw)
+                     gate=gate, seed=seed)
         t0 = time.perf_counter()
         hist = fit(model, X[tr], [y[tr] for y in Y], epochs=epochs, batch_size=128, lr=3e-3,
                    validation_data=(X[va], [y[va] for y in Y]), early_stopping_patience=4, verbose=0, seed=seed)
@@ -139,7 +139,7 @@ def run_mmoe(epochs=12, seed=0, out=print):
         out(f"\n{name} MMoE (8 experts, static gates, k = 2): {len(hist.epochs)} epochs in {wall:.1f} s")
         out("  test MSE per task: " + ", ".join(f"{test[f'task{t}_mse']:.4f}" for t in range(T)))
         out("  experts selected per task: " + "; ".join(f"task {t}: {s}" for t, s in enumerate(selected)))
-        if kw["gate"] == "dselect_k":
+        if gate.kind == "dselect_k":
             out(f"  S(Z) binary after step (per task): {hist.binary_step} of {hist.total_steps}")
         results[name] = dict(test=test, selected=selected, wall=wall, binary_step=hist.binary_step)
     return results

@@ -35,18 +35,23 @@ import numpy as np
 
 from . import functional as F
 from .embedding import EmbeddingInput
-from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, StaticDSelectKBank, TopKGate
+from .gates import GateSpec, StaticDSelectKBank, spec_class
+from .gates._base import resolve as _resolve_gate
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU
 
-__all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES", "GATES"]
+__all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 ARCHITECTURES = ("mlp", "cnn")
-GATES = ("dselect_k", "top_k", "softmax", "softmax_selector")
-FORMAT, FORMAT_VERSION = "dselectk-model", 2
-# version 1: the parameter slab only; version 2 adds the embedding tables. A model without
-# embeddings is still written as version 1, so that older readers load it.
-READ_VERSIONS = (1, 2)
+FORMAT, FORMAT_VERSION = "dselectk-model", 3
+# version 1: the parameter slab only; version 2 adds the embedding tables; version 3 writes a model's
+# gate as its spec's config dict (config["gate"] = {"kind": ..., options}) where versions 1 and 2
+# had the kind string with every gate's flat keys beside it (k, gamma, ...). A file gets the oldest
+# version that holds it (a SharedBottom without embeddings is still version 1), so that older
+# readers load what they can; load reads all three.
+READ_VERSIONS = (1, 2, 3)
+# the gate keys of a version 1 or 2 config, each read by the gates that have that option
+_FLAT_GATE_KEYS = ("k", "gamma", "entropy_reg", "xi", "per_example", "noisy", "temperature")
 
 
 def _loss_fn(name):
@@ -88,6 +93,20 @@ def _input_spec(input_dim, input_shape, kind, what):
 def _listed(v):
     """Tuples as lists, so that a config survives its JSON round trip unchanged."""
     return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _widths(units, name):
+    """Layer widths as a list of ints >= 1 (a zero-width layer would divide by zero in the
+    initialiser or train a constant)."""
+    if isinstance(units, (str, bytes, dict)) or not hasattr(units, "__iter__"):
+        raise TypeError(f"{name} must be a tuple of layer widths, got {units!r}")
+    widths = list(units)
+    for u in widths:
+        if isinstance(u, (bool, np.bool_)) or not isinstance(u, (int, np.integer)):
+            raise TypeError(f"{name} must list integer layer widths, got {tuple(widths)!r}")
+        if u < 1:
+            raise ValueError(f"{name} must list layer widths >= 1, got {tuple(widths)!r}")
+    return [int(u) for u in widths]
 
 
 def _trusted_forward(forward):
@@ -277,24 +296,10 @@ class _Model:
                 g.train(training)
 
     def __repr__(self):
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config.items())})"
-
-
-def _make_gate(kind, n_experts, k, gamma, entropy_reg, xi, per_example, input_dim, noisy, temperature, rng, dtype):
-    if kind not in GATES:
-        raise ValueError(f"unknown gate {kind!r}; expected one of {GATES}")
-    if kind == "dselect_k":
-        return DSelectKGate(n_experts, k, gamma=gamma, entropy_reg=entropy_reg, xi=xi, per_example=per_example,
-                            input_dim=input_dim, seed=rng, dtype=dtype)
-    if kind == "top_k":
-        return TopKGate(n_experts, k, per_example=per_example, input_dim=input_dim, noisy=noisy, seed=rng,
-                        dtype=dtype)
-    if kind == "softmax":
-        return SoftmaxGate(n_experts, per_example=per_example, input_dim=input_dim, seed=rng, dtype=dtype)
-    if per_example:
-        raise ValueError("the softmax_selector (ablation) gate is static only: per_example must be False")
-    return SoftmaxSelectorGate(n_experts, k, temperature=temperature, entropy_reg=entropy_reg, seed=rng,
-                               dtype=dtype)
+        shown = dict(self.config)
+        if "gate" in shown:  # the spec itself, e.g. gate=DSelectK(k=2, gamma=1.0, ...)
+            shown["gate"] = self.gate_spec
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 class MMoE(_Model):
@@ -322,9 +327,15 @@ class MMoE(_Model):
     task_losses : "mse", "bce" (logits) or "softmax_ce" (logits, integer labels), or a list per task.
     task_outputs : output size per task (bce: 1; softmax_ce: the number of classes).
     task_weights : the loss weights (e.g. [alpha, 1 - alpha]); default all 1.
-    gate : "dselect_k", "top_k", "softmax" or "softmax_selector" (the Appendix C.2 ablation).
-    k, gamma, entropy_reg (lambda), xi, per_example, noisy, temperature : gate settings (see the
-        gate classes); ``entropy_reg`` is also the ablation gate's entropy coefficient.
+    gate : the task gates' specification (one gate per task is built from it): a spec from
+        :mod:`dselectk.gates`, ``DSelectK(k=2, gamma=1.0, entropy_reg=0.0, xi=1.0,
+        per_example=False)``, ``TopK(k=2, per_example=False, noisy=False)``,
+        ``Softmax(per_example=False)`` or ``SoftmaxSelector(k=2, temperature=1.0, entropy_reg=0.0)``
+        (the Appendix C.2 ablation); or its ``to_config()`` dict; or, as shorthand, the kind string
+        ("dselect_k", "top_k", "softmax", "softmax_selector") with that gate's options as further
+        keyword arguments (``gate="top_k", k=2, noisy=True, per_example=True``). An option the gate
+        does not have, or options beside a spec, raise TypeError. ``model.gate_spec`` is the spec;
+        ``config["gate"]`` its config dict.
     dropout : dropout rate after each expert and tower hidden layer.
     tower_dropout : the towers' dropout rate when it differs from ``dropout`` (None: ``dropout``).
     seed : initialization (and dropout) seed.
@@ -352,16 +363,16 @@ class MMoE(_Model):
     sparse_threshold = 0.75
 
     def __init__(self, input_dim=None, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,),
-                 task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", k=2, gamma=1.0,
-                 entropy_reg=0.0, xi=1.0, per_example=False, noisy=False, temperature=1.0, dropout=0.0, seed=0,
+                 task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", *, dropout=0.0, seed=0,
                  dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
-                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2):
-        tower_units = None if tower_units is None else list(tower_units)
-        self.config = dict(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=list(expert_units),
+                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, **gate_options):
+        self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
+        expert_units = _widths(expert_units, "expert_units")
+        tower_units = None if tower_units is None else _widths(tower_units, "tower_units")
+        self.config = dict(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=expert_units,
                            expert_output=expert_output,
                            tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
-                           task_weights=task_weights, gate=gate, k=k, gamma=gamma, entropy_reg=entropy_reg, xi=xi,
-                           per_example=per_example, noisy=noisy, temperature=temperature, dropout=dropout, seed=seed,
+                           task_weights=task_weights, gate=self.gate_spec.to_config(), dropout=dropout, seed=seed,
                            dtype=str(np.dtype(dtype)))
         if input_shape is not None:
             self.config["input_shape"] = _listed(input_shape)
@@ -374,16 +385,17 @@ class MMoE(_Model):
             raise ValueError("expert_output='sum' is for MLP experts only")
         if tower_dropout is not None:  # in the config only when set: older readers load the others
             self.config["tower_dropout"] = tower_dropout
-        self._build(input_dim, n_tasks, n_experts, list(expert_units), tower_units, task_losses, task_outputs,
-                    task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed,
-                    dtype, towers=True, expert_output=expert_output, embeddings=embeddings,
-                    tower_dropout=tower_dropout, expert=expert, input_shape=input_shape,
-                    cnn=dict(filters=expert_filters, kernel=expert_kernel, pool=expert_pool))
+        self._build(input_dim=input_dim, n_tasks=n_tasks, n_experts=n_experts, expert_units=expert_units,
+                    tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
+                    task_weights=task_weights, dropout=dropout, seed=seed, dtype=dtype, towers=True,
+                    expert_output=expert_output, embeddings=embeddings, tower_dropout=tower_dropout, expert=expert,
+                    input_shape=input_shape, cnn=dict(filters=expert_filters, kernel=expert_kernel, pool=expert_pool))
 
-    def _build(self, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
-               task_weights, gate, k, gamma, entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype,
-               towers, expert_output=None, embeddings=None, tower_dropout=None, expert="mlp", input_shape=None,
-               cnn=None):
+    def _build(self, *, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
+               task_weights, dropout, seed, dtype, towers, expert_output=None, embeddings=None, tower_dropout=None,
+               expert="mlp", input_shape=None, cnn=None):
+        """The layers, with the gates built from ``self.gate_spec`` (one per task, drawn from the
+        model's generator after the experts and before the towers)."""
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, expert, "expert")
         if emb_config is not None:
@@ -407,8 +419,7 @@ class MMoE(_Model):
             self.experts = [MLP(self.input_dim, expert_units, rng, dropout, self.task_outputs[0], dtype)
                             for _ in range(self.n_experts)]
         d = self.experts[0].out_dim
-        self.gates = [_make_gate(gate, self.n_experts, k, gamma, entropy_reg, xi, per_example, self.input_dim, noisy,
-                                 temperature, rng, dtype) for _ in range(self.n_tasks)]
+        self.gates = [self.gate_spec.build(self.n_experts, self.input_dim, rng, dtype) for _ in range(self.n_tasks)]
         if towers and tower_units is None:  # no towers: the mixture is the output
             bad = [out for out in self.task_outputs if out != d]
             if bad:
@@ -579,26 +590,28 @@ class MMoE(_Model):
             self.input_layer.backward(dX)
 
     def gate_weights(self):
-        """Expert weights per task at the last forward, (T, n): per-example gates averaged over the batch."""
-        ws = self._cache[1]
+        """Expert weights per task at the last forward, (T, n): per-example gates averaged over the
+        batch. Static gates answer before any forward too (e.g. after ``load``): their weights
+        depend on their parameters only."""
+        ws = [g.expert_weights() for g in self.gates]
         return np.stack([w if w.ndim == 1 else w.mean(axis=0) for w in ws])
 
 
 class MoE(MMoE):
     """Mixture of Experts (Figure 1(a)): one gate mixes n experts whose outputs are the prediction.
     Each expert is an MLP with hidden widths ``expert_units`` and a linear output of ``output_dim``.
-    Other parameters as :class:`MMoE`."""
+    ``gate`` and its options, and the other parameters, as :class:`MMoE`."""
 
-    def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", k=2,
-                 gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False, noisy=False, temperature=1.0, dropout=0.0,
-                 seed=0, dtype="float32", embeddings=None):
-        self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=list(expert_units), loss=loss,
-                           output_dim=output_dim, gate=gate, k=k, gamma=gamma, entropy_reg=entropy_reg, xi=xi,
-                           per_example=per_example, noisy=noisy, temperature=temperature, dropout=dropout, seed=seed,
+    def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", *,
+                 dropout=0.0, seed=0, dtype="float32", embeddings=None, **gate_options):
+        self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
+        expert_units = _widths(expert_units, "expert_units")
+        self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=expert_units, loss=loss,
+                           output_dim=output_dim, gate=self.gate_spec.to_config(), dropout=dropout, seed=seed,
                            dtype=str(np.dtype(dtype)))
-        self._build(input_dim, 1, n_experts, list(expert_units), [], loss, output_dim, None, gate, k, gamma,
-                    entropy_reg, xi, per_example, noisy, temperature, dropout, seed, dtype, towers=False,
-                    embeddings=embeddings)
+        self._build(input_dim=input_dim, n_tasks=1, n_experts=n_experts, expert_units=expert_units, tower_units=[],
+                    task_losses=loss, task_outputs=output_dim, task_weights=None, dropout=dropout, seed=seed,
+                    dtype=dtype, towers=False, embeddings=embeddings)
 
 
 class SharedBottom(_Model):
@@ -614,8 +627,9 @@ class SharedBottom(_Model):
                  task_outputs=1, task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None,
                  tower_dropout=None, bottom="mlp", input_shape=None, bottom_filters=(10, 20), bottom_kernel=5,
                  bottom_pool=2):
-        self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=list(bottom_units),
-                           tower_units=list(tower_units), task_losses=task_losses, task_outputs=task_outputs,
+        bottom_units, tower_units = _widths(bottom_units, "bottom_units"), _widths(tower_units, "tower_units")
+        self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=bottom_units,
+                           tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
                            task_weights=task_weights, dropout=dropout, seed=seed, dtype=str(np.dtype(dtype)))
         if tower_dropout is not None:
             self.config["tower_dropout"] = tower_dropout
@@ -672,12 +686,29 @@ class SharedBottom(_Model):
 _CLASSES = {"MMoE": MMoE, "MoE": MoE, "SharedBottom": SharedBottom}
 
 
+def _gate_spec_of(config, path):
+    """The gate spec of a saved model config: config["gate"] a spec's config dict (version 3), or
+    the kind string of versions 1 and 2 with the flat keys k, gamma, ... beside it, of which that
+    kind's gate read only its own options (the others were ignored then, so they are now)."""
+    gate = config["gate"]
+    try:
+        if isinstance(gate, str):
+            cls = spec_class(gate)
+            return cls(**{key: config[key] for key in _FLAT_GATE_KEYS if key in config and key in cls.options()})
+        if isinstance(gate, dict):
+            return GateSpec.from_config(gate)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored gate config is invalid: {exc}") from None
+    raise ValueError(f"{path}: the stored gate config must be a dict (or a kind string), got {type(gate).__name__}")
+
+
 def save(model, path):
     """Write ``model`` to one ``.npz``: the parameter slab, the embedding tables (``table_<name>``)
-    and JSON metadata (class, constructor arguments, parameter index, table shapes, format
-    version). Loadable with ``allow_pickle=False``."""
+    and JSON metadata (class, constructor arguments with the gate as its spec's config dict,
+    parameter index, table shapes, format version). Loadable with ``allow_pickle=False``."""
     tables = model.named_embeddings()
-    meta = dict(format=FORMAT, version=FORMAT_VERSION if tables else 1, cls=type(model).__name__,
+    version = FORMAT_VERSION if "gate" in model.config else 2 if tables else 1  # the oldest that holds it
+    meta = dict(format=FORMAT, version=version, cls=type(model).__name__,
                 config=model.config, index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
     if tables:
         meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
@@ -686,8 +717,10 @@ def save(model, path):
 
 
 def load(path):
-    """Rebuild a model saved by :func:`save`. Raises ValueError for a file that is not a dselectk
-    model, was written by another format version, or is corrupted."""
+    """Rebuild a model saved by :func:`save`, by this version or an older one (format versions 1
+    and 2 stored the gate as a kind string with flat keys k, gamma, ...; they are read as the
+    gate's spec). Raises ValueError for a file that is not a dselectk model, was written by a
+    newer format version, or is corrupted."""
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()]))
@@ -703,7 +736,15 @@ def load(path):
     cls = _CLASSES.get(meta.get("cls"))
     if cls is None:
         raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
-    model = cls(**meta["config"])
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the model config must be a dict, got {type(config).__name__}")
+    if "gate" in config:
+        spec = _gate_spec_of(config, path)
+        if isinstance(config["gate"], str):  # versions 1 and 2: the flat keys were the gate's
+            config = {key: value for key, value in config.items() if key not in _FLAT_GATE_KEYS}
+        config = dict(config, gate=spec)
+    model = cls(**config)
     index = [[name, list(shape), offset] for name, shape, offset in model.slab.index]
     if index != meta["index"] or params.shape != model.slab.data.shape or params.dtype != model.slab.data.dtype:
         raise ValueError(f"{path}: the stored parameters do not match the architecture in its metadata")

@@ -373,8 +373,10 @@ def test_embedding_model_gradient(kind):
                        **common)
     else:
         gate, pe = kind.replace("_pe", ""), kind.endswith("_pe")
+        spec = {"dselect_k": dk.gates.DSelectK(2, entropy_reg=0.1, per_example=pe),
+                "top_k": dk.gates.TopK(2, per_example=pe), "softmax": dk.gates.Softmax(per_example=pe)}[gate]
         model = Mo.MMoE(None, n_tasks=2, n_experts=4, expert_units=(5,), tower_units=(3,), task_losses=["bce", "mse"],
-                        task_weights=[0.7, 0.3], gate=gate, k=2, per_example=pe, entropy_reg=0.1, **common)
+                        task_weights=[0.7, 0.3], gate=spec, **common)
     _spread(model, rng)
     X, Y = _emb_data(rng, 9)
     if kind == "moe_pe":
@@ -471,7 +473,7 @@ def test_save_load_round_trip_with_tables(tmp_path):
         np.testing.assert_array_equal(a, b)
     import json
     with np.load(tmp_path / "m.npz") as z:
-        assert json.loads(str(z["meta"][()]))["version"] == 2
+        assert json.loads(str(z["meta"][()]))["version"] == 3  # a gate spec in the config
         arrays = {k: z[k] for k in z.files}
     arrays["table_embedding1"] = arrays["table_embedding1"][:-1]
     np.savez(tmp_path / "bad.npz", **arrays)

@@ -60,7 +60,7 @@ def _spread_Z(gate, rng):
 @pytest.mark.parametrize("gamma", [0.5, 1.0, 10.0])
 def test_dselect_k_static_gate_gradients(n, k, gamma):
     rng = np.random.default_rng(n * 100 + k)
-    gate = dk.DSelectKGate(n, k, gamma=gamma, entropy_reg=0.3, xi=0.7, seed=1)
+    gate = dk.DSelectKGate(n, k, gamma=gamma, entropy_reg=0.3, xi=0.7, seed=1, dtype=np.float64)
     _spread_Z(gate, rng)
     _check_gate_gradients(gate, None, rng)
 
@@ -68,7 +68,8 @@ def test_dselect_k_static_gate_gradients(n, k, gamma):
 @pytest.mark.parametrize("n,k,B", [(3, 2, 1), (4, 1, 7), (5, 4, 16), (8, 2, 33)])
 def test_dselect_k_per_example_gate_gradients(n, k, B):
     rng = np.random.default_rng(B)
-    gate = dk.DSelectKGate(n, k, gamma=2.0, entropy_reg=0.2, xi=0.5, per_example=True, input_dim=3, seed=2)
+    gate = dk.DSelectKGate(n, k, gamma=2.0, entropy_reg=0.2, xi=0.5, per_example=True, input_dim=3, seed=2,
+                           dtype=np.float64)
     _spread_Z(gate, rng)
     x = rng.standard_normal((B, 3))
     _check_gate_gradients(gate, x, rng)
@@ -77,7 +78,8 @@ def test_dselect_k_per_example_gate_gradients(n, k, B):
 @pytest.mark.parametrize("per_example,noisy", [(False, False), (True, False), (True, True)])
 def test_topk_gate_gradients(per_example, noisy):
     rng = np.random.default_rng(3)
-    gate = dk.TopKGate(8, 3, per_example=per_example, input_dim=4 if per_example else None, noisy=noisy, seed=5)
+    gate = dk.TopKGate(8, 3, per_example=per_example, input_dim=4 if per_example else None, noisy=noisy, seed=5,
+                     dtype=np.float64)
     for v in gate.params.values():
         v[:] = rng.standard_normal(v.shape)  # distinct logits, far from ties
     x = rng.standard_normal((6, 4)) if per_example else None
@@ -95,7 +97,7 @@ def test_topk_gate_gradients(per_example, noisy):
 @pytest.mark.parametrize("per_example", [False, True])
 def test_softmax_gate_gradients(per_example):
     rng = np.random.default_rng(4)
-    gate = dk.SoftmaxGate(6, per_example=per_example, input_dim=3 if per_example else None, seed=0)
+    gate = dk.SoftmaxGate(6, per_example=per_example, input_dim=3 if per_example else None, seed=0, dtype=np.float64)
     for v in gate.params.values():
         v[:] = rng.standard_normal(v.shape)
     _check_gate_gradients(gate, rng.standard_normal((5, 3)) if per_example else None, rng)
@@ -104,7 +106,7 @@ def test_softmax_gate_gradients(per_example):
 @pytest.mark.parametrize("T", [0.3, 1.0, 5.0])
 def test_softmax_selector_gate_gradients(T):
     rng = np.random.default_rng(5)
-    gate = dk.SoftmaxSelectorGate(8, 3, temperature=T, entropy_reg=0.4, seed=0)
+    gate = dk.SoftmaxSelectorGate(8, 3, temperature=T, entropy_reg=0.4, seed=0, dtype=np.float64)
     for v in gate.params.values():
         v[:] = rng.standard_normal(v.shape)
     _check_gate_gradients(gate, None, rng)
@@ -112,7 +114,7 @@ def test_softmax_selector_gate_gradients(T):
 
 def test_gate_forward_matches_reference():
     rng = np.random.default_rng(6)
-    gate = dk.DSelectKGate(16, 4, gamma=1.0, per_example=True, input_dim=5, seed=3)
+    gate = dk.DSelectKGate(16, 4, gamma=1.0, per_example=True, input_dim=5, seed=3, dtype=np.float64)
     _spread_Z(gate, rng)
     x = rng.standard_normal((9, 5))
     p = gate.params
@@ -149,7 +151,7 @@ def test_initialization_ranges():
         assert np.all(np.abs(pe.params["G"]) < 0.05) and np.all(np.abs(pe.params["b_G"]) < 0.05)
     a = dk.DSelectKGate(8, 2, seed=7).params["Z"]
     assert np.array_equal(a, dk.DSelectKGate(8, 2, seed=7).params["Z"]), "seeded init is reproducible"
-    assert dk.DSelectKGate(8, 2, dtype=np.float32).forward().dtype == np.float32
+    assert dk.DSelectKGate(8, 2, dtype=np.float64).forward().dtype == np.float64
 
 
 def test_diagnostics_follow_binary_Z():
@@ -167,7 +169,7 @@ def test_diagnostics_follow_binary_Z():
 
 
 def test_per_example_selected_experts_and_counts():
-    gate = dk.DSelectKGate(4, 1, gamma=1.0, per_example=True, input_dim=1, seed=0)
+    gate = dk.DSelectKGate(4, 1, gamma=1.0, per_example=True, input_dim=1, seed=0, dtype=np.float64)
     gate.params["W"][:] = 0
     gate.params["b_W"][:] = 0
     gate.params["W"][0, 0, 0] = 10.0  # bit 0 follows the sign of x
@@ -195,7 +197,7 @@ def test_dselect_k_gate_constructor_errors(kwargs, exc, match):
 
 
 def test_gate_call_errors():
-    gate = dk.DSelectKGate(4, 2, per_example=True, input_dim=3)
+    gate = dk.DSelectKGate(4, 2, per_example=True, input_dim=3, dtype=np.float64)
     with pytest.raises(RuntimeError, match="before forward"):
         gate.backward(np.zeros((1, 4)))
     with pytest.raises(ValueError, match="needs its input x"):

@@ -287,12 +287,13 @@ def test_predict_transforms():
     np.testing.assert_allclose(1 / (1 + np.exp(-raw[0].reshape(-1))), p_bce, rtol=1e-6)
 
 
-@pytest.mark.parametrize("gate", ["dselect_k", "top_k", "softmax_selector"])
+@pytest.mark.parametrize("gate", [dk.gates.DSelectK(2, entropy_reg=0.1), dk.gates.TopK(2),
+                                  dk.gates.SoftmaxSelector(2, entropy_reg=0.1)], ids=lambda spec: spec.kind)
 def test_sum_experts_without_towers_gradient(gate):
     """The Appendix C.2 architecture: experts that sum their ReLU units, the mixture is the output."""
     rng = np.random.default_rng(12)
     model = Mo.MMoE(5, n_tasks=3, n_experts=4, expert_units=(4,), expert_output="sum", tower_units=None,
-                    task_losses="mse", gate=gate, k=2, entropy_reg=0.1, dtype="float64", seed=4)
+                    task_losses="mse", gate=gate, dtype="float64", seed=4)
     assert all(len(t.layers) == 0 for t in model.towers)
     _spread_gates(model, rng)
     X, Y = _data(rng, 11, 5, ["mse"] * 3, [1] * 3)
@@ -386,11 +387,11 @@ def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary, width):
 def test_static_dselect_k_bank_equals_separate_gates():
     from dselectk.gates import DSelectKGate, StaticDSelectKBank
     rng = np.random.default_rng(5)
-    gates = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i) for i in range(5)]
+    gates = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i, dtype=np.float64) for i in range(5)]
     for g in gates:
         g.params["Z"][...] = rng.uniform(-0.8, 0.8, g.params["Z"].shape)
         g.params["alpha"][...] = rng.standard_normal(3)
-    twins = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i) for i in range(5)]
+    twins = [DSelectKGate(6, 3, gamma=2.0, entropy_reg=0.4, xi=0.7, seed=i, dtype=np.float64) for i in range(5)]
     for g, h in zip(gates, twins):
         for name in g.params:
             h.params[name][...] = g.params[name]
@@ -450,7 +451,8 @@ def test_per_example_sparse_path_matches_the_dense_path(gate_kwargs):
     for w in sparse._cache[1]:
         used |= w != 0
     per_row = sparse.experts[0].flops_per_row()
-    softmax = Mo.MMoE(4, **dict(kw, gate="softmax", k=None))
+    softmax = Mo.MMoE(4, **{**{key: v for key, v in kw.items() if key not in gate_kwargs}, "gate": "softmax",
+                            "per_example": True})
     softmax.forward(X, training=True)
     assert softmax._cache[2] is None  # no zero weights: the dense path
     assert fl1["experts_executed"] == used.sum() * per_row < fl2["experts_executed"] == fl2["experts_dense"]

@@ -24,6 +24,7 @@ import functools
 
 import numpy as np
 
+from ..gates import DSelectK, Softmax, TopK
 from ..models import MMoE, SharedBottom
 from ..movielens import MovieLensMultitask, movielens_multitask
 from ..trainer import evaluate, fit
@@ -63,8 +64,9 @@ def build_model(vocab_sizes, gate="dselect_k", per_example=False, *, alpha=0.5, 
                   embeddings=dict(vocab_sizes=list(vocab_sizes), dims=embedding_dim))
     if gate == "shared_bottom":
         return SharedBottom(None, bottom_units=(units,), **common)
-    return MMoE(None, n_experts=n_experts, expert_units=(units,), gate=gate, k=k, gamma=gamma,
-                entropy_reg=entropy_reg if gate == "dselect_k" else 0.0, per_example=per_example, **common)
+    spec = {"dselect_k": lambda: DSelectK(k, gamma=gamma, entropy_reg=entropy_reg, per_example=per_example),
+            "top_k": lambda: TopK(k, per_example=per_example), "softmax": lambda: Softmax(per_example=per_example)}
+    return MMoE(None, n_experts=n_experts, expert_units=(units,), gate=spec[gate](), **common)
 
 
 def run(data, gate="dselect_k", per_example=False, *, alpha=0.5, k=2, n_experts=8, embedding_dim=128, units=256,

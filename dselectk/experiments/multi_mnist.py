@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from .. import images
+from ..gates import DSelectK, Softmax, TopK
 from ..models import MMoE, SharedBottom
 from ..trainer import evaluate, fit
 
@@ -49,12 +50,12 @@ def build_model(name, input_shape, n_classes=(10, 10), n_experts=8, k=2, expert_
     if name == "shared_bottom":
         return SharedBottom(bottom="cnn", bottom_units=dense, bottom_filters=filters, bottom_kernel=kernel,
                             bottom_pool=pool, **common)
-    gates = {"dselect_k": dict(gate="dselect_k", k=k, gamma=gamma, entropy_reg=entropy_reg),
-             "top_k": dict(gate="top_k", k=k), "softmax": dict(gate="softmax")}
+    gates = {"dselect_k": lambda: DSelectK(k, gamma=gamma, entropy_reg=entropy_reg), "top_k": lambda: TopK(k),
+             "softmax": Softmax}
     if name not in gates:
         raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
     return MMoE(expert="cnn", n_experts=n_experts, expert_units=dense, expert_filters=filters, expert_kernel=kernel,
-                expert_pool=pool, **gates[name], **common)
+                expert_pool=pool, gate=gates[name](), **common)
 
 
 def run(data=None, *, dataset="mnist", path=None, n_train=100_000, n_val=20_000, n_test=20_000, models=MODELS,

@@ -34,7 +34,7 @@ import functools
 import numpy as np
 
 from .. import datasets
-from ..gates import SoftmaxSelectorGate
+from ..gates import DSelectK, SoftmaxSelector, SoftmaxSelectorGate, TopK
 from ..models import MMoE
 from ..sweep import Sweep, SweepResult
 from ..trainer import AnnealTemperature, fit, predict
@@ -76,15 +76,16 @@ def _multitask_data(n_tasks, n_samples, data_seed):
     return datasets.synthetic_multitask(n_tasks, n_samples=n_samples, split=split, seed=data_seed)
 
 
-def _gate_settings(method, config):
+def _gate_spec(method, config):
+    """The static gate of ``method``, choosing k = K experts."""
     if method == "dselect_k":
-        return dict(gate="dselect_k", gamma=config["gamma"], entropy_reg=config["lam"])
+        return DSelectK(K, gamma=config["gamma"], entropy_reg=config["lam"])
     if method == "top_k":
-        return dict(gate="top_k")
+        return TopK(K)
     if method == "ablation_annealing":
-        return dict(gate="softmax_selector", temperature=config["temperature"], entropy_reg=0.0)
+        return SoftmaxSelector(K, temperature=config["temperature"], entropy_reg=0.0)
     if method == "ablation_entropy":
-        return dict(gate="softmax_selector", temperature=1.0, entropy_reg=config["lam"])
+        return SoftmaxSelector(K, temperature=1.0, entropy_reg=config["lam"])
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
@@ -126,9 +127,8 @@ def synthetic_trial(config, seed):
     T = int(config["n_tasks"])
     data = _multitask_data(T, int(config.get("n_samples", 140_000)), int(config.get("data_seed", 0)))
     model = MMoE(data.X_train.shape[1], n_tasks=T, n_experts=T // 4, expert_units=(4,), expert_output="sum",
-                 tower_units=None, task_losses="mse", k=K, seed=seed,
-                 task_weights=[1.0 / T] * T if config.get("task_mean", False) else None,
-                 **_gate_settings(method, config))
+                 tower_units=None, task_losses="mse", gate=_gate_spec(method, config), seed=seed,
+                 task_weights=[1.0 / T] * T if config.get("task_mean", False) else None)
     callbacks = [AnnealTemperature(config["temperature"])] if method == "ablation_annealing" else []
     history = fit(model, data.X_train, data.Y_train, epochs=int(config["epochs"]), batch_size=BATCH_SIZE,
                   lr=config["lr"], seed=seed, callbacks=callbacks, verbose=0)
@@ -173,7 +173,7 @@ def gate_recovery_trial(config, seed, return_model=False):
     data = _recovery_data(int(config.get("data_seed", seed)))
     rng = np.random.default_rng(seed)
     model = MMoE(data.X_train.shape[1], n_tasks=1, n_experts=16, expert_units=(4,), tower_units=(),
-                 task_losses="bce", k=K, seed=seed, **_gate_settings(method, config))
+                 task_losses="bce", gate=_gate_spec(method, config), seed=seed)
     true_positions = np.sort(rng.choice(16, size=4, replace=False))
     for j, expert in enumerate(model.experts):
         dense = expert.layers[0]
