@@ -34,7 +34,7 @@ finally:
         _os.environ.pop(_k, None)
 from . import functional, gates, metrics, optim
 from .embedding import Embedding, EmbeddingInput
-from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
+from .gates import CometGate, DSelectKGate, HashGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
 from .trainer import AnnealTemperature, History, evaluate, fit, predict
 
@@ -44,6 +44,8 @@ __all__ = [
     "TopKGate",
     "SoftmaxGate",
     "SoftmaxSelectorGate",
+    "CometGate",
+    "HashGate",
     "MMoE",
     "MoE",
     "SharedBottom",
