@@ -316,3 +316,80 @@ def test_c1_in_Z(n, k, gamma):
                         assert dev <= 0.05 * prev_w + 1e-14, (delta, dev, prev_w)
                         assert grad <= 0.2 * prev_g + 1e-13, (delta, grad, prev_g)
                     prev_w, prev_g = dev, grad
+
+
+# --------------------------------------------------------------------------------------------
+# the gate object (dselectk.gates.CometGate)
+# --------------------------------------------------------------------------------------------
+
+
+def test_gate_initialisation_follows_the_spec():
+    from dselectk.gates import CometGate
+    for gamma in (0.5, 4.0):
+        g = CometGate(9, 3, gamma=gamma, seed=0, dtype=np.float64)
+        assert g.params["A"].shape == (3, 9) and g.params["Z"].shape == (3, 8)
+        assert np.abs(g.params["Z"]).max() <= gamma / 100 and np.abs(g.params["Z"]).min() > 0
+        assert np.abs(g.params["A"]).max() <= 0.05
+        pe = CometGate(9, 3, gamma=gamma, per_example=True, input_dim=4, seed=0, dtype=np.float64)
+        for name, shape, bound in (("U", (3, 9, 4), 0.05), ("b_U", (3, 9), 0.05), ("W", (3, 8, 4), gamma / 100),
+                                   ("b_W", (3, 8), gamma / 100)):
+            assert pe.params[name].shape == shape and np.abs(pe.params[name]).max() <= bound, name
+        s = F.smooth_step(pe.params["b_W"], gamma)
+        assert np.all((s > 0.48) & (s < 0.52))  # every node starts near 1/2 (S' = 3 / (2 gamma) there)
+    with pytest.raises(ValueError, match="k must satisfy"):
+        CometGate(4, 5)
+    with pytest.raises(ValueError, match="input_dim"):
+        CometGate(4, 2, per_example=True)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_gate_matches_the_functional_api(per_example):
+    from dselectk.gates import CometGate
+    rng = rng_for("comet_gate", per_example)
+    g = CometGate(7, 2, gamma=1.0, entropy_reg=0.4, per_example=per_example, input_dim=3 if per_example else None,
+                  seed=1, dtype=np.float64)
+    for v in g.params.values():
+        v[...] = rng.uniform(-0.4, 0.4, v.shape)
+    x = rng.normal(size=(5, 3)) if per_example else None
+    w = g.forward(x)
+    dw = rng.normal(size=w.shape)
+    dx = g.backward(dw)
+    if per_example:
+        w_ref, cache = F.comet_per_example_forward(x, *(g.params[k] for k in ("U", "b_U", "W", "b_W")), 1.0)
+        want = F.comet_per_example_backward(dw, cache, lam=0.4)
+        np.testing.assert_array_equal(dx, want["x"])
+        for name in ("U", "b_U", "W", "b_W"):
+            np.testing.assert_array_equal(g.grads[name], want[name])
+        assert g.leaf_reach().shape == (5, 2, 7)
+    else:
+        w_ref, cache = F.comet_forward(g.params["A"], g.params["Z"], 1.0)
+        dA, dZ = F.comet_backward(dw, cache, lam=0.4)
+        assert dx is None
+        np.testing.assert_array_equal(g.grads["A"], dA)
+        np.testing.assert_array_equal(g.grads["Z"], dZ)
+        assert g.leaf_reach().shape == (2, 7)
+    np.testing.assert_array_equal(w, w_ref)
+    assert g.regularization() == pytest.approx(0.4 * F.comet_regularization(cache if not per_example else cache.gate))
+    g.backward(dw)  # accumulates
+    if not per_example:
+        np.testing.assert_array_equal(g.grads["A"], 2 * dA)
+
+
+def test_gate_is_binary_once_every_tree_reaches_one_leaf():
+    """The path of each tree saturated, the nodes off it (reach 0) left fractional as training leaves
+    them: binary, at most k experts, no gradient to Z."""
+    from dselectk.gates import CometGate
+    g = CometGate(8, 2, seed=0, dtype=np.float64)
+    assert not g.is_binary() and g.binary_fraction() == 0.0
+    Z = g.params["Z"]
+    Z[0, [0, 1, 4]] = [1.0, -1.0, 1.0]  # tree 0: left, right, left (nodes 0, 1, 4): leaf node 9, expert 2
+    Z[1, [0, 2, 6]] = [-1.0, -1.0, -1.0]  # tree 1: right, right, right (nodes 0, 2, 6): leaf 14, expert 7
+    w = g.forward()
+    assert g.is_binary() and g.binary_fraction() == 1.0
+    assert set(np.flatnonzero(w)) == {2, 7} and g.num_selected() == 2
+    np.testing.assert_array_equal(g.leaf_reach()[0], np.eye(8)[2])
+    g.backward(np.arange(8.0))
+    assert np.all(g.grads["Z"] == 0) and np.any(g.grads["A"] != 0)
+    Z[1, 6] = 0.1  # a reached node back in the fractional region
+    g.forward()
+    assert not g.is_binary() and g.binary_fraction() == pytest.approx(5 / 6)

@@ -1,4 +1,4 @@
-"""One exact notion of "binary" for the smooth-step gates (issue #12).
+"""One exact notion of "binary" for the smooth-step gates, DSelect-k and COMET (issue #12).
 
 S(t) is evaluated as v^2 (3 - 2v) and its mirror (csrc/smooth_step_impl.h): accurate relative to
 min(S, 1 - S) at both ends, and saturated to exactly 0 or 1 (slope exactly 0) once min(S, 1 - S)
@@ -83,7 +83,7 @@ def _consistent(sz, dtype):
 
 
 class _Watch:
-    """Callback: after every training step, the DSelect-k gates' S(Z) of that step's forward."""
+    """Callback: after every training step, the gates' S(Z) of that step's forward."""
 
     def __init__(self, k):
         self.k, self.binary_since, self.steps, self.after_binary = k, {}, 0, 0
@@ -94,7 +94,12 @@ class _Watch:
             sz = g._gate_cache().sz
             assert _consistent(sz, np.float32), (step, t)
             w = g._last_w.reshape(-1, g.n_experts)
-            binary_rows = np.all((sz == 0) | (sz == 1), axis=(1, 2))  # per example (one row if static)
+            if type(g).__name__ == "CometGate":  # each tree reaches one leaf
+                reach = g._gate_cache().reach
+                binary_rows = np.all((reach == 0) | (reach == 1), axis=(1, 2))
+            else:  # S(Z) binary, per example (one row if static)
+                binary_rows = np.all((sz == 0) | (sz == 1), axis=(1, 2))
+            assert np.array_equal(binary_rows, [g.is_binary()]) or g.per_example
             assert np.all(np.count_nonzero(w[binary_rows], axis=1) <= self.k), (step, t)
             if g.per_example:
                 continue
@@ -107,18 +112,20 @@ class _Watch:
                 self.after_binary += 1
 
 
+@pytest.mark.parametrize("gate", ["dselect_k", "comet"])
 @pytest.mark.parametrize("per_example", [False, True], ids=["static", "per_example"])
-def test_long_float32_training_keeps_binary_gates_binary(per_example):
+def test_long_float32_training_keeps_binary_gates_binary(per_example, gate):
     """MMoE in float32, Adagrad (as the MovieLens runs), strong entropy regularization: thousands of
     steps, each checked. With the former cubic, Z crept toward -gamma/2 with S flickering between 0
-    and 2^-25 and a binary gate turned non-binary again (more than k experts selected)."""
+    and 2^-25 and a binary DSelect-k gate turned non-binary again (more than k experts selected).
+    COMET's trees use the same smooth-step."""
     rng = np.random.default_rng(0)
     N, p, n, k = 2048, 8, 8, 2
     X = rng.standard_normal((N, p)).astype(np.float32)
     v1, v2 = rng.standard_normal(p), rng.standard_normal(p)
     Y = [np.tanh(X @ v1).astype(np.float32), (np.sin(X @ v2) > 0).astype(np.float32)]
     model = dk.MMoE(p, n_tasks=2, n_experts=n, expert_units=(8,), tower_units=(4,), task_losses=["mse", "bce"],
-                    gate="dselect_k", k=k, gamma=1.0, entropy_reg=1.0, per_example=per_example, seed=3,
+                    gate=gate, k=k, gamma=1.0, entropy_reg=1.0, per_example=per_example, seed=3,
                     dtype="float32")
     watch = _Watch(k)
     hist = T.fit(model, X, Y, epochs=40 if not per_example else 25, batch_size=32, optimizer="adagrad", lr=0.05,

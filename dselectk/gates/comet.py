@@ -109,16 +109,22 @@ class CometGate(_Gate):
         return reach if self.per_example else reach[0]
 
     def is_binary(self):
-        """True when every S(z) of the last forward is exactly 0 or 1 (per example: for every
-        example of the last batch): each tree then reaches one leaf, at most k experts are selected
-        and the node logits get no gradient."""
-        sz = self._gate_cache().sz
-        return bool(np.all((sz == 0) | (sz == 1)))
+        """True when, at the last forward, every tree reaches exactly one leaf (per example: for
+        every example of the last batch): every node with a nonzero reach has S(z) exactly 0 or 1,
+        so the leaf reaches are 0 or 1, at most k experts are selected and the node logits get no
+        gradient. The nodes below a reach of 0 need not be saturated, and never become so: no
+        gradient reaches them (the ~0.5 of a fresh gate stays there), which is why this is not
+        "every S(z) is 0 or 1" as for DSelect-k."""
+        reach = self._gate_cache().reach
+        return bool(np.all((reach == 0) | (reach == 1)))
 
     def binary_fraction(self):
-        """Fraction of the S(z) of the last forward that are exactly 0 or 1."""
-        sz = self._gate_cache().sz
-        return float(np.mean((sz == 0) | (sz == 1)))
+        """Fraction of the nodes with a nonzero reach whose S(z) is exactly 0 or 1 at the last forward
+        (1.0 exactly when :meth:`is_binary`)."""
+        cache = self._gate_cache()
+        reached = cache.reach_int > 0
+        saturated = (cache.sz == 0) | (cache.sz == 1)
+        return float(np.count_nonzero(saturated & reached) / np.count_nonzero(reached))
 
 
 @register
