@@ -393,3 +393,25 @@ def test_gate_is_binary_once_every_tree_reaches_one_leaf():
     Z[1, 6] = 0.1  # a reached node back in the fractional region
     g.forward()
     assert not g.is_binary() and g.binary_fraction() == pytest.approx(5 / 6)
+
+
+def test_float32_softmax_when_the_largest_logit_has_a_tiny_reach():
+    """The leaf with the largest logit has a reach of ~1e-23 (three nodes just above saturation on its
+    path): shifted by that logit alone, every other term would underflow in float32. The kernel
+    shifts once more by log of the sum; all weights, the tiny ones too, and the gradients match
+    float64."""
+    n, gamma = 8, 1.0
+    Z = np.zeros((1, n - 1))
+    Z[0, [0, 1, 3]] = -0.5 + 1.2e-4  # expert 0's path: left three times with s ~ 4e-8 each
+    A = np.zeros((1, n))
+    A[0, 0] = 100.0
+    Z = Z.astype(np.float32).astype(np.float64)  # float64 on the float32 inputs' values
+    w64, c64 = F.comet_forward(A, Z, gamma)
+    w32, c32 = F.comet_forward(A.astype(np.float32), Z.astype(np.float32), gamma)
+    assert 1e-25 < c64.reach[0, 0, 0] < 1e-20 and 0 < w64[1:].max() < 1e-15  # the regime meant
+    np.testing.assert_allclose(w32, w64, rtol=1e-4, atol=0)
+    # the reference's cubic cancels near -gamma/2 (absolute error ~1e-16 on s ~ 4e-8): relative 1e-8
+    np.testing.assert_allclose(w64, ref.comet(A, Z, gamma)[0], rtol=1e-8, atol=0)
+    dw = np.linspace(-1, 1, n)
+    for g32, g64 in zip(F.comet_backward(dw.astype(np.float32), c32, lam=0.2), F.comet_backward(dw, c64, lam=0.2)):
+        np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-6 * np.abs(g64).max())
