@@ -107,25 +107,12 @@ def set_threads(n):
 
 # --- workload 1: the gate alone -----------------------------------------------------------------
 
-def gate_workload(n, rng):
-    """(ours, theirs or None) callables for the per-example DSelect-k forward + backward."""
-    m, p, k, B = F.n_bits(n), P_GATE, K_GATE, B_GATE
-    x = rng.standard_normal((B, p)).astype(np.float32)
-    G = rng.uniform(-0.05, 0.05, (k, p)).astype(np.float32)
-    b_G = rng.uniform(-0.05, 0.05, k).astype(np.float32)
-    W = rng.uniform(-1 / 8, 1 / 8, (k, m, p)).astype(np.float32)  # z spread over the fractional region and beyond
-    b_W = rng.uniform(-1 / 4, 1 / 4, (k, m)).astype(np.float32)
-    dw = rng.standard_normal((B, n)).astype(np.float32)
-
-    def ours():
-        w, cache = F.dselect_k_per_example_forward(x, G, b_G, W, b_W, n, 1.0)
-        return w, F.dselect_k_per_example_backward(dw, cache, lam=LAM)
-
-    if torch is None:
-        return ours, None
-    gate = tm.DSelectKGate(n, k, 1.0, entropy_reg=LAM, per_example=True, input_dim=p)
+def _torch_gate_side(gate, params, x, dw, ours, what):
+    """theirs: the PyTorch gate's forward + backward of <dw, w> + its regularizer, with ``params``
+    ({name: array}) copied in; checked against ours() (forward, every parameter gradient, dx)
+    before anything is timed."""
     with torch.no_grad():
-        for name, v in (("G", G), ("b_G", b_G), ("W", W), ("b_W", b_W)):
+        for name, v in params.items():
             getattr(gate, name).copy_(torch.from_numpy(v))
     xt, dwt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(dw)
 
@@ -138,48 +125,51 @@ def gate_workload(n, rng):
 
     w_ours, g_ours = ours()
     w_theirs = theirs()
-    _check_close(w_ours, w_theirs.detach().numpy(), "gate forward")
-    _check_close(g_ours["x"], xt.grad.numpy(), "gate dx")
-    _check_close(g_ours["W"], gate.W.grad.numpy(), "gate dW")
-    return ours, theirs
+    _check_close(w_ours, w_theirs.detach().numpy(), f"{what} forward")
+    for name in params:
+        _check_close(g_ours[name], getattr(gate, name).grad.numpy(), f"{what} d{name}")
+    _check_close(g_ours["x"], xt.grad.numpy(), f"{what} dx")
+    return theirs
+
+
+def gate_workload(n, rng):
+    """(ours, theirs or None) callables for the per-example DSelect-k forward + backward."""
+    m, p, k, B = F.n_bits(n), P_GATE, K_GATE, B_GATE
+    x = rng.standard_normal((B, p)).astype(np.float32)
+    params = dict(G=rng.uniform(-0.05, 0.05, (k, p)), b_G=rng.uniform(-0.05, 0.05, k),
+                  W=rng.uniform(-1 / 8, 1 / 8, (k, m, p)),  # z spread over the fractional region and beyond
+                  b_W=rng.uniform(-1 / 4, 1 / 4, (k, m)))
+    params = {name: v.astype(np.float32) for name, v in params.items()}
+    dw = rng.standard_normal((B, n)).astype(np.float32)
+
+    def ours():
+        w, cache = F.dselect_k_per_example_forward(x, *params.values(), n, 1.0)
+        return w, F.dselect_k_per_example_backward(dw, cache, lam=LAM)
+
+    if torch is None:
+        return ours, None
+    gate = tm.DSelectKGate(n, k, 1.0, entropy_reg=LAM, per_example=True, input_dim=p)
+    return ours, _torch_gate_side(gate, params, x, dw, ours, "gate")
 
 
 def comet_gate_workload(n, rng):
     """(ours, theirs or None) callables for the per-example COMET forward + backward (k trees)."""
     p, k, B = P_GATE, K_COMET, B_GATE
     x = rng.standard_normal((B, p)).astype(np.float32)
-    U = rng.uniform(-0.05, 0.05, (k, n, p)).astype(np.float32)
-    b_U = rng.uniform(-0.05, 0.05, (k, n)).astype(np.float32)
-    W = rng.uniform(-1 / 8, 1 / 8, (k, n - 1, p)).astype(np.float32)  # z over the fractional region and beyond
-    b_W = rng.uniform(-1 / 4, 1 / 4, (k, n - 1)).astype(np.float32)
+    params = dict(U=rng.uniform(-0.05, 0.05, (k, n, p)), b_U=rng.uniform(-0.05, 0.05, (k, n)),
+                  W=rng.uniform(-1 / 8, 1 / 8, (k, n - 1, p)),  # z over the fractional region and beyond
+                  b_W=rng.uniform(-1 / 4, 1 / 4, (k, n - 1)))
+    params = {name: v.astype(np.float32) for name, v in params.items()}
     dw = rng.standard_normal((B, n)).astype(np.float32)
 
     def ours():
-        w, cache = F.comet_per_example_forward(x, U, b_U, W, b_W, 1.0)
+        w, cache = F.comet_per_example_forward(x, *params.values(), 1.0)
         return w, F.comet_per_example_backward(dw, cache, lam=LAM)
 
     if torch is None:
         return ours, None
     gate = tm.CometGate(n, k, 1.0, entropy_reg=LAM, per_example=True, input_dim=p)
-    with torch.no_grad():
-        for name, v in (("U", U), ("b_U", b_U), ("W", W), ("b_W", b_W)):
-            getattr(gate, name).copy_(torch.from_numpy(v))
-    xt, dwt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(dw)
-
-    def theirs():
-        xt.grad = None
-        gate.zero_grad(set_to_none=True)
-        w = gate(xt)
-        ((w * dwt).sum() + gate.reg).backward()
-        return w
-
-    w_ours, g_ours = ours()
-    w_theirs = theirs()
-    _check_close(w_ours, w_theirs.detach().numpy(), "COMET forward")
-    for name in ("U", "b_U", "W", "b_W"):
-        _check_close(g_ours[name], getattr(gate, name).grad.numpy(), f"COMET d{name}")
-    _check_close(g_ours["x"], xt.grad.numpy(), "COMET dx")
-    return ours, theirs
+    return ours, _torch_gate_side(gate, params, x, dw, ours, "COMET")
 
 
 def _check_close(a, b, what, tol=1e-4):

@@ -239,6 +239,17 @@ def _batched_alpha_Z(alpha, Z, name="Z", last="m"):
     raise ValueError(f"argument 'alpha' must be (k,) (static gate) or (B, k) (per example), got {alpha.shape}")
 
 
+def _batched_dw(dw, B, n, static):
+    """dw (n,) for a static cache or (B, n) as (B, n); None passes (the regularizers alone)."""
+    if dw is None:
+        return None
+    dw = _array(dw, "dw")
+    want = (n,) if static else (B, n)
+    if dw.shape != want:
+        raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
+    return dw.reshape(B, n)
+
+
 def dselect_k_forward(alpha, Z, n, gamma=1.0):
     """DSelect-k, eq. (6): w = sum_i softmax(alpha)_i r(S(z^(i))).
 
@@ -264,13 +275,7 @@ def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
     regularizer of Section 3.1.3) and penalty = sum_i 1 / (eps + sum_{j<n} r(S(z^(i)))_j)
     (Appendix B.2; useful only when n is not a power of two). ``dw`` like w, or None for the
     regularizers alone. Shapes of dalpha/dZ follow alpha/Z."""
-    B = cache.r.shape[0]
-    if dw is not None:
-        dw = _array(dw, "dw")
-        want = (cache.r.shape[2],) if cache.static else (B, cache.r.shape[2])
-        if dw.shape != want:
-            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
-        dw = dw.reshape(B, -1)
+    dw = _batched_dw(dw, cache.r.shape[0], cache.r.shape[2], cache.static)
     dalpha, dZ = _C.dselect_k_backward(dw, cache.sigma, cache.sz, cache.r, cache.Z, cache.gamma, lam, xi, eps)
     return (dalpha[0], dZ[0]) if cache.static else (dalpha, dZ)
 
@@ -407,12 +412,7 @@ def comet_backward(dw, cache, lam=0.0, eps=1e-6):
     Shapes of dA / dZ follow A / Z. A node whose S(z) is 0 or 1 gets dZ = 0 exactly, and so does
     every node below a reach of 0."""
     B, k, n = cache.A.shape
-    if dw is not None:
-        dw = _array(dw, "dw")
-        want = (n,) if cache.static else (B, n)
-        if dw.shape != want:
-            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
-        dw = dw.reshape(B, n)
+    dw = _batched_dw(dw, B, n, cache.static)
     dA, dZ = _C.comet_backward(dw, cache.A, cache.Z, cache.sz, cache.reach_int, cache.reach, cache.g, cache.norm,
                                cache.gamma, lam, eps)
     return (dA[0], dZ[0]) if cache.static else (dA, dZ)
@@ -564,12 +564,7 @@ def softmax_selector_forward(alpha, beta, T=1.0):
 def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
     """(dalpha, dbeta) of <dw, w> + lam * sum_i h(softmax(beta^(i) / T)) (batch mean)."""
     B, k, n = cache.P.shape
-    if dw is not None:
-        dw = _array(dw, "dw")
-        want = (n,) if cache.static else (B, n)
-        if dw.shape != want:
-            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
-        dw = dw.reshape(B, n)
+    dw = _batched_dw(dw, B, n, cache.static)
     da, db = _C.softmax_selector_backward(dw, cache.sigma, cache.P, cache.T, lam, eps)
     return (da[0], db[0]) if cache.static else (da, db)
 

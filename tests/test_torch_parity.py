@@ -46,6 +46,24 @@ def _grads(model):
     return {name: model.slab.grad[off:off + int(np.prod(shape))].reshape(shape) for name, shape, off in model.slab.index}
 
 
+def _torch_gate_grads(gate, params, x, dw):
+    """The PyTorch gate with ``params`` copied in: (w, {name: gradient}) of <dw, w> + its regularizer,
+    the gradient of x under "x" (x None: a static gate)."""
+    with torch.no_grad():
+        for name, v in params.items():
+            getattr(gate, name).copy_(_t(v))
+    xt = None if x is None else _t(x).requires_grad_(True)
+    wt = gate(xt)
+    obj = (wt * _t(dw)).sum()
+    if gate.reg is not None:
+        obj = obj + gate.reg
+    obj.backward()
+    grads = {name: getattr(gate, name).grad.numpy() for name in params}
+    if xt is not None:
+        grads["x"] = xt.grad.numpy()
+    return wt.detach().numpy(), grads
+
+
 # --- building blocks ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -95,19 +113,10 @@ def test_per_example_gate_forward_backward(dtype, n, lam, xi):
 
     gate = tm.DSelectKGate(n, k, gamma, entropy_reg=lam, xi=xi, per_example=True, input_dim=P,
                            dtype=tm.TORCH_DTYPES[dtype])
-    with torch.no_grad():
-        for name, v in (("G", G), ("b_G", b_G), ("W", W), ("b_W", b_W)):
-            getattr(gate, name).copy_(_t(v))
-    xt = _t(x).requires_grad_(True)
-    wt = gate(xt)
-    obj = (wt * _t(dw)).sum()
-    if gate.reg is not None:
-        obj = obj + gate.reg
-    obj.backward()
-    assert rel_err(w, wt.detach().numpy()) < TOL[dtype]
-    assert rel_err(grads["x"], xt.grad.numpy()) < TOL[dtype]
-    for name in ("G", "b_G", "W", "b_W"):
-        assert rel_err(grads[name], getattr(gate, name).grad.numpy()) < TOL[dtype], name
+    wt, tgrads = _torch_gate_grads(gate, dict(G=G, b_G=b_G, W=W, b_W=b_W), x, dw)
+    assert rel_err(w, wt) < TOL[dtype]
+    for name in ("x", "G", "b_G", "W", "b_W"):
+        assert rel_err(grads[name], tgrads[name]) < TOL[dtype], name
     omega, penalty = F.dselect_k_regularization(cache.gate)
     reg = lam * omega + xi_eff * penalty
     assert abs(reg - (gate.reg.item() if gate.reg is not None else 0.0)) <= TOL[dtype] * max(abs(reg), 1)
@@ -130,19 +139,10 @@ def test_comet_gate_forward_backward(dtype, n, k, lam):
     sz = cache.gate.sz
     assert 0 < np.mean((sz == 0) | (sz == 1)) < 1  # saturated and fractional nodes
     gate = tm.CometGate(n, k, gamma, entropy_reg=lam, per_example=True, input_dim=P, dtype=tm.TORCH_DTYPES[dtype])
-    with torch.no_grad():
-        for name, v in (("U", U), ("b_U", b_U), ("W", W), ("b_W", b_W)):
-            getattr(gate, name).copy_(_t(v))
-    xt = _t(x).requires_grad_(True)
-    wt = gate(xt)
-    obj = (wt * _t(dw)).sum()
-    if gate.reg is not None:
-        obj = obj + gate.reg
-    obj.backward()
-    assert rel_err(w, wt.detach().numpy()) < TOL[dtype]
-    assert rel_err(grads["x"], xt.grad.numpy()) < TOL[dtype]
-    for name in ("U", "b_U", "W", "b_W"):
-        assert rel_err(grads[name], getattr(gate, name).grad.numpy()) < TOL[dtype], name
+    wt, tgrads = _torch_gate_grads(gate, dict(U=U, b_U=b_U, W=W, b_W=b_W), x, dw)
+    assert rel_err(w, wt) < TOL[dtype]
+    for name in ("x", "U", "b_U", "W", "b_W"):
+        assert rel_err(grads[name], tgrads[name]) < TOL[dtype], name
     if lam:
         reg = lam * F.comet_regularization(cache.gate)
         assert abs(reg - gate.reg.item()) <= TOL[dtype] * max(abs(reg), 1)
@@ -151,15 +151,9 @@ def test_comet_gate_forward_backward(dtype, n, k, lam):
     ws, cs = F.comet_forward(A, Z, gamma)
     dA, dZ = F.comet_backward(dw[0], cs, lam=lam)
     static = tm.CometGate(n, k, gamma, entropy_reg=lam, dtype=tm.TORCH_DTYPES[dtype])
-    with torch.no_grad():
-        static.A.copy_(_t(A))
-        static.Z.copy_(_t(Z))
-    wst = static()
-    obj = (wst * _t(dw[0])).sum()
-    (obj + static.reg if static.reg is not None else obj).backward()
-    assert rel_err(ws, wst.detach().numpy()) < TOL[dtype]
-    assert rel_err(dA, static.A.grad.numpy()) < TOL[dtype]
-    assert rel_err(dZ, static.Z.grad.numpy()) < TOL[dtype]
+    wst, tgrads = _torch_gate_grads(static, dict(A=A, Z=Z), None, dw[0])
+    assert rel_err(ws, wst) < TOL[dtype]
+    assert rel_err(dA, tgrads["A"]) < TOL[dtype] and rel_err(dZ, tgrads["Z"]) < TOL[dtype]
 
 
 # --- whole models ------------------------------------------------------------------------------

@@ -7,6 +7,18 @@
 /* ---------------------------------------------------------------------------------------------
  * COMET
  */
+
+/* The leaf logits A (B, k, n) of a call: the call's first array (it sets the dtype *tn), held in h,
+ * with B >= 1, 2 <= n and 1 <= k <= n; adims receives (B, k, n). NULL with an exception set. */
+static PyArrayObject *comet_leaf_logits(PyObject *A_obj, int *tn, npy_intp *adims, Hold *h) {
+    adims[0] = adims[1] = adims[2] = -1;
+    PyArrayObject *A = hold_from(h, A_obj, input_array(A_obj, "A", tn, 3, adims, "(B, k, n)", 1));
+    if (!A) return NULL;
+    if (check_batch(adims[0], "A") < 0 || check_n(adims[2]) < 0 ||
+        check_k(adims[1], adims[2], "A.shape[1], the number of trees") < 0)
+        return NULL;
+    return A;
+}
 PyDoc_STRVAR(comet_forward_doc,
 "comet_forward(A, Z, gamma, out=None) -> (w, sz, reach_int, reach, g, norm)\n\n"
 "The COMET gate for a batch: leaf logits A (B, k, n) (expert order) and node logits\n"
@@ -23,12 +35,10 @@ static PyObject *py_comet_forward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOd|O", kwlist, &A_obj, &Z_obj, &gamma, &out_obj)) return NULL;
     if (check_gamma(gamma, "gamma") < 0) return NULL;
     int tn = NPY_NOTYPE;
-    npy_intp adims[3] = {-1, -1, -1};
-    PyArrayObject *A = hold_from(&h, A_obj, input_array(A_obj, "A", &tn, 3, adims, "(B, k, n)", 1));
+    npy_intp adims[3];
+    PyArrayObject *A = comet_leaf_logits(A_obj, &tn, adims, &h);
     if (!A) goto done;
     const npy_intp B = adims[0], k = adims[1], n = adims[2];
-    if (check_batch(B, "A") < 0 || check_n(n) < 0 || check_k(k, n, "A.shape[1], the number of trees") < 0)
-        goto done;
     npy_intp zdims[3] = {B, k, n - 1};
     PyArrayObject *Z = hold_from(&h, Z_obj, input_array(Z_obj, "Z", &tn, 3, zdims, "(B, k, n - 1)", 1));
     if (!Z) goto done;
@@ -67,12 +77,10 @@ static PyObject *py_comet_backward(PyObject *Py_UNUSED(self), PyObject *args, Py
         return NULL;
     if (check_gamma(gamma, "gamma") < 0 || check_nonneg(lam, "lam") < 0 || check_gamma(eps, "eps") < 0) return NULL;
     int tn = NPY_NOTYPE;
-    npy_intp adims[3] = {-1, -1, -1};
-    PyArrayObject *A = hold_from(&h, A_obj, input_array(A_obj, "A", &tn, 3, adims, "(B, k, n)", 1));
+    npy_intp adims[3];
+    PyArrayObject *A = comet_leaf_logits(A_obj, &tn, adims, &h);
     if (!A) goto done;
     const npy_intp B = adims[0], k = adims[1], n = adims[2];
-    if (check_batch(B, "A") < 0 || check_n(n) < 0 || check_k(k, n, "A.shape[1], the number of trees") < 0)
-        goto done;
     npy_intp zdims[3] = {B, k, n - 1}, wdims[2] = {B, n}, ndims[2] = {B, 2};
     PyArrayObject *dw = NULL, *Z, *sz, *reach_int, *reach, *g, *norm;
     if (optional_input(dw_obj, "dw", &tn, 2, wdims, "(B, n)", 1, &dw) < 0) goto done;
