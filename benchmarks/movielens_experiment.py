@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from dselectk.embedding import take_rows
+from dselectk.inputs import take_rows
 from dselectk.experiments import movielens as M
 from dselectk.experiments.synthetic import binary_constraint, tune_and_repeat
 from dselectk.sweep import load_records, summarize

@@ -36,9 +36,13 @@
      * u_i in [0, 1) hashes (seed, step, i) as given at the end of this file. The mask is never    \
      * stored: the backward recomputes it, and it does not depend on the thread count.             \
      * 0 <= rate < 1; rate == 0 copies x. Also the backward: dx = dropout(dy) with the same        \
-     * (rate, seed, step). */                                                                      \
-    void dropout_forward_##sfx(real *y, const real *x, long N, double rate, uint64_t seed,         \
-                               uint64_t step);                                                     \
+     * (rate, seed, step, rows). rows (N / R) or NULL: x is then N / R rows of R entries, and     \
+     * entry j of row b hashes i = rows[b] * R + j, not its flat index b * R + j: the row's place \
+     * in a larger batch (a data-parallel share, the rows an expert computes), so that it gets    \
+     * the mask it has in the whole batch. rows[b] * R + R must not exceed 2^63 (the caller      \
+     * checks); R >= 1 divides N. */                                                              \
+    void dropout_forward_##sfx(real *y, const real *x, long N, const int64_t *rows, long R,        \
+                               double rate, uint64_t seed, uint64_t step);                         \
     /* Binary cross-entropy on logits z (B) with targets t (B) in [0, 1], weights w (B) or NULL:   \
      *   l_b = max(z, 0) - z t + log(1 + exp(-|z|)),  dz (B) = w_b (sigmoid(z_b) - t_b) / B.       \
      * Returns the weighted batch mean of l. */                                                    \

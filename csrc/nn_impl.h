@@ -60,16 +60,29 @@ void FN(relu_backward)(real *dx, const real *dy, const real *y, long N) {
     }
 }
 
-void FN(dropout_forward)(real *y, const real *x, long N, double rate, uint64_t seed, uint64_t step) {
+void FN(dropout_forward)(real *y, const real *x, long N, const int64_t *rows, long R, double rate, uint64_t seed,
+                         uint64_t step) {
     if (rate <= 0) {
         if (y != x) memcpy(y, x, sizeof(real) * (size_t)N);
         return;
     }
     const uint64_t key = dsk_dropout_key(seed, step);
     const double scale = 1 / (1 - rate);
+    if (!rows) {
+        DSK_PARALLEL_FOR(N)
+        for (long i = 0; i < N; i++)
+            y[i] = dsk_dropout_u(key, (uint64_t)i) >= rate ? (real)((double)x[i] * scale) : 0;
+        return;
+    }
+    const long B = N / R;
     DSK_PARALLEL_FOR(N)
-    for (long i = 0; i < N; i++)
-        y[i] = dsk_dropout_u(key, (uint64_t)i) >= rate ? (real)((double)x[i] * scale) : 0;
+    for (long b = 0; b < B; b++) {
+        const uint64_t first = (uint64_t)rows[b] * (uint64_t)R;
+        const real *xb = x + b * R;
+        real *yb = y + b * R;
+        for (long j = 0; j < R; j++)
+            yb[j] = dsk_dropout_u(key, first + (uint64_t)j) >= rate ? (real)((double)xb[j] * scale) : 0;
+    }
 }
 
 /* Losses: the batch is cut into DSK_LOSS_CHUNKS fixed chunks whose partial sums are added in

@@ -10,7 +10,7 @@ README for the math in the paper's notation.
 """
 import os as _os
 
-import numpy as _np  # noqa: F401  (loaded first, so the settings below do not reach NumPy's own BLAS)
+import numpy as _np  # loaded first, so the settings below do not reach NumPy's own BLAS
 
 # The kernels alternate between BLAS calls and OpenMP loops. Idle OpenBLAS threads spin for ~2^28
 # cycles and idle libgomp threads for 300k spins by default, so on few cores each pool's spinning
@@ -32,8 +32,9 @@ except ImportError as _exc:  # the source tree without a build, most often
 finally:
     for _k in _set_here:
         _os.environ.pop(_k, None)
-from . import functional, gates, metrics, optim
+from . import callbacks, functional, gates, inputs, metrics, optim
 from .embedding import Embedding, EmbeddingInput
+from .export import export_onnx
 from .gates import CometGate, DSelectKGate, HashGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
 from .trainer import AnnealTemperature, History, evaluate, fit, predict
@@ -58,8 +59,11 @@ __all__ = [
     "AnnealTemperature",
     "save",
     "load",
+    "export_onnx",
     "functional",
+    "callbacks",
     "gates",
+    "inputs",
     "metrics",
     "optim",
     "build_info",
@@ -72,9 +76,9 @@ def set_num_threads(n):
     """Threads used by the C kernels' OpenMP loops and by the vendored OpenBLAS (one knob for both;
     the kernels never call BLAS from inside an OpenMP region). Default: $DSELECTK_NUM_THREADS, else
     the number of CPUs this process may run on."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    if isinstance(n, (bool, _np.bool_)) or not isinstance(n, (int, _np.integer)):
         raise TypeError(f"the number of threads must be an int, got {type(n).__name__}")
-    _C.set_num_threads(n)
+    _C.set_num_threads(int(n))  # ValueError outside [1, 4096], however large
 
 
 def get_num_threads():

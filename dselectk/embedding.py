@@ -21,8 +21,20 @@ The input format. For a model with an embedding input, X is a dict::
     {"ids": (N, F) integer array, column j the ids of table j, each in [0, vocab_sizes[j]),
      "dense": (N, n_dense) float array}          # "dense" may be left out when n_dense == 0
 
-or, when the model has no dense features, the (N, F) integer ids array itself. ``fit``,
-``evaluate`` and ``predict`` batch and shuffle it row-wise.
+or, when the model has no dense features, the (N, F) integer ids array itself. An input that
+names its columns (``columns=``; ``EmbeddingInput.from_frame`` infers the rest from a DataFrame)
+also reads a pandas DataFrame or a dict of columns by name::
+
+    dk.MMoE(None, ..., embeddings=dict(columns={"user": 64, "movie": 64},
+                                       vocab_sizes={"user": 6040, "movie": 3706},
+                                       dense_columns=["age", "hour"]))
+    dk.MMoE(None, ..., embeddings=dk.EmbeddingInput.from_frame(train_df, {"user": 64, "movie": 64},
+                                                               dense_columns=["age", "hour"]))
+
+Categorical and string id columns are mapped through the categories the input keeps (saved with
+the model), so a test frame with other categories, or in another order, reads the same ids. All
+of the input checks live in :mod:`dselectk.inputs`; ``fit``, ``evaluate`` and ``predict`` batch
+and shuffle X row-wise.
 """
 from __future__ import annotations
 
@@ -31,8 +43,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import functional as F
+from .inputs import check_embedding_X as check_inputs
+from .inputs import embedding_spec, num_rows, take_rows
 
 __all__ = ["Embedding", "EmbeddingInput", "check_inputs", "num_rows", "take_rows"]
+_CONFIG_KEYS = ("vocab_sizes", "dims", "n_dense", "columns", "dense_columns", "categories")
 
 
 def _positive_ints(value, name, n=None):
@@ -95,22 +110,50 @@ class EmbeddingInput:
 
     Parameters
     ----------
-    vocab_sizes : the number of rows of each table, one table per id column of X["ids"].
-    dims : the width of each table's rows (an int: the same for all).
-    n_dense : the number of dense float features appended after the embeddings.
+    vocab_sizes : the number of rows of each table, one table per id column of X["ids"] (a dict by
+        column name with ``columns``; may be left out for columns with ``categories``).
+    dims : the width of each table's rows (an int: the same for all; left out when ``columns`` is a
+        dict {name: width}).
+    n_dense : the number of dense float features appended after the embeddings (default: the
+        number of ``dense_columns``, else 0).
     seed : an int or a numpy Generator, for the tables' initialization.
+    columns : None, or the names of the id columns (a list, or a dict {name: width}): X may then be
+        a DataFrame or a dict of columns (see dselectk.inputs).
+    dense_columns : the names of the dense feature columns, in order (None: the columns of X other
+        than the id columns).
+    categories : {id column: [values]}: the vocabulary of a categorical / string column, value i
+        is id i (``from_frame`` fills it in).
 
     ``out_dim`` = sum(dims) + n_dense is the input width of the model behind it; ``offsets[j]`` is
     the first column of table j in the feature row, ``dense_offset`` that of the dense features.
     ``config`` is the JSON-able dict of the constructor arguments (without seed and dtype) that
     models store for save / load."""
 
-    def __init__(self, vocab_sizes, dims, n_dense=0, seed=0, dtype=np.float32):
+    def __init__(self, vocab_sizes=None, dims=None, n_dense=None, seed=0, dtype=np.float32, columns=None,
+                 dense_columns=None, categories=None):
+        self.columns, self.dense_columns, self.categories = _names(columns, dense_columns, categories)
+        if isinstance(columns, Mapping):
+            if dims is not None:
+                raise ValueError("give the table widths once: columns={name: width} or dims=, not both")
+            dims = list(columns.values())
+        vocab_sizes = _by_column(vocab_sizes, self.columns, self.categories)
         self.vocab_sizes = _positive_ints(vocab_sizes, "vocab_sizes")
         if not self.vocab_sizes:
             raise ValueError("vocab_sizes must list at least one table")
+        if self.columns is not None and len(self.columns) != len(self.vocab_sizes):
+            raise ValueError(f"columns names {len(self.columns)} id columns, vocab_sizes gives {len(self.vocab_sizes)}")
+        for c, cats in (self.categories or {}).items():
+            V = self.vocab_sizes[self.columns.index(c)]
+            if len(cats) > V:
+                raise ValueError(f"column {c!r} has {len(cats)} categories but a vocabulary of only {V}")
+        if dims is None:
+            raise ValueError("dims (the width of each table) is required, or columns={name: width}")
         self.dims = _positive_ints(dims, "dims", len(self.vocab_sizes))
+        if n_dense is None:
+            n_dense = 0 if self.dense_columns is None else len(self.dense_columns)
         self.n_dense = F._int(n_dense, "n_dense", 0)
+        if self.dense_columns is not None and len(self.dense_columns) != self.n_dense:
+            raise ValueError(f"n_dense = {self.n_dense} but dense_columns names {len(self.dense_columns)} columns")
         self.dtype = np.dtype(dtype)
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         self.tables = [Embedding(V, d, rng, self.dtype) for V, d in zip(self.vocab_sizes, self.dims)]
@@ -118,7 +161,34 @@ class EmbeddingInput:
         self.dense_offset = sum(self.dims)
         self.out_dim = self.dense_offset + self.n_dense
         self.config = dict(vocab_sizes=self.vocab_sizes, dims=self.dims, n_dense=self.n_dense)
+        if self.columns is not None:  # only when named: older configs read the same
+            self.config["columns"] = list(self.columns)
+        if self.dense_columns is not None:
+            self.config["dense_columns"] = list(self.dense_columns)
+        if self.categories:
+            self.config["categories"] = {c: list(v) for c, v in self.categories.items()}
         self._B = None
+
+    @classmethod
+    def from_config(cls, config, seed=0, dtype=np.float32):
+        """An input from the dict a model's ``embeddings=`` takes (and its config stores): the
+        constructor's keyword arguments other than seed and dtype."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"embeddings must be a dict, got {type(config).__name__}")
+        unknown = sorted(set(config) - set(_CONFIG_KEYS))
+        if unknown or not ("vocab_sizes" in config or "categories" in config or "columns" in config):
+            raise ValueError(f"embeddings must be a dict with keys among {list(_CONFIG_KEYS)} (vocab_sizes and dims, "
+                             f"or columns={{name: width}} and vocab_sizes by name), got keys {sorted(config)}")
+        return cls(**config, seed=seed, dtype=dtype)
+
+    @classmethod
+    def from_frame(cls, frame, columns, dense_columns=None, vocab_sizes=None, seed=0, dtype=np.float32):
+        """The input for the DataFrame (or dict of columns) ``frame``: ``columns`` {id column:
+        table width}; the vocabularies are inferred (a categorical column: its categories; a string
+        column: its sorted distinct values; an integer column: max + 1) unless ``vocab_sizes``
+        {column: V} gives them; ``dense_columns`` default to every other column. See
+        :func:`dselectk.inputs.embedding_spec`."""
+        return cls(**embedding_spec(frame, columns, dense_columns, vocab_sizes), seed=seed, dtype=dtype)
 
     @property
     def n_ids(self):
@@ -154,89 +224,64 @@ class EmbeddingInput:
         return [(f"{prefix}{j}", t) for j, t in enumerate(self.tables)]
 
     def check(self, X, name="X"):
-        """X validated and normalized (see :func:`check_inputs`)."""
+        """X validated and normalized (see :func:`dselectk.inputs.check_embedding_X`)."""
         return check_inputs(self, X, name)
 
     def __repr__(self):
-        return f"EmbeddingInput(vocab_sizes={self.vocab_sizes}, dims={self.dims}, n_dense={self.n_dense})"
+        named = "" if self.columns is None else f", columns={self.columns}"
+        return f"EmbeddingInput(vocab_sizes={self.vocab_sizes}, dims={self.dims}, n_dense={self.n_dense}{named})"
+
+
+def _names(columns, dense_columns, categories):
+    """columns and dense_columns as lists of distinct strings (or None), categories as {column:
+    list of JSON-able values} for id columns only (or None)."""
+    if columns is not None:
+        if isinstance(columns, str) or not isinstance(columns, (list, tuple, Mapping)):
+            raise TypeError(f"columns must be a list of column names or a dict {{name: width}}, got {columns!r}")
+        columns = [str(c) for c in columns]
+    if dense_columns is not None:
+        if isinstance(dense_columns, str) or not isinstance(dense_columns, (list, tuple)):
+            raise TypeError(f"dense_columns must be a list of column names, got {dense_columns!r}")
+        dense_columns = [str(c) for c in dense_columns]
+    names = (columns or []) + (dense_columns or [])
+    if len(set(names)) != len(names):
+        raise ValueError(f"columns and dense_columns must name distinct columns, got {names}")
+    if categories:
+        if columns is None or not isinstance(categories, Mapping):
+            raise ValueError("categories must be a dict {id column: [values]} and needs columns=")
+        unknown = sorted(set(map(str, categories)) - set(columns))
+        if unknown:
+            raise ValueError(f"categories names columns that are not id columns: {unknown}")
+        out = {}
+        for c, values in categories.items():
+            values = list(values)
+            if len(set(values)) != len(values) or not all(isinstance(v, (str, int, float)) for v in values):
+                raise ValueError(f"categories[{c!r}] must list distinct strings or numbers")
+            out[str(c)] = values
+        categories = out
+    return columns, dense_columns, categories or None
+
+
+def _by_column(vocab_sizes, columns, categories):
+    """vocab_sizes as a list in column order: given as a list, as a dict by column name, or left
+    out for the columns that have categories (their number)."""
+    if isinstance(vocab_sizes, Mapping) or vocab_sizes is None:
+        if columns is None:
+            raise ValueError("vocab_sizes (the number of rows of each table) is required")
+        given = {str(k): v for k, v in (vocab_sizes or {}).items()}
+        unknown = sorted(set(given) - set(columns))
+        if unknown:
+            raise ValueError(f"vocab_sizes names columns that are not id columns: {unknown}")
+        cats = categories or {}
+        missing = [c for c in columns if c not in given and c not in cats]
+        if missing:
+            raise ValueError(f"vocab_sizes is missing for the columns {missing}: give them (vocab_sizes={{'{missing[0]}': "
+                             "V, ...}) or build the input from data with EmbeddingInput.from_frame")
+        return [given[c] if c in given else len(cats[c]) for c in columns]
+    return vocab_sizes
 
 
 def _split(X):
     if isinstance(X, Mapping):
         return X["ids"], X.get("dense")
     return X, None
-
-
-def check_inputs(front, X, name="X"):
-    """Validate X for the embedding input ``front`` and normalize it to
-    ``{"ids": C-contiguous int32 / int64 (N, F), "dense": C-contiguous float (N, n_dense) or None}``.
-
-    Raises TypeError for a wrong container or dtype (float ids, say) and ValueError for wrong
-    shapes, an empty X, NaN / Inf dense features and ids outside [0, vocab_sizes[j]) -- naming the
-    column, the value and the row -- so that bad input is refused before any training."""
-    F_ = front.n_ids
-    fmt = (f"{{'ids': (N, {F_}) integer array, 'dense': (N, {front.n_dense}) float array}}" if front.n_dense
-           else f"{{'ids': (N, {F_}) integer array}} or the (N, {F_}) integer ids array itself")
-    if isinstance(X, np.ndarray):
-        if front.n_dense:
-            raise TypeError(f"{name} must be a dict {fmt}: the model has n_dense = {front.n_dense} dense features, "
-                            f"got a {X.dtype} array")
-        if not np.issubdtype(X.dtype, np.integer):
-            raise TypeError(f"{name} for a model with an embedding input must be {fmt}; got a {X.dtype} array "
-                            "(ids must have an integer dtype)")
-        X = {"ids": X}
-    if not isinstance(X, Mapping):
-        raise TypeError(f"{name} for a model with an embedding input must be {fmt}, got {type(X).__name__}")
-    unknown = sorted(set(X) - {"ids", "dense"})
-    if unknown:
-        raise ValueError(f"{name} has unknown keys {unknown}; expected {fmt}")
-    if "ids" not in X:
-        raise ValueError(f"{name} lacks 'ids'; expected {fmt}")
-    ids = X["ids"]
-    if not isinstance(ids, np.ndarray):
-        raise TypeError(f"{name}['ids'] must be a numpy.ndarray of integers, got {type(ids).__name__}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise TypeError(f"{name}['ids'] must have an integer dtype, got {ids.dtype}")
-    if ids.ndim != 2 or ids.shape[1] != F_:
-        raise ValueError(f"{name}['ids'] must have shape (N, {F_}) (one column per embedding table), got {ids.shape}")
-    N = ids.shape[0]
-    if N == 0:
-        raise ValueError(f"{name} is empty (N = 0)")
-    for j, V in enumerate(front.vocab_sizes):
-        col = ids[:, j]
-        bad = np.flatnonzero((col < 0) | (col >= V))
-        if bad.size:
-            raise ValueError(f"{name}['ids'][:, {j}] must hold ids in [0, {V}) (the vocabulary size of embedding "
-                             f"{j}), got {col[bad[0]]} at row {bad[0]}")
-    keep32 = ids.dtype.kind == "i" and ids.dtype.itemsize == 4
-    ids = np.ascontiguousarray(ids, dtype=np.int32 if keep32 else np.int64)
-    dense = X.get("dense")
-    if front.n_dense == 0:
-        if dense is not None and not (isinstance(dense, np.ndarray) and dense.shape == (N, 0)):
-            raise ValueError(f"{name}['dense'] must be None or absent: the model has no dense features (n_dense = 0)")
-        return {"ids": ids, "dense": None}
-    if dense is None:
-        raise ValueError(f"{name} lacks 'dense': the model has n_dense = {front.n_dense} dense features")
-    if not isinstance(dense, np.ndarray):
-        raise TypeError(f"{name}['dense'] must be a numpy.ndarray, got {type(dense).__name__}")
-    if not np.issubdtype(dense.dtype, np.number) or np.issubdtype(dense.dtype, np.complexfloating):
-        raise TypeError(f"{name}['dense'] must hold real numbers, got dtype {dense.dtype}")
-    if dense.shape != (N, front.n_dense):
-        raise ValueError(f"{name}['dense'] must have shape (N, n_dense) = ({N}, {front.n_dense}), got {dense.shape}")
-    dense = np.ascontiguousarray(dense, dtype=front.dtype)
-    if not np.all(np.isfinite(dense)):
-        raise ValueError(f"{name}['dense'] contains NaN or Inf (first at row "
-                         f"{int(np.argwhere(~np.isfinite(dense))[0, 0])})")
-    return {"ids": ids, "dense": dense}
-
-
-def num_rows(X):
-    """N of a model input: an array's first dimension, or that of X['ids']."""
-    return X["ids"].shape[0] if isinstance(X, Mapping) else X.shape[0]
-
-
-def take_rows(X, idx):
-    """The rows ``idx`` (an index array or a slice) of a model input, an array or a dict of arrays."""
-    if isinstance(X, Mapping):
-        return {k: None if v is None else v[idx] for k, v in X.items()}
-    return X[idx]

@@ -19,8 +19,14 @@ Rules shared by every function:
   dtype and shape that shares no memory with an input.
 * Forward functions that a backward needs return ``(output, cache)``; the cache is a small
   named tuple of arrays. It refers to (does not copy) the caller's inputs, as the layers' caches
-  do: modify them between forward and backward and the gradients follow the modified values. The C kernels release the GIL, so calls from several threads run in
-  parallel.
+  do: modify them between forward and backward and the gradients follow the modified values. A
+  backward checks the cache's structure (its type, each field's type, dtype and shape, their
+  consistency, the scalars) and raises TypeError / ValueError naming the field, e.g.
+  ``cache.gate.r``; the values in its arrays are the forward's and are not re-scanned. The C
+  kernels release the GIL, so calls from several threads run in parallel.
+* Numbers out of range raise ValueError naming the argument, also when they do not fit a float64
+  or a 64-bit integer at all (``gamma=10**400``), never OverflowError.
+* Optimizer steps check their state slabs like their gradients (see :func:`sgd_step`).
 * Bit convention: ``s[..., 0]`` (the paper's z_1) is the least significant bit: expert j
   (0-based) is selected when the binary number s[m-1]...s[0] equals j (eq. 4). The official
   TensorFlow code reads the bits the other way round; it is a relabelling of the experts.
@@ -28,11 +34,15 @@ Rules shared by every function:
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+import math
+from typing import Any, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 
 from . import _C
+
+Pair = Union[int, Sequence[int]]  # an int or a pair (kernel sizes, strides)
+Padding = Union[str, int, Sequence[int]]  # see conv2d_padding
 
 __all__ = [
     "trusted_inputs",
@@ -95,13 +105,19 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def trusted_inputs():
+def trusted_inputs() -> Iterator[None]:
     """Within this context (in this thread) the kernels skip the NaN/Inf scan of their float
     inputs; every other check (dtype, shape, overlap, index bounds) still runs, so nothing can be
     read or written out of bounds. The models use it between their checked input and their
     checked loss: the scan of each intermediate activation and gradient is a full extra read of
     it, about a tenth of a training step, and a NaN produced inside the model still reaches the
-    (checked) loss or optimizer in the same step. Calls outside the context are unaffected."""
+    (checked) loss or optimizer in the same step. Calls outside the context are unaffected.
+
+    The dense optimizer steps' value scans are skipped too: of params and grads, and of their
+    state slabs (velocity, m, v, accum: NaN / Inf, and v, accum < 0), all O(N) reads of the
+    whole slab. ``fit`` steps its optimizer outside this context, so a corrupted state is
+    refused there. The sparse steps' row checks (the O(rows * d) rows they read: finite, and
+    >= 0 for accum and v) and the embedding tables' row checks always run."""
     previous = _C.set_finite_checks(False)
     try:
         yield
@@ -109,19 +125,19 @@ def trusted_inputs():
         _C.set_finite_checks(previous)
 
 
-def check_finite(x, name="x"):
+def check_finite(x: np.ndarray, name: str = "x") -> None:
     """ValueError naming ``name`` (and the first flat index) if the float array ``x`` holds NaN
     or Inf; integer arrays pass. The scan the kernels run on their inputs."""
     _C.check_finite(x, name)
 
 
-def _array(x, name):
+def _array(x: Any, name: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"argument '{name}' must be a numpy.ndarray of float32 or float64, got {type(x).__name__}")
     return x
 
 
-def _int(v, name, minimum, maximum=2**31 - 1):
+def _int(v: Any, name: str, minimum: int, maximum: float = 2**31 - 1) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     if v < minimum or v > maximum:
@@ -129,7 +145,7 @@ def _int(v, name, minimum, maximum=2**31 - 1):
     return int(v)
 
 
-def _float_array(a, name, dtype, shape, shape_doc):
+def _float_array(a: Any, name: str, dtype: np.dtype, shape: Sequence[int], shape_doc: str) -> np.ndarray:
     """a as validated for the C kernels, but checked here where the kernel would name its own
     (internal) argument: same float dtype as the call, the expected shape, finite values."""
     a = _array(a, name)
@@ -143,7 +159,7 @@ def _float_array(a, name, dtype, shape, shape_doc):
     return a
 
 
-def _out_view(out, shape, flat_shape):
+def _out_view(out: np.ndarray | None, shape: Sequence[int], flat_shape: Any) -> np.ndarray | None:
     """A reshaped view of the caller's out= (never a copy, which would drop the result)."""
     if out is None:
         return None
@@ -155,7 +171,96 @@ def _out_view(out, shape, flat_shape):
     return out.reshape(flat_shape)
 
 
-def n_bits(n):
+def _number(value, name, minimum=0.0, strict=False):
+    """value as a float, finite and >= minimum (> with ``strict``); TypeError for a non-number
+    (bools and strings included), ValueError for an out-of-range one (10**400 included), each
+    naming it. The one check of scalar hyperparameters: the gates and the optimizers use it too."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        f = float(value)
+    except OverflowError:  # an int beyond float's range
+        f = float("inf")
+    if not math.isfinite(f) or (f <= minimum if strict else f < minimum):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {shown}")
+    return f
+
+
+def _flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _cache_of(cache, cls, name="cache"):
+    """cache, if it is a ``cls`` (a forward's named tuple): else TypeError saying which forward
+    makes the cache expected, and which made the one given."""
+    if isinstance(cache, cls):
+        return cache
+    got = type(cache).__name__
+    if type(cache) in _CACHE_SOURCE:
+        got += f" (from {_CACHE_SOURCE[type(cache)]})"
+    raise TypeError(f"argument '{name}' must be the {cls.__name__} that {_CACHE_SOURCE[cls]} returns, got {got}")
+
+
+def _cache_arrays(cache, prefix, fields):
+    """The arrays of a cache, checked: fields is ((name, symbols), ...), symbols such as
+    ("B", "k", "n") naming the axes the shapes must agree on; every array is an ndarray of one
+    float dtype with that many dimensions, and a symbol has one value across the fields. Returns
+    {symbol: size}. (Runs on every backward of a gate: string work only on the error paths.)"""
+    sizes, dtype = {}, None
+    for field, symbols in fields:
+        a = getattr(cache, field)
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{prefix}.{field} must be a numpy.ndarray ({', '.join(symbols)}), got {type(a).__name__}")
+        if dtype is None:
+            if a.dtype.type not in (np.float32, np.float64):
+                raise TypeError(f"{prefix}.{field} must have dtype float32 or float64, got {a.dtype}")
+            dtype, first = a.dtype, field
+        elif a.dtype != dtype:
+            raise TypeError(f"{prefix}.{field} has dtype {a.dtype}, expected {dtype} like {prefix}.{first}")
+        if a.ndim != len(symbols):
+            raise ValueError(f"{prefix}.{field} must be {len(symbols)}-D with shape ({', '.join(symbols)}), got shape "
+                             f"{a.shape}")
+        for sym, size in zip(symbols, a.shape):
+            if sizes.setdefault(sym, size) != size:
+                raise ValueError(f"{prefix}.{field} has {sym} = {size} (shape {a.shape}), but the cache's other arrays "
+                                 f"have {sym} = {sizes[sym]}")
+    if sizes.get("B", 1) < 1:
+        raise ValueError(f"{prefix} holds an empty batch (B = 0)")
+    return sizes
+
+
+_DSELECT_K_FIELDS = (("r", ("B", "k", "n")), ("sigma", ("B", "k")), ("sz", ("B", "k", "m")), ("Z", ("B", "k", "m")))
+
+
+def _dselect_k_cache(cache, prefix="cache"):
+    """A DSelectKCache, structurally checked (see the module's rules)."""
+    sizes = _cache_arrays(cache, prefix, _DSELECT_K_FIELDS)
+    n, m = sizes["n"], sizes["m"]
+    if n < 2 or sizes["k"] < 1 or m != (n - 1).bit_length():
+        raise ValueError(f"{prefix}.r (B, k, n) and {prefix}.sz (B, k, m) must have n >= 2 experts, k >= 1 selectors "
+                         f"and m = ceil(log2 n) bits, got n = {n}, k = {sizes['k']}, m = {m}")
+    _number(cache.gamma, f"{prefix}.gamma", strict=True)
+    if _flag(cache.static, f"{prefix}.static") and sizes["B"] != 1:
+        raise ValueError(f"{prefix}.static is True (alpha was (k,)), so its arrays must have B = 1, got B = "
+                         f"{sizes['B']}")
+    return cache
+
+
+def _softmax_selector_cache(cache):
+    sizes = _cache_arrays(cache, "cache", (("P", ("B", "k", "n")), ("sigma", ("B", "k"))))
+    if sizes["n"] < 2 or sizes["k"] < 1:
+        raise ValueError(f"cache.P (B, k, n) must have n >= 2 experts and k >= 1 selectors, got n = {sizes['n']}, "
+                         f"k = {sizes['k']}")
+    _number(cache.T, "cache.T", strict=True)
+    if _flag(cache.static, "cache.static") and sizes["B"] != 1:
+        raise ValueError(f"cache.static is True (alpha was (k,)), so its arrays must have B = 1, got B = {sizes['B']}")
+    return cache
+
+
+def n_bits(n: int) -> int:
     """m = ceil(log2 n), the number of bits of each selector's binary code, for n >= 2 experts."""
     n = _int(n, "n (the number of experts)", 2)
     return (n - 1).bit_length()
@@ -163,7 +268,7 @@ def n_bits(n):
 
 # --- smooth-step -----------------------------------------------------------------------------
 
-def smooth_step(t, gamma=1.0, out=None):
+def smooth_step(t: np.ndarray, gamma: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
     """S(t; gamma), elementwise (Section 3.1.3): 0 for t <= -gamma/2, 1 for t >= gamma/2, and
     -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between. Any shape; returns an array like t.
 
@@ -176,7 +281,7 @@ def smooth_step(t, gamma=1.0, out=None):
     return _C.smooth_step_forward(t.reshape(-1), gamma, _out_view(out, t.shape, -1)).reshape(t.shape)
 
 
-def smooth_step_backward(dout, t, gamma=1.0):
+def smooth_step_backward(dout: np.ndarray, t: np.ndarray, gamma: float = 1.0) -> np.ndarray:
     """dt = dout * S'(t; gamma): the backward of :func:`smooth_step`. S' is 0 outside
     (-gamma/2, gamma/2), and 0 where S(t) is saturated (see :func:`smooth_step`), so an entry
     whose S(t) is exactly 0 or 1 receives no gradient."""
@@ -188,14 +293,14 @@ def smooth_step_backward(dout, t, gamma=1.0):
 
 # --- single-expert selector ------------------------------------------------------------------
 
-def _rows(a, name, last):
+def _rows(a: Any, name: str, last: int) -> tuple[np.ndarray, tuple[int, ...]]:
     a = _array(a, name)
     if a.ndim < 1 or a.shape[-1] != last:
         raise ValueError(f"argument '{name}' must have shape (..., {last}), got {a.shape}")
     return a.reshape(-1, last), a.shape[:-1]
 
 
-def selector(s, n, out=None):
+def selector(s: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:
     """Single-expert selector r(s) of eq. (4): s (..., m) with m = ceil(log2 n) -> r (..., n),
     r_j = prod_b (s_b if bit b of j is set else 1 - s_b). For a binary s, r is the one-hot code of
     the expert whose index is the binary number s; for n not a power of two the codes n..2^m-1 are
@@ -204,7 +309,7 @@ def selector(s, n, out=None):
     return _C.selector_forward(s2, n, _out_view(out, lead + (n,), (-1, n))).reshape(lead + (n,))
 
 
-def selector_backward(dr, s, n):
+def selector_backward(dr: np.ndarray, s: np.ndarray, n: int) -> np.ndarray:
     """Gradient ds (..., m) of <dr, r(s)>; dr (..., n). Exact where s is 0 or 1 (no division)."""
     s2, lead = _rows(s, "s", n_bits(n))
     dr2, dr_lead = _rows(dr, "dr", n)
@@ -225,7 +330,7 @@ class DSelectKCache(NamedTuple):
     static: bool  # alpha was (k,) and Z (k, m)
 
 
-def _batched_alpha_Z(alpha, Z, name="Z", last="m"):
+def _batched_alpha_Z(alpha: Any, Z: Any, name: str = "Z", last: str = "m") -> tuple[np.ndarray, np.ndarray, bool]:
     """(alpha (B, k), second (B, k, last), static) from the static or batched forms."""
     alpha, Z = _array(alpha, "alpha"), _array(Z, name)
     if alpha.ndim == 1:
@@ -239,7 +344,7 @@ def _batched_alpha_Z(alpha, Z, name="Z", last="m"):
     raise ValueError(f"argument 'alpha' must be (k,) (static gate) or (B, k) (per example), got {alpha.shape}")
 
 
-def _batched_dw(dw, B, n, static):
+def _batched_dw(dw: Any, B: int, n: int, static: bool) -> np.ndarray | None:
     """dw (n,) for a static cache or (B, n) as (B, n); None passes (the regularizers alone)."""
     if dw is None:
         return None
@@ -250,7 +355,7 @@ def _batched_dw(dw, B, n, static):
     return dw.reshape(B, n)
 
 
-def dselect_k_forward(alpha, Z, n, gamma=1.0):
+def dselect_k_forward(alpha: np.ndarray, Z: np.ndarray, n: int, gamma: float = 1.0) -> tuple[np.ndarray, DSelectKCache]:
     """DSelect-k, eq. (6): w = sum_i softmax(alpha)_i r(S(z^(i))).
 
     alpha (k,) and Z (k, m) give the static gate's weights w (n,); alpha (B, k) and Z (B, k, m)
@@ -264,25 +369,28 @@ def dselect_k_forward(alpha, Z, n, gamma=1.0):
     return (w[0] if static else w), cache
 
 
-def dselect_k(alpha, Z, n, gamma=1.0):
+def dselect_k(alpha: np.ndarray, Z: np.ndarray, n: int, gamma: float = 1.0) -> np.ndarray:
     """Expert weights of DSelect-k (see :func:`dselect_k_forward`), without the cache."""
     return dselect_k_forward(alpha, Z, n, gamma)[0]
 
 
-def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
+def dselect_k_backward(dw: np.ndarray | None, cache: DSelectKCache, lam: float = 0.0, xi: float = 0.0,
+                       eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Gradients (dalpha, dZ) of  <dw, w> + lam * Omega + xi * penalty  where, averaged over the
     batch, Omega = sum_i h(r(S(z^(i)))) with h(r) = -sum_j r_j log(r_j + eps) (the entropy
     regularizer of Section 3.1.3) and penalty = sum_i 1 / (eps + sum_{j<n} r(S(z^(i)))_j)
     (Appendix B.2; useful only when n is not a power of two). ``dw`` like w, or None for the
     regularizers alone. Shapes of dalpha/dZ follow alpha/Z."""
+    _dselect_k_cache(_cache_of(cache, DSelectKCache))
     dw = _batched_dw(dw, cache.r.shape[0], cache.r.shape[2], cache.static)
     dalpha, dZ = _C.dselect_k_backward(dw, cache.sigma, cache.sz, cache.r, cache.Z, cache.gamma, lam, xi, eps)
     return (dalpha[0], dZ[0]) if cache.static else (dalpha, dZ)
 
 
-def dselect_k_regularization(cache, eps=1e-6):
+def dselect_k_regularization(cache: DSelectKCache, eps: float = 1e-6) -> tuple[float, float]:
     """(Omega, penalty): the entropy regularizer sum_i h(r_i) and the Appendix B.2 mass penalty
     sum_i 1 / (eps + sum_j r_ij), each averaged over the batch (coefficients not applied)."""
+    _dselect_k_cache(_cache_of(cache, DSelectKCache))
     B, k, n = cache.r.shape
     r2 = cache.r.reshape(B * k, n)
     return _C.selector_entropy(r2, eps) / B, _C.selector_mass_penalty(r2, eps) / B
@@ -295,7 +403,23 @@ class DSelectKPerExampleCache(NamedTuple):
     gate: DSelectKCache
 
 
-def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
+def _dselect_k_per_example_cache(cache):
+    gate = _dselect_k_cache(_cache_of(cache.gate, DSelectKCache, "cache.gate"), "cache.gate")
+    if gate.static:
+        raise ValueError("cache.gate.static must be False in a per-example cache")
+    B, k, _ = gate.r.shape
+    m = gate.sz.shape[2]
+    sizes = _cache_arrays(cache, "cache", (("x", ("B", "p")), ("G", ("k", "p")), ("W2", ("km", "p"))))
+    if (sizes["B"], sizes["k"], sizes["km"]) != (B, k, k * m):
+        raise ValueError(f"cache.x (B, p), cache.G (k, p) and cache.W2 (k*m, p) must match cache.gate's B = {B}, k = "
+                         f"{k}, m = {m}, got shapes {cache.x.shape}, {cache.G.shape}, {cache.W2.shape}")
+    if cache.x.dtype != gate.r.dtype:
+        raise TypeError(f"cache.x has dtype {cache.x.dtype}, expected {gate.r.dtype} like cache.gate.r")
+    return cache
+
+
+def dselect_k_per_example_forward(x: np.ndarray, G: np.ndarray, b_G: np.ndarray, W: np.ndarray, b_W: np.ndarray, n: int,
+                                  gamma: float = 1.0) -> tuple[np.ndarray, DSelectKPerExampleCache]:
     """Per-example DSelect-k (Section 3.2): alpha = x G^T + b_G (B, k) and
     z^(i) = W^(i) x + b_W^(i) (B, k, m), then eq. (6) per example.
 
@@ -322,16 +446,20 @@ def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
     return w, DSelectKPerExampleCache(x, G, W2, DSelectKCache(sigma, sz, r, Z, float(gamma), False))
 
 
-def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx=True):
+def dselect_k_per_example_backward(dw: np.ndarray | None, cache: DSelectKPerExampleCache, lam: float = 0.0,
+                                   xi: float = 0.0, eps: float = 1e-6,
+                                   need_dx: bool = True) -> dict[str, np.ndarray | None]:
     """Gradients of <dw, w> + lam * Omega + xi * penalty (batch means) for the per-example gate.
     Returns a dict with keys 'x' (None unless need_dx), 'G', 'b_G', 'W', 'b_W'."""
+    _dselect_k_per_example_cache(_cache_of(cache, DSelectKPerExampleCache))
     dalpha, dZ = dselect_k_backward(dw, cache.gate, lam, xi, eps)
     B, k, m = dZ.shape
     dZ2 = dZ.reshape(B, k * m)
     dx_a, dG, db_G = linear_backward(dalpha, cache.x, cache.G, need_dx)
     dx_z, dW2, db_W = linear_backward(dZ2, cache.x, cache.W2, need_dx)
+    assert db_W is not None  # need_db defaults to True
     return {
-        "x": dx_a + dx_z if need_dx else None,
+        "x": dx_a + dx_z if dx_a is not None and dx_z is not None else None,  # None unless need_dx
         "G": dG,
         "b_G": db_G,
         "W": dW2.reshape(k, m, -1),
@@ -357,18 +485,37 @@ class CometCache(NamedTuple):
     reach_int: np.ndarray  # reach of the internal nodes, (B, k, n - 1)
     reach: np.ndarray  # reach p of the leaves, (B, k, n), expert order
     g: np.ndarray  # the softmax over the k n leaf scores, (B, k, n)
-    norm: np.ndarray  # (amax, Dsum) of each example's softmax, (B, 2)
+    norm: np.ndarray  # (shift, Dsum) of each example's softmax, (B, 2)
     gamma: float
     static: bool  # A was (k, n) and Z (k, n - 1)
 
 
-def comet_leaf_nodes(n):
+_COMET_FIELDS = (("A", ("B", "k", "n")), ("Z", ("B", "k", "v")), ("sz", ("B", "k", "v")),
+                 ("reach_int", ("B", "k", "v")), ("reach", ("B", "k", "n")), ("g", ("B", "k", "n")),
+                 ("norm", ("B", "two")))
+
+
+def _comet_cache(cache: Any, prefix: str = "cache") -> CometCache:
+    """A CometCache, structurally checked (see the module's rules)."""
+    sizes = _cache_arrays(cache, prefix, _COMET_FIELDS)
+    n, k = sizes["n"], sizes["k"]
+    if n < 2 or not 1 <= k <= n or sizes["v"] != n - 1 or sizes["two"] != 2:
+        raise ValueError(f"{prefix}.A (B, k, n), {prefix}.Z (B, k, n - 1) and {prefix}.norm (B, 2) must have n >= 2 "
+                         f"experts and 1 <= k <= n trees, got shapes {cache.A.shape}, {cache.Z.shape}, "
+                         f"{cache.norm.shape}")
+    _number(cache.gamma, f"{prefix}.gamma", strict=True)
+    if _flag(cache.static, f"{prefix}.static") and sizes["B"] != 1:
+        raise ValueError(f"{prefix}.static is True (A was (k, n)), so its arrays must have B = 1, got B = {sizes['B']}")
+    return cache
+
+
+def comet_leaf_nodes(n: int) -> np.ndarray:
     """leaf (n,) int64: the heap index of expert j's leaf in a COMET tree over n experts. Expert j
     is the j-th leaf in left-first depth-first order: for n = 3 the leaves 3, 4, 2."""
     return _C.comet_leaf_nodes(_int(n, "n (the number of experts)", 2))
 
 
-def _batched_A_Z(A, Z):
+def _batched_A_Z(A: Any, Z: Any) -> tuple[np.ndarray, np.ndarray, bool]:
     """(A (B, k, n), Z (B, k, n - 1), static) from the static or batched forms."""
     A, Z = _array(A, "A"), _array(Z, "Z")
     if A.ndim == 2:
@@ -384,7 +531,8 @@ def _batched_A_Z(A, Z):
     raise ValueError(f"argument 'A' must be (k, n) (static gate) or (B, k, n) (per example), got {A.shape}")
 
 
-def comet_forward(A, Z, gamma=1.0, out=None):
+def comet_forward(A: np.ndarray, Z: np.ndarray, gamma: float = 1.0,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, CometCache]:
     """The COMET gate: w_j = sum_t softmax_{t,j}(a_{t,j} + log p_{t,j}) (see the section comment).
 
     A (k, n) leaf logits and Z (k, n - 1) node logits of k trees give the static gate's weights
@@ -400,17 +548,19 @@ def comet_forward(A, Z, gamma=1.0, out=None):
     return (out if out is not None else w[0] if static else w), cache
 
 
-def comet(A, Z, gamma=1.0):
+def comet(A: np.ndarray, Z: np.ndarray, gamma: float = 1.0) -> np.ndarray:
     """Expert weights of the COMET gate (see :func:`comet_forward`), without the cache."""
     return comet_forward(A, Z, gamma)[0]
 
 
-def comet_backward(dw, cache, lam=0.0, eps=1e-6):
+def comet_backward(dw: np.ndarray | None, cache: CometCache, lam: float = 0.0,
+                   eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Gradients (dA, dZ) of  <dw, w> + lam * Omega  where Omega, averaged over the batch, is
     sum_t h(p_t), h(p) = -sum_j p_j log(p_j + eps): the entropy of each tree's leaf-reach
     distribution (the COMET regularizer). ``dw`` like w, or None for the regularizer alone.
     Shapes of dA / dZ follow A / Z. A node whose S(z) is 0 or 1 gets dZ = 0 exactly, and so does
     every node below a reach of 0."""
+    _comet_cache(_cache_of(cache, CometCache))
     B, k, n = cache.A.shape
     dw = _batched_dw(dw, B, n, cache.static)
     dA, dZ = _C.comet_backward(dw, cache.A, cache.Z, cache.sz, cache.reach_int, cache.reach, cache.g, cache.norm,
@@ -418,9 +568,10 @@ def comet_backward(dw, cache, lam=0.0, eps=1e-6):
     return (dA[0], dZ[0]) if cache.static else (dA, dZ)
 
 
-def comet_regularization(cache, eps=1e-6):
+def comet_regularization(cache: CometCache, eps: float = 1e-6) -> float:
     """Omega = sum_t h(p_t), h(p) = -sum_j p_j log(p_j + eps), averaged over the batch (the
     coefficient lambda not applied)."""
+    _comet_cache(_cache_of(cache, CometCache))
     B, k, n = cache.reach.shape
     return _C.selector_entropy(cache.reach.reshape(B * k, n), eps) / B
 
@@ -432,7 +583,22 @@ class CometPerExampleCache(NamedTuple):
     gate: CometCache
 
 
-def comet_per_example_forward(x, U, b_U, W, b_W, gamma=1.0):
+def _comet_per_example_cache(cache: Any) -> CometPerExampleCache:
+    gate = _comet_cache(_cache_of(cache.gate, CometCache, "cache.gate"), "cache.gate")
+    if gate.static:
+        raise ValueError("cache.gate.static must be False in a per-example cache")
+    B, k, n = gate.A.shape
+    sizes = _cache_arrays(cache, "cache", (("x", ("B", "p")), ("U2", ("kn", "p")), ("W2", ("kv", "p"))))
+    if (sizes["B"], sizes["kn"], sizes["kv"]) != (B, k * n, k * (n - 1)):
+        raise ValueError(f"cache.x (B, p), cache.U2 (k*n, p) and cache.W2 (k*(n-1), p) must match cache.gate's B = "
+                         f"{B}, k = {k}, n = {n}, got shapes {cache.x.shape}, {cache.U2.shape}, {cache.W2.shape}")
+    if cache.x.dtype != gate.A.dtype:
+        raise TypeError(f"cache.x has dtype {cache.x.dtype}, expected {gate.A.dtype} like cache.gate.A")
+    return cache
+
+
+def comet_per_example_forward(x: np.ndarray, U: np.ndarray, b_U: np.ndarray, W: np.ndarray, b_W: np.ndarray,
+                              gamma: float = 1.0) -> tuple[np.ndarray, CometPerExampleCache]:
     """Per-example COMET: leaf logits a_t = U_t x + b_U,t (B, k, n) and node logits
     z_t = W_t x + b_W,t (B, k, n - 1), then :func:`comet_forward` per example.
 
@@ -458,17 +624,20 @@ def comet_per_example_forward(x, U, b_U, W, b_W, gamma=1.0):
     return w, CometPerExampleCache(x, U2, W2, gate)
 
 
-def comet_per_example_backward(dw, cache, lam=0.0, eps=1e-6, need_dx=True):
+def comet_per_example_backward(dw: np.ndarray | None, cache: CometPerExampleCache, lam: float = 0.0,
+                               eps: float = 1e-6, need_dx: bool = True) -> dict[str, np.ndarray | None]:
     """Gradients of <dw, w> + lam * Omega (batch mean) for the per-example gate. Returns a dict
     with keys 'x' (None unless need_dx), 'U', 'b_U', 'W', 'b_W'."""
+    _comet_per_example_cache(_cache_of(cache, CometPerExampleCache))
     dA, dZ = comet_backward(dw, cache.gate, lam, eps)
     B, k, n = dA.shape
     dx, dU2, db_U = linear_backward(dA.reshape(B, k * n), cache.x, cache.U2, need_dx)
     dx_z, dW2, db_W = linear_backward(dZ.reshape(B, k * (n - 1)), cache.x, cache.W2, need_dx)
-    if need_dx:
+    assert db_U is not None and db_W is not None  # need_db defaults to True
+    if dx is not None and dx_z is not None:
         dx += dx_z
     return {
-        "x": dx,
+        "x": dx,  # None unless need_dx
         "U": dU2.reshape(k, n, -1),
         "b_U": db_U.reshape(k, n),
         "W": dW2.reshape(k, n - 1, -1),
@@ -478,7 +647,7 @@ def comet_per_example_backward(dw, cache, lam=0.0, eps=1e-6, need_dx=True):
 
 # --- softmax and Top-k -----------------------------------------------------------------------
 
-def _logits_rows(logits, name="logits"):
+def _logits_rows(logits: Any, name: str = "logits") -> tuple[np.ndarray, bool]:
     logits = _array(logits, name)
     if logits.ndim == 1:
         return logits[None], True
@@ -487,14 +656,14 @@ def _logits_rows(logits, name="logits"):
     raise ValueError(f"argument '{name}' must be (n,) (static) or (B, n) (per example), got {logits.shape}")
 
 
-def softmax(logits, out=None):
+def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The dense softmax gate sigma(logits) (Section 2), over the last axis of (n,) or (B, n)."""
     l2, static = _logits_rows(logits)
     w = _C.softmax_forward(l2, _out_view(out, logits.shape, l2.shape))
     return w[0] if static else w
 
 
-def softmax_backward(dw, w):
+def softmax_backward(dw: np.ndarray, w: np.ndarray) -> np.ndarray:
     """dlogits = w * (dw - <w, dw>): backward of :func:`softmax` (and of :func:`top_k`)."""
     w2, static = _logits_rows(w, "w")
     dw = _array(dw, "dw")
@@ -504,7 +673,7 @@ def softmax_backward(dw, w):
     return d[0] if static else d
 
 
-def top_k(logits, k, out=None):
+def top_k(logits: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
     """Top-k gate (Shazeer et al.): softmax(KeepTopK(logits, k)) over the last axis of (n,) or
     (B, n); k nonzeros per row (fewer only where a kept logit is so far below the largest that its
     exp underflows: ~100 in float32, ~745 in float64), ties broken toward the lower index."""
@@ -516,13 +685,13 @@ def top_k(logits, k, out=None):
     return w[0] if static else w
 
 
-def top_k_backward(dw, w):
+def top_k_backward(dw: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Backward of :func:`top_k`: the gradient flows through the k kept entries only (the others
     have w = 0), which is the softmax backward applied to w."""
     return softmax_backward(dw, w)
 
 
-def noisy_logits(clean, raw_noise, normal):
+def noisy_logits(clean: np.ndarray, raw_noise: np.ndarray, normal: np.ndarray) -> np.ndarray:
     """Noisy Top-k logits: clean + normal * softplus(raw_noise) (Shazeer et al.), where raw_noise
     is the second linear map of the input and normal is N(0, 1) noise drawn by the caller. Any
     shape, all three alike. Use it at training time only."""
@@ -533,7 +702,7 @@ def noisy_logits(clean, raw_noise, normal):
     return _C.noisy_logits_forward(clean.reshape(-1), raw_noise.reshape(-1), normal.reshape(-1)).reshape(clean.shape)
 
 
-def noisy_logits_backward(dh, raw_noise, normal):
+def noisy_logits_backward(dh: np.ndarray, raw_noise: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(dclean, draw_noise) for :func:`noisy_logits`: dclean = dh, draw = dh * normal * sigmoid(raw)."""
     dh, raw_noise, normal = _array(dh, "dh"), _array(raw_noise, "raw_noise"), _array(normal, "normal")
     for a, nm in ((raw_noise, "raw_noise"), (normal, "normal")):
@@ -552,7 +721,14 @@ class SoftmaxSelectorCache(NamedTuple):
     static: bool
 
 
-def softmax_selector_forward(alpha, beta, T=1.0):
+# the forward that makes each cache, for messages
+_CACHE_SOURCE = {DSelectKCache: "dselect_k_forward", DSelectKPerExampleCache: "dselect_k_per_example_forward",
+                 SoftmaxSelectorCache: "softmax_selector_forward", CometCache: "comet_forward",
+                 CometPerExampleCache: "comet_per_example_forward"}
+
+
+def softmax_selector_forward(alpha: np.ndarray, beta: np.ndarray,
+                             T: float = 1.0) -> tuple[np.ndarray, SoftmaxSelectorCache]:
     """The ablation gate of Appendix C.2: w = sum_i softmax(alpha)_i softmax(beta^(i) / T), each
     binary-encoded selector replaced by a softmax over the n experts with temperature T.
     alpha (k,), beta (k, n) -> w (n,), or batched (B, k), (B, k, n) -> (B, n). Returns (w, cache)."""
@@ -561,30 +737,35 @@ def softmax_selector_forward(alpha, beta, T=1.0):
     return (w[0] if static else w), SoftmaxSelectorCache(sigma, P, float(T), static)
 
 
-def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
+def softmax_selector_backward(dw: np.ndarray | None, cache: SoftmaxSelectorCache, lam: float = 0.0,
+                              eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """(dalpha, dbeta) of <dw, w> + lam * sum_i h(softmax(beta^(i) / T)) (batch mean)."""
+    _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
     dw = _batched_dw(dw, B, n, cache.static)
     da, db = _C.softmax_selector_backward(dw, cache.sigma, cache.P, cache.T, lam, eps)
     return (da[0], db[0]) if cache.static else (da, db)
 
 
-def softmax_selector_entropy(cache, eps=1e-6):
+def softmax_selector_entropy(cache: SoftmaxSelectorCache, eps: float = 1e-6) -> float:
     """sum_i h(softmax(beta^(i) / T)), averaged over the batch (the Ablation (Entropy) regularizer)."""
+    _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
     return _C.selector_entropy(cache.P.reshape(B * k, n), eps) / B
 
 
 # --- mixing the experts ----------------------------------------------------------------------
 
-def mix_experts(f, w, layout="nbd", skip_zero=True, out=None):
+def mix_experts(f: np.ndarray, w: np.ndarray, layout: str = "nbd", skip_zero: bool = True,
+                out: np.ndarray | None = None) -> np.ndarray:
     """y = sum_j w_j f_j (eq. 1): f (n, B, d) for layout 'nbd' or (B, n, d) for 'bnd'; w (n,) for a
     static gate or (B, n) per example; y (B, d). With ``skip_zero`` an expert whose weight is
     exactly 0 for the whole batch is never read, which is where a sparse gate saves work."""
     return _C.mix_experts_forward(_array(f, "f"), _array(w, "w"), layout, skip_zero, out)
 
 
-def mix_experts_backward(dy, f, w, layout="nbd", skip_zero=True):
+def mix_experts_backward(dy: np.ndarray, f: np.ndarray, w: np.ndarray, layout: str = "nbd",
+                         skip_zero: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(dw, df) for :func:`mix_experts`. An expert skipped by ``skip_zero`` gets dw_j = 0 and
     df_j = 0: none of this package's gates passes gradient through an exact zero weight (Top-k's
     dropped entries and DSelect-k's zero weights, which need a binary entry of S(Z), both have zero
@@ -593,7 +774,8 @@ def mix_experts_backward(dy, f, w, layout="nbd", skip_zero=True):
     return _C.mix_experts_backward(_array(dy, "dy"), _array(f, "f"), _array(w, "w"), layout, skip_zero)
 
 
-def mix_experts_many(f, w, skip_zero=True, out=None):
+def mix_experts_many(f: np.ndarray, w: np.ndarray, skip_zero: bool = True,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """The T mixtures of a multi-task model with one per-example gate per task (MMoE, eq. 1 per
     task) in one call: y_t = sum_j w_tj f_j, with f (n, B, d), w (T, B, n) and y (T, B, d), i.e.
     ``y[t] == mix_experts(f, w[t])``. Each expert output f_j(x) is read once for all T tasks, not
@@ -602,7 +784,8 @@ def mix_experts_many(f, w, skip_zero=True, out=None):
     return _C.mix_experts_many_forward(_array(f, "f"), _array(w, "w"), skip_zero, out)
 
 
-def mix_experts_many_backward(dy, f, w, skip_zero=True, relu_mask=False):
+def mix_experts_many_backward(dy: np.ndarray, f: np.ndarray, w: np.ndarray, skip_zero: bool = True,
+                              relu_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(dw, df) for :func:`mix_experts_many`, the gradients of sum_t <dy_t, y_t> with dy (T, B, d):
     dw (T, B, n), dw[t, b, j] = <dy_t[b], f_j[b]>, and df (n, B, d), df_j = sum_t w_tj dy_t (the
     expert gradient summed over the tasks). One pass over f replaces T calls of
@@ -623,12 +806,13 @@ def mix_experts_many_backward(dy, f, w, skip_zero=True, relu_mask=False):
 
 # --- affine maps -----------------------------------------------------------------------------
 
-def linear(x, W, b=None, out=None):
+def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """y = x W^T + b with x (B, p), W (o, p), b (o,) or None: one GEMM of the vendored OpenBLAS."""
     return _C.linear_forward(_array(x, "x"), _array(W, "W"), b, out)
 
 
-def linear_backward(dy, x, W, need_dx=True, need_db=True):
+def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, need_dx: bool = True,
+                    need_db: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
     """(dx, dW, db) of <dy, x W^T + b>; dx / db are None when not asked for."""
     return _C.linear_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), need_dx, need_db)
 
@@ -643,7 +827,8 @@ def linear_backward(dy, x, W, need_dx=True, need_db=True):
 # mean with respect to the first argument. The optimizer steps update a flat parameter slab and
 # its state slabs in place, one C call for all parameters, and follow torch.optim's rules.
 
-def dense_forward(x, W, b=None, out=None, relu=False):
+def dense_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, out: np.ndarray | None = None,
+                  relu: bool = False) -> np.ndarray:
     """y (B, o) = x (B, p) @ W (p, o) + b (o,) (b may be None): one GEMM. Note that W is
     (in, out) here, unlike :func:`linear` whose W is (out, in). ``relu=True`` returns
     max(y, 0) instead, applied in place right after the GEMM: exactly
@@ -651,7 +836,8 @@ def dense_forward(x, W, b=None, out=None, relu=False):
     return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu)
 
 
-def dense_backward(dy, x, W, dW, db=None, need_dx=True):
+def dense_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, dW: np.ndarray, db: np.ndarray | None = None,
+                   need_dx: bool = True) -> np.ndarray | None:
     """Backward of :func:`dense_forward` for the upstream gradient dy (B, o).
 
     ACCUMULATES in place: ``dW (p, o) += x^T dy`` (a GEMM with beta = 1) and
@@ -662,13 +848,13 @@ def dense_backward(dy, x, W, dW, db=None, need_dx=True):
     return _C.dense_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), dW, db, need_dx)
 
 
-def relu_forward(x, out=None):
+def relu_forward(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """y = max(x, 0), elementwise, any shape."""
     x = _array(x, "x")
     return _C.relu_forward(x.reshape(-1), _out_view(out, x.shape, -1)).reshape(x.shape)
 
 
-def relu_backward(dy, y):
+def relu_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dx = dy where y > 0, else 0; y is the output of :func:`relu_forward` (so the subgradient
     at 0 is taken as 0)."""
     dy, y = _array(dy, "dy"), _array(y, "y")
@@ -677,7 +863,8 @@ def relu_backward(dy, y):
     return _C.relu_backward(dy.reshape(-1), y.reshape(-1)).reshape(y.shape)
 
 
-def dropout_forward(x, rate, seed, step, training=True):
+def dropout_forward(x: np.ndarray, rate: float, seed: int, step: int, training: bool = True,
+                    rows: np.ndarray | None = None) -> np.ndarray:
     """Inverted dropout: each entry of x (any shape) is kept with probability 1 - rate and
     scaled by 1 / (1 - rate), so the expectation is x; the others are 0.
 
@@ -686,19 +873,32 @@ def dropout_forward(x, rate, seed, step, training=True):
     deterministic, :func:`dropout_backward` recomputes the same mask from the same arguments, and
     it does not depend on the thread count. Pass a new ``step`` (e.g. the training step or a
     per-layer counter) for a new mask. 0 <= rate < 1; seed and step are integers in
-    [0, 2**64 - 1]. ``training=False`` or rate == 0 returns a copy of x."""
+    [0, 2**64 - 1]. ``training=False`` or rate == 0 returns a copy of x.
+
+    ``rows``: None, or an integer array (B,) with x (B, ...): the place of each row of x in a
+    larger batch (>= 0). Entry j of row b (R entries a row) then hashes i = rows[b] * R + j, so
+    that a row gets the mask it has at that place in the whole batch: the rows an expert
+    computes under conditional computation, a rank's share of a data-parallel batch."""
     x = _array(x, "x")
-    return _C.dropout_forward(x.reshape(-1), rate, seed, step, training).reshape(x.shape)
+    _check_rows(rows, x)
+    return _C.dropout_forward(x.reshape(-1), rate, seed, step, training, rows).reshape(x.shape)
 
 
-def dropout_backward(dy, rate, seed, step, training=True):
+def _check_rows(rows, x):
+    if isinstance(rows, np.ndarray) and rows.ndim == 1 and x.ndim >= 1 and rows.shape[0] != x.shape[0]:
+        raise ValueError(f"argument 'rows' must have one entry per row of x {x.shape}, got shape {rows.shape}")
+
+
+def dropout_backward(dy: np.ndarray, rate: float, seed: int, step: int, training: bool = True,
+                     rows: np.ndarray | None = None) -> np.ndarray:
     """dx = dy * mask / (1 - rate) with the mask of ``dropout_forward(x, rate, seed, step,
-    training)`` (dy has x's shape); a copy of dy when training is false or rate == 0."""
+    training, rows)`` (dy has x's shape); a copy of dy when training is false or rate == 0."""
     dy = _array(dy, "dy")
-    return _C.dropout_backward(dy.reshape(-1), rate, seed, step, training).reshape(dy.shape)
+    _check_rows(rows, dy)
+    return _C.dropout_backward(dy.reshape(-1), rate, seed, step, training, rows).reshape(dy.shape)
 
 
-def _column(a, name):
+def _column(a: Any, name: str) -> np.ndarray:
     """(B,) or (B, 1) -> (B,)"""
     a = _array(a, name)
     if a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1):
@@ -706,7 +906,8 @@ def _column(a, name):
     raise ValueError(f"argument '{name}' must have shape (B,) or (B, 1), got {a.shape}")
 
 
-def bce_with_logits(logits, targets, weights=None):
+def bce_with_logits(logits: np.ndarray, targets: np.ndarray,
+                    weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Binary cross-entropy on logits: returns ``(loss, dlogits)``.
 
     logits and targets are (B,) or (B, 1) (either, independently); targets in [0, 1] (soft labels
@@ -717,7 +918,7 @@ def bce_with_logits(logits, targets, weights=None):
     return loss, dz.reshape(logits.shape)
 
 
-def mse(pred, target, weights=None):
+def mse(pred: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Squared error: returns ``(loss, dpred)``.
 
     pred and target (B,) or (B, d), of one shape ((B,) and (B, 1) count as the same). Per example
@@ -736,7 +937,8 @@ def mse(pred, target, weights=None):
     return loss, dp.reshape(pred.shape)
 
 
-def softmax_cross_entropy(logits, labels, weights=None):
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
+                          weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Softmax cross-entropy: returns ``(loss, dlogits)``.
 
     logits (B, C); labels (B,) an integer ndarray of any integer dtype (converted to int64), each
@@ -752,7 +954,7 @@ def softmax_cross_entropy(logits, labels, weights=None):
 # convolution weights (F, C, KH, KW). The convolution is the cross-correlation of deep-learning
 # libraries (no kernel flip). Its backward ACCUMULATES dW and db in place, as dense_backward does.
 
-def _stride_pair(stride):
+def _stride_pair(stride: Any) -> tuple[int, int] | None:
     if isinstance(stride, (int, np.integer)) and not isinstance(stride, (bool, np.bool_)):
         return int(stride), int(stride)
     if isinstance(stride, (tuple, list)) and len(stride) == 2:
@@ -760,7 +962,7 @@ def _stride_pair(stride):
     return None  # left to the binding, which names what is wrong
 
 
-def conv2d_padding(padding, kernel, stride=1):
+def conv2d_padding(padding: Padding, kernel: Pair, stride: Pair = 1) -> Any:
     """(top, bottom, left, right) zero padding for ``padding``:
 
     * ``"valid"``: no padding (only windows inside the input), OH = (H - KH) // sh + 1;
@@ -790,12 +992,13 @@ def conv2d_padding(padding, kernel, stride=1):
     return padding  # a 4-tuple, or something the binding rejects with a message naming it
 
 
-def _conv_padding(padding, W, stride):
+def _conv_padding(padding: Padding, W: np.ndarray, stride: Pair) -> Any:
     kernel = W.shape[2:] if W.ndim == 4 else (1, 1)  # a W of the wrong ndim is reported by the binding
     return conv2d_padding(padding, kernel, stride)
 
 
-def conv2d_forward(x, W, b=None, stride=1, padding="valid", out=None, relu=False):
+def conv2d_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, stride: Pair = 1,
+                   padding: Padding = "valid", out: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
     """2-D convolution, NCHW: x (B, C, H, W), W (F, C, KH, KW), b (F,) or None -> y (B, F, OH, OW),
 
         y[b, f, oh, ow] = b[f] + sum_{c, i, j} W[f, c, i, j] x[b, c, oh sh - top + i, ow sw - left + j]
@@ -809,7 +1012,8 @@ def conv2d_forward(x, W, b=None, stride=1, padding="valid", out=None, relu=False
     return _C.conv2d_forward(x, W, b, stride, _conv_padding(padding, W, stride), out, relu)
 
 
-def conv2d_backward(dy, x, W, dW, db=None, stride=1, padding="valid", need_dx=True):
+def conv2d_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, dW: np.ndarray, db: np.ndarray | None = None,
+                    stride: Pair = 1, padding: Padding = "valid", need_dx: bool = True) -> np.ndarray | None:
     """Backward of :func:`conv2d_forward` (same x, W, stride, padding) for dy (B, F, OH, OW).
 
     ACCUMULATES in place, as :func:`dense_backward`: ``dW (F, C, KH, KW) += d<dy, y>/dW`` and
@@ -820,7 +1024,7 @@ def conv2d_backward(dy, x, W, dW, db=None, stride=1, padding="valid", need_dx=Tr
     return _C.conv2d_backward(dy, x, W, dW, db, stride, _conv_padding(padding, W, stride), need_dx)
 
 
-def max_pool2d_forward(x, kernel=2, stride=None):
+def max_pool2d_forward(x: np.ndarray, kernel: Pair = 2, stride: Pair | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Max pooling of x (B, C, H, W) over the valid windows: returns ``(y, indices)``.
 
     ``kernel``: int or (KH, KW), at most the input plane; ``stride``: int or (sh, sw) >= 1, default
@@ -832,7 +1036,7 @@ def max_pool2d_forward(x, kernel=2, stride=None):
     return _C.max_pool2d_forward(_array(x, "x"), kernel, stride)
 
 
-def max_pool2d_backward(dy, indices, input_size):
+def max_pool2d_backward(dy: np.ndarray, indices: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
     """Backward of :func:`max_pool2d_forward`: dx (B, C, H, W) is 0 except that each dy[b, c, oh, ow]
     is added at the input entry ``indices[b, c, oh, ow]`` (a flat index in the plane); overlapping
     windows (stride < kernel) that picked the same entry add up. ``input_size`` is (H, W) (or the
@@ -845,30 +1049,39 @@ def max_pool2d_backward(dy, indices, input_size):
     return _C.max_pool2d_backward(dy, indices, input_size)
 
 
-def sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
+def sgd_step(params: np.ndarray, grads: np.ndarray, velocity: np.ndarray | None, lr: float, momentum: float = 0.0,
+             weight_decay: float = 0.0, nesterov: bool = False) -> None:
     """One SGD step, torch.optim.SGD's rule (dampening 0), in place on 1-D slabs of one dtype and
     length: g = grads + weight_decay * params; if momentum > 0: velocity = momentum * velocity + g
     and params -= lr * (g + momentum * velocity if nesterov else velocity); else params -= lr * g
     (velocity may then be None, and is not touched). lr > 0, momentum >= 0, weight_decay >= 0;
-    nesterov needs momentum > 0 (as in PyTorch). grads is not modified; NaN/Inf in params or
-    grads raise ValueError."""
+    nesterov needs momentum > 0 (as in PyTorch). grads is not modified. NaN/Inf in params, grads
+    or (when momentum > 0, which reads it) velocity raise ValueError naming the slab, before anything
+    changes; the optimizer state is input too. :func:`trusted_inputs` skips these scans."""
     _C.sgd_step(params, grads, velocity, lr, momentum, weight_decay, nesterov)
 
 
-def adam_step(params, grads, m, v, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+def adam_step(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, step: int, lr: float = 0.001,
+              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
     """One Adam step (Kingma & Ba, with bias correction; torch.optim.Adam's rule and defaults) in
     place on the 1-D slabs params, m, v; ``step`` >= 1 is the 1-based number of this update:
     g = grads + weight_decay * params (L2, not AdamW); m = beta1 m + (1 - beta1) g;
     v = beta2 v + (1 - beta2) g^2; params -= lr / (1 - beta1**step) * m /
-    (sqrt(v) / sqrt(1 - beta2**step) + eps). lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0."""
+    (sqrt(v) / sqrt(1 - beta2**step) + eps). lr > 0, betas in [0, 1), eps > 0, weight_decay >= 0.
+    NaN/Inf in params, grads, m or v, and a negative v (a mean of squares, whose square root is
+    taken) raise ValueError naming the slab, before anything changes (skipped inside
+    :func:`trusted_inputs`)."""
     _C.adam_step(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay)
 
 
-def adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0):
+def adagrad_step(params: np.ndarray, grads: np.ndarray, accum: np.ndarray, lr: float = 0.01, eps: float = 1e-10,
+                 weight_decay: float = 0.0) -> None:
     """One Adagrad step (torch.optim.Adagrad's rule and defaults, lr_decay 0) in place on the 1-D
     slabs params and accum: g = grads + weight_decay * params; accum += g^2;
     params -= lr * g / (sqrt(accum) + eps). PyTorch's initial_accumulator_value is the initial
-    fill of accum (see :class:`dselectk.optim.Adagrad`). lr > 0, eps > 0, weight_decay >= 0."""
+    fill of accum (see :class:`dselectk.optim.Adagrad`). lr > 0, eps > 0, weight_decay >= 0.
+    NaN/Inf in params, grads or accum, and a negative accum, raise ValueError naming the slab,
+    before anything changes (skipped inside :func:`trusted_inputs`)."""
     _C.adagrad_step(params, grads, accum, lr, eps, weight_decay)
 
 
@@ -881,7 +1094,7 @@ def adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0):
 # O(V d)). The gradient of a table is sparse -- (rows, grad_rows): the distinct ids of the batch and
 # their summed gradients -- and the optimizer steps update only those rows (lazy steps).
 
-def embedding_forward(table, ids, out=None, offset=0):
+def embedding_forward(table: np.ndarray, ids: np.ndarray, out: np.ndarray | None = None, offset: int = 0) -> np.ndarray:
     """Row gather: ``out[b, offset + f*d : offset + (f+1)*d] = table[ids[b, f]]``.
 
     table (V, d) float32 / float64; ids (B, F) integer, each in [0, V). Returns a new (B, F*d)
@@ -896,7 +1109,8 @@ def embedding_forward(table, ids, out=None, offset=0):
     return _C.embedding_forward(_array(table, "table"), ids, out, offset)
 
 
-def embedding_backward(dout, ids, num_embeddings, dim=None, offset=0):
+def embedding_backward(dout: np.ndarray, ids: np.ndarray, num_embeddings: int, dim: int | None = None,
+                       offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Sparse gradient of a table (num_embeddings, dim) for the upstream gradient ``dout``.
 
     dout (B, D): the gradient of the forward's output; the table's block is columns
@@ -921,7 +1135,8 @@ def embedding_backward(dout, ids, num_embeddings, dim=None, offset=0):
     return _C.embedding_backward(dout, ids, num_embeddings, dim, offset)
 
 
-def sparse_adagrad_step(table, accum, rows, grad_rows, lr=0.01, eps=1e-10):
+def sparse_adagrad_step(table: np.ndarray, accum: np.ndarray, rows: np.ndarray, grad_rows: np.ndarray,
+                        lr: float = 0.01, eps: float = 1e-10) -> None:
     """Lazy Adagrad on the rows ``rows`` (U,) of table (V, d) and its accumulator accum (V, d),
     both updated in place, with grad_rows (U, d) their gradients (as returned by
     :func:`embedding_backward`): for r = rows[u], g = grad_rows[u],
@@ -930,11 +1145,13 @@ def sparse_adagrad_step(table, accum, rows, grad_rows, lr=0.01, eps=1e-10):
     Rows not listed keep their values and accumulators. rows: integer dtype, DISTINCT (ValueError
     naming a repeated value; the rows are updated in parallel), each in [0, V). The arithmetic is
     :func:`adagrad_step`'s, so with every row listed it equals the dense step (weight decay 0;
-    these sparse steps have none, as torch.optim's sparse Adagrad). lr > 0, eps > 0."""
+    these sparse steps have none, as torch.optim's sparse Adagrad). lr > 0, eps > 0. The listed
+    rows of table and accum must be finite, those of accum >= 0 (ValueError naming the row)."""
     _C.sparse_adagrad_step(table, accum, rows, grad_rows, lr, eps)
 
 
-def sparse_adam_step(table, m, v, rows, grad_rows, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8):
+def sparse_adam_step(table: np.ndarray, m: np.ndarray, v: np.ndarray, rows: np.ndarray, grad_rows: np.ndarray,
+                     step: int, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
     """Lazy Adam on the rows ``rows`` (U,) of table, m, v (V, d) (updated in place), with grad_rows
     (U, d) their gradients: for r = rows[u], g = grad_rows[u],
     ``m[r] = beta1 m[r] + (1 - beta1) g; v[r] = beta2 v[r] + (1 - beta2) g**2;
@@ -945,5 +1162,6 @@ def sparse_adam_step(table, m, v, rows, grad_rows, step, lr=0.001, beta1=0.9, be
     count, the number of this update of the model, also for a row last touched long ago: the same
     rule as PyTorch's torch.optim.SparseAdam and TensorFlow Addons' LazyAdam. rows: integer dtype,
     distinct, in [0, V). With every row listed it equals :func:`adam_step` (weight decay 0).
-    lr > 0, betas in [0, 1), eps > 0."""
+    lr > 0, betas in [0, 1), eps > 0. The listed rows of table, m and v must be finite, those of
+    v >= 0 (ValueError naming the row)."""
     _C.sparse_adam_step(table, m, v, rows, grad_rows, step, lr, beta1, beta2, eps)

@@ -5,7 +5,9 @@ Functions:
 * :func:`accuracy` -- classification accuracy from labels, class scores or binary scores;
 * :func:`auc` -- exact, tie-aware ROC AUC (the normalised Mann-Whitney U statistic), optionally
   weighted, in O(B log B);
+* :func:`log_loss` -- binary or multi-class cross-entropy of predicted probabilities;
 * :func:`mse`, :func:`rmse`, :func:`mae` -- regression errors, optionally weighted per example;
+* :func:`r2` -- the coefficient of determination R^2;
 * :data:`METRICS` / :func:`get_metric` -- look a metric up by name;
 * :func:`evaluate_tasks` -- several metrics on each task of a multi-task model.
 
@@ -33,9 +35,11 @@ import numpy as np
 __all__ = [
     "accuracy",
     "auc",
+    "log_loss",
     "mse",
     "rmse",
     "mae",
+    "r2",
     "METRICS",
     "get_metric",
     "evaluate_tasks",
@@ -275,6 +279,55 @@ def auc(y_true, y_score, sample_weight=None):
     return float(min(max(area, 0.0), 1.0))
 
 
+def log_loss(y_true, y_pred, sample_weight=None, eps=None):
+    """Mean cross-entropy of predicted probabilities, ``-mean_i log p_i(y_i)``.
+
+    Binary: ``y_pred`` (B,) or (B, 1) the probability of class 1, ``y_true`` 0 or 1:
+    ``-mean(y log p + (1 - y) log(1 - p))``. Multi-class: ``y_pred`` (B, C) probabilities (rows
+    summing to 1, within 1e-6 relative), ``y_true`` integer labels in [0, C). Probabilities are
+    clipped to [eps, 1 - eps] before the log (default eps: the machine epsilon of float64, as
+    scikit-learn), so a confident mistake costs about 36, not infinity. With ``sample_weight`` the
+    mean over examples is weighted.
+
+    Raises
+    ------
+    TypeError
+        Non-numeric inputs.
+    ValueError
+        Wrong or mismatched shapes, empty inputs, NaN/Inf, probabilities outside [0, 1], rows of
+        class probabilities that do not sum to 1, labels out of range, bad weights.
+    """
+    eps = np.finfo(np.float64).eps if eps is None else float(eps)
+    if not 0 < eps < 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    yt = _to_array(y_true, "y_true")
+    yp = _to_array(y_pred, "y_pred")
+    if yt.ndim not in (1, 2) or (yt.ndim == 2 and yt.shape[1] != 1):
+        raise ValueError(f"y_true must have shape (B,) or (B, 1), got shape {yt.shape}")
+    yt = yt.reshape(-1)
+    _check_nonempty(yt, "y_true")
+    if yp.ndim not in (1, 2) or yp.shape[0] != yt.shape[0]:
+        raise ValueError(f"y_pred must have shape (B,), (B, 1) or (B, C) with B = {yt.shape[0]} (that of y_true), "
+                         f"got shape {yp.shape}")
+    _check_finite(yp, "y_pred")
+    p = yp.astype(np.float64)
+    if np.any((p < 0) | (p > 1)):
+        raise ValueError("y_pred must hold probabilities in [0, 1]")
+    w = None if sample_weight is None else _sample_weight(sample_weight, yt.shape[0])
+    if p.ndim == 2 and p.shape[1] >= 2:
+        labels = _labels(yt, "y_true")
+        if labels.max() >= p.shape[1]:
+            raise ValueError(f"y_true holds label {int(labels.max())} but y_pred has {p.shape[1]} classes")
+        if not np.allclose(p.sum(axis=1), 1, rtol=1e-6, atol=1e-6):
+            raise ValueError("the rows of y_pred (class probabilities) must sum to 1")
+        per_example = -np.log(np.clip(p[np.arange(p.shape[0]), labels], eps, 1 - eps))
+    else:
+        y = _binary_labels(yt, "y_true")
+        q = np.clip(p.reshape(-1), eps, 1 - eps)
+        per_example = -(y * np.log(q) + (1 - y) * np.log1p(-q))
+    return _mean_over_examples(per_example, w)
+
+
 # ---------------------------------------------------------------------------------------------
 # Regression
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +407,22 @@ def mae(y_true, y_pred, sample_weight=None):
     return _mean_over_examples(np.mean(np.abs(yt - yp), axis=1), w)
 
 
+def r2(y_true, y_pred, sample_weight=None):
+    """Coefficient of determination, ``1 - sum (y - yhat)^2 / sum (y - mean y)^2``, per output
+    dimension and averaged over them (uniformly, as scikit-learn's default); with
+    ``sample_weight`` both sums and the mean are weighted. 1 is a perfect fit, 0 predicting the
+    mean, negative worse than that. Parameters and errors as :func:`mse`, and ValueError when
+    y_true is constant in a dimension (R^2 is undefined there)."""
+    yt, yp, w = _regression_inputs(y_true, y_pred, sample_weight)
+    w = np.ones(yt.shape[0]) if w is None else w
+    mean = (w[:, None] * yt).sum(axis=0) / w.sum()
+    total = (w[:, None] * (yt - mean) ** 2).sum(axis=0)
+    residual = (w[:, None] * (yt - yp) ** 2).sum(axis=0)
+    if np.any(total == 0):
+        raise ValueError("y_true is constant (in some output dimension): R^2 is undefined")
+    return float(np.mean(1 - residual / total))
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry and multi-task evaluation
 # ---------------------------------------------------------------------------------------------
@@ -361,9 +430,11 @@ def mae(y_true, y_pred, sample_weight=None):
 METRICS: dict[str, Callable] = {
     "accuracy": accuracy,
     "auc": auc,
+    "log_loss": log_loss,
     "mse": mse,
     "rmse": rmse,
     "mae": mae,
+    "r2": r2,
 }
 """Metric functions by name, as used by :func:`get_metric` and :func:`evaluate_tasks`."""
 

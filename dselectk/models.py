@@ -29,17 +29,30 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import zipfile
+from typing import Any, Sequence, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
+from . import checkpoint as _checkpoint
 from . import functional as F
+from ._memory import check_experts
 from .embedding import EmbeddingInput, _split
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
-from .layers import MLP, CNNExpert, ParameterSlab, ReLU
+from .inputs import check_task_names
+from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate, subset_rows
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
+
+# the types of the public constructors' arguments
+GateArg = Union[GateSpec, dict, str]  # a spec, its config dict, or a kind string (with **gate_options)
+Embeddings = Union[EmbeddingInput, dict, None]
+Pair = Union[int, Sequence[int]]
+TaskNames = Union[str, Sequence[str], None]
+PathLike = Union[str, "os.PathLike[str]"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 ARCHITECTURES = ("mlp", "cnn")
@@ -110,6 +123,13 @@ def _widths(units, name):
     return [int(u) for u in widths]
 
 
+def _check_dropout(dropout, tower_dropout):
+    """Rates in [0, 1), checked before any layer is built (ValueError / TypeError naming the argument)."""
+    dropout_rate(dropout, "dropout")
+    if tower_dropout is not None:
+        dropout_rate(tower_dropout, "tower_dropout")
+
+
 def _trusted_forward(forward):
     """Checks the model input for NaN/Inf once, then runs ``forward`` inside
     F.trusted_inputs(): the kernels skip re-scanning the intermediate activations (the loss and
@@ -136,6 +156,13 @@ def _trusted_backward(backward):
     return unscanned
 
 
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) in z's dtype, without overflow: exp is taken of -|z| only, and for
+    z < 0 the form e^z / (1 + e^z), which keeps its relative accuracy far into the tail."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
 def _flat(X):
     """X (B, ...) as (B, p): a view of a C-contiguous batch."""
     return X if X.ndim == 2 else X.reshape(X.shape[0], -1)
@@ -143,6 +170,9 @@ def _flat(X):
 
 class _Model:
     """Shared machinery: tasks, losses, the parameter slab, prediction transforms."""
+
+    config: dict  # the constructor's arguments, JSON-able: what save writes and load rebuilds from
+    gates: list  # one gate per task (none for SharedBottom)
 
     def _setup_tasks(self, n_tasks, task_losses, task_outputs, task_weights):
         if not isinstance(n_tasks, int) or n_tasks < 1:
@@ -162,7 +192,22 @@ class _Model:
             raise ValueError(f"task_weights must be finite and >= 0, got {weights}")
         self.task_weights = [float(w) for w in weights]
 
+    @property
+    def task_names(self):
+        """The tasks' names (``task_names=`` of the constructor; task0, task1, ... when unnamed):
+        the keys of a dict Y and of the metrics (``val_watch_auc``)."""
+        names = self.config.get("task_names")
+        return list(names) if names else [f"task{t}" for t in range(self.n_tasks)]
+
+    def _name_tasks(self, task_names):
+        if task_names is not None:  # in the config only when given: older readers load the others
+            self.config["task_names"] = check_task_names(task_names, self.n_tasks)
+
     frozen_mask = None  # boolean mask over the slab, see freeze()
+    # what fit leaves on the model (dselectk.trainer): the optimizers it continues, the History and
+    # counters of the last run, the DataFrame columns it read, and the callbacks' stop flag
+    optimizer = sparse_optimizer = history = train_state = input_columns = None
+    stop_training = False
     input_layer = None  # the EmbeddingInput front, or None: X goes straight to the experts
 
     def _setup_input(self, input_dim, embeddings, seed, dtype, input_shape=None, kind="mlp", what="expert"):
@@ -181,15 +226,10 @@ class _Model:
                 raise ValueError(f"the EmbeddingInput has dtype {embeddings.dtype}, the model {np.dtype(dtype)}")
             front = embeddings
         elif isinstance(embeddings, dict):
-            unknown = sorted(set(embeddings) - {"vocab_sizes", "dims", "n_dense"})
-            if unknown or "vocab_sizes" not in embeddings or "dims" not in embeddings:
-                raise ValueError(f"embeddings must be a dict with keys 'vocab_sizes', 'dims' and optionally 'n_dense' "
-                                 f"(or an EmbeddingInput), got keys {sorted(embeddings)}")
             # the tables draw from their own stream, so the other parameters are initialized as
             # they would be for a model without embeddings
             front_seed = seed if isinstance(seed, np.random.Generator) else np.random.SeedSequence(seed, spawn_key=(1,))
-            front = EmbeddingInput(embeddings["vocab_sizes"], embeddings["dims"], embeddings.get("n_dense", 0),
-                                   seed=np.random.default_rng(front_seed), dtype=dtype)
+            front = EmbeddingInput.from_config(embeddings, seed=np.random.default_rng(front_seed), dtype=dtype)
         else:
             raise TypeError(f"embeddings must be None, a dict or an EmbeddingInput, got {type(embeddings).__name__}")
         if input_dim is not None and input_dim != front.out_dim:
@@ -232,7 +272,16 @@ class _Model:
         return self.slab.named()
 
     def num_parameters(self):
-        return len(self.slab)
+        """Every trainable number: the dense slab and the embedding tables."""
+        return len(self.slab) + sum(t.size for t in self.embedding_tables())
+
+    def summary(self, print_fn=print):
+        """Layers, output shapes and parameter counts (embedding tables included), as Keras'
+        model.summary(); ``print_fn=None`` returns the text instead of printing it."""
+        from .summary import summary
+
+        text = summary(self)
+        return text if print_fn is None else print_fn(text)
 
     def freeze(self, *prefixes):
         """Freeze every parameter whose name starts with one of ``prefixes`` (e.g. "expert" or
@@ -284,7 +333,7 @@ class _Model:
         preds = []
         for name, out in zip(self.task_losses, outputs):
             if name == "bce":
-                preds.append(1.0 / (1.0 + np.exp(-out.reshape(-1))))
+                preds.append(_sigmoid(out.reshape(-1)))
             elif name == "softmax_ce":
                 preds.append(F.softmax(out))
             else:
@@ -343,7 +392,10 @@ class MMoE(_Model):
     embeddings : None, or dict(vocab_sizes=[V_0, ...], dims=[d_0, ...] (or one int), n_dense=0) (or
         an :class:`~dselectk.embedding.EmbeddingInput`): an embedding input front; X is then
         {"ids": (N, F) ints, "dense": (N, n_dense) floats} (or the ids alone), and input_dim may be
-        None (it is sum(dims) + n_dense).
+        None (it is sum(dims) + n_dense). With ``columns=`` names (see dselectk.embedding) X may be
+        a pandas DataFrame or a dict of columns.
+    task_names : None, or one name per task (e.g. ["watch", "rating"]): the keys of a dict or
+        DataFrame Y and of the metrics (``val_watch_auc``); unnamed tasks are task0, task1, ...
 
     With static gates (``per_example=False``) the forward pass computes only the experts that some
     task's weights use (an exact nonzero) and mixes them for all tasks in one GEMM; static DSelect-k
@@ -352,8 +404,8 @@ class MMoE(_Model):
     With per-example gates, when fewer than ``sparse_threshold`` (0.75) of the batch's (example,
     expert) pairs have a nonzero weight in some task, each expert runs only on the examples that use
     it (gather -> dense -> scatter, forward and backward); ``sparse_threshold = 0`` turns this off.
-    Results are the same to rounding, except that expert dropout then draws its masks for the
-    computed rows only (same distribution, other draws). ``model.flops`` counts the expert FLOPs
+    Results are the same to rounding (dropout masks hash each row's place in the batch, so the
+    computed rows get the masks they have in the dense pass). ``model.flops`` counts the expert FLOPs
     executed in training steps and those of the dense model (``reset_flops()``; ``fit`` records
     them per epoch as ``expert_flops`` and ``expert_flops_dense``).
     """
@@ -363,10 +415,15 @@ class MMoE(_Model):
     # their own examples only; at or above it, on the whole batch (gathering would cost more).
     sparse_threshold = 0.75
 
-    def __init__(self, input_dim=None, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,),
-                 task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", *, dropout=0.0, seed=0,
-                 dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
-                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, **gate_options):
+    def __init__(self, input_dim: int | None = None, n_tasks: int = 2, n_experts: int = 8,
+                 expert_units: Sequence[int] = (64,), tower_units: Sequence[int] | None = (32,),
+                 task_losses: str | Sequence[str] = "mse", task_outputs: int | Sequence[int] = 1,
+                 task_weights: Sequence[float] | None = None, gate: GateArg = "dselect_k", *, dropout: float = 0.0,
+                 seed: int = 0, dtype: DTypeLike = "float32", expert_output: str | None = None,
+                 embeddings: Embeddings = None, tower_dropout: float | None = None, expert: str = "mlp",
+                 input_shape: Sequence[int] | None = None, expert_filters: Sequence[int] = (10, 20),
+                 expert_kernel: Pair = 5, expert_pool: Pair = 2, task_names: TaskNames = None,
+                 **gate_options: Any) -> None:
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         tower_units = None if tower_units is None else _widths(tower_units, "tower_units")
@@ -391,6 +448,7 @@ class MMoE(_Model):
                     task_weights=task_weights, dropout=dropout, seed=seed, dtype=dtype, towers=True,
                     expert_output=expert_output, embeddings=embeddings, tower_dropout=tower_dropout, expert=expert,
                     input_shape=input_shape, cnn=dict(filters=expert_filters, kernel=expert_kernel, pool=expert_pool))
+        self._name_tasks(task_names)
 
     def _build(self, *, input_dim, n_tasks, n_experts, expert_units, tower_units, task_losses, task_outputs,
                task_weights, dropout, seed, dtype, towers, expert_output=None, embeddings=None, tower_dropout=None,
@@ -398,6 +456,7 @@ class MMoE(_Model):
         """The layers, with the gates built from ``self.gate_spec`` (one per task, drawn from the
         model's generator after the experts and before the towers)."""
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        _check_dropout(dropout, tower_dropout)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, expert, "expert")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
@@ -405,6 +464,7 @@ class MMoE(_Model):
         self.n_experts = F._int(n_experts, "n_experts", 2)
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
+        check_experts(self, expert_units, dtype)  # before building any: refuse what cannot fit
         if towers:
             if not expert_units:
                 raise ValueError("expert_units must list at least one hidden width")
@@ -470,7 +530,8 @@ class MMoE(_Model):
             f = np.zeros((n, B, self.experts[0].out_dim), self.dtype)
             for j, e in enumerate(self.experts):
                 if rows[j].size:
-                    f[j, rows[j]] = e.forward(X[rows[j]], training)
+                    with subset_rows(rows[j]):  # dropout masks by the rows' place in the batch
+                        f[j, rows[j]] = e.forward(X[rows[j]], training)
             self._count_flops(sum(r.size for r in rows), B, training)
         else:
             rows = None
@@ -606,10 +667,13 @@ class MMoE(_Model):
 class MoE(MMoE):
     """Mixture of Experts (Figure 1(a)): one gate mixes n experts whose outputs are the prediction.
     Each expert is an MLP with hidden widths ``expert_units`` and a linear output of ``output_dim``.
-    ``gate`` and its options, and the other parameters, as :class:`MMoE`."""
+    ``gate`` and its options, and the other parameters, as :class:`MMoE` (``task_names``: one
+    name, or a list of one)."""
 
-    def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", *,
-                 dropout=0.0, seed=0, dtype="float32", embeddings=None, **gate_options):
+    def __init__(self, input_dim: int | None, n_experts: int = 8, expert_units: Sequence[int] = (64,),
+                 loss: str = "mse", output_dim: int = 1, gate: GateArg = "dselect_k", *, dropout: float = 0.0,
+                 seed: int = 0, dtype: DTypeLike = "float32", embeddings: Embeddings = None,
+                 task_names: TaskNames = None, **gate_options: Any) -> None:
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=expert_units, loss=loss,
@@ -618,21 +682,25 @@ class MoE(MMoE):
         self._build(input_dim=input_dim, n_tasks=1, n_experts=n_experts, expert_units=expert_units, tower_units=[],
                     task_losses=loss, task_outputs=output_dim, task_weights=None, dropout=dropout, seed=seed,
                     dtype=dtype, towers=False, embeddings=embeddings)
+        self._name_tasks(task_names)
 
 
 class SharedBottom(_Model):
     """The shared-bottom baseline: one Dense -> ReLU stack (``bottom_units``) shared by all tasks,
-    then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``
-    and ``tower_dropout`` as in :class:`MMoE`.
+    then a tower per task (``tower_units`` and the task's output layer). No gates. ``embeddings``,
+    ``tower_dropout`` and ``task_names`` as in :class:`MMoE`.
 
     With ``bottom="cnn"`` the shared bottom is the CNN of :class:`~dselectk.layers.CNNExpert`
     (``bottom_filters``, ``bottom_kernel``, ``bottom_pool``) followed by the ``bottom_units`` Dense
     layers, on images X (N, C, H, W) of ``input_shape`` (C, H, W)."""
 
-    def __init__(self, input_dim=None, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse",
-                 task_outputs=1, task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None,
-                 tower_dropout=None, bottom="mlp", input_shape=None, bottom_filters=(10, 20), bottom_kernel=5,
-                 bottom_pool=2):
+    def __init__(self, input_dim: int | None = None, n_tasks: int = 2, bottom_units: Sequence[int] = (64,),
+                 tower_units: Sequence[int] = (32,), task_losses: str | Sequence[str] = "mse",
+                 task_outputs: int | Sequence[int] = 1, task_weights: Sequence[float] | None = None,
+                 dropout: float = 0.0, seed: int = 0, dtype: DTypeLike = "float32", embeddings: Embeddings = None,
+                 tower_dropout: float | None = None, bottom: str = "mlp", input_shape: Sequence[int] | None = None,
+                 bottom_filters: Sequence[int] = (10, 20), bottom_kernel: Pair = 5, bottom_pool: Pair = 2,
+                 task_names: TaskNames = None) -> None:
         bottom_units, tower_units = _widths(bottom_units, "bottom_units"), _widths(tower_units, "tower_units")
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=bottom_units,
                            tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
@@ -645,12 +713,14 @@ class SharedBottom(_Model):
             self.config.update(bottom=bottom, bottom_filters=_listed(bottom_filters),
                                bottom_kernel=_listed(bottom_kernel), bottom_pool=_listed(bottom_pool))
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        _check_dropout(dropout, tower_dropout)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, bottom, "bottom")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
         self.bottom_kind = bottom
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
+        self.bottom: MLP | CNNExpert
         if bottom == "cnn":
             if not bottom_units:
                 raise ValueError("bottom_units must list at least one Dense width after the CNN")
@@ -664,6 +734,7 @@ class SharedBottom(_Model):
         self.gates = []
         self._finish(dtype)
         self._cache = None
+        self._name_tasks(task_names)
 
     def named_modules(self):
         mods = self.bottom.named_modules("bottom")
@@ -708,10 +779,15 @@ def _gate_spec_of(config, path):
     raise ValueError(f"{path}: the stored gate config must be a dict (or a kind string), got {type(gate).__name__}")
 
 
-def save(model, path):
-    """Write ``model`` to one ``.npz``: the parameter slab, the embedding tables (``table_<name>``)
-    and JSON metadata (class, constructor arguments with the gate as its spec's config dict,
-    parameter index, table shapes, format version). Loadable with ``allow_pickle=False``."""
+def save(model: _Model, path: PathLike, include_optimizer: bool = True) -> None:
+    """Write ``model`` to one ``.npz`` at exactly ``path``: the parameter slab, the embedding tables
+    (``table_<name>``) and JSON metadata (class, constructor arguments with the gate as its spec's
+    config dict, parameter index, table shapes, format version); after ``fit`` also its training
+    state (optimizer -- unless ``include_optimizer=False`` --, counters, RNG states, History: see
+    dselectk.checkpoint), which ``fit(resume_from=path)`` continues. The write is atomic (a
+    temporary file, fsync, rename). Loadable with ``allow_pickle=False``. Refuses (ValueError)
+    parameters holding NaN or Inf."""
+    _checkpoint.check_finite_parameters(model, f"save({os.fspath(path)!r})")
     tables = model.named_embeddings()
     buffers = _named_buffers(model)
     # the oldest version that holds it
@@ -722,9 +798,12 @@ def save(model, path):
         meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
     if buffers:
         meta["buffers"] = [[name, list(b.shape)] for name, b in buffers.items()]
-    np.savez(path, params=model.slab.data, meta=np.array(json.dumps(meta)),
-             **{f"table_{name}": t for name, t in tables.items()},
-             **{f"buffer_{name}": b for name, b in buffers.items()})
+    training, training_arrays = _checkpoint.training_state(model, include_optimizer)
+    if training is not None:
+        meta["training"] = training
+    _checkpoint.atomic_savez(path, dict(params=model.slab.data, meta=np.array(json.dumps(meta)),
+                                        **{f"table_{name}": t for name, t in tables.items()},
+                                        **{f"buffer_{name}": b for name, b in buffers.items()}, **training_arrays))
 
 
 def _named_buffers(model):
@@ -733,17 +812,24 @@ def _named_buffers(model):
             for name, b in (g.buffers() if hasattr(g, "buffers") else {}).items()}
 
 
-def load(path):
-    """Rebuild a model saved by :func:`save`, by this version or an older one (format versions 1
-    and 2 stored the gate as a kind string with flat keys k, gamma, ...; they are read as the
-    gate's spec). Raises ValueError for a file that is not a dselectk model, was written by a
-    newer format version, or is corrupted."""
+def load(path: PathLike) -> _Model:
+    """Rebuild a model saved by :func:`save` (with its training state, when saved), by this
+    version or an older one (format versions 1 and 2 stored the gate as a kind string with flat
+    keys k, gamma, ...; they are read as the gate's spec). Raises FileNotFoundError for a missing
+    file (``path`` or, as older versions wrote, ``path.npz``) and ValueError for a file that is
+    not a dselectk model, was written by a newer format version, or is corrupted."""
+    path = os.fspath(path)
+    if not os.path.exists(path) and os.path.exists(path + ".npz"):
+        path += ".npz"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no model file at {path!r}")
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"][()]))
             params = z["params"]
             tables = {k[len("table_"):]: z[k] for k in z.files if k.startswith("table_")}
             buffers = {k[len("buffer_"):]: z[k] for k in z.files if k.startswith("buffer_")}
+            training_arrays = {k: z[k] for k in z.files if k.startswith("train_")}
     except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable dselectk model file ({type(exc).__name__}: {exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -751,7 +837,7 @@ def load(path):
     if meta.get("version") not in READ_VERSIONS:
         raise ValueError(f"{path}: written by model format version {meta.get('version')!r}; this dselectk reads "
                          f"versions {', '.join(map(str, READ_VERSIONS))}")
-    cls = _CLASSES.get(meta.get("cls"))
+    cls = _CLASSES.get(str(meta.get("cls")))
     if cls is None:
         raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
     config = meta.get("config")
@@ -790,4 +876,8 @@ def load(path):
     model.slab.data[...] = params
     for name, t in want.items():
         t[...] = tables[name]
+    try:
+        _checkpoint.restore_training(model, meta.get("training"), training_arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored training state is corrupted or does not fit the model ({exc})") from exc
     return model

@@ -22,8 +22,6 @@ a round trip through ``numpy.load`` (0-d arrays for the scalars).
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import functional as F
@@ -50,22 +48,16 @@ def _slabs(params, grads):
 
 
 def _positive(v, name):
-    v = float(v)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number > 0, got {v}")
-    return v
+    return F._number(v, name, strict=True)
 
 
 def _nonneg(v, name):
-    v = float(v)
-    if not (v >= 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-    return v
+    return F._number(v, name)
 
 
 def _unit(v, name):
-    v = float(v)
-    if not 0 <= v < 1:
+    v = F._number(v, name)
+    if v >= 1:
         raise ValueError(f"{name} must be a finite number in [0, 1), got {v}")
     return v
 
@@ -86,9 +78,10 @@ class Optimizer(_LearningRate):
     copied), ``lr`` a settable attribute (checked: finite, > 0)."""
 
     name = ""
-    _hyper = ("lr",)  # scalar hyperparameters saved by state_dict
-    _states = ()  # names of the state slabs
-    _optional_states = ()  # state slabs that may be absent (None)
+    _hyper: tuple[str, ...] = ("lr",)  # scalar hyperparameters saved by state_dict
+    _states: tuple[str, ...] = ()  # names of the state slabs
+    _optional_states: tuple[str, ...] = ()  # state slabs that may be absent (None)
+    _nonneg_states: tuple[str, ...] = ()  # state slabs of squared gradients, >= 0 (their square roots are taken)
 
     def __init__(self, params, grads, lr):
         self.params, self.grads = _slabs(params, grads)
@@ -134,6 +127,8 @@ class Optimizer(_LearningRate):
                                  f"{self.params.shape}, got {src.dtype} {src.shape}")
             if not np.all(np.isfinite(src)):
                 raise ValueError(f"state_dict['{k}'] contains NaN or Inf")
+            if k in self._nonneg_states and np.any(src < 0):
+                raise ValueError(f"state_dict['{k}'] holds negative values; it accumulates squared gradients")
             new[k] = src
         self._set_hyper({k: np.asarray(d[k]).item() for k in self._hyper})
         for k in self._states:
@@ -212,6 +207,7 @@ class Adam(Optimizer):
     name = "adam"
     _hyper = ("lr", "beta1", "beta2", "eps", "weight_decay", "step_count")
     _states = ("m", "v")
+    _nonneg_states = ("v",)
 
     def __init__(self, params, grads, lr=0.001, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         super().__init__(params, grads, lr)
@@ -260,6 +256,7 @@ class Adagrad(Optimizer):
     name = "adagrad"
     _hyper = ("lr", "eps", "weight_decay", "initial_accumulator_value")
     _states = ("accum",)
+    _nonneg_states = ("accum",)
 
     def __init__(self, params, grads, lr=0.01, eps=1e-10, weight_decay=0.0, initial_accumulator_value=0.0):
         super().__init__(params, grads, lr)

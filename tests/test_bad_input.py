@@ -16,6 +16,8 @@ Documented rules (``dselectk/functional.py``, ``dselectk/_binding/common.h``) un
 * arrays a function updates in place (dense_backward's dW/db, the optimizer slabs) are never
   copied: a layout that would need a copy is refused, so is one sharing memory with another
   argument, and a refused call changes nothing.
+* optimizer state is input too: NaN / Inf in a velocity, m, v or accum slab (in the rows a sparse
+  step reads) is refused like NaN in the gradients.
 
 Raw ``_C`` functions may be called by users too: wrong types or shapes must raise, never crash.
 
@@ -512,13 +514,13 @@ for _prefix, _mod in (("F", F), ("C", _C)):
             _mod.softmax_cross_entropy, _loss_args("sce"), ("logits", "weights"), optional=("weights",)),
         f"{_prefix}.sgd_step": Spec(
             Mutating(_mod.sgd_step, ("params", "velocity")), _optim_args("sgd"), ("params", "grads", "velocity"),
-            finite=("params", "grads"), mutable=("params", "velocity"), optional=("velocity",)),
+            mutable=("params", "velocity"), optional=("velocity",)),
         f"{_prefix}.adam_step": Spec(
             Mutating(_mod.adam_step, ("params", "m", "v")), _optim_args("adam"), ("params", "grads", "m", "v"),
-            finite=("params", "grads"), mutable=("params", "m", "v")),
+            mutable=("params", "m", "v")),
         f"{_prefix}.adagrad_step": Spec(
             Mutating(_mod.adagrad_step, ("params", "accum")), _optim_args("adagrad"), ("params", "grads", "accum"),
-            finite=("params", "grads"), mutable=("params", "accum")),
+            mutable=("params", "accum")),
     })
 SPECS["F.bce_with_logits[(B,1)]"] = Spec(
     F.bce_with_logits,
@@ -571,10 +573,10 @@ for _prefix, _mod in (("F", F), ("C", _C)):
             _mod.embedding_backward, _emb_backward_args(_prefix == "C"), ("dout",)),
         f"{_prefix}.sparse_adagrad_step": Spec(
             Mutating(_mod.sparse_adagrad_step, ("table", "accum")), _sparse_args("adagrad"),
-            ("grad_rows", "table", "accum"), finite=("grad_rows", "table"), mutable=("table", "accum")),
+            ("grad_rows", "table", "accum"), mutable=("table", "accum")),
         f"{_prefix}.sparse_adam_step": Spec(
             Mutating(_mod.sparse_adam_step, ("table", "m", "v")), _sparse_args("adam"),
-            ("grad_rows", "table", "m", "v"), finite=("grad_rows", "table"), mutable=("table", "m", "v")),
+            ("grad_rows", "table", "m", "v"), mutable=("table", "m", "v")),
     })
 # --- convolution and max pooling (NCHW) ---
 

@@ -7,6 +7,7 @@ import pytest
 import dselectk as dk
 from dselectk import layers as L
 from dselectk import models as Mo
+from dselectk import inputs as I
 from dselectk import trainer as T
 from fd import check_entries
 
@@ -123,7 +124,7 @@ def test_cnn_mmoe_whole_model_gradient(gate_kwargs):
         for name, v in g.params.items():
             v[...] = rng.uniform(-0.4, 0.4, v.shape) if name == "Z" else rng.standard_normal(v.shape) * 0.05
     X = rng.standard_normal((6, *SHAPE))
-    Y = T._check_Y(model, [rng.integers(0, 4, 6), (rng.random(6) < 0.5).astype(float)], 6)
+    Y = I.check_Y(model, [rng.integers(0, 4, 6), (rng.random(6) < 0.5).astype(float)], 6)
 
     def objective():
         return model.loss(model.forward(X, training=True), Y)[0]
@@ -139,7 +140,7 @@ def test_cnn_shared_bottom_whole_model_gradient():
                             bottom_units=(8,), tower_units=(4,), task_losses=["softmax_ce", "mse"],
                             task_outputs=[3, 1], dtype="float64", seed=5)
     X = rng.standard_normal((5, *SHAPE))
-    Y = T._check_Y(model, [rng.integers(0, 3, 5), rng.standard_normal(5)], 5)
+    Y = I.check_Y(model, [rng.integers(0, 3, 5), rng.standard_normal(5)], 5)
 
     def objective():
         return model.loss(model.forward(X, training=True), Y)[0]
@@ -213,7 +214,7 @@ def _cnn_model():
     (lambda X, Y: (np.where(np.arange(20)[:, None, None, None] == 5, np.inf, X), Y), ValueError, "NaN or Inf .*row 5"),
     (lambda X, Y: (X, Y[:1]), ValueError, "1 tasks, the model has 2"),
     (lambda X, Y: (X, Y + [Y[0]]), ValueError, "3 tasks, the model has 2"),
-    (lambda X, Y: (X, np.stack(Y, 1)), TypeError, "one array per task"),
+    (lambda X, Y: (X, np.stack(Y, 0)), ValueError, r"or an \(N, 2\) array"),  # (N, T) arrays are read, (T, N) not
     (lambda X, Y: (X, [Y[0], np.where(np.arange(20) == 7, 2, Y[1])]), ValueError, "label 2 at row 7"),
     (lambda X, Y: (X, [np.where(np.arange(20) == 3, -1, Y[0]), Y[1]]), ValueError, "label -1 at row 3"),
     (lambda X, Y: (X, [Y[0].astype(float), Y[1]]), ValueError, "integer class labels"),

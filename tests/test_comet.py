@@ -415,3 +415,11 @@ def test_float32_softmax_when_the_largest_logit_has_a_tiny_reach():
     dw = np.linspace(-1, 1, n)
     for g32, g64 in zip(F.comet_backward(dw.astype(np.float32), c32, lam=0.2), F.comet_backward(dw, c64, lam=0.2)):
         np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-6 * np.abs(g64).max())
+
+
+def test_the_onnx_export_walks_the_same_paths():
+    from dselectk.gates.comet import _leaf_paths
+    for n in list(range(2, 40)) + [64, 100]:
+        leaves, paths = _leaf_paths(n)
+        assert leaves == F.comet_leaf_nodes(n).tolist()
+        assert paths == ref.comet_leaf_paths(n)[1]

@@ -9,6 +9,7 @@ import reference as ref
 from fd import check_entries
 from dselectk import functional as F
 from dselectk import models as Mo
+from dselectk import inputs as I
 from dselectk import trainer as T
 from dselectk.embedding import Embedding, EmbeddingInput
 from dselectk.optim import SparseAdagrad, SparseAdam, make_sparse_optimizer
@@ -326,8 +327,8 @@ def _emb_data(rng, N, n_dense=2, vocab=(6, 5)):
 def _fd_check_with_tables(model, X, Y, rng, W=None, n_entries=40):
     """The slab's gradient (a random subset plus every gate entry) and every entry of every table
     (densified sparse gradients) against central differences of the total objective."""
-    Xc = T._check_X(model, X)
-    Yc = T._check_Y(model, Y, Xc["ids"].shape[0])
+    Xc = I.check_X(model, X)
+    Yc = I.check_Y(model, Y, Xc["ids"].shape[0])
 
     def objective():
         return model.loss(model.forward(Xc, training=True), Yc, W)[0]

@@ -8,6 +8,7 @@ import pytest
 import dselectk as dk
 from dselectk import gates as G
 from dselectk import models as Mo
+from dselectk import inputs as I
 from dselectk import trainer as T
 from dselectk.gates.hash import balanced_assignment
 
@@ -72,7 +73,7 @@ def test_each_expert_runs_on_its_ids_only():
         model.zero_grad()
         model.reset_flops()
         outs = model.forward(ids, training=True)
-        _, _, douts = model.loss(outs, T._check_Y(model, Y, 40))
+        _, _, douts = model.loss(outs, I.check_Y(model, Y, 40))
         model.backward(douts)
         results.append((outs, model.slab.grad.copy(), model.flops["experts_executed"],
                         [e.dense_grad() for e in model.input_layer.tables]))

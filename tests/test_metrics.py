@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from dselectk import metrics as M
-from dselectk.metrics import METRICS, accuracy, auc, evaluate_tasks, get_metric, mae, mse, rmse
+from dselectk.metrics import METRICS, accuracy, auc, evaluate_tasks, get_metric, log_loss, mae, mse, r2, rmse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,7 +279,8 @@ def test_inputs_are_not_modified():
 # ---------------------------------------------------------------------------------------------
 
 def test_metrics_registry_and_get_metric():
-    assert METRICS == {"accuracy": accuracy, "auc": auc, "mse": mse, "rmse": rmse, "mae": mae}
+    assert METRICS == {"accuracy": accuracy, "auc": auc, "mse": mse, "rmse": rmse, "mae": mae, "log_loss": log_loss,
+                       "r2": r2}
     for name, fn in METRICS.items():
         assert get_metric(name) is fn
 
@@ -473,3 +474,94 @@ def test_module_is_documented():
         obj = getattr(M, name)
         if callable(obj):
             assert obj.__doc__ and len(obj.__doc__.strip()) > 20, name
+
+
+# ---------------------------------------------------------------------------------------------
+# log loss and R^2 against loops written from their definitions
+# ---------------------------------------------------------------------------------------------
+
+def log_loss_loop(y, p, w=None, eps=np.finfo(np.float64).eps):
+    """-sum_i w_i log(q_i) / sum_i w_i, q_i the (clipped) probability of i's true class, one
+    example at a time."""
+    num = den = 0.0
+    for i in range(len(y)):
+        wi = 1.0 if w is None else float(w[i])
+        if np.ndim(p) == 2 and np.shape(p)[1] > 1:
+            q = min(max(float(p[i][int(y[i])]), eps), 1 - eps)
+        else:
+            p1 = min(max(float(np.ravel(p)[i]), eps), 1 - eps)
+            q = p1 if y[i] == 1 else 1.0 - p1
+        num += -wi * math.log(q)
+        den += wi
+    return num / den
+
+
+def r2_loop(y, yhat, w=None):
+    """Per output column d: 1 - sum_i w_i (y_id - yhat_id)^2 / sum_i w_i (y_id - ybar_d)^2, averaged."""
+    y, yhat = np.asarray(y, float).reshape(len(y), -1), np.asarray(yhat, float).reshape(len(y), -1)
+    w = np.ones(len(y)) if w is None else np.asarray(w, float)
+    scores = []
+    for d in range(y.shape[1]):
+        ybar = sum(w[i] * y[i, d] for i in range(len(y))) / sum(w)
+        res = sum(w[i] * (y[i, d] - yhat[i, d]) ** 2 for i in range(len(y)))
+        tot = sum(w[i] * (y[i, d] - ybar) ** 2 for i in range(len(y)))
+        scores.append(1 - res / tot)
+    return sum(scores) / len(scores)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_log_loss_matches_the_loop(seed):
+    rng = np.random.default_rng(seed)
+    B = int(rng.integers(2, 40))
+    y = rng.integers(0, 2, B)
+    p = rng.random(B)
+    p[0] = 0.0 if y[0] == 1 else p[0]  # a confident mistake: clipped, not infinite
+    w = rng.random(B)
+    for weights in (None, w):
+        assert log_loss(y, p, sample_weight=weights) == pytest.approx(log_loss_loop(y, p, weights), rel=1e-12)
+    assert log_loss(y, p.reshape(-1, 1)) == log_loss(y, p)
+    C = int(rng.integers(2, 6))
+    probs = rng.random((B, C))
+    probs /= probs.sum(axis=1, keepdims=True)
+    labels = rng.integers(0, C, B)
+    for weights in (None, w):
+        assert log_loss(labels, probs, weights) == pytest.approx(log_loss_loop(labels, probs, weights), rel=1e-12)
+
+
+def test_log_loss_hand_values_and_errors():
+    assert log_loss([1, 0], [0.5, 0.5]) == pytest.approx(math.log(2))
+    assert log_loss([0, 2], [[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]) == pytest.approx(-(math.log(0.7) + math.log(0.8)) / 2)
+    assert log_loss([1], [0.0]) == pytest.approx(-math.log(np.finfo(float).eps))
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\]"):
+        log_loss([1, 0], [1.5, 0.2])
+    with pytest.raises(ValueError, match="sum to 1"):
+        log_loss([1, 0], [[0.5, 0.6], [0.5, 0.5]])
+    with pytest.raises(ValueError, match="3 classes|label 3"):
+        log_loss([3, 0], [[0.2, 0.3, 0.5]] * 2)
+    with pytest.raises(ValueError, match="binary labels"):
+        log_loss([2, 0], [0.5, 0.5])
+    with pytest.raises(TypeError, match="real numeric"):
+        log_loss(["a", "b"], [0.5, 0.5])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_r2_matches_the_loop(seed):
+    rng = np.random.default_rng(seed)
+    B, D = int(rng.integers(3, 30)), int(rng.integers(1, 4))
+    y = rng.standard_normal((B, D))
+    yhat = y + 0.5 * rng.standard_normal((B, D))
+    w = rng.random(B)
+    for weights in (None, w):
+        assert r2(y, yhat, weights) == pytest.approx(r2_loop(y, yhat, weights), rel=1e-12)
+    assert r2(y[:, 0], yhat[:, 0]) == pytest.approx(r2_loop(y[:, :1], yhat[:, :1]), rel=1e-12)
+
+
+def test_r2_hand_values_and_errors():
+    y = np.array([1.0, 2.0, 3.0])
+    assert r2(y, y) == 1.0
+    assert r2(y, np.full(3, 2.0)) == 0.0
+    assert r2(y, [3.0, 2.0, 1.0]) == pytest.approx(-3.0)
+    with pytest.raises(ValueError, match="constant"):
+        r2([1.0, 1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="same shape"):
+        r2([1.0, 2.0], [1.0])

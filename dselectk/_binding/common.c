@@ -3,6 +3,7 @@
 
 #include <limits.h>
 #include <math.h>
+#include <stdarg.h>
 #include <string.h>
 
 #include "dsk.h"
@@ -20,32 +21,61 @@ const char *dtype_name(int typenum) {
     return typenum == NPY_FLOAT ? "float32" : typenum == NPY_DOUBLE ? "float64" : "?";
 }
 
-/* The exponent bits of a float / double are all ones exactly for NaN and Inf. Blocks are scanned
- * without an early exit (a vectorizable OR of the tests), and only a block with a hit is searched
- * for its first index: every kernel input is checked, so this scan must run at memory speed. */
-#define FINITE_SCAN_BLOCK 4096
-#define FIRST_NONFINITE(ctype, utype, expmask)                                                  \
+/* Scans of array values: every kernel input is checked, so these must run at memory speed. They
+ * test the bits (IEEE 754) with integer operations of the value's own width, which SSE2 vectorizes
+ * for float and double alike, OR the results of a block together without an early exit, and
+ * search only a block with a hit for its first index. The top bit of
+ *   nonfinite(b)          = (b & EXP) + EXP_LSB  is set exactly when the exponent is all ones
+ *                           (NaN, +-Inf);
+ *   negative_or_nonfinite = that | (b & ((b & ~SIGN) + ~SIGN)), which adds the values with the sign
+ *                           bit and some other bit set: every negative number but -0.0. */
+#define SCAN_BLOCK 4096
+#define FIRST_BAD(ctype, utype, test)                                                           \
     do {                                                                                        \
         const ctype *p = (const ctype *)DATA(a);                                                \
-        for (npy_intp start = 0; start < size; start += FINITE_SCAN_BLOCK) {                    \
-            const npy_intp end = size - start < FINITE_SCAN_BLOCK ? size : start + FINITE_SCAN_BLOCK; \
-            int bad = 0;                                                                        \
+        const int top = 8 * (int)sizeof(utype) - 1;                                             \
+        for (npy_intp start = 0; start < size; start += SCAN_BLOCK) {                           \
+            const npy_intp end = size - start < SCAN_BLOCK ? size : start + SCAN_BLOCK;         \
+            utype acc = 0;                                                                      \
             for (npy_intp i = start; i < end; i++) {                                            \
                 utype bits;                                                                     \
                 memcpy(&bits, p + i, sizeof bits);                                              \
-                bad |= (bits & (expmask)) == (expmask);                                         \
+                acc |= test(bits);                                                              \
             }                                                                                   \
-            if (bad)                                                                            \
-                for (npy_intp i = start; i < end; i++)                                          \
-                    if (!isfinite(p[i])) { *where = i; return 1; }                              \
+            if (acc >> top)                                                                     \
+                for (npy_intp i = start; i < end; i++) {                                        \
+                    utype bits;                                                                 \
+                    memcpy(&bits, p + i, sizeof bits);                                          \
+                    if (test(bits) >> top) { *where = i; return 1; }                            \
+                }                                                                               \
         }                                                                                       \
     } while (0)
 
+static inline uint32_t nonfinite_f32(uint32_t b) { return (uint32_t)-(int32_t)((b & 0x7f800000u) == 0x7f800000u); }
+static inline uint64_t nonfinite_f64(uint64_t b) { return (b & 0x7ff0000000000000ull) + 0x0010000000000000ull; }
+static inline uint32_t negative_or_nonfinite_f32(uint32_t b) {
+    return nonfinite_f32(b) | (b & ((b & 0x7fffffffu) + 0x7fffffffu));
+}
+static inline uint64_t negative_or_nonfinite_f64(uint64_t b) {
+    return nonfinite_f64(b) | (b & ((b & 0x7fffffffffffffffull) + 0x7fffffffffffffffull));
+}
+
 int first_nonfinite(PyArrayObject *a, npy_intp *where) {
     const npy_intp size = PyArray_SIZE(a);
-    if (PyArray_TYPE(a) == NPY_FLOAT) FIRST_NONFINITE(float, uint32_t, 0x7f800000u);
-    else FIRST_NONFINITE(double, uint64_t, 0x7ff0000000000000ull);
+    if (PyArray_TYPE(a) == NPY_FLOAT) FIRST_BAD(float, uint32_t, nonfinite_f32);
+    else FIRST_BAD(double, uint64_t, nonfinite_f64);
     return 0;
+}
+
+static int first_negative_or_nonfinite(PyArrayObject *a, npy_intp *where) {
+    const npy_intp size = PyArray_SIZE(a);
+    if (PyArray_TYPE(a) == NPY_FLOAT) FIRST_BAD(float, uint32_t, negative_or_nonfinite_f32);
+    else FIRST_BAD(double, uint64_t, negative_or_nonfinite_f64);
+    return 0;
+}
+
+static double value_at(PyArrayObject *a, npy_intp i) {
+    return PyArray_TYPE(a) == NPY_FLOAT ? (double)((const float *)DATA(a))[i] : ((const double *)DATA(a))[i];
 }
 
 /* The dtype rule of input_array and inplace_array: the first array of a call is float32 or
@@ -102,6 +132,26 @@ static int check_finite_values(PyArrayObject *a, const char *name) {
         PyErr_Format(PyExc_ValueError, "argument '%s' contains NaN or Inf (first at flat index %ld); "
                      "expected finite values", name, (long)where);
         return -1;
+    }
+    return 0;
+}
+
+/* A pass per slab: one loop over all the slabs at once was measured no faster (the scans run near
+ * memory speed already). */
+int check_slabs(PyArrayObject *const *slabs, const char *const *names, int count, int last_nonneg) {
+    for (int j = 0; j < count; j++) {
+        npy_intp where;
+        if (!(last_nonneg && j == count - 1)) {
+            if (check_finite_values(slabs[j], names[j]) < 0) return -1;
+        } else if (finite_checks_on && first_negative_or_nonfinite(slabs[j], &where)) {
+            const double v = value_at(slabs[j], where);
+            if (!isfinite(v)) return check_finite_values(slabs[j], names[j]); /* names the first NaN / Inf */
+            char msg[256];
+            snprintf(msg, sizeof msg, "argument '%s' must hold values >= 0 (it accumulates squared gradients), got "
+                     "%s[%ld] = %g", names[j], names[j], (long)where, v);
+            PyErr_SetString(PyExc_ValueError, msg);
+            return -1;
+        }
     }
     return 0;
 }
@@ -298,8 +348,7 @@ int check_unit(double v, const char *name) {
 int check_range(PyArrayObject *a, const char *name, double lo, double hi, const char *expected) {
     const npy_intp size = PyArray_SIZE(a);
     for (npy_intp i = 0; i < size; i++) {
-        const double v = PyArray_TYPE(a) == NPY_FLOAT ? (double)((const float *)DATA(a))[i]
-                                                       : ((const double *)DATA(a))[i];
+        const double v = value_at(a, i);
         if (v < lo || v > hi) {
             char msg[256];
             snprintf(msg, sizeof msg, "argument '%s' must hold values %s, got %s[%ld] = %g", name, expected, name,
@@ -384,5 +433,93 @@ int check_blas_dims(npy_intp a, npy_intp b, npy_intp c) {
         PyErr_SetString(PyExc_ValueError, "a dimension exceeds 2**31 - 1, the limit of the 32-bit BLAS");
         return -1;
     }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Argument parsing
+ */
+
+/* The format unit (its letter) of argument i of a PyArg format such as "OOd|O"; 0 past the end. */
+static char format_unit(const char *format, int i) {
+    for (const char *c = format; *c && *c != ':' && *c != ';'; c++) {
+        if (*c == '|' || *c == '$') continue;
+        if (i-- == 0) return *c;
+        if (c[1] == '&' || c[1] == '!' || c[1] == '#' || c[1] == '*') c++; /* O&, O!, s#, s*: one unit */
+    }
+    return 0;
+}
+
+/* Whether converting v for format unit `unit` ('d': a double, 'n': a Py_ssize_t) raises `failure`
+ * (OverflowError or TypeError); if so, that error is replaced by one naming the argument `name`. */
+static int name_conversion_error(PyObject *v, char unit, const char *name, PyObject *failure) {
+    if (unit != 'd' && unit != 'n') return 0;
+    PyObject *index = NULL;
+    long nbits = -1;
+    if (unit == 'd') {
+        if (!(PyFloat_AsDouble(v) == -1 && PyErr_Occurred())) return 0;
+    } else if ((index = PyNumber_Index(v)) != NULL) {
+        if (!(PyLong_AsSsize_t(index) == -1 && PyErr_Occurred())) {
+            Py_DECREF(index);
+            return 0;
+        }
+    }
+    const int matches = PyErr_ExceptionMatches(failure);
+    PyErr_Clear();
+    if (matches && index) {
+        PyObject *bits = PyObject_CallMethod(index, "bit_length", NULL);
+        nbits = bits ? PyLong_AsLong(bits) : -1;
+        Py_XDECREF(bits);
+        PyErr_Clear();
+    }
+    Py_XDECREF(index);
+    if (!matches) return 0;
+    const char *type = Py_TYPE(v)->tp_name;
+    if (failure == PyExc_TypeError)
+        PyErr_Format(PyExc_TypeError, unit == 'd' ? "%s must be a real number (a float), got %s"
+                                                  : "%s must be an integer, got %s", name, type);
+    else if (unit == 'd')
+        PyErr_Format(PyExc_ValueError, "%s must be a finite number, got %s %s too large for a float64 (whose "
+                     "largest value is about 1.8e308)", name, PyLong_Check(v) ? "an" : "a", type);
+    else
+        PyErr_Format(PyExc_ValueError, "%s is out of range: expected an integer of magnitude below 2**63 (and "
+                     "within this function's limits), got one of %ld bits", name, nbits);
+    return 1;
+}
+
+int parse_args(PyObject *args, PyObject *kw, const char *format, char **kwlist, ...) {
+    va_list va;
+    va_start(va, kwlist);
+    const int ok = PyArg_VaParseTupleAndKeywords(args, kw, format, kwlist, va);
+    va_end(va);
+    PyObject *failure = ok ? NULL
+                     : PyErr_ExceptionMatches(PyExc_OverflowError) ? PyExc_OverflowError
+                     : PyErr_ExceptionMatches(PyExc_TypeError) ? PyExc_TypeError : NULL;
+    if (!failure) return ok;
+    /* Find the number argument that failed to convert; keep the original error if none did. */
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *original = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+#endif
+    const Py_ssize_t npos = PyTuple_GET_SIZE(args);
+    int named = 0;
+    for (int i = 0; kwlist[i] && !named; i++) {
+        PyObject *v = i < npos ? PyTuple_GET_ITEM(args, i) : kw ? PyDict_GetItemString(kw, kwlist[i]) : NULL;
+        if (v) named = name_conversion_error(v, format_unit(format, i), kwlist[i], failure);
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    if (named) Py_DECREF(original);
+    else PyErr_SetRaisedException(original);
+#else
+    if (named) {
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(traceback);
+    } else {
+        PyErr_Restore(type, value, traceback);
+    }
+#endif
     return 0;
 }

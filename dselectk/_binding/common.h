@@ -146,6 +146,20 @@ static inline int64_t index_at(PyArrayObject *a, npy_intp i) {
 /* "[i, j]" (2-D) or "[i]" for the flat index flat of an array of shape dims, into buf. */
 void format_position(char *buf, size_t size, int ndim, const npy_intp *dims, npy_intp flat);
 
+/* PyArg_ParseTupleAndKeywords, except that a number argument that does not convert names itself:
+ * too large for its C type (beyond float64's range for a 'd' unit, beyond 64 bits for an 'n'
+ * unit) is a ValueError, not an OverflowError naming no argument; not a number at all is a
+ * TypeError saying which argument wanted a float or an integer. Every binding function parses
+ * its arguments with it. */
+int parse_args(PyObject *args, PyObject *kw, const char *format, char **kwlist, ...);
+
+/* The value check of a dense optimizer step's slabs (params, grads and its state: velocity, m, v,
+ * accum), before anything changes: ValueError naming the first slab, in argument order, with a
+ * NaN / Inf or, with last_nonneg, a negative value in the last slab (a sum or mean of squares:
+ * Adam's v, Adagrad's accum, whose square root the step takes; -0.0 is fine). Skipped inside
+ * trusted_inputs(), like every NaN / Inf scan. */
+int check_slabs(PyArrayObject *const *slabs, const char *const *names, int count, int last_nonneg);
+
 /* ---------------------------------------------------------------------------------------------
  * Scalar and size checks: 0, or -1 with a ValueError naming the argument.
  */

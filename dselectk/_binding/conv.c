@@ -133,8 +133,8 @@ static PyObject *py_conv2d_forward(PyObject *Py_UNUSED(self), PyObject *args, Py
     int relu = 0;
     Hold h = {0};
     if (!one || !zero) goto done;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOOOp", kwlist, &x_obj, &W_obj, &b_obj, &stride_obj, &pad_obj,
-                                     &out_obj, &relu))
+    if (!parse_args(args, kw, "OO|OOOOp", kwlist, &x_obj, &W_obj, &b_obj, &stride_obj, &pad_obj,
+                    &out_obj, &relu))
         goto done;
     int tn = NPY_NOTYPE;
     PyArrayObject *x, *Wt, *b = NULL;
@@ -176,8 +176,8 @@ static PyObject *py_conv2d_backward(PyObject *Py_UNUSED(self), PyObject *args, P
     int need_dx = 1;
     Hold h = {0};
     if (!one || !zero) goto done;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|OOOp", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
-                                     &stride_obj, &pad_obj, &need_dx))
+    if (!parse_args(args, kw, "OOOO|OOOp", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
+                    &stride_obj, &pad_obj, &need_dx))
         goto done;
     int tn = NPY_NOTYPE;
     PyArrayObject *x, *Wt, *db = NULL, *dx = NULL;
@@ -220,7 +220,7 @@ static PyObject *py_max_pool2d_forward(PyObject *Py_UNUSED(self), PyObject *args
     PyObject *x_obj, *kernel_obj = NULL, *stride_obj = Py_None, *result = NULL;
     long KH = 2, KW = 2, sh, sw;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|OO", kwlist, &x_obj, &kernel_obj, &stride_obj)) return NULL;
+    if (!parse_args(args, kw, "O|OO", kwlist, &x_obj, &kernel_obj, &stride_obj)) return NULL;
     if (kernel_obj && parse_pair(kernel_obj, "kernel", 1, &KH, &KW) < 0) return NULL;
     sh = KH, sw = KW;
     if (stride_obj != Py_None && parse_pair(stride_obj, "stride", 1, &sh, &sw) < 0) return NULL;
@@ -264,7 +264,7 @@ static PyObject *py_max_pool2d_backward(PyObject *Py_UNUSED(self), PyObject *arg
     PyObject *dy_obj, *idx_obj, *size_obj, *result = NULL;
     long H, W;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO", kwlist, &dy_obj, &idx_obj, &size_obj)) return NULL;
+    if (!parse_args(args, kw, "OOO", kwlist, &dy_obj, &idx_obj, &size_obj)) return NULL;
     if (parse_pair(size_obj, "input_size", 1, &H, &W) < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp ydims[4] = {-1, -1, -1, -1};

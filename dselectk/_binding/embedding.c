@@ -9,27 +9,41 @@
 
 #include "embedding.h"
 
-/* The rows of table (V, d) that ids looks up must be finite: only those are read, so only those
- * are scanned (a whole-table scan per batch would cost O(V d) where the call costs O(B F d)). */
-static int check_rows_finite(PyArrayObject *table, PyArrayObject *ids, const char *ids_name) {
-    const npy_intp d = PyArray_DIM(table, 1), n = PyArray_SIZE(ids);
+/* The rows of a (V, d) (an embedding table, or an optimizer state of its shape) that ids looks up
+ * must be finite, and with nonneg >= 0 (a sum or mean of squared gradients): only those rows are
+ * read, so only those are scanned (a whole-table scan per batch would cost O(V d) where the call
+ * costs O(B F d)). Cheap, so it runs inside trusted_inputs() too. */
+static int check_rows(PyArrayObject *a, const char *name, PyArrayObject *ids, const char *ids_name, int nonneg) {
+    const npy_intp d = PyArray_DIM(a, 1), n = PyArray_SIZE(ids);
     char where[64];
     for (npy_intp i = 0; i < n; i++) {
         const int64_t r = index_at(ids, i);
-        int finite = 1;
-        if (PyArray_TYPE(table) == NPY_FLOAT) {
-            const float *p = (const float *)DATA(table) + r * d;
-            for (npy_intp j = 0; j < d && finite; j++) finite = isfinite(p[j]);
+        npy_intp j = 0;
+        double v = 0;
+        if (PyArray_TYPE(a) == NPY_FLOAT) {
+            const float *p = (const float *)DATA(a) + r * d;
+            for (; j < d; j++)
+                if (!isfinite(p[j]) || (nonneg && p[j] < 0)) break;
+            if (j < d) v = p[j];
         } else {
-            const double *p = (const double *)DATA(table) + r * d;
-            for (npy_intp j = 0; j < d && finite; j++) finite = isfinite(p[j]);
+            const double *p = (const double *)DATA(a) + r * d;
+            for (; j < d; j++)
+                if (!isfinite(p[j]) || (nonneg && p[j] < 0)) break;
+            if (j < d) v = p[j];
         }
-        if (!finite) {
-            format_position(where, sizeof where, PyArray_NDIM(ids), PyArray_DIMS(ids), i);
-            PyErr_Format(PyExc_ValueError, "argument 'table' contains NaN or Inf in row %lld (read for %s%s); "
-                         "expected finite values", (long long)r, ids_name, where);
-            return -1;
+        if (j == d) continue;
+        format_position(where, sizeof where, PyArray_NDIM(ids), PyArray_DIMS(ids), i);
+        if (!isfinite(v)) {
+            PyErr_Format(PyExc_ValueError, "argument '%s' contains NaN or Inf in row %lld (read for %s%s); "
+                         "expected finite values", name, (long long)r, ids_name, where);
+        } else {
+            char msg[256];
+            snprintf(msg, sizeof msg, "argument '%s' must hold values >= 0 (it accumulates squared gradients), "
+                     "got %s[%lld, %ld] = %g (row read for %s%s)", name, name, (long long)r, (long)j, v, ids_name,
+                     where);
+            PyErr_SetString(PyExc_ValueError, msg);
         }
+        return -1;
     }
     return 0;
 }
@@ -129,7 +143,7 @@ static PyObject *py_embedding_forward(PyObject *Py_UNUSED(self), PyObject *args,
     PyObject *t_obj, *ids_obj, *out_obj = Py_None, *offset_obj = NULL, *result = NULL;
     unsigned long long offset = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OO", kwlist, &t_obj, &ids_obj, &out_obj, &offset_obj)) return NULL;
+    if (!parse_args(args, kw, "OO|OO", kwlist, &t_obj, &ids_obj, &out_obj, &offset_obj)) return NULL;
     if (offset_obj && parse_count(offset_obj, "offset", 0, LONG_MAX, &offset) < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp tdims[2] = {-1, -1}, idims[2] = {-1, -1}, width, ld;
@@ -138,7 +152,7 @@ static PyObject *py_embedding_forward(PyObject *Py_UNUSED(self), PyObject *args,
     PyArrayObject *ids = hold_from(&h, ids_obj, index_array(ids_obj, "ids", "row indices", 2, idims, "(B, F)",
                                                             tdims[0], "the rows of 'table'", 1));
     if (!ids || check_batch(idims[0], "ids") < 0) goto done;
-    if (block_width(idims[1], tdims[1], (npy_intp)offset, &width) < 0 || check_rows_finite(table, ids, "ids") < 0)
+    if (block_width(idims[1], tdims[1], (npy_intp)offset, &width) < 0 || check_rows(table, "table", ids, "ids", 0) < 0)
         goto done;
     if (out_obj == Py_None) {
         if (offset != 0) {
@@ -178,7 +192,7 @@ static PyObject *py_embedding_backward(PyObject *Py_UNUSED(self), PyObject *args
     unsigned long long V, d, offset = 0;
     long U = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|O", kwlist, &dout_obj, &ids_obj, &V_obj, &d_obj, &offset_obj))
+    if (!parse_args(args, kw, "OOOO|O", kwlist, &dout_obj, &ids_obj, &V_obj, &d_obj, &offset_obj))
         return NULL;
     if (parse_count(V_obj, "num_embeddings", 1, LONG_MAX, &V) < 0 || parse_count(d_obj, "dim", 1, LONG_MAX, &d) < 0 ||
         (offset_obj && parse_count(offset_obj, "offset", 0, LONG_MAX, &offset) < 0))
@@ -265,11 +279,12 @@ static int check_distinct(PyArrayObject *rows, const char *name) {
 }
 
 /* The common arguments of the sparse steps: grad_rows (U, d) (sets the dtype; finite), the n_states
- * tables updated in place -- table (V, d) first (finite in the rows listed), then the optimizer
- * states of its shape --, and rows (U,) distinct, in [0, V), sharing no memory with them. */
+ * tables updated in place -- table (V, d) first, then the optimizer states of its shape, each
+ * finite in the rows listed, and >= 0 there where nonneg[i] --, and rows (U,) distinct, in [0, V),
+ * sharing no memory with them. */
 static int sparse_step_args(PyObject *g_obj, PyObject *r_obj, PyObject **state_objs, const char **state_names,
-                            int n_states, int *tn, Hold *h, PyArrayObject **grad_rows, PyArrayObject **states,
-                            PyArrayObject **rows, npy_intp *U, npy_intp *d) {
+                            const int *nonneg, int n_states, int *tn, Hold *h, PyArrayObject **grad_rows,
+                            PyArrayObject **states, PyArrayObject **rows, npy_intp *U, npy_intp *d) {
     npy_intp gdims[2] = {-1, -1};
     if (!(*grad_rows = hold_from(h, g_obj, input_array(g_obj, "grad_rows", tn, 2, gdims, "(U, d)", 1)))) return -1;
     npy_intp tdims[2] = {-1, gdims[1]};
@@ -287,7 +302,9 @@ static int sparse_step_args(PyObject *g_obj, PyObject *r_obj, PyObject **state_o
                          state_names[i]);
             return -1;
         }
-    if (check_distinct(*rows, "rows") < 0 || check_rows_finite(states[0], *rows, "rows") < 0) return -1;
+    if (check_distinct(*rows, "rows") < 0) return -1;
+    for (int i = 0; i < n_states; i++)
+        if (check_rows(states[i], state_names[i], *rows, "rows", nonneg[i]) < 0) return -1;
     *U = gdims[0];
     *d = gdims[1];
     return 0;
@@ -298,22 +315,24 @@ PyDoc_STRVAR(sparse_adagrad_step_doc,
 "Lazy Adagrad on the rows of table (V, d) and accum (V, d) (updated in place) listed in rows (U,)\n"
 "(integer dtype, distinct, in [0, V)), with grad_rows (U, d) their gradients (embedding_backward's\n"
 "output): accum[r] += g^2; table[r] -= lr * g / (sqrt(accum[r]) + eps). Rows not listed, and their\n"
-"accum, do not change. lr > 0, eps > 0. No weight decay (as torch.optim's sparse steps).");
+"accum, do not change. lr > 0, eps > 0. No weight decay (as torch.optim's sparse steps). The listed\n"
+"rows of table and accum must be finite, those of accum >= 0 (ValueError).");
 
 static PyObject *py_sparse_adagrad_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"table", "accum", "rows", "grad_rows", "lr", "eps", NULL};
     PyObject *states_obj[2], *r_obj, *g_obj, *result = NULL;
     const char *names[2] = {"table", "accum"};
+    const int nonneg[2] = {0, 1};
     double lr = 1e-2, eps = 1e-10;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|dd", kwlist, &states_obj[0], &states_obj[1], &r_obj, &g_obj, &lr,
-                                     &eps))
+    if (!parse_args(args, kw, "OOOO|dd", kwlist, &states_obj[0], &states_obj[1], &r_obj, &g_obj, &lr,
+                    &eps))
         return NULL;
     if (check_scalar(lr, "lr", 1) < 0 || check_scalar(eps, "eps", 1) < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp U, d;
     PyArrayObject *grad_rows, *states[2], *rows;
-    if (sparse_step_args(g_obj, r_obj, states_obj, names, 2, &tn, &h, &grad_rows, states, &rows, &U, &d) < 0)
+    if (sparse_step_args(g_obj, r_obj, states_obj, names, nonneg, 2, &tn, &h, &grad_rows, states, &rows, &U, &d) < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, sparse_adagrad_step, DATA(states[0]), DATA(states[1]), DATA(rows), DATA(grad_rows), (long)U, (long)d,
@@ -333,17 +352,19 @@ PyDoc_STRVAR(sparse_adam_step_doc,
 "table[r] -= lr / (1 - beta1**step) * m[r] / (sqrt(v[r]) / sqrt(1 - beta2**step) + eps).\n"
 "Rows not listed keep their values and moments. step >= 1 is the GLOBAL step count (the number of\n"
 "this update of the model), also for rows last touched long ago: the bias correction of PyTorch's\n"
-"SparseAdam and TensorFlow's LazyAdam. lr > 0, 0 <= beta1, beta2 < 1, eps > 0.");
+"SparseAdam and TensorFlow's LazyAdam. lr > 0, 0 <= beta1, beta2 < 1, eps > 0. The listed rows of\n"
+"table, m and v must be finite, those of v >= 0 (ValueError).");
 
 static PyObject *py_sparse_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"table", "m", "v", "rows", "grad_rows", "step", "lr", "beta1", "beta2", "eps", NULL};
     PyObject *states_obj[3], *r_obj, *g_obj, *step_obj, *result = NULL;
     const char *names[3] = {"table", "m", "v"};
+    const int nonneg[3] = {0, 0, 1};
     double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
     unsigned long long step;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO|dddd", kwlist, &states_obj[0], &states_obj[1], &states_obj[2],
-                                     &r_obj, &g_obj, &step_obj, &lr, &beta1, &beta2, &eps))
+    if (!parse_args(args, kw, "OOOOOO|dddd", kwlist, &states_obj[0], &states_obj[1], &states_obj[2],
+                    &r_obj, &g_obj, &step_obj, &lr, &beta1, &beta2, &eps))
         return NULL;
     if (parse_count(step_obj, "step", 1, LONG_MAX, &step) < 0 || check_scalar(lr, "lr", 1) < 0 ||
         check_unit(beta1, "beta1") < 0 || check_unit(beta2, "beta2") < 0 || check_scalar(eps, "eps", 1) < 0)
@@ -351,7 +372,7 @@ static PyObject *py_sparse_adam_step(PyObject *Py_UNUSED(self), PyObject *args, 
     int tn = NPY_NOTYPE;
     npy_intp U, d;
     PyArrayObject *grad_rows, *states[3], *rows;
-    if (sparse_step_args(g_obj, r_obj, states_obj, names, 3, &tn, &h, &grad_rows, states, &rows, &U, &d) < 0)
+    if (sparse_step_args(g_obj, r_obj, states_obj, names, nonneg, 3, &tn, &h, &grad_rows, states, &rows, &U, &d) < 0)
         goto done;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, sparse_adam_step, DATA(states[0]), DATA(states[1]), DATA(states[2]), DATA(rows), DATA(grad_rows),

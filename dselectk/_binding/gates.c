@@ -18,7 +18,7 @@ static PyObject *py_smooth_step_forward(PyObject *Py_UNUSED(self), PyObject *arg
     PyObject *t_obj, *out_obj = NULL, *result = NULL;
     double gamma;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "Od|O", kwlist, &t_obj, &gamma, &out_obj)) return NULL;
+    if (!parse_args(args, kw, "Od|O", kwlist, &t_obj, &gamma, &out_obj)) return NULL;
     if (check_gamma(gamma, "gamma") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
@@ -44,7 +44,7 @@ static PyObject *py_smooth_step_backward(PyObject *Py_UNUSED(self), PyObject *ar
     PyObject *dout_obj, *t_obj, *result = NULL;
     double gamma;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOd", kwlist, &dout_obj, &t_obj, &gamma)) return NULL;
+    if (!parse_args(args, kw, "OOd", kwlist, &dout_obj, &t_obj, &gamma)) return NULL;
     if (check_gamma(gamma, "gamma") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
@@ -76,7 +76,7 @@ static PyObject *py_selector_forward(PyObject *Py_UNUSED(self), PyObject *args, 
     PyObject *s_obj, *out_obj = NULL, *result = NULL;
     Py_ssize_t n;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "On|O", kwlist, &s_obj, &n, &out_obj)) return NULL;
+    if (!parse_args(args, kw, "On|O", kwlist, &s_obj, &n, &out_obj)) return NULL;
     if (check_n(n) < 0) return NULL;
     const int m = n_bits(n);
     int tn = NPY_NOTYPE;
@@ -104,7 +104,7 @@ static PyObject *py_selector_backward(PyObject *Py_UNUSED(self), PyObject *args,
     PyObject *dr_obj, *s_obj, *result = NULL;
     Py_ssize_t n;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOn", kwlist, &dr_obj, &s_obj, &n)) return NULL;
+    if (!parse_args(args, kw, "OOn", kwlist, &dr_obj, &s_obj, &n)) return NULL;
     if (check_n(n) < 0) return NULL;
     const int m = n_bits(n);
     int tn = NPY_NOTYPE;
@@ -140,7 +140,7 @@ static PyObject *py_dselect_k_forward(PyObject *Py_UNUSED(self), PyObject *args,
     Py_ssize_t n;
     double gamma;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOnd|O", kwlist, &alpha_obj, &Z_obj, &n, &gamma, &out_obj))
+    if (!parse_args(args, kw, "OOnd|O", kwlist, &alpha_obj, &Z_obj, &n, &gamma, &out_obj))
         return NULL;
     if (check_n(n) < 0 || check_gamma(gamma, "gamma") < 0) return NULL;
     const int m = n_bits(n);
@@ -180,8 +180,8 @@ static PyObject *py_dselect_k_backward(PyObject *Py_UNUSED(self), PyObject *args
     PyObject *dw_obj, *sigma_obj, *sz_obj, *r_obj, *Z_obj, *result = NULL;
     double gamma, lam = 0, xi = 0, eps = 1e-6;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOd|ddd", kwlist, &dw_obj, &sigma_obj, &sz_obj, &r_obj,
-                                     &Z_obj, &gamma, &lam, &xi, &eps))
+    if (!parse_args(args, kw, "OOOOOd|ddd", kwlist, &dw_obj, &sigma_obj, &sz_obj, &r_obj,
+                    &Z_obj, &gamma, &lam, &xi, &eps))
         return NULL;
     if (check_gamma(gamma, "gamma") < 0 || check_nonneg(lam, "lam") < 0 || check_nonneg(xi, "xi") < 0 ||
         check_gamma(eps, "eps") < 0)
@@ -219,7 +219,7 @@ static PyObject *selector_reduction(PyObject *args, PyObject *kw, int which) {
     PyObject *r_obj, *result = NULL;
     double eps = 1e-6, value = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|d", kwlist, &r_obj, &eps)) return NULL;
+    if (!parse_args(args, kw, "O|d", kwlist, &r_obj, &eps)) return NULL;
     if (check_gamma(eps, "eps") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
@@ -270,8 +270,8 @@ static PyObject *logits_gate(PyObject *args, PyObject *kw, int topk) {
     PyObject *l_obj, *out_obj = NULL, *result = NULL;
     Py_ssize_t k = 0;
     Hold h = {0};
-    if (topk ? !PyArg_ParseTupleAndKeywords(args, kw, "On|O", kwlist_tk, &l_obj, &k, &out_obj)
-             : !PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist_sm, &l_obj, &out_obj))
+    if (topk ? !parse_args(args, kw, "On|O", kwlist_tk, &l_obj, &k, &out_obj)
+             : !parse_args(args, kw, "O|O", kwlist_sm, &l_obj, &out_obj))
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
@@ -311,7 +311,7 @@ static PyObject *py_softmax_backward(PyObject *Py_UNUSED(self), PyObject *args, 
     static char *kwlist[] = {"dw", "w", NULL};
     PyObject *dw_obj, *w_obj, *result = NULL;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", kwlist, &dw_obj, &w_obj)) return NULL;
+    if (!parse_args(args, kw, "OO", kwlist, &dw_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
     PyArrayObject *dw = hold_from(&h, dw_obj, input_array(dw_obj, "dw", &tn, 2, dims, "(B, n)", 1));
@@ -342,8 +342,8 @@ static PyObject *noisy_logits(PyObject *args, PyObject *kw, int backward) {
     static char *kwlist_b[] = {"dh", "raw_noise", "normal", NULL};
     PyObject *a_obj, *raw_obj, *normal_obj, *result = NULL;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO", backward ? kwlist_b : kwlist_f, &a_obj, &raw_obj,
-                                     &normal_obj))
+    if (!parse_args(args, kw, "OOO", backward ? kwlist_b : kwlist_f, &a_obj, &raw_obj,
+                    &normal_obj))
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
@@ -385,7 +385,7 @@ static PyObject *py_softmax_selector_forward(PyObject *Py_UNUSED(self), PyObject
     PyObject *alpha_obj, *beta_obj, *result = NULL;
     double T;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOd", kwlist, &alpha_obj, &beta_obj, &T)) return NULL;
+    if (!parse_args(args, kw, "OOd", kwlist, &alpha_obj, &beta_obj, &T)) return NULL;
     if (check_gamma(T, "T (the temperature)") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp adims[2] = {-1, -1};
@@ -421,7 +421,7 @@ static PyObject *py_softmax_selector_backward(PyObject *Py_UNUSED(self), PyObjec
     PyObject *dw_obj, *sigma_obj, *P_obj, *result = NULL;
     double T, lam = 0, eps = 1e-6;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOd|dd", kwlist, &dw_obj, &sigma_obj, &P_obj, &T, &lam, &eps))
+    if (!parse_args(args, kw, "OOOd|dd", kwlist, &dw_obj, &sigma_obj, &P_obj, &T, &lam, &eps))
         return NULL;
     if (check_gamma(T, "T (the temperature)") < 0 || check_nonneg(lam, "lam") < 0 || check_gamma(eps, "eps") < 0)
         return NULL;

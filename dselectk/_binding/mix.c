@@ -80,7 +80,7 @@ static PyObject *py_mix_experts_forward(PyObject *Py_UNUSED(self), PyObject *arg
     unsigned char *active = NULL;
     PyArrayObject *f, *w;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|spO", kwlist, &f_obj, &w_obj, &layout, &skip_zero, &out_obj))
+    if (!parse_args(args, kw, "OO|spO", kwlist, &f_obj, &w_obj, &layout, &skip_zero, &out_obj))
         return NULL;
     if (mix_inputs(f_obj, w_obj, layout, skip_zero, &tn, &h, &f, &w, &bnd, &n, &B, &d, &per_example, &active) < 0)
         goto done;
@@ -113,7 +113,7 @@ static PyObject *py_mix_experts_backward(PyObject *Py_UNUSED(self), PyObject *ar
     unsigned char *active = NULL;
     PyArrayObject *f, *w, *dy;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|sp", kwlist, &dy_obj, &f_obj, &w_obj, &layout, &skip_zero))
+    if (!parse_args(args, kw, "OOO|sp", kwlist, &dy_obj, &f_obj, &w_obj, &layout, &skip_zero))
         return NULL;
     if (mix_inputs(f_obj, w_obj, layout, skip_zero, &tn, &h, &f, &w, &bnd, &n, &B, &d, &per_example, &active) < 0)
         goto done;
@@ -188,7 +188,7 @@ static PyObject *py_mix_experts_many_forward(PyObject *Py_UNUSED(self), PyObject
     unsigned char *active = NULL;
     PyArrayObject *f, *w;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pO", kwlist, &f_obj, &w_obj, &skip_zero, &out_obj))
+    if (!parse_args(args, kw, "OO|pO", kwlist, &f_obj, &w_obj, &skip_zero, &out_obj))
         return NULL;
     if (mix_many_inputs(f_obj, w_obj, skip_zero, &tn, &h, &f, &w, &T, &n, &B, &d, &active) < 0) goto done;
     npy_intp ydims[3] = {T, B, d};
@@ -220,7 +220,7 @@ static PyObject *py_mix_experts_many_backward(PyObject *Py_UNUSED(self), PyObjec
     unsigned char *active = NULL;
     PyArrayObject *f, *w, *dy;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pp", kwlist, &dy_obj, &f_obj, &w_obj, &skip_zero, &relu_mask))
+    if (!parse_args(args, kw, "OOO|pp", kwlist, &dy_obj, &f_obj, &w_obj, &skip_zero, &relu_mask))
         return NULL;
     if (mix_many_inputs(f_obj, w_obj, skip_zero, &tn, &h, &f, &w, &T, &n, &B, &d, &active) < 0) goto done;
     npy_intp ydims[3] = {T, B, d};
@@ -251,7 +251,7 @@ static PyObject *py_linear_forward(PyObject *Py_UNUSED(self), PyObject *args, Py
     PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *result = NULL;
     int relu = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
+    if (!parse_args(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1));
@@ -285,7 +285,7 @@ static PyObject *py_linear_backward(PyObject *Py_UNUSED(self), PyObject *args, P
     PyObject *dy_obj, *x_obj, *W_obj, *result = NULL;
     int need_dx = 1, need_db = 1;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|pp", kwlist, &dy_obj, &x_obj, &W_obj, &need_dx, &need_db))
+    if (!parse_args(args, kw, "OOO|pp", kwlist, &dy_obj, &x_obj, &W_obj, &need_dx, &need_db))
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};

@@ -42,10 +42,11 @@ static PyMethodDef *const families[] = {DSK_FAMILIES(DSK_FAMILY_ENTRY)};
  * Threads and build information
  */
 static PyObject *py_set_num_threads(PyObject *Py_UNUSED(self), PyObject *arg) {
-    const long n = PyLong_AsLong(arg);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1 || n > 4096) {
-        PyErr_Format(PyExc_ValueError, "the number of threads must be between 1 and 4096, got %ld", n);
+    int overflow = 0;
+    const long n = PyLong_AsLongAndOverflow(arg, &overflow);
+    if (n == -1 && !overflow && PyErr_Occurred()) return NULL;
+    if (overflow || n < 1 || n > 4096) {
+        PyErr_Format(PyExc_ValueError, "the number of threads must be between 1 and 4096, got %S", arg);
         return NULL;
     }
     dsk_set_num_threads((int)n);

@@ -25,7 +25,7 @@ static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *result = NULL;
     int relu = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
+    if (!parse_args(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *b = NULL;
@@ -63,8 +63,8 @@ static PyObject *py_dense_backward(PyObject *Py_UNUSED(self), PyObject *args, Py
     PyObject *dy_obj, *x_obj, *W_obj, *dW_obj, *db_obj = Py_None, *result = NULL;
     int need_dx = 1;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|Op", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
-                                     &need_dx))
+    if (!parse_args(args, kw, "OOOO|Op", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
+                    &need_dx))
         return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
@@ -99,7 +99,7 @@ static PyObject *py_relu_forward(PyObject *Py_UNUSED(self), PyObject *args, PyOb
     static char *kwlist[] = {"x", "out", NULL};
     PyObject *x_obj, *out_obj = NULL, *result = NULL;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist, &x_obj, &out_obj)) return NULL;
+    if (!parse_args(args, kw, "O|O", kwlist, &x_obj, &out_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 1, dims, "(N,)", 1));
@@ -122,7 +122,7 @@ static PyObject *py_relu_backward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     static char *kwlist[] = {"dy", "y", NULL};
     PyObject *dy_obj, *y_obj, *result = NULL;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO", kwlist, &dy_obj, &y_obj)) return NULL;
+    if (!parse_args(args, kw, "OO", kwlist, &dy_obj, &y_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
     PyArrayObject *dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 1, dims, "(N,)", 1));
@@ -141,25 +141,28 @@ done:
 }
 
 PyDoc_STRVAR(dropout_forward_doc,
-"dropout_forward(x, rate, seed, step, training=True) -> y\n\n"
+"dropout_forward(x, rate, seed, step, training=True, rows=None) -> y\n\n"
 "Inverted dropout of a 1-D x: each entry is kept with probability 1 - rate and scaled by\n"
 "1 / (1 - rate). The mask is a counter-based hash of (seed, step, flat index) (csrc/nn.h): not\n"
 "stored, the same in dropout_backward, independent of the thread count. 0 <= rate < 1; seed and\n"
-"step are integers in [0, 2**64 - 1]. training=False or rate == 0 returns a copy of x.");
+"step are integers in [0, 2**64 - 1]. training=False or rate == 0 returns a copy of x.\n"
+"rows: None, or the place in a larger batch of each of the B = len(rows) rows x holds (an\n"
+"integer array (B,), values >= 0; B divides len(x), R = len(x) / B entries a row): entry j of\n"
+"row b then hashes rows[b] * R + j instead of its flat index.");
 PyDoc_STRVAR(dropout_backward_doc,
-"dropout_backward(dy, rate, seed, step, training=True) -> dx\n\n"
-"dx = dy * mask / (1 - rate) with the mask of dropout_forward(x, rate, seed, step, training).");
+"dropout_backward(dy, rate, seed, step, training=True, rows=None) -> dx\n\n"
+"dx = dy * mask / (1 - rate) with the mask of dropout_forward(x, rate, seed, step, training, rows).");
 
 static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
-    static char *kwlist_f[] = {"x", "rate", "seed", "step", "training", NULL};
-    static char *kwlist_b[] = {"dy", "rate", "seed", "step", "training", NULL};
-    PyObject *x_obj, *seed_obj, *step_obj, *result = NULL;
+    static char *kwlist_f[] = {"x", "rate", "seed", "step", "training", "rows", NULL};
+    static char *kwlist_b[] = {"dy", "rate", "seed", "step", "training", "rows", NULL};
+    PyObject *x_obj, *seed_obj, *step_obj, *rows_obj = Py_None, *result = NULL;
     double rate;
     int training = 1;
     unsigned long long seed, step;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OdOO|p", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
-                                     &step_obj, &training))
+    if (!parse_args(args, kw, "OdOO|pO", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
+                    &step_obj, &training, &rows_obj))
         return NULL;
     if (check_unit(rate, "rate (the dropout probability)") < 0 ||
         parse_count(seed_obj, "seed", 0, UINT64_MAX, &seed) < 0 ||
@@ -169,11 +172,30 @@ static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
     npy_intp dims[1] = {-1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, backward ? "dy" : "x", &tn, 1, dims, "(N,)", 1));
     if (!x) goto done;
+    PyArrayObject *rows = NULL;
+    long R = 1;
+    if (rows_obj != Py_None) {
+        npy_intp rdims[1] = {-1};
+        if (PyArray_Check(rows_obj) && PyArray_NDIM((PyArrayObject *)rows_obj) == 1) {
+            const npy_intp B = PyArray_DIM((PyArrayObject *)rows_obj, 0);
+            if (B == 0 || dims[0] % B) {
+                PyErr_Format(PyExc_ValueError, "argument 'rows' must have one entry per row of x: its length B = %ld "
+                             "must divide the %ld entries of x", (long)B, (long)dims[0]);
+                goto done;
+            }
+            R = (long)(dims[0] / B);
+        }
+        /* rows[b] * R + R <= 2^63: every hashed index fits */
+        rows = hold(&h, index_array(rows_obj, "rows", "row positions", 1, rdims, "(B,)", (npy_intp)(INT64_MAX / R),
+                                    "2**63 / (entries per row)", 0));
+        if (!rows) goto done;
+    }
     PyArrayObject *y = hold(&h, new_array(tn, 1, dims));
     if (!y) goto done;
     const double r = training ? rate : 0;
+    const int64_t *row_data = rows ? (const int64_t *)DATA(rows) : NULL;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, dropout_forward, DATA(y), DATA(x), (long)dims[0], r, (uint64_t)seed, (uint64_t)step);
+    DISPATCH(tn, dropout_forward, DATA(y), DATA(x), (long)dims[0], row_data, R, r, (uint64_t)seed, (uint64_t)step);
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)y);
 done:
@@ -199,7 +221,7 @@ static PyObject *py_bce_with_logits(PyObject *Py_UNUSED(self), PyObject *args, P
     PyObject *z_obj, *t_obj, *w_obj = Py_None, *result = NULL;
     double loss = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &z_obj, &t_obj, &w_obj)) return NULL;
+    if (!parse_args(args, kw, "OO|O", kwlist, &z_obj, &t_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[1] = {-1};
     PyArrayObject *z = hold_from(&h, z_obj, input_array(z_obj, "logits", &tn, 1, dims, "(B,)", 1)), *w = NULL;
@@ -231,7 +253,7 @@ static PyObject *py_mse(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw)
     PyObject *p_obj, *t_obj, *w_obj = Py_None, *result = NULL;
     double loss = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &p_obj, &t_obj, &w_obj)) return NULL;
+    if (!parse_args(args, kw, "OO|O", kwlist, &p_obj, &t_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
     PyArrayObject *pred = hold_from(&h, p_obj, input_array(p_obj, "pred", &tn, 2, dims, "(B, d)", 1)), *w = NULL;
@@ -264,7 +286,7 @@ static PyObject *py_softmax_cross_entropy(PyObject *Py_UNUSED(self), PyObject *a
     PyObject *z_obj, *l_obj, *w_obj = Py_None, *result = NULL;
     double loss = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O", kwlist, &z_obj, &l_obj, &w_obj)) return NULL;
+    if (!parse_args(args, kw, "OO|O", kwlist, &z_obj, &l_obj, &w_obj)) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp dims[2] = {-1, -1};
     PyArrayObject *z = hold_from(&h, z_obj, input_array(z_obj, "logits", &tn, 2, dims, "(B, C)", 1)), *w = NULL;

@@ -6,12 +6,13 @@
 
 #include "optim.h"
 
-/* params (N) and grads (N) of an optimizer step: params sets the dtype and N, is updated in place
- * and must be finite; grads is read only, finite, and shares no memory with params. */
+/* params (N) and grads (N) of an optimizer step: params sets the dtype and N and is updated in
+ * place; grads is read only and shares no memory with params. Their values are checked with the
+ * state's, in one pass (check_slabs). */
 static int slab_pair(PyObject *p_obj, PyObject *g_obj, int *tn, npy_intp *N, Hold *h, PyArrayObject **params,
                      PyArrayObject **grads) {
-    if (!(*params = hold_from(h, p_obj, inplace_array(p_obj, "params", tn, 1, N, "(N,)", h, 1)))) return -1;
-    if (!(*grads = hold_from(h, g_obj, input_array(g_obj, "grads", tn, 1, N, "(N,)", 1)))) return -1;
+    if (!(*params = hold_from(h, p_obj, inplace_array(p_obj, "params", tn, 1, N, "(N,)", h, 0)))) return -1;
+    if (!(*grads = hold_from(h, g_obj, input_array(g_obj, "grads", tn, 1, N, "(N,)", 0)))) return -1;
     if (overlaps(*grads, *params) || (PyArray_Check(g_obj) && overlaps((PyArrayObject *)g_obj, *params))) {
         PyErr_SetString(PyExc_ValueError, "argument 'grads' shares memory with 'params'; pass separate arrays");
         return -1;
@@ -25,7 +26,8 @@ PyDoc_STRVAR(sgd_step_doc,
 "and velocity (updated in place; may be None when momentum == 0, and is not touched then):\n"
 "g = grads + weight_decay * params; v = momentum * v + g;\n"
 "params -= lr * (g + momentum * v if nesterov else v)  (params -= lr * g when momentum == 0).\n"
-"lr > 0, momentum >= 0, weight_decay >= 0; nesterov needs momentum > 0.");
+"lr > 0, momentum >= 0, weight_decay >= 0; nesterov needs momentum > 0. NaN / Inf in params, grads or\n"
+"(with momentum) velocity raise ValueError, outside trusted_inputs().");
 
 static PyObject *py_sgd_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"params", "grads", "velocity", "lr", "momentum", "weight_decay", "nesterov", NULL};
@@ -33,8 +35,8 @@ static PyObject *py_sgd_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject
     double lr, momentum = 0, weight_decay = 0;
     int nesterov = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOd|ddp", kwlist, &p_obj, &g_obj, &v_obj, &lr, &momentum,
-                                     &weight_decay, &nesterov))
+    if (!parse_args(args, kw, "OOOd|ddp", kwlist, &p_obj, &g_obj, &v_obj, &lr, &momentum,
+                    &weight_decay, &nesterov))
         return NULL;
     if (check_scalar(lr, "lr", 1) < 0 || check_nonneg(momentum, "momentum") < 0 ||
         check_nonneg(weight_decay, "weight_decay") < 0)
@@ -56,6 +58,9 @@ static PyObject *py_sgd_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject
     } else if (!(velocity = hold_from(&h, v_obj, inplace_array(v_obj, "velocity", &tn, 1, N, "(N,)", &h, 0)))) {
         goto done;
     }
+    const char *names[3] = {"params", "grads", "velocity"};
+    PyArrayObject *slabs[3] = {params, grads, velocity};
+    if (check_slabs(slabs, names, momentum != 0 ? 3 : 2, 0) < 0) goto done; /* velocity: read with momentum */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, sgd_step, DATA(params), momentum != 0 ? OPTDATA(velocity) : NULL, DATA(grads), (long)N[0], lr,
              momentum, weight_decay, nesterov);
@@ -72,7 +77,8 @@ PyDoc_STRVAR(adam_step_doc,
 "(updated in place) and grads; step >= 1 is this update's 1-based number:\n"
 "g = grads + weight_decay * params; m = beta1 m + (1 - beta1) g; v = beta2 v + (1 - beta2) g^2;\n"
 "params -= lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps).\n"
-"lr > 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0.");
+"lr > 0, 0 <= beta1, beta2 < 1, eps > 0, weight_decay >= 0. NaN / Inf in params, grads, m or v and a\n"
+"negative v raise ValueError, outside trusted_inputs().");
 
 static PyObject *py_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"params", "grads", "m", "v", "step", "lr", "beta1", "beta2", "eps", "weight_decay", NULL};
@@ -80,8 +86,8 @@ static PyObject *py_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObjec
     double lr = 1e-3, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
     unsigned long long step;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|ddddd", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &step_obj, &lr,
-                                     &beta1, &beta2, &eps, &weight_decay))
+    if (!parse_args(args, kw, "OOOOO|ddddd", kwlist, &p_obj, &g_obj, &m_obj, &v_obj, &step_obj, &lr,
+                    &beta1, &beta2, &eps, &weight_decay))
         return NULL;
     if (parse_count(step_obj, "step", 1, LONG_MAX, &step) < 0 || check_scalar(lr, "lr", 1) < 0 ||
         check_unit(beta1, "beta1") < 0 || check_unit(beta2, "beta2") < 0 || check_scalar(eps, "eps", 1) < 0 ||
@@ -93,6 +99,9 @@ static PyObject *py_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObjec
     if (slab_pair(p_obj, g_obj, &tn, N, &h, &params, &grads) < 0) goto done;
     if (!(m = hold_from(&h, m_obj, inplace_array(m_obj, "m", &tn, 1, N, "(N,)", &h, 0)))) goto done;
     if (!(v = hold_from(&h, v_obj, inplace_array(v_obj, "v", &tn, 1, N, "(N,)", &h, 0)))) goto done;
+    const char *names[4] = {"params", "grads", "m", "v"};
+    PyArrayObject *slabs[4] = {params, grads, m, v};
+    if (check_slabs(slabs, names, 4, 1) < 0) goto done; /* v >= 0 */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, adam_step, DATA(params), DATA(m), DATA(v), DATA(grads), (long)N[0], (long)step, lr, beta1, beta2,
              eps, weight_decay);
@@ -107,14 +116,15 @@ PyDoc_STRVAR(adagrad_step_doc,
 "adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0) -> None\n\n"
 "One Adagrad step (torch.optim.Adagrad without lr decay) on the 1-D slabs params, accum (updated\n"
 "in place) and grads: g = grads + weight_decay * params; accum += g^2;\n"
-"params -= lr * g / (sqrt(accum) + eps). lr > 0, eps > 0, weight_decay >= 0.");
+"params -= lr * g / (sqrt(accum) + eps). lr > 0, eps > 0, weight_decay >= 0. NaN / Inf in params,\n"
+"grads or accum and a negative accum raise ValueError, outside trusted_inputs().");
 
 static PyObject *py_adagrad_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"params", "grads", "accum", "lr", "eps", "weight_decay", NULL};
     PyObject *p_obj, *g_obj, *a_obj, *result = NULL;
     double lr = 1e-2, eps = 1e-10, weight_decay = 0;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|ddd", kwlist, &p_obj, &g_obj, &a_obj, &lr, &eps, &weight_decay))
+    if (!parse_args(args, kw, "OOO|ddd", kwlist, &p_obj, &g_obj, &a_obj, &lr, &eps, &weight_decay))
         return NULL;
     if (check_scalar(lr, "lr", 1) < 0 || check_scalar(eps, "eps", 1) < 0 ||
         check_nonneg(weight_decay, "weight_decay") < 0)
@@ -124,6 +134,9 @@ static PyObject *py_adagrad_step(PyObject *Py_UNUSED(self), PyObject *args, PyOb
     PyArrayObject *params, *grads, *accum;
     if (slab_pair(p_obj, g_obj, &tn, N, &h, &params, &grads) < 0) goto done;
     if (!(accum = hold_from(&h, a_obj, inplace_array(a_obj, "accum", &tn, 1, N, "(N,)", &h, 0)))) goto done;
+    const char *names[3] = {"params", "grads", "accum"};
+    PyArrayObject *slabs[3] = {params, grads, accum};
+    if (check_slabs(slabs, names, 3, 1) < 0) goto done; /* accum >= 0 */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, adagrad_step, DATA(params), DATA(accum), DATA(grads), (long)N[0], lr, eps, weight_decay);
     Py_END_ALLOW_THREADS

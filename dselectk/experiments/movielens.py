@@ -43,7 +43,7 @@ def mean_selected_experts(model, X, batch_size=1024):
     over the examples of X, in evaluation mode; None for a model without gates."""
     if not model.gates:
         return None
-    from ..embedding import num_rows, take_rows
+    from ..inputs import num_rows, take_rows
 
     X = model.input_layer.check(X) if model.input_layer is not None else X
     N, total = num_rows(X), 0.0

@@ -68,6 +68,14 @@ through its ``set_buffer(name, array)``, which validates them. A gate that route
 the model's embedding input (hash routing) sets ``reads_ids = True`` on its spec and its gate: the
 model then builds it with ``build(..., id_input=<the EmbeddingInput or None>)`` and calls
 ``forward(ids)`` with the (B, F) ids array instead of the feature rows.
+
+ONNX export (``dselectk.export_onnx``): a static gate needs nothing, the base class's
+``onnx_weights`` hands its weights to the exporter as constants. A per-example gate defines
+``onnx_weights(graph, x)`` in its own file, building its (B, n) weights from the graph value ``x``
+(B, p) with the methods of :class:`dselectk.export.OnnxGraph` (``op``, ``const``, ``linear``,
+``reshape``, ``zeros_like``; standard opset-17 operators) and returning the result's name, the
+inference-time forward only (no training noise); ``tests/test_onnx_export.py`` then checks it
+against ``dk.predict`` once its spec is added to the test's ``GATES``.
 """
 # the order of these imports is the order of kinds(): the paper's gate first
 from ._base import GateSpec, as_spec, kinds, register, spec_class

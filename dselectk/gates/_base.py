@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
+from ..functional import _flag, _number  # the shared scalar checks, re-exported to the gate modules
+from .._memory import check_gate
 
 _DTYPES = (np.float32, np.float64)
+
+Seed = Union[int, np.random.Generator, None]  # what gates and specs take to draw their parameters
 
 
 def _check_common(n_experts, k, per_example, input_dim, dtype):
@@ -24,6 +29,7 @@ def _check_common(n_experts, k, per_example, input_dim, dtype):
     dtype = np.dtype(dtype)
     if dtype.type not in _DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    check_gate(n, k, dtype)  # refuse sizes that cannot fit before allocating
     return n, k, input_dim, dtype
 
 
@@ -77,12 +83,29 @@ class _Gate:
         if self.per_example:
             raise RuntimeError(f"{type(self).__name__}(per_example=True) has not run forward(x) yet, and its weights "
                                "depend on the input x: run a forward first (for a model: model.forward(X))")
+        return self._forward_detached()
+
+    def _forward_detached(self):
+        """(w, cache) of a forward of a static gate from its parameters now, leaving the state of
+        the last forward (what backward() uses) as it was."""
         kept = self._cache, self._last_w
         try:
             w = self.forward()
             return w, self._cache
         finally:
             self._cache, self._last_w = kept
+
+    def onnx_weights(self, graph: Any, x: str) -> Any:
+        """The gate's expert weights in an ONNX graph that :func:`dselectk.export_onnx` is building:
+        for a static gate (this version), its weights from its parameters now, an (n,) NumPy array
+        that the exporter folds in as a constant (leaving out experts whose weight is exactly zero
+        in every task). A per-example gate overrides this in its own file: it builds its (B, n)
+        weights from ``x``, the graph name of its (B, p) input, with the methods of ``graph`` (a
+        :class:`dselectk.export.OnnxGraph`) and returns the name of the result."""
+        if self.per_example:
+            raise TypeError(f"{type(self).__name__}(per_example=True) has no ONNX export: its file must define "
+                            "onnx_weights(graph, x) (see dselectk.gates, 'Adding a gate')")
+        return np.array(self._forward_detached()[0], copy=True)
 
     def expert_weights(self):
         """The expert weights of the last forward: (n,) static, (B, n) per example (a static gate
@@ -107,31 +130,11 @@ class _Gate:
 
 # -- gate specifications -----------------------------------------------------------------------
 
-def _number(value, name, minimum=0.0, strict=False):
-    """value as a float, finite and >= minimum (> with ``strict``); TypeError for a non-number
-    (bools included), ValueError for an out-of-range one."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    try:
-        f = float(value)
-    except OverflowError:  # an int beyond float's range
-        f = float("inf")
-    if not np.isfinite(f) or (f <= minimum if strict else f < minimum):
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum:g}, got {shown}")
-    return f
-
-
-def _flag(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 _REGISTRY: dict[str, type[GateSpec]] = {}
+S = TypeVar("S", bound="GateSpec")
 
 
-def register(spec_class):
+def register(spec_class: type[S]) -> type[S]:
     """Class decorator: makes ``spec_class`` (a :class:`GateSpec` subclass with a ``kind``) known
     by its kind string, for ``MMoE(gate="<kind>", ...)``, :meth:`GateSpec.from_config` and ``load``."""
     if not (isinstance(spec_class, type) and issubclass(spec_class, GateSpec)):
@@ -146,12 +149,12 @@ def register(spec_class):
     return spec_class
 
 
-def kinds():
+def kinds() -> tuple[str, ...]:
     """The registered gate kinds, e.g. ('dselect_k', 'top_k', 'softmax', 'softmax_selector')."""
     return tuple(_REGISTRY)
 
 
-def spec_class(kind):
+def spec_class(kind: str) -> type[GateSpec]:
     """The GateSpec subclass registered for ``kind``."""
     try:
         return _REGISTRY[kind]
@@ -182,16 +185,16 @@ class GateSpec:
         return {}
 
     @classmethod
-    def options(cls):
+    def options(cls) -> tuple[str, ...]:
         """The gate's option names, in order."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def to_config(self):
+    def to_config(self) -> dict[str, Any]:
         """A JSON-able dict: {"kind": ..., option: value, ...}."""
         return {"kind": self.kind, **{name: getattr(self, name) for name in self.options()}}
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> GateSpec:
         """The spec of ``config`` (a dict from :meth:`to_config`). Called on GateSpec itself, the
         "kind" key picks the class; on a subclass, it must name that class's kind. Options left out
         take their defaults; an unknown key or a bad value raises ValueError (a config is data)."""
@@ -213,7 +216,7 @@ class GateSpec:
         except TypeError as exc:
             raise ValueError(f"the {target.kind!r} gate config is invalid: {exc}") from None
 
-    def replace(self, **changes):
+    def replace(self: S, **changes: Any) -> S:
         """A copy with some options changed (validated again)."""
         unknown = sorted(set(changes) - set(self.options()))
         if unknown:
@@ -221,7 +224,8 @@ class GateSpec:
                             f"are {', '.join(self.options())}")
         return dataclasses.replace(self, **changes)
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> _Gate:
         """A new gate over ``n_experts`` experts (reading inputs of size ``input_dim`` if per
         example), initialised from ``rng`` (a numpy Generator, a seed or None), of ``dtype``."""
         raise NotImplementedError
@@ -261,7 +265,7 @@ def resolve(gate, options=None, caller=None):
                     f"kind strings {kinds()}, got {type(gate).__name__}")
 
 
-def as_spec(gate, **options):
+def as_spec(gate: GateSpec | dict | str, **options: Any) -> GateSpec:
     """The GateSpec for ``gate`` (a spec, a config dict or a kind string) and, with a kind string,
     that gate's options: ``as_spec("top_k", k=2, noisy=True, per_example=True)``."""
     return resolve(gate, options)

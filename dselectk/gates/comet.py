@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -94,6 +95,41 @@ class CometGate(_Gate):
         self._accumulate("Z", dZ)
         return None
 
+    def onnx_weights(self, graph: Any, x: str) -> Any:
+        """Static: the weights as constants (the base class). Per example, as ONNX operators on x
+        (B, p): a = x U^T + b_U and z = x W^T + b_W (two Gemms); s = v^2 (3 - 2v) with
+        v = clip(z / gamma + 1/2, 0, 1); each leaf's reach the product along its path of one
+        Gather from [s | 1 - s | 1] (the 1s pad the shorter paths); then the one softmax over the
+        k n scores as p exp(a - max) / sum (exp(-inf) = 0 where p = 0) and w = its sum over trees."""
+        if not self.per_example:
+            return super().onnx_weights(graph, x)
+        p, k, n = self.params, self.k, self.n_experts
+        a = graph.reshape(graph.linear(x, p["U"].reshape(k * n, -1), p["b_U"].reshape(-1), "comet_a"), [-1, k, n])
+        z = graph.linear(x, p["W"].reshape(k * (n - 1), -1), p["b_W"].reshape(-1), "comet_z")  # (B, k (n - 1))
+        v = graph.op("Add", graph.op("Mul", z, graph.const(1 / self.gamma, "inv_gamma")), graph.const(0.5, "half"))
+        v = graph.op("Clip", v, graph.const(0.0, "zero"), graph.const(1.0, "one"))
+        s = graph.op("Mul", graph.op("Mul", v, v), graph.op("Sub", graph.const(3.0, "three"), graph.op("Add", v, v)))
+        s = graph.reshape(s, [-1, k, n - 1], "comet_s")  # (B, k, n - 1)
+        ones = graph.op("Add", graph.zeros_like(s), graph.const(1.0, "one"))
+        factors = graph.op("Concat", s, graph.op("Sub", graph.const(1.0, "one"), s), ones, axis=2)  # (B, k, 3 (n - 1))
+        # leaf j's path: node v going left reads column v (s), going right column n - 1 + v (1 - s)
+        _, paths = _leaf_paths(n)
+        depth = max(len(path) for path in paths)
+        index = np.full((n, depth), 2 * (n - 1), np.int64)  # padding: a column of ones
+        for j, path in enumerate(paths):
+            for d, (node, left) in enumerate(path):
+                index[j, d] = node if left else n - 1 + node
+        reach = graph.op("ReduceProd", graph.op("Gather", factors, graph.const(index, "comet_paths"), axis=2),
+                         axes=[3], keepdims=0, hint="comet_reach")  # (B, k, n)
+        reached = graph.op("Greater", reach, graph.const(0.0, "zero"))
+        minus_inf = graph.const(-np.inf, "minus_inf")
+        shift = graph.op("ReduceMax", graph.op("Where", reached, a, minus_inf), axes=[1, 2], keepdims=1)
+        e = graph.op("Mul", reach, graph.op("Exp", graph.op("Where", reached, graph.op("Sub", a, shift), minus_inf)))
+        axes = graph.const(np.array([1, 2], np.int64), "comet_axes")
+        g = graph.op("Div", e, graph.op("ReduceSum", e, axes, keepdims=1))
+        return graph.op("ReduceSum", g, graph.const(np.array([1], np.int64), "tree_axis"), keepdims=0,
+                        hint="comet_w")  # (B, n)
+
     def _gate_cache(self):
         cache = self._last_forward()[1]
         return cache.gate if self.per_example else cache
@@ -125,6 +161,21 @@ class CometGate(_Gate):
         reached = cache.reach_int > 0
         saturated = (cache.sz == 0) | (cache.sz == 1)
         return float(np.count_nonzero(saturated & reached) / np.count_nonzero(reached))
+
+
+def _leaf_paths(n):
+    """(leaf nodes, paths): expert j's leaf (left-first depth-first order) and its root-to-leaf path
+    as [(internal node, goes left)], in the heap tree over n experts."""
+    leaves, paths, stack = [], [], [(0, [])]
+    while stack:
+        node, path = stack.pop()
+        if node >= n - 1:
+            leaves.append(node)
+            paths.append(path)
+        else:  # right pushed first: the left subtree is visited first
+            stack.append((2 * node + 2, path + [(node, False)]))
+            stack.append((2 * node + 1, path + [(node, True)]))
+    return leaves, paths
 
 
 @register

@@ -3,6 +3,7 @@ expert."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -90,6 +91,16 @@ class HashGate(_Gate):
         self._cache = (experts,)
         self._last_w = w
         return w
+
+    def onnx_weights(self, graph: Any, x: str) -> Any:
+        """w as ONNX operators on the model's id column ``hash_feature`` (not on x): the experts
+        assignment[ids] (one Gather), then their rows of the identity (a second)."""
+        if graph.id_columns is None:
+            raise TypeError("HashGate reads the ids of an embedding input; the exported model has none")
+        experts = graph.op("Gather", graph.const(self.assignment, "hash_assignment"),
+                           graph.id_columns[self.hash_feature], axis=0, hint="hash_expert")  # (B,)
+        return graph.op("Gather", graph.const(np.eye(self.n_experts, dtype=self.dtype), "hash_onehot"), experts, axis=0,
+                        hint="hash_w")  # (B, n)
 
     def backward(self, dw, need_dx=True):
         """Nothing to learn, and the weights do not depend on a float input: returns None."""
