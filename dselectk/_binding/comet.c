@@ -32,7 +32,7 @@ static PyObject *py_comet_forward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     PyObject *A_obj, *Z_obj, *out_obj = NULL, *result = NULL;
     double gamma;
     Hold h = {0};
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOd|O", kwlist, &A_obj, &Z_obj, &gamma, &out_obj)) return NULL;
+    if (!parse_args(args, kw, "OOd|O", kwlist, &A_obj, &Z_obj, &gamma, &out_obj)) return NULL;
     if (check_gamma(gamma, "gamma") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp adims[3];
@@ -72,7 +72,7 @@ static PyObject *py_comet_backward(PyObject *Py_UNUSED(self), PyObject *args, Py
     double gamma, lam = 0, eps = 1e-6;
     Hold h = {0};
     double *work = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOd|dd", kwlist, &dw_obj, &A_obj, &Z_obj, &sz_obj, &ri_obj,
+    if (!parse_args(args, kw, "OOOOOOOOd|dd", kwlist, &dw_obj, &A_obj, &Z_obj, &sz_obj, &ri_obj,
                                      &reach_obj, &g_obj, &norm_obj, &gamma, &lam, &eps))
         return NULL;
     if (check_gamma(gamma, "gamma") < 0 || check_nonneg(lam, "lam") < 0 || check_gamma(eps, "eps") < 0) return NULL;
@@ -121,7 +121,7 @@ PyDoc_STRVAR(comet_leaf_nodes_doc,
 static PyObject *py_comet_leaf_nodes(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"n", NULL};
     Py_ssize_t n;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "n", kwlist, &n)) return NULL;
+    if (!parse_args(args, kw, "n", kwlist, &n)) return NULL;
     if (check_n(n) < 0) return NULL;
     npy_intp dims[1] = {n};
     PyArrayObject *leaf = new_array(NPY_INT64, 1, dims);
