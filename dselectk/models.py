@@ -30,12 +30,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import zipfile
 from typing import Any, Sequence, Union
 
 import numpy as np
 from numpy.typing import DTypeLike
 
+from . import _model_file
 from . import checkpoint as _checkpoint
 from . import functional as F
 from ._memory import check_experts
@@ -141,6 +141,8 @@ def _trusted_forward(forward):
                 if isinstance(value, np.ndarray):
                     F.check_finite(value, f"X[{name!r}]")
         elif isinstance(X, np.ndarray):
+            if X.ndim == 0:
+                raise ValueError("X must be a batch (B, ...) of examples, got a 0-d array")
             F.check_finite(X, "X")
         with F.trusted_inputs():
             return forward(self, X, training)
@@ -817,38 +819,27 @@ def load(path: PathLike) -> _Model:
     version or an older one (format versions 1 and 2 stored the gate as a kind string with flat
     keys k, gamma, ...; they are read as the gate's spec). Raises FileNotFoundError for a missing
     file (``path`` or, as older versions wrote, ``path.npz``) and ValueError for a file that is
-    not a dselectk model, was written by a newer format version, or is corrupted."""
+    not a dselectk model, was written by a newer format version, or is corrupted: the file is
+    untrusted input, whose archive, metadata and sizes dselectk/_model_file.py checks before
+    anything is built."""
     path = os.fspath(path)
     if not os.path.exists(path) and os.path.exists(path + ".npz"):
         path += ".npz"
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model file at {path!r}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"][()]))
-            params = z["params"]
-            tables = {k[len("table_"):]: z[k] for k in z.files if k.startswith("table_")}
-            buffers = {k[len("buffer_"):]: z[k] for k in z.files if k.startswith("buffer_")}
-            training_arrays = {k: z[k] for k in z.files if k.startswith("train_")}
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable dselectk model file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a dselectk model file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") not in READ_VERSIONS:
-        raise ValueError(f"{path}: written by model format version {meta.get('version')!r}; this dselectk reads "
-                         f"versions {', '.join(map(str, READ_VERSIONS))}")
-    cls = _CLASSES.get(str(meta.get("cls")))
-    if cls is None:
-        raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: the model config must be a dict, got {type(config).__name__}")
+    f = _model_file.read(path)
+    cls = _model_file.validate(f, _CLASSES, READ_VERSIONS, FORMAT)
+    meta, params, tables, training_arrays, config = f.meta, f.params, f.tables, f.extra, f.meta["config"]
+    buffers = f.buffers
     if "gate" in config:
         spec = _gate_spec_of(config, path)
         if isinstance(config["gate"], str):  # versions 1 and 2: the flat keys were the gate's
             config = {key: value for key, value in config.items() if key not in _FLAT_GATE_KEYS}
         config = dict(config, gate=spec)
-    model = cls(**config)
+    try:
+        model = cls(**config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored config is invalid: {exc}") from None
     index = [[name, list(shape), offset] for name, shape, offset in model.slab.index]
     if index != meta["index"] or params.shape != model.slab.data.shape or params.dtype != model.slab.data.dtype:
         raise ValueError(f"{path}: the stored parameters do not match the architecture in its metadata")

@@ -16,6 +16,15 @@ _DTYPES = (np.float32, np.float64)
 Seed = Union[int, np.random.Generator, None]  # what gates and specs take to draw their parameters
 
 
+def _in_dtype(value, name, dtype):
+    """ValueError unless ``value`` (a checked float that the gate's initial parameters scale with)
+    is finite in the gate's dtype: gamma = 1e308 made a float32 gate's Z inf."""
+    with np.errstate(over="ignore"):
+        if not np.isfinite(dtype.type(value)):
+            raise ValueError(f"{name} = {value!r} is beyond the range of the gate's dtype {dtype} "
+                             f"(at most {float(np.finfo(dtype).max):.4g})")
+
+
 def _check_common(n_experts, k, per_example, input_dim, dtype):
     n = F._int(n_experts, "n_experts", 2)
     if k is not None:
@@ -63,7 +72,7 @@ class _Gate:
             return None
         if x is None:
             raise ValueError(f"{type(self).__name__}(per_example=True) needs its input x of shape (B, {self.input_dim})")
-        if not isinstance(x, np.ndarray) or x.dtype != self.dtype:
+        if not isinstance(x, np.ndarray) or x.dtype.newbyteorder("=") != self.dtype:  # the kernels copy swapped x
             raise TypeError(f"x must be a numpy.ndarray of dtype {self.dtype}, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim != 2 or x.shape[1] != self.input_dim:

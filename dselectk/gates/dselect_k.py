@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _number, _rng, register
+from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _in_dtype, _number, _rng, register
 
 __all__ = ["DSelectK", "DSelectKGate", "StaticDSelectKBank"]
 
@@ -41,6 +41,7 @@ class DSelectKGate(_Gate):
         for name, value, strict in (("gamma", gamma, True), ("entropy_reg", entropy_reg, False),
                                     ("xi", xi, False), ("eps", eps, True)):
             _number(value, name, strict=strict)  # TypeError / ValueError naming it, 10**400 included
+        _in_dtype(gamma, "gamma", dtype)
         self.n_experts, self.k, self.gamma = n, k, float(gamma)
         self.entropy_reg, self.xi, self.eps = float(entropy_reg), float(xi), float(eps)
         self.per_example, self.input_dim, self.dtype = bool(per_example), input_dim, dtype

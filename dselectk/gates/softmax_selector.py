@@ -7,7 +7,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, Seed, _check_common, _Gate, _number, _rng, register
+from ._base import GateSpec, Seed, _check_common, _Gate, _in_dtype, _number, _rng, register
 
 __all__ = ["SoftmaxSelector", "SoftmaxSelectorGate"]
 
@@ -28,7 +28,7 @@ class SoftmaxSelectorGate(_Gate):
         self.n_experts, self.k, self.per_example, self.dtype = n, k, False, dtype
         self.set_temperature(temperature)
         _number(entropy_reg, "entropy_reg")
-        self.entropy_reg, self.eps = float(entropy_reg), float(eps)
+        self.entropy_reg, self.eps = float(entropy_reg), _number(eps, "eps", strict=True)
         rng = _rng(seed)
         self.params = {"alpha": rng.uniform(-0.05, 0.05, (k,)).astype(dtype),
                        "beta": (rng.uniform(-0.05, 0.05, (k, n)) * self.temperature).astype(dtype)}
@@ -41,6 +41,7 @@ class SoftmaxSelectorGate(_Gate):
 
     def set_temperature(self, T):
         _number(T, "temperature", strict=True)
+        _in_dtype(T, "temperature", self.dtype)
         self.temperature = float(T)
 
     @staticmethod
