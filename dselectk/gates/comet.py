@@ -5,9 +5,10 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, _check_common, _flag, _Gate, _number, _rng, register
+from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _in_dtype, _number, _rng, register
 
 __all__ = ["Comet", "CometGate"]
 
@@ -40,12 +41,14 @@ class CometGate(_Gate):
     dtype : float32 (the default, as for models) or float64.
     """
 
-    def __init__(self, n_experts, k, gamma=1.0, entropy_reg=0.0, per_example=False, input_dim=None, eps=1e-6,
-                 seed=None, dtype=np.float32):
+    def __init__(self, n_experts: int, k: int, gamma: float = 1.0, entropy_reg: float = 0.0, per_example: bool = False,
+                 input_dim: int | None = None, eps: float = 1e-6, seed: Seed = None,
+                 dtype: DTypeLike = np.float32) -> None:
         n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
         self.gamma = _number(gamma, "gamma", strict=True)
         self.entropy_reg = _number(entropy_reg, "entropy_reg")
         self.eps = _number(eps, "eps", strict=True)
+        _in_dtype(self.gamma, "gamma", dtype)
         self.n_experts, self.k = n, k
         self.per_example, self.input_dim, self.dtype = bool(per_example), input_dim, dtype
         rng = _rng(seed)
@@ -199,6 +202,7 @@ class Comet(GateSpec):
                     entropy_reg=_number(self.entropy_reg, "entropy_reg"),
                     per_example=_flag(self.per_example, "per_example"))
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> CometGate:
         return CometGate(n_experts, self.k, gamma=self.gamma, entropy_reg=self.entropy_reg,
                          per_example=self.per_example, input_dim=input_dim, seed=rng, dtype=dtype)

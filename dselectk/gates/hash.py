@@ -6,9 +6,10 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, _check_common, _Gate, _rng, register
+from ._base import GateSpec, Seed, _check_common, _Gate, _rng, register
 
 __all__ = ["Hash", "HashGate"]
 
@@ -49,14 +50,16 @@ class HashGate(_Gate):
     reads_ids = True  # models pass it their ids array instead of the feature rows
     k = 1
 
-    def __init__(self, n_experts, vocab_size, hash_feature=0, seed=None, dtype=np.float32):
+    def __init__(self, n_experts: int, vocab_size: int, hash_feature: int = 0, seed: Seed = None,
+                 dtype: DTypeLike = np.float32) -> None:
         n, _, _, dtype = _check_common(n_experts, None, False, None, dtype)
         self.n_experts, self.dtype = n, dtype
         self.vocab_size = F._int(vocab_size, "vocab_size", 1, maximum=2**62)
         self.hash_feature = F._int(hash_feature, "hash_feature", 0)
         self.input_dim = None
         self.assignment = balanced_assignment(self.vocab_size, n, _rng(seed))
-        self.params, self.grads = {}, {}
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
         self._cache = None
         self._last_w = None
 
@@ -150,7 +153,8 @@ class Hash(GateSpec):
             raise ValueError(f"hash routing sends each id to exactly one expert: k must be 1, got k = {k}")
         return dict(k=k, hash_feature=F._int(self.hash_feature, "hash_feature", 0))
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32, id_input=None):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None, dtype: DTypeLike = np.float32,
+              id_input: Any = None) -> HashGate:
         if id_input is None:
             raise ValueError("hash routing needs an id input: build the model with embeddings=dict(vocab_sizes=..., "
                              "dims=...) (hash_feature names one of its id columns)")
