@@ -35,7 +35,7 @@ finally:
 from . import callbacks, functional, gates, inputs, metrics, optim
 from .embedding import Embedding, EmbeddingInput
 from .export import export_onnx
-from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
+from .gates import CometGate, DSelectKGate, HashGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .local_search import LocalSearch
 from .models import MMoE, MoE, SharedBottom, load, save
 from .trainer import AnnealTemperature, History, evaluate, fit, predict
@@ -46,6 +46,8 @@ __all__ = [
     "TopKGate",
     "SoftmaxGate",
     "SoftmaxSelectorGate",
+    "CometGate",
+    "HashGate",
     "MMoE",
     "MoE",
     "SharedBottom",

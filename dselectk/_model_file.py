@@ -7,10 +7,14 @@ The file is an ``.npz`` (a zip archive of ``.npy`` members, never pickles) holdi
   reader knows), ``cls`` (a model class name), ``config`` (the class's constructor arguments),
   ``index`` (``[[name, shape, offset], ...]``: the parameters' place in ``params``), ``tables``
   (``[[name, [V, d]], ...]``, format version 2 on), ``training`` (a saved training state: a
-  dict, checked by the code that restores it) and ``local_search`` (format version 4: the
+  dict, checked by the code that restores it) and ``local_search`` (format version 5, and the
+  version 4 files of the local-search branch before it met hash routing's version 4: the
   permutations' state, {module name: state}, checked by ``Model.load_local_search_state``);
 * ``params``: the parameter slab, 1-D, of the config's dtype; ``table_<name>``: the embedding
-  tables; ``train_*``: the arrays of a saved training state.
+  tables; ``train_*``: the arrays of a saved training state; ``buffer_gate<t>.<name>``: the
+  gates' non-trainable state (hash routing's id -> expert assignment), listed in meta ``buffers``
+  (``[[name, shape], ...]``, format version 4 on), integer arrays whose values the gate checks when
+  it takes them back.
 
 What is checked, in this order, each failure a ValueError naming the file and the field:
 
@@ -23,6 +27,7 @@ What is checked, in this order, each failure a ValueError naming the file and th
    parameters of ``cls`` and of the type each takes (:data:`CONFIG_TYPES`); ``index``: names
    unique, shapes of ints >= 0, offsets contiguous from 0, covering ``params`` exactly;
    ``tables``: the ``table_<name>`` members, with the shapes listed and the config's embeddings;
+   ``buffers``: the ``buffer_<name>`` members, integer arrays of the shapes listed;
 3. sizes against the file: the parameters that the config's layer widths, experts and tasks need
    at the least (:func:`parameter_floor`) must fit in ``params``, so that a config edited to
    ``expert_units=[10**6, 10**6]`` is refused before the model is built (it would allocate TiBs).
@@ -50,16 +55,22 @@ __all__ = ["ModelFile", "read", "validate", "parameter_floor", "CONFIG_TYPES"]
 # Deflate cannot expand data more than about 1032:1; a member claiming more is corrupted.
 _DEFLATE_MAX_RATIO = 1032
 _META_KEYS = {"format": True, "version": True, "cls": True, "config": True, "index": True, "tables": False,
-              "training": False, "local_search": False}  # key -> required
+              "training": False, "buffers": False, "local_search": False}  # key -> required
+# the first format version that may hold an optional key. Two lines of development both wrote
+# "version 4" (hash routing's buffers; local search's state), so 4 may hold either and 5, what
+# local search writes now, both.
+_META_SINCE = {"tables": 2, "buffers": 4, "local_search": 4}
 _NPY_HEADER_MAX = 10_000  # numpy's own limit; it writes headers of a few hundred bytes
 
 
 class ModelFile:
     """The parts of a model file, read and checked by :func:`read`: ``meta`` (the parsed JSON),
-    ``params``, ``tables`` ({name: array}) and ``extra`` ({member: array}, the ``train_*`` arrays)."""
+    ``params``, ``tables`` ({name: array}), ``extra`` ({member: array}, the ``train_*`` arrays) and
+    ``buffers`` ({name: array}, the gates' ``buffer_*`` arrays)."""
 
-    def __init__(self, path, meta, params, tables, extra):
+    def __init__(self, path, meta, params, tables, extra, buffers=None):
         self.path, self.meta, self.params, self.tables, self.extra = path, meta, params, tables, extra
+        self.buffers = buffers or {}
 
 
 def _fail(path, what):
@@ -142,9 +153,9 @@ def read(path):
                 if not info.filename.endswith(".npy"):
                     _fail(path, f"{_UNREADABLE}: unexpected member {info.filename!r} (it holds .npy arrays only)")
                 key = info.filename[:-4]
-                if key not in ("meta", "params") and not key.startswith(("table_", "train_")):
-                    _fail(path, f"{_UNREADABLE}: unexpected array {key!r} (it holds meta, params, table_<name> and "
-                                "train_<name>)")
+                if key not in ("meta", "params") and not key.startswith(("table_", "train_", "buffer_")):
+                    _fail(path, f"{_UNREADABLE}: unexpected array {key!r} (it holds meta, params, table_<name>, "
+                                "train_<name> and buffer_<name>)")
                 arrays[key] = _member_header(path, zf, info)
     except _ZIP_ERRORS as exc:
         _fail(path, f"{_UNREADABLE} ({type(exc).__name__}: {exc})")
@@ -170,7 +181,8 @@ def read(path):
         _fail(path, f"'meta' must be a JSON object, got {type(meta).__name__}")
     tables = {k[len("table_"):]: v for k, v in loaded.items() if k.startswith("table_")}
     extra = {k: v for k, v in loaded.items() if k.startswith("train_")}
-    return ModelFile(path, meta, loaded["params"], tables, extra)
+    buffers = {k[len("buffer_"):]: v for k, v in loaded.items() if k.startswith("buffer_")}
+    return ModelFile(path, meta, loaded["params"], tables, extra, buffers)
 
 
 # --- 2. the metadata -----------------------------------------------------------------------------
@@ -350,6 +362,20 @@ def _check_tables(path, meta, tables, dtype):
         _fail(path, f"the file holds embedding tables {names} but config['embeddings'] is None")
 
 
+def _check_buffers(path, meta, buffers):
+    listed = meta.get("buffers", [])
+    if not _list_of(lambda e: isinstance(e, list) and len(e) == 2 and _str(e[0]) and _list_of(_size)(e[1]))(listed):
+        _fail(path, f"'buffers' must be a list of [name, shape], got {_short(listed)}")
+    names = [name for name, _ in listed]
+    if len(set(names)) != len(names) or set(names) != set(buffers):
+        _fail(path, f"'buffers' lists {names} but the file holds the buffers {sorted(buffers)}")
+    for name, shape in listed:
+        b = buffers[name]
+        if list(b.shape) != shape or b.dtype.kind not in "iu":
+            _fail(path, f"the gate buffer {name!r} is {b.shape} of {b.dtype}, 'buffers' says {tuple(shape)} of "
+                        "integers")
+
+
 def validate(f, classes, read_versions, format_name):
     """Checks 2. and 3. of the module docstring on ``f`` (a :class:`ModelFile`); returns the model
     class to build. ``classes``: {name: class}; ``read_versions``: the format versions this
@@ -368,6 +394,10 @@ def validate(f, classes, read_versions, format_name):
     if not _is_int(version) or version not in read_versions:
         _fail(path, f"written by model format version {_short(version)}; this dselectk reads versions "
                     f"{', '.join(map(str, read_versions))}")
+    too_new = [key for key, since in _META_SINCE.items() if key in meta and version < since]
+    if too_new:
+        _fail(path, f"'meta' holds {too_new}, which format version {version} does not have (from version "
+                    f"{', '.join(str(_META_SINCE[k]) for k in too_new)} on)")
     cls = classes.get(meta["cls"]) if _str(meta["cls"]) else None
     if cls is None:
         _fail(path, f"unknown model class {_short(meta['cls'])} (known: {sorted(classes)})")
@@ -382,6 +412,7 @@ def validate(f, classes, read_versions, format_name):
         _fail(path, f"'params' has dtype {f.params.dtype}, config['dtype'] is {dtype}")
     _check_index(path, meta["index"], f.params.size)
     _check_tables(path, meta, f.tables, dtype)
+    _check_buffers(path, meta, f.buffers)
     floor, why = parameter_floor(cls.__name__, config)
     if floor > f.params.size:
         _fail(path, f"the config needs at least {floor} parameters ({why}), but 'params' holds {f.params.size}")

@@ -28,7 +28,6 @@ def test_distinct_init_points_the_selectors_at_distinct_experts():
 
 
 def test_distinct_init_of_comet_trees_reaches_distinct_leaves():
-    pytest.importorskip("dselectk.gates.comet")
     model = dk.MMoE(5, n_tasks=2, n_experts=6, expert_units=(2,), gate="comet", k=3)
     E.distinct_selector_init(model, seed=1)
     for g in model.gates:

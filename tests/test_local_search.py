@@ -139,6 +139,8 @@ MODEL_GATES = [
     dict(gate="dselect_k", k=3, gamma=2.0, entropy_reg=0.1, xi=0.5, per_example=True),
     dict(gate="top_k", k=2),
     dict(gate="top_k", k=2, per_example=True),
+    dict(gate="comet", k=2, gamma=1.0, entropy_reg=0.2),
+    dict(gate="comet", k=3, gamma=1.0, entropy_reg=0.1, per_example=True),
 ]
 
 
@@ -202,7 +204,7 @@ def test_hardening_gives_permutations_recorded_and_frozen(gate_kwargs):
     history = dk.fit(model, X, Y, epochs=2, batch_size=32, verbose=0)  # 16 steps
     assert [r["step"] for r in history.permutations] == [10, 10]
     assert [r["name"] for r in history.permutations] == ["gate0.perm", "gate1.perm"]
-    K = gate_kwargs["k"] if gate_kwargs["gate"] == "dselect_k" else 1
+    K = gate_kwargs["k"] if gate_kwargs["gate"] in ("dselect_k", "comet") else 1
     for g, record in zip(model.gates, history.permutations):
         perm = g.permutation
         assert perm.shape == ((K, 8) if K > 1 else (8,)) and perm.dtype == np.int64
@@ -333,6 +335,36 @@ def test_save_load_before_and_after_hardening(tmp_path, gate_kwargs):
     assert loaded.frozen_mask is not None and all(
         loaded.frozen_mask[off:off + int(np.prod(shape))].all() for name, shape, off in loaded.slab.index
         if name.endswith("log_alpha"))
+
+
+def test_format_versions_of_local_search_files(tmp_path):
+    """Local search writes format version 5 (with or without hash routing's buffers); a version 4
+    file holding a local search state (what this branch wrote before version 4 also meant the
+    buffers) still loads, and a version 3 file claiming one is refused, naming the version."""
+    import json
+    model = Mo.MMoE(None, n_tasks=2, n_experts=4, expert_units=(3,), tower_units=(2,), gate="hash",
+                    embeddings=dict(vocab_sizes=[30, 20], dims=3), local_search=dict(steps=5), seed=2)
+    model.local_search_step(5)
+    ids = np.stack([np.arange(30) % 30, np.arange(30) % 20], axis=1)
+    dk.save(model, tmp_path / "m.npz")
+    with np.load(tmp_path / "m.npz") as z:
+        files = {k: z[k] for k in z.files}
+    meta = json.loads(str(files["meta"][()]))
+    assert meta["version"] == 5 and "buffers" in meta and "local_search" in meta
+    for version, ok in ((4, True), (3, False)):
+        files["meta"] = np.array(json.dumps(dict(meta, version=version)))
+        np.savez(tmp_path / "v.npz", **files)
+        if ok:
+            loaded = dk.load(tmp_path / "v.npz")
+            for a, b in zip(dk.predict(loaded, ids), dk.predict(model, ids)):
+                np.testing.assert_array_equal(a, b)
+        else:
+            with pytest.raises(ValueError, match="format version 3 does not have"):
+                dk.load(tmp_path / "v.npz")
+    plain = Mo.MMoE(5, n_tasks=1, n_experts=4, expert_units=(3,), gate="top_k", k=1, local_search=dict(steps=5))
+    dk.save(plain, tmp_path / "p.npz")
+    with np.load(tmp_path / "p.npz") as z:
+        assert json.loads(str(z["meta"][()]))["version"] == 5
 
 
 def test_load_rejects_a_crafted_local_search_state(tmp_path):
@@ -512,3 +544,21 @@ def test_onnx_export_of_permuted_gates_matches_predict(tmp_path, gate_kwargs, ha
     got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": X})
     for g, w in zip(got, dk.predict(model, X)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_hash_routing_with_local_search_remaps_its_buckets():
+    """Hash routing has nothing to learn but the permutation: after hardening each id goes to
+    expert permutation[assignment[id]], and the weights stay one-hot."""
+    rng = np.random.default_rng(15)
+    ids = np.stack([rng.integers(0, 30, 200), rng.integers(0, 20, 200)], axis=1)
+    Y = [rng.standard_normal(200)]
+    model = Mo.MMoE(None, n_tasks=1, n_experts=4, expert_units=(3,), tower_units=(2,), gate="hash",
+                    embeddings=dict(vocab_sizes=[30, 20], dims=3), local_search=dict(steps=5))
+    history = dk.fit(model, ids, Y, epochs=2, batch_size=50, verbose=0)
+    assert [r["step"] for r in history.permutations] == [5]
+    perm = model.gates[0].permutation
+    assert perm.shape == (4,) and sorted(perm) == [0, 1, 2, 3]
+    model.forward(ids[:16])
+    w = model.gates[0].expert_weights()
+    np.testing.assert_array_equal(np.argmax(w, axis=1), perm[model.gates[0].assignment[ids[:16, 0]]])
+    assert np.all(np.count_nonzero(w, axis=1) == 1)

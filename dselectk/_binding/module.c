@@ -31,6 +31,7 @@
     X(optim)            \
     X(embedding)        \
     X(conv)             \
+    X(comet)            \
     X(sinkhorn)
 
 #define DSK_DECLARE_FAMILY(family) extern PyMethodDef dsk_##family##_methods[];

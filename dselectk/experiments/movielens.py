@@ -24,7 +24,7 @@ import functools
 
 import numpy as np
 
-from ..gates import DSelectK, Softmax, TopK
+from ..gates import Comet, DSelectK, Hash, Softmax, TopK
 from ..models import MMoE, SharedBottom
 from ..movielens import MovieLensMultitask, movielens_multitask
 from ..trainer import evaluate, fit
@@ -32,11 +32,13 @@ from .local_search import local_search_from
 
 __all__ = ["run", "mean_selected_experts", "movielens_trial", "GATES", "METHODS"]
 
-GATES = ("dselect_k", "top_k", "softmax", "shared_bottom")
+GATES = ("dselect_k", "top_k", "softmax", "shared_bottom", "comet", "hash")
 # The methods of the paper's Table 1: name -> (gate, per_example)
 METHODS = {"dselect_k_static": ("dselect_k", False), "dselect_k_per_example": ("dselect_k", True),
            "top_k_static": ("top_k", False), "top_k_per_example": ("top_k", True),
-           "softmax_moe": ("softmax", True), "shared_bottom": ("shared_bottom", False)}
+           "softmax_moe": ("softmax", True), "shared_bottom": ("shared_bottom", False),
+           # the COMET paper's gates (Ibrahim et al., KDD 2023): COMET, and hash routing on the user id
+           "comet_static": ("comet", False), "comet_per_example": ("comet", True), "hash": ("hash", True)}
 
 
 def mean_selected_experts(model, X, batch_size=1024):
@@ -67,7 +69,9 @@ def build_model(vocab_sizes, gate="dselect_k", per_example=False, *, alpha=0.5, 
     if gate == "shared_bottom":
         return SharedBottom(None, bottom_units=(units,), **common)
     spec = {"dselect_k": lambda: DSelectK(k, gamma=gamma, entropy_reg=entropy_reg, per_example=per_example),
-            "top_k": lambda: TopK(k, per_example=per_example), "softmax": lambda: Softmax(per_example=per_example)}
+            "top_k": lambda: TopK(k, per_example=per_example), "softmax": lambda: Softmax(per_example=per_example),
+            "comet": lambda: Comet(k, gamma=gamma, entropy_reg=entropy_reg, per_example=per_example),
+            "hash": lambda: Hash(hash_feature=0)}  # the user id (k is 1)
     return MMoE(None, n_experts=n_experts, expert_units=(units,), gate=spec[gate](), local_search=local_search,
                 **common)
 
@@ -157,7 +161,7 @@ def movielens_trial(config, seed):
     gate, per_example = METHODS[config.pop("method")]
     out = run(data, gate, per_example, seed=seed, **config)
     fractions = out["binary_fraction"]
-    dselect = gate == "dselect_k"
+    dselect = gate in ("dselect_k", "comet")  # the smooth-step gates, which become binary
     return {
         "val_loss": out["val_loss"], "val_auc": out["val_auc"], "test_loss": out["test_loss"],
         "test_auc": out["test_auc"],

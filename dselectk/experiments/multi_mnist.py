@@ -4,10 +4,10 @@ Appendix D.2 of Hazimeh et al., DSelect-k, NeurIPS 2021).
 Two classification tasks per image (the classes of the top-left and of the bottom-right item of
 :func:`dselectk.images.multi_mnist`), the loss their unweighted sum. Models (``MODELS``):
 
-* ``"dselect_k"``, ``"top_k"``, ``"softmax"``: MMoE with ``n_experts`` (8) CNN experts (conv 5x5,
+* ``"dselect_k"``, ``"top_k"``, ``"softmax"``, ``"comet"`` (COMET, Ibrahim et al., KDD 2023): MMoE with ``n_experts`` (8) CNN experts (conv 5x5,
   10 filters -> ReLU -> maxpool 2 -> conv 5x5, 20 filters -> ReLU -> maxpool 2 -> flatten ->
   ``expert_layers`` (1, 3 or 5 in the paper) Dense-ReLU layers of ``units`` (50)), a STATIC gate per
-  task (DSelect-k with k selectors, Top-k with k, or the dense softmax gate), and a tower per task
+  task (DSelect-k with k selectors, Top-k with k, COMET with k trees, or the dense softmax gate), and a tower per task
   (``tower_units`` Dense-ReLU layers, then the 10-class output);
 * ``"shared_bottom"``: the same CNN as one shared bottom, then the towers.
 
@@ -31,14 +31,14 @@ import time
 import numpy as np
 
 from .. import images
-from ..gates import DSelectK, Softmax, TopK
+from ..gates import Comet, DSelectK, Softmax, TopK
 from ..models import MMoE, SharedBottom
 from ..trainer import evaluate, fit
 from .local_search import local_search_from
 
 __all__ = ["MODELS", "build_model", "run", "multi_mnist_trial"]
 
-MODELS = ("dselect_k", "top_k", "softmax", "shared_bottom")
+MODELS = ("dselect_k", "top_k", "softmax", "shared_bottom", "comet")
 
 
 def build_model(name, input_shape, n_classes=(10, 10), n_experts=8, k=2, expert_layers=1, units=50,
@@ -53,7 +53,7 @@ def build_model(name, input_shape, n_classes=(10, 10), n_experts=8, k=2, expert_
         return SharedBottom(bottom="cnn", bottom_units=dense, bottom_filters=filters, bottom_kernel=kernel,
                             bottom_pool=pool, **common)
     gates = {"dselect_k": lambda: DSelectK(k, gamma=gamma, entropy_reg=entropy_reg), "top_k": lambda: TopK(k),
-             "softmax": Softmax}
+             "softmax": Softmax, "comet": lambda: Comet(k, gamma=gamma, entropy_reg=entropy_reg)}
     if name not in gates:
         raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
     return MMoE(expert="cnn", n_experts=n_experts, expert_units=dense, expert_filters=filters, expert_kernel=kernel,
@@ -152,7 +152,7 @@ def multi_mnist_trial(config, seed):
     name = config.pop("model")
     out = train_and_test(data, name, seed=seed, **config)
     steps = out["binary_step"]
-    dselect = name == "dselect_k"
+    dselect = name in ("dselect_k", "comet")  # the smooth-step gates, which become binary
     binary = all(s is not None for s in steps) if dselect else True
     nan = float("nan")
     return {

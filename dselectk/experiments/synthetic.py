@@ -16,6 +16,7 @@ Methods (``config["method"]``), all static gates choosing k = 4 experts:
 ``top_k``              Top-k (Shazeer et al.)
 ``ablation_annealing`` sum_i softmax(alpha)_i softmax(beta_i / T), T annealed from s to 1e-16
 ``ablation_entropy``   the same selectors at T = 1 with the entropy regularizer lambda
+``comet``              COMET (Ibrahim et al., KDD 2023): k = 4 trees, gamma and lambda as DSelect-k's
 =====================  ===============================================================
 
 The selected experts of a gate are those with a nonzero weight, at most the k = 4 largest (a
@@ -37,7 +38,7 @@ import functools
 import numpy as np
 
 from .. import datasets
-from ..gates import DSelectK, SoftmaxSelector, SoftmaxSelectorGate, TopK
+from ..gates import Comet, DSelectK, SoftmaxSelector, SoftmaxSelectorGate, TopK
 from ..models import MMoE
 from ..sweep import Sweep, SweepResult
 from ..trainer import AnnealTemperature, fit, predict
@@ -46,7 +47,7 @@ from .local_search import local_search_from, training_extras
 __all__ = ["METHODS", "PAPER_GRIDS", "RECOVERY_GRIDS", "synthetic_trial", "gate_recovery_trial",
            "selected_expert_sets", "tune_and_repeat", "binary_constraint"]
 
-METHODS = ("dselect_k", "top_k", "ablation_annealing", "ablation_entropy")
+METHODS = ("dselect_k", "top_k", "ablation_annealing", "ablation_entropy", "comet")
 
 # Appendix D.4: Adam, batch 256, and these ranges (one grid per method; "epochs" is tuned too).
 _COMMON = {"lr": [1e-3, 1e-2, 1e-1], "epochs": [25, 50, 75, 100]}
@@ -90,6 +91,8 @@ def _gate_spec(method, config):
         return SoftmaxSelector(K, temperature=config["temperature"], entropy_reg=0.0)
     if method == "ablation_entropy":
         return SoftmaxSelector(K, temperature=1.0, entropy_reg=config["lam"])
+    if method == "comet":  # k = K trees, gamma and lambda (the leaf-reach entropy) from DSelect-k's grid
+        return Comet(K, gamma=config["gamma"], entropy_reg=config["lam"])
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
