@@ -2,6 +2,7 @@
 
     python benchmarks/local_search_experiments.py recovery  [--trials 24] [--tune-reps 3] [--reps 20] [--workers 2]
     python benchmarks/local_search_experiments.py paired    [--workers 2]   # after recovery
+    python benchmarks/local_search_experiments.py common    [--workers 2]   # after recovery
     python benchmarks/local_search_experiments.py multitask [--tasks 16 32 64 128] [--trials 6] [--reps 10] [--epochs 10]
     python benchmarks/local_search_experiments.py movielens [--trials 24] [--tune-trials 12] [--reps 10] [--workers 2]
     python benchmarks/local_search_experiments.py fashion   [--trials 3] [--reps 5] [--workers 2]
@@ -126,7 +127,7 @@ def write_recovery_tables(out):
     return table
 
 
-def plot_recovery(out, counts):
+def plot_recovery(out, counts, name="recovered.png", seeds_note="seeds"):
     """Histogram per variant of the recovered true experts (0..4) over the final seeds."""
     import matplotlib
 
@@ -142,26 +143,87 @@ def plot_recovery(out, counts):
         ax.barh(labels, share, left=left, color=colors[r], label=f"{r} of 4")
         left += share
     for i, v in enumerate(labels):
-        ax.text(1.01, i, f"mean {np.mean(counts[v]):.2f} ({len(counts[v])} seeds)", va="center", fontsize=8)
+        ax.text(1.01, i, f"mean {np.mean(counts[v]):.2f} ({len(counts[v])} {seeds_note})", va="center", fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of seeds recovering r of the 4 true experts")
     ax.legend(ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    path = os.path.join(out, "recovered.png")
+    path = os.path.join(out, name)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     _log(f"wrote {path}")
 
 
+# --- common: every variant's chosen configuration on one set of problems -------------------------
+
+def run_common(args):
+    """Each variant's chosen configuration on the 20 problems PAIR_SEEDS (the same data, true
+    experts' positions and start for every variant), so that any two rows are paired."""
+    from dselectk.experiments.local_search import paired_recovery_trial
+    from dselectk.sweep import Sweep
+
+    path = os.path.join(args.out, "trials.jsonl")
+    chosen = _read_json(os.path.join(args.out, "chosen_configs.json")).get("chosen", {})
+    for label in [v for v in RECOVERY_VARIANTS if v in chosen]:
+        config = {k: v for k, v in chosen[label]["config"].items() if k != "variant"}
+        grid = {**{k: [v] for k, v in config.items()}, "common": [label], "pair_seed": PAIR_SEEDS}
+        _log(f"common problems, {label}: {len(PAIR_SEEDS)} seeds")
+        Sweep(paired_recovery_trial, grid, n_trials=len(PAIR_SEEDS), seed=args.seed, results_path=path,
+              name=f"common/{_slug(label)}").run(max_workers=args.workers, progress=not args.quiet)
+    write_common_table(args.out)
+
+
+def write_common_table(out, baseline="DSelect-k"):
+    records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].startswith("common/")]
+    runs = {}
+    for r in records:
+        runs.setdefault(r["config"]["common"], {})[r["config"]["pair_seed"]] = r["metrics"]
+    if not runs:
+        return
+    lines = [f"| variant (its chosen configuration) | problems | recovered | paired difference vs {baseline} | "
+             "better / equal / worse | selected | binary | val loss |", "|---|---:|---:|---:|---|---:|---:|---:|"]
+
+    def ms(v):
+        return f"{np.mean(v):.2f} ± {np.std(v, ddof=1) / np.sqrt(len(v)):.2f}"
+    counts = {}
+    for label in [v for v in RECOVERY_VARIANTS if v in runs]:
+        seeds = sorted(runs[label])
+        col = {key: np.array([runs[label][s][key] for s in seeds]) for key in RECOVERY_METRICS if key != "val_accuracy"}
+        counts[label] = [int(c) for c in col["recovered"]]
+        diff, tally = "–", "–"
+        if label != baseline and baseline in runs and set(seeds) <= set(runs[baseline]):
+            d = col["recovered"] - np.array([runs[baseline][s]["recovered"] for s in seeds])
+            diff = f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f}"
+            tally = f"{int((d > 0).sum())} / {int((d == 0).sum())} / {int((d < 0).sum())}"
+        lines.append(f"| {label} | {len(seeds)} | {ms(col['recovered'])} | {diff} | {tally} | {ms(col['selected'])} | "
+                     f"{ms(col['binary'])} | {ms(col['val_loss'])} |")
+    with open(os.path.join(out, "common.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        plot_recovery(out, counts, name="recovered_common.png", seeds_note="common problems")
+    except ImportError as exc:
+        _log(f"no figure: {exc}")
+    _log(f"wrote {out}/common.md")
+
+
 # --- paired: local search on and off at one configuration, on the same problems -----------------
 
-# (label, the chosen configuration of which variant, local search's share of the epochs)
-PAIRS = [("Top-k, the config of Top-k + LS", "Top-k + LS", None),
-         ("DSelect-k, the config of DSelect-k + LS", "DSelect-k + LS", None),
-         ("DSelect-k, the config of DSelect-k, + LS 0.1", "DSelect-k", 0.1),
-         ("COMET, the config of COMET+", "COMET + LS (COMET+)", None)]
+# (label, the variant whose chosen configuration is run, the option switched off and on, its value
+# when on: None for the variant's own)
+PAIRS = [("Top-k, the config of Top-k + LS", "Top-k + LS", "ls_frac", None),
+         ("DSelect-k, the config of DSelect-k + LS", "DSelect-k + LS", "ls_frac", None),
+         ("DSelect-k, the config of DSelect-k, + LS 0.1", "DSelect-k", "ls_frac", 0.1),
+         ("COMET, the config of COMET+", "COMET + LS (COMET+)", "ls_frac", None),
+         ("DSelect-k, the config of the warm-up variant", "DSelect-k + warm-up lambda = 0", "warmup_frac", None),
+         ("DSelect-k, the config of the distinct-init variant", "DSelect-k + distinct init", "init", None)]
 PAIR_SEEDS = list(range(1000, 1020))
+
+
+def _pair_flag(option):
+    """(config key marking the run with the option on, sweep suffixes off / on). The local search
+    pairs keep the names they were first run under, so that their finished trials are not rerun."""
+    return ("local_search", ("no_ls", "ls")) if option == "ls_frac" else ("option_on", ("off", "on"))
 
 
 def run_paired(args):
@@ -170,28 +232,29 @@ def run_paired(args):
 
     path = os.path.join(args.out, "trials.jsonl")
     chosen = _read_json(os.path.join(args.out, "chosen_configs.json")).get("chosen", {})
-    for label, source, frac in PAIRS:
+    for label, source, option, value in PAIRS:
         if source not in chosen:
             _log(f"paired {label}: {source} has not run yet, skipped")
             continue
-        config = {k: v for k, v in chosen[source]["config"].items() if k not in ("variant", "ls_frac")}
-        with_ls = dict(config, ls_frac=frac if frac is not None else chosen[source]["config"]["ls_frac"])
-        for on, cfg in ((False, config), (True, with_ls)):
-            grid = {**{k: [v] for k, v in cfg.items()}, "pair": [label], "local_search": [on], "pair_seed": PAIR_SEEDS}
-            _log(f"paired {label}, local search {'on' if on else 'off'}: {len(PAIR_SEEDS)} seeds")
+        config = {k: v for k, v in chosen[source]["config"].items() if k not in ("variant", option)}
+        switched_on = dict(config, **{option: value if value is not None else chosen[source]["config"][option]})
+        flag, suffixes = _pair_flag(option)
+        for on, cfg in ((False, config), (True, switched_on)):
+            grid = {**{k: [v] for k, v in cfg.items()}, "pair": [label], flag: [on], "pair_seed": PAIR_SEEDS}
+            _log(f"paired {label}, {option} {'on' if on else 'off'}: {len(PAIR_SEEDS)} seeds")
             Sweep(paired_recovery_trial, grid, n_trials=len(PAIR_SEEDS), seed=args.seed, results_path=path,
-                  name=f"paired/{_slug(label)}/{'ls' if on else 'no_ls'}").run(max_workers=args.workers,
-                                                                                progress=not args.quiet)
+                  name=f"paired/{_slug(label)}/{suffixes[on]}").run(max_workers=args.workers, progress=not args.quiet)
     write_paired_table(args.out)
 
 
 def write_paired_table(out):
     records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].startswith("paired/")]
-    lines = ["| configuration | recovered, no LS | recovered, LS | paired difference | LS better / equal / worse | "
-             "selected, no LS | selected, LS | val loss, no LS | val loss, LS |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
-    for label, _, _ in PAIRS:
+    lines = ["| configuration | option | recovered, off | recovered, on | paired difference | on better / equal / worse | "
+             "selected, off | selected, on | val loss, off | val loss, on |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for label, _, option, _ in PAIRS:
+        flag = _pair_flag(option)[0]
         runs = {on: {r["config"]["pair_seed"]: r["metrics"] for r in records
-                     if r["config"].get("pair") == label and r["config"]["local_search"] == on} for on in (False, True)}
+                     if r["config"].get("pair") == label and r["config"].get(flag) == on} for on in (False, True)}
         seeds = sorted(set(runs[False]) & set(runs[True]))
         if not seeds:
             continue
@@ -202,7 +265,7 @@ def write_paired_table(out):
         def ms(key, flag):
             v = np.array([runs[flag][s][key] for s in seeds])
             return f"{v.mean():.2f} ± {v.std(ddof=1) / np.sqrt(len(v)):.2f}"
-        lines.append(f"| {label} ({len(seeds)} seeds) | {ms('recovered', False)} | {ms('recovered', True)} | "
+        lines.append(f"| {label} ({len(seeds)} seeds) | {option} | {ms('recovered', False)} | {ms('recovered', True)} | "
                      f"{d.mean():+.2f} ± {d.std(ddof=1) / np.sqrt(len(d)):.2f} | {int((d > 0).sum())} / "
                      f"{int((d == 0).sum())} / {int((d < 0).sum())} | {ms('selected', False)} | {ms('selected', True)} | "
                      f"{ms('val_loss', False)} | {ms('val_loss', True)} |")
@@ -296,6 +359,16 @@ ML_METRICS = ["test_auc", "test_rmse", "test_loss_x1e4", "mean_selected", "binar
 BUDGETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
+def _ml_budget(args):
+    """The grid entries of the reduced budget options (absent: the model of Appendix D.1, 3 epochs)."""
+    out = {"epochs": [args.epochs]} if args.epochs is not None else {}
+    if args.embedding_dim is not None:
+        out["embedding_dim"] = [args.embedding_dim]
+    if args.units is not None:
+        out["units"] = [args.units]
+    return out
+
+
 def run_movielens(args):
     from dselectk.experiments import movielens as ML
 
@@ -306,7 +379,8 @@ def run_movielens(args):
     chosen = _read_json(os.path.join(args.out, "chosen_configs.json"))
     for label in args.variants:
         method, extra, budget = ML_VARIANTS[label]
-        grid = {"path": [os.path.abspath(args.data)], "method": [method], "variant": [label], **ML_COMMON, **extra}
+        grid = {"path": [os.path.abspath(args.data)], "method": [method], "variant": [label], **ML_COMMON, **extra,
+                **_ml_budget(args)}
         trials = args.trials if budget else args.tune_trials
         _log(f"MovieLens, {label}: {trials} random-search trials, then {args.reps} repetitions")
         _, final = S.tune_and_repeat(ML.movielens_trial, grid, n_trials=trials, repetitions=args.reps,
@@ -415,6 +489,8 @@ def main(argv=None):
     rc.add_argument("--out", default="benchmarks/results/local_search_recovery")
     pr = sub.add_parser("paired", help="gate recovery: local search on and off at one configuration, same seeds")
     pr.add_argument("--out", default="benchmarks/results/local_search_recovery")
+    cm = sub.add_parser("common", help="gate recovery: every variant's chosen configuration on the same 20 problems")
+    cm.add_argument("--out", default="benchmarks/results/local_search_recovery")
     mt = sub.add_parser("multitask", help="Appendix C.2 with the task-mean loss, + COMET and local search")
     mt.add_argument("--variants", nargs="+", default=list(MULTITASK_VARIANTS), choices=list(MULTITASK_VARIANTS))
     mt.add_argument("--tasks", type=int, nargs="+", default=[16, 32, 64, 128])
@@ -428,12 +504,15 @@ def main(argv=None):
     ml.add_argument("--trials", type=int, default=24, help="random-search trials of Hash / Top-k (+- LS)")
     ml.add_argument("--tune-trials", type=int, default=12, help="random-search trials of DSelect-k / COMET (+- LS)")
     ml.add_argument("--reps", type=int, default=10)
+    ml.add_argument("--epochs", type=int, default=None, help="training epochs (default 3)")
+    ml.add_argument("--embedding-dim", type=int, default=None, help="user / movie embedding width (default 128)")
+    ml.add_argument("--units", type=int, default=None, help="expert and tower width (default 256)")
     ml.add_argument("--out", default="benchmarks/results/local_search_movielens")
     tb = sub.add_parser("tables", help="rewrite the tables and figures from the trials run")
     tb.add_argument("--recovery-out", default="benchmarks/results/local_search_recovery")
     tb.add_argument("--multitask-out", default="benchmarks/results/local_search_multitask")
     tb.add_argument("--movielens-out", default="benchmarks/results/local_search_movielens")
-    for p in (rc, pr, mt, ml):
+    for p in (rc, pr, cm, mt, ml):
         p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quiet", action="store_true")
@@ -443,6 +522,8 @@ def main(argv=None):
         run_recovery(args)
     elif args.cmd == "paired":
         run_paired(args)
+    elif args.cmd == "common":
+        run_common(args)
     elif args.cmd == "multitask":
         run_multitask(args)
     elif args.cmd == "movielens":
@@ -451,6 +532,7 @@ def main(argv=None):
         if os.path.exists(os.path.join(args.recovery_out, "trials.jsonl")):
             write_recovery_tables(args.recovery_out)
             write_paired_table(args.recovery_out)
+            write_common_table(args.recovery_out)
         if os.path.exists(os.path.join(args.multitask_out, "trials.jsonl")):
             write_multitask_tables(args.multitask_out)
         if os.path.exists(os.path.join(args.movielens_out, "trials.jsonl")):
