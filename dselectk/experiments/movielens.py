@@ -157,6 +157,7 @@ def movielens_trial(config, seed):
     the tasks; NaN where it never did or for other gates), binary (1 when every task's S(Z) became
     binary, or for gates without S(Z)), expert_flops and expert_flops_dense."""
     config = dict(config)
+    config.pop("variant", None)  # a results label (benchmarks/local_search_experiments.py), not an option
     data = _cached_data(config.pop("path"), int(config.pop("neg_ratio", 1)), int(config.pop("data_seed", 0)))
     gate, per_example = METHODS[config.pop("method")]
     out = run(data, gate, per_example, seed=seed, **config)
