@@ -14,3 +14,17 @@ def check_entries(objective, data, grad, indices, tol=2e-6, h=1e-6, context=None
         data[i] = old
         num = (fp - fm) / (2 * h)
         assert abs(grad[i] - num) <= tol * max(1.0, abs(num)), (context, i, grad[i], num)
+
+
+def spread_gates(model, rng):
+    """Move gate parameters off their tiny initial values (and away from Top-k ties) so that
+    every term of the gradient is exercised; the smooth-step gates' Z stays inside the fractional
+    region (+-0.4 gamma)."""
+    for g in model.gates:
+        for name, v in g.params.items():
+            if name == "Z":
+                v[...] = rng.uniform(-0.4, 0.4, v.shape) * g.gamma
+            elif name in ("W", "b_W"):
+                v[...] = rng.uniform(-0.05, 0.05, v.shape) * g.gamma
+            else:
+                v[...] = rng.standard_normal(v.shape)

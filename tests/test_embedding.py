@@ -6,7 +6,7 @@ import pytest
 
 import dselectk as dk
 import reference as ref
-from fd import check_entries
+from fd import check_entries, spread_gates
 from dselectk import functional as F
 from dselectk import models as Mo
 from dselectk import inputs as I
@@ -344,14 +344,7 @@ def _fd_check_with_tables(model, X, Y, rng, W=None, n_entries=40):
 
 
 def _spread(model, rng):
-    for g in model.gates:
-        for name, v in g.params.items():
-            if name == "Z":
-                v[...] = rng.uniform(-0.4, 0.4, v.shape) * g.gamma
-            elif name in ("W", "b_W"):
-                v[...] = rng.uniform(-0.05, 0.05, v.shape) * g.gamma
-            else:
-                v[...] = rng.standard_normal(v.shape)
+    spread_gates(model, rng)
     for e in model.input_layer.tables:
         e.table[...] = rng.standard_normal(e.table.shape)
 

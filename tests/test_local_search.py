@@ -14,7 +14,7 @@ from dselectk import functional as F
 from dselectk import local_search as L
 from dselectk import models as Mo
 from dselectk import inputs as I
-from fd import check_entries
+from fd import check_entries, spread_gates
 
 pytest.importorskip("scipy")
 
@@ -145,14 +145,7 @@ MODEL_GATES = [
 
 
 def _spread(model, rng):
-    for g in model.gates:
-        for name, v in g.params.items():
-            if name == "Z":
-                v[...] = rng.uniform(-0.4, 0.4, v.shape) * g.gamma
-            elif name in ("W", "b_W"):
-                v[...] = rng.uniform(-0.05, 0.05, v.shape) * g.gamma
-            else:
-                v[...] = rng.standard_normal(v.shape)
+    spread_gates(model, rng)
     for p in model.permutations:
         p.params["log_alpha"][...] = rng.standard_normal(p.params["log_alpha"].shape)
 

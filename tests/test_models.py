@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dselectk as dk
-from fd import check_entries
+from fd import check_entries, spread_gates
 from dselectk import models as Mo
 from dselectk import inputs as I
 from dselectk import trainer as T
@@ -77,26 +77,13 @@ def _fd_check(model, X, Y, rng, n_entries=60):
                   context=model.slab.index)
 
 
-def _spread_gates(model, rng):
-    """Move gate parameters off their tiny initial values (and away from Top-k ties) so that
-    every term of the gradient is exercised; DSelect-k's Z stays inside the fractional region."""
-    for g in model.gates:
-        for name, v in g.params.items():
-            if name in ("Z",):
-                v[...] = rng.uniform(-0.4, 0.4, v.shape) * g.gamma
-            elif name in ("W", "b_W"):
-                v[...] = rng.uniform(-0.05, 0.05, v.shape) * g.gamma
-            else:
-                v[...] = rng.standard_normal(v.shape)
-
-
 @pytest.mark.parametrize("gate_kwargs", GATE_KINDS, ids=lambda kw: kw["gate"] + ("_pe" if kw.get("per_example") else ""))
 def test_mmoe_whole_model_gradient(gate_kwargs):
     rng = np.random.default_rng(0)
     losses, outputs = ["bce", "mse", "softmax_ce"], [1, 2, 3]
     model = Mo.MMoE(4, n_tasks=3, n_experts=5, expert_units=(6,), tower_units=(3,), task_losses=losses,
                     task_outputs=outputs, task_weights=[0.3, 0.5, 0.2], dtype="float64", seed=1, **gate_kwargs)
-    _spread_gates(model, rng)
+    spread_gates(model, rng)
     X, Y = _data(rng, 9, 4, losses, outputs)
     _fd_check(model, X, Y, rng)
 
@@ -107,7 +94,7 @@ def test_moe_whole_model_gradient(gate_kwargs):
     rng = np.random.default_rng(1)
     model = Mo.MoE(3, n_experts=6, expert_units=(5, 4), loss="mse", output_dim=2, dtype="float64", seed=2,
                    **gate_kwargs)
-    _spread_gates(model, rng)
+    spread_gates(model, rng)
     for name, shape, off in model.slab.index:  # biases off 0: a dead ReLU row then gives no exact-0
         if name.startswith("expert") and name.endswith(".b"):  # pre-activation, a kink for differences
             model.slab.data[off:off + shape[0]] += rng.uniform(-0.1, 0.1, shape[0])
@@ -325,7 +312,7 @@ def test_sum_experts_without_towers_gradient(gate):
     model = Mo.MMoE(5, n_tasks=3, n_experts=4, expert_units=(4,), expert_output="sum", tower_units=None,
                     task_losses="mse", gate=gate, dtype="float64", seed=4)
     assert all(len(t.layers) == 0 for t in model.towers)
-    _spread_gates(model, rng)
+    spread_gates(model, rng)
     X, Y = _data(rng, 11, 5, ["mse"] * 3, [1] * 3)
     _fd_check(model, X, Y, rng, n_entries=100)
     # y_t = sum_j w_tj * sum_u relu(x W_j + b_j)_u, written out
@@ -379,7 +366,7 @@ def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary, width):
     losses, outputs = ["bce", "mse", "softmax_ce", "mse"], [1, 2, 3, 1]
     fast = Mo.MMoE(4, n_tasks=4, n_experts=6, expert_units=(width,), tower_units=(3,), task_losses=losses,
                    task_outputs=outputs, dtype="float64", seed=3, **gate_kwargs)
-    _spread_gates(fast, rng)
+    spread_gates(fast, rng)
     if binary and gate_kwargs["gate"] == "dselect_k":
         for g in fast.gates:  # S(Z) saturated: each task uses at most k = 2 of the 6 experts
             g.params["Z"][...] = np.where(rng.random(g.params["Z"].shape) < 0.5, -1, 1) * g.gamma
@@ -458,7 +445,7 @@ def test_per_example_sparse_path_matches_the_dense_path(gate_kwargs):
     kw = dict(n_tasks=2, n_experts=8, expert_units=(5, 4), tower_units=(3,), task_losses=losses,
               task_outputs=outputs, dtype="float64", seed=5, **gate_kwargs)
     sparse, dense = Mo.MMoE(4, **kw), Mo.MMoE(4, **kw)
-    _spread_gates(sparse, rng)
+    spread_gates(sparse, rng)
     _saturate(sparse, rng)  # DSelect-k, COMET: S(Z) binary for most examples: <= 2 experts each
     dense.slab.data[...] = sparse.slab.data
     dense.sparse_threshold = 0.0
