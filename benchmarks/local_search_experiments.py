@@ -5,7 +5,6 @@
     python benchmarks/local_search_experiments.py common    [--workers 2]   # after recovery
     python benchmarks/local_search_experiments.py multitask [--tasks 16 32 64 128] [--trials 6] [--reps 10] [--epochs 10]
     python benchmarks/local_search_experiments.py movielens [--trials 24] [--tune-trials 12] [--reps 10] [--workers 2]
-    python benchmarks/local_search_experiments.py fashion   [--trials 3] [--reps 5] [--workers 2]
     python benchmarks/local_search_experiments.py tables    # rewrite every table and figure from the trials run
 
 * ``recovery``: Appendix C.3.2 (gate recovery) with every gate, with and without local search, and
@@ -21,9 +20,6 @@
   Top-k (+- LS) run ``--trials`` random-search trials each, which are also the data of the
   tuning-budget curves; DSelect-k and COMET (+- LS) ``--tune-trials``; then ``--reps`` runs of each
   best configuration. Output: ``benchmarks/results/local_search_movielens/``.
-* ``fashion``: COMET and COMET + LS on Multi-Fashion MNIST with the protocol of
-  ``benchmarks/results/multi_fashion_mnist/`` (Table 2), beside its rows.
-  Output: ``benchmarks/results/local_search_fashion/``.
 
 Every trial is appended to ``<out>/trials.jsonl``; rerunning a command resumes where it stopped
 (finished trials are not rerun). Progress goes to stderr.
