@@ -4,11 +4,12 @@ Appendix D.2 of Hazimeh et al., DSelect-k, NeurIPS 2021).
 Two classification tasks per image (the classes of the top-left and of the bottom-right item of
 :func:`dselectk.images.multi_mnist`), the loss their unweighted sum. Models (``MODELS``):
 
-* ``"dselect_k"``, ``"top_k"``, ``"softmax"``, ``"comet"`` (COMET, Ibrahim et al., KDD 2023): MMoE with ``n_experts`` (8) CNN experts (conv 5x5,
-  10 filters -> ReLU -> maxpool 2 -> conv 5x5, 20 filters -> ReLU -> maxpool 2 -> flatten ->
-  ``expert_layers`` (1, 3 or 5 in the paper) Dense-ReLU layers of ``units`` (50)), a STATIC gate per
-  task (DSelect-k with k selectors, Top-k with k, COMET with k trees, or the dense softmax gate), and a tower per task
-  (``tower_units`` Dense-ReLU layers, then the 10-class output);
+* ``"dselect_k"``, ``"top_k"``, ``"softmax"``, ``"comet"`` (COMET, Ibrahim et al., KDD 2023): MMoE
+  with ``n_experts`` (8) CNN experts (conv 5x5, 10 filters -> ReLU -> maxpool 2 -> conv 5x5, 20
+  filters -> ReLU -> maxpool 2 -> flatten -> ``expert_layers`` (1, 3 or 5 in the paper) Dense-ReLU
+  layers of ``units`` (50)), a STATIC gate per task (DSelect-k with k selectors, Top-k with k,
+  COMET with k trees, or the dense softmax gate), and a tower per task (``tower_units`` Dense-ReLU
+  layers, then the 10-class output);
 * ``"shared_bottom"``: the same CNN as one shared bottom, then the towers.
 
 Training: Adam, batch size 256, the sum of the two cross-entropies (plus the gates'
