@@ -126,9 +126,23 @@ def trusted_inputs() -> Iterator[None]:
 
 
 def check_finite(x: np.ndarray, name: str = "x") -> None:
-    """ValueError naming ``name`` (and the first flat index) if the float array ``x`` holds NaN
-    or Inf; integer arrays pass. The scan the kernels run on their inputs."""
-    _C.check_finite(x, name)
+    """ValueError naming ``name`` (and the first flat index, in C order) if ``x`` holds NaN or Inf:
+    float arrays of any precision (float16 to long double) and complex ones (either part); bool
+    and integer arrays pass, as they cannot hold either. Any other dtype (object, strings, bytes,
+    dates, structured) is a TypeError naming it: its entries are not numbers to check. The scan
+    the kernels run on their (float32 / float64) inputs."""
+    if isinstance(x, np.ndarray) and x.dtype.type not in (np.float32, np.float64):
+        kind = x.dtype.kind
+        if kind in "fc":  # float16, long double, complex: NumPy's isfinite, which reads them all
+            bad = ~np.isfinite(x)
+            if bad.any():
+                raise ValueError(f"argument '{name}' contains NaN or Inf (first at flat index "
+                                 f"{int(np.argmax(bad.reshape(-1)))}); expected finite values")
+            return
+        if kind not in "biu":
+            raise TypeError(f"argument '{name}' has dtype {x.dtype}; check_finite takes numeric arrays (bool, "
+                            "integer, float or complex)")
+    _C.check_finite(x, name)  # float32 / float64 (one pass in C), integers and bool
 
 
 def _array(x: Any, name: str) -> np.ndarray:
