@@ -59,7 +59,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["check_X", "check_Y", "check_weights", "check_embedding_X", "num_rows", "take_rows", "task_names",
+__all__ = ["check_X", "check_X_shape", "check_Y", "check_weights", "check_embedding_X", "num_rows", "take_rows", "task_names",
            "check_task_names", "input_columns", "embedding_spec", "LossyCastWarning", "Batch", "ArrayData",
            "BatchStream", "make_data", "is_batch_source"]
 
@@ -287,6 +287,22 @@ def _array_from_columns(model, X, name):
     return to_dtype(out, model.dtype, name)
 
 
+def check_X_shape(model, X, name="X"):
+    """ValueError unless the array X is a batch (N, *model.input_shape) of a model without an
+    embedding input: the rule of :func:`check_X`, which the models' ``forward`` applies too. An X
+    with the right number of features in another shape ((N, p, 1) for p features, or flattened
+    images) is refused, not reshaped: it is more often a mistake than the intended layout."""
+    shape = tuple(getattr(model, "input_shape", None) or (model.input_dim,))
+    if X.ndim != 1 + len(shape) or X.shape[1:] != shape:
+        want = f"(N, {', '.join(str(d) for d in shape)})"
+        hint = ""
+        if len(shape) > 1 and X.ndim == 2 and X.shape[1] == model.input_dim:
+            hint = f"; it looks flattened: reshape it with {name}.reshape(-1, {', '.join(str(d) for d in shape)})"
+        elif len(shape) == 3:
+            hint = " (NCHW images: channels, height, width)"
+        raise ValueError(f"{name} must have shape {want}, got {X.shape}{hint}")
+
+
 def check_X(model, X, name="X"):
     """X as the model reads it, checked: a C-contiguous (N, *model.input_shape) array of the model's
     dtype (memory maps of another dtype: cast as rows are read), or for a model with an embedding
@@ -299,15 +315,7 @@ def check_X(model, X, name="X"):
     if not isinstance(X, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray (or a pandas DataFrame, or a batch source: see "
                         f"dselectk.inputs), got {type(X).__name__}")
-    shape = tuple(getattr(model, "input_shape", None) or (model.input_dim,))
-    if X.ndim != 1 + len(shape) or X.shape[1:] != shape:
-        want = f"(N, {', '.join(str(d) for d in shape)})"
-        hint = ""
-        if len(shape) > 1 and X.ndim == 2 and X.shape[1] == model.input_dim:
-            hint = f"; it looks flattened: reshape it with {name}.reshape(-1, {', '.join(str(d) for d in shape)})"
-        elif len(shape) == 3:
-            hint = " (NCHW images: channels, height, width)"
-        raise ValueError(f"{name} must have shape {want}, got {X.shape}{hint}")
+    check_X_shape(model, X, name)
     if X.shape[0] == 0:
         raise ValueError(f"{name} is empty (N = 0)")
     return to_dtype(X, model.dtype, name, lazy=True)

@@ -42,7 +42,7 @@ from ._memory import check_experts
 from .embedding import EmbeddingInput, _split
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
-from .inputs import check_task_names
+from .inputs import check_task_names, check_X_shape
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate, subset_rows
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
@@ -143,6 +143,8 @@ def _trusted_forward(forward):
         elif isinstance(X, np.ndarray):
             if X.ndim == 0:
                 raise ValueError("X must be a batch (B, ...) of examples, got a 0-d array")
+            if self.input_layer is None:
+                check_X_shape(self, X)  # the shape fit / predict accept, no other
             F.check_finite(X, "X")
         with F.trusted_inputs():
             return forward(self, X, training)
