@@ -151,7 +151,14 @@ def _array(x: Any, name: str) -> np.ndarray:
     return x
 
 
-def _int(v: Any, name: str, minimum: int, maximum: float = 2**31 - 1) -> int:
+# The most experts n the DSelect-k, COMET and softmax-selector kernels take: 2**30, so that a
+# selector's binary code has at most 30 bits (csrc/dsk.h, DSK_MAX_BITS). The kernels' other sizes,
+# and every matrix dimension of the 32-bit BLAS, go up to MAX_DIM.
+MAX_EXPERTS: int = _C.MAX_EXPERTS
+MAX_DIM: int = 2**31 - 1
+
+
+def _int(v: Any, name: str, minimum: int, maximum: float = MAX_DIM) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     if v < minimum or v > maximum:

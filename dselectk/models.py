@@ -41,6 +41,7 @@ from . import functional as F
 from ._memory import check_experts
 from .embedding import EmbeddingInput, _split
 from .gates import GateSpec, StaticDSelectKBank, spec_class
+from .gates._base import check_experts_limit
 from .gates._base import resolve as _resolve_gate
 from .inputs import check_task_names, check_X_shape
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate, subset_rows
@@ -466,6 +467,7 @@ class MMoE(_Model):
             self.config.update(input_dim=None, embeddings=emb_config)
         self.expert_kind = expert
         self.n_experts = F._int(n_experts, "n_experts", 2)
+        check_experts_limit(self.n_experts, self.gate_spec.max_experts(), f"the {self.gate_spec.kind!r} gate")
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
         check_experts(self, expert_units, dtype)  # before building any: refuse what cannot fit

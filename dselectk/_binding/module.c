@@ -123,6 +123,11 @@ PyMODINIT_FUNC PyInit__C(void) {
     import_array();
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    /* the most experts the selector and tree kernels take (check_n), for the gates' constructors */
+    if (PyModule_AddIntConstant(m, "MAX_EXPERTS", 1L << DSK_MAX_BITS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     for (size_t i = 0; i < sizeof families / sizeof families[0]; i++)
         if (PyModule_AddFunctions(m, families[i]) < 0) {
             Py_DECREF(m);
