@@ -213,7 +213,7 @@ class _Model:
     # counters of the last run, the DataFrame columns it read, and the callbacks' stop flag
     optimizer = sparse_optimizer = history = train_state = input_columns = None
     stop_training = False
-    input_layer = None  # the EmbeddingInput front, or None: X goes straight to the experts
+    input_layer: EmbeddingInput | None = None  # the EmbeddingInput front, or None: X goes straight to the experts
 
     def _setup_input(self, input_dim, embeddings, seed, dtype, input_shape=None, kind="mlp", what="expert"):
         """input_dim and input_shape (see _input_spec), and self.input_layer from ``embeddings``
