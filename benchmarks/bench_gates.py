@@ -8,8 +8,8 @@ then the gradients of <dw, w> + lambda * Omega with respect to x, G, b_G, W, b_W
 logits a_t = U_t x + b_U,t, node logits z_t = W_t x + b_W,t, w (B, n), then the gradients of
 <dw, w> + lambda * (the leaf-reach entropy) with respect to x, U, b_U, W, b_W; the NumPy side runs
 down and up the heap one level at a time (O(log n) array operations). They are checked to agree
-before anything is timed. Times are the median of --repeat runs, measured in one process (the
-machine is shared and noisy: compare the ratio, not the absolute times).
+before anything is timed. Times are the median of --repeat rounds that interleave the sides, in one
+process (the machine is shared and noisy: compare the ratios, not the absolute times).
 """
 from __future__ import annotations
 
@@ -208,18 +208,24 @@ def dselectk_per_example(x, G, b_G, W, b_W, n, gamma, dw, lam):
     return w, F.dselect_k_per_example_backward(dw, cache, lam=lam)
 
 
-def median_time(fn, repeat):
-    """Median wall time of fn over `repeat` runs, after one warm-up run. Sleeps first: the other
-    side's idle BLAS threads keep spinning for a while after its last call (NumPy's OpenBLAS for
-    ~2^28 cycles) and would steal the cores this side is timed on."""
-    time.sleep(0.5)
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
+def median_times(fns, repeat):
+    """Median wall time of each of ``fns`` over ``repeat`` rounds, after one warm-up call each. The
+    functions are interleaved (each round runs every one once, in an order that rotates), so that
+    a change in the machine's load hits all sides alike: compare the ratios. Each call is preceded
+    by a short sleep: the other side's idle BLAS threads keep spinning for a while after its last
+    call (NumPy's OpenBLAS for ~2^28 cycles) and would steal the cores this side is timed on."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for r in range(repeat):
+        order = list(range(len(fns)))
+        order = order[r % len(fns):] + order[:r % len(fns)]
+        for i in order:
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _check_agree(w_np, g_np, w_c, g_c, dtype):
@@ -255,9 +261,9 @@ def bench_comet(args, dtype):
         ours = dselectk_comet_per_example(*args_)
         _check_agree(*numpy_comet_paths_per_example(*args_), *ours, dtype)
         _check_agree(*numpy_comet_per_example(*args_), *ours, dtype)
-        t_paths = median_time(lambda: numpy_comet_paths_per_example(*args_), args.repeat)
-        t_levels = median_time(lambda: numpy_comet_per_example(*args_), args.repeat)
-        t_c = median_time(lambda: dselectk_comet_per_example(*args_), args.repeat)
+        t_paths, t_levels, t_c = median_times([lambda: numpy_comet_paths_per_example(*args_),
+                                               lambda: numpy_comet_per_example(*args_),
+                                               lambda: dselectk_comet_per_example(*args_)], args.repeat)
         rows.append((n, t_paths, t_levels, t_c))
         print(f"{n:>5} {t_paths * 1e3:>9.2f} {t_levels * 1e3:>10.2f} {t_c * 1e3:>12.2f} {t_paths / t_c:>8.1f}x "
               f"{t_levels / t_c:>9.1f}x")
@@ -311,8 +317,8 @@ def bench_dselect_k(args, dtype):
         dw = rng.standard_normal((B, n)).astype(dtype)
         args_ = (x, G, b_G, W, b_W, n, g, dw, args.lam)
         _check_agree(*numpy_dselect_k_per_example(*args_), *dselectk_per_example(*args_), dtype)
-        t_np = median_time(lambda: numpy_dselect_k_per_example(*args_), args.repeat)
-        t_c = median_time(lambda: dselectk_per_example(*args_), args.repeat)
+        t_np, t_c = median_times([lambda: numpy_dselect_k_per_example(*args_), lambda: dselectk_per_example(*args_)],
+                                 args.repeat)
         rows.append((n, t_np, t_c))
         print(f"{n:>5} {t_np * 1e3:>10.2f} {t_c * 1e3:>12.2f} {t_np / t_c:>7.1f}x")
     return rows

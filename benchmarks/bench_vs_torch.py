@@ -350,37 +350,26 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     results = {"gate": [], "comet": [], "step": [], "cnn": []}
 
-    if "gate" in args.workloads:
-        out(f"## Per-example DSelect-k gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_GATE}, lambda={LAM})")
+    gate_sections = (("gate", f"Per-example DSelect-k gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_GATE}, "
+                               f"lambda={LAM})", (8, 32, 128), gate_workload),
+                     ("comet", f"Per-example COMET gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_COMET} trees, "
+                               f"lambda={LAM})", N_COMET, comet_gate_workload))
+    for key, title, ns, workload in gate_sections:
+        if key not in args.workloads:
+            continue
+        out(f"## {title}")
         out()
         out("| n | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch |")
         out("|---:|---:|---:|---:|---:|")
-        for n in (8, 32, 128):
-            ours, theirs = gate_workload(n, rng)
+        for n in ns:
+            ours, theirs = workload(n, rng)
             for threads in args.threads:
                 set_threads(threads)
                 fns = {"ours": ours} if theirs is None else {"ours": ours, "theirs": theirs}
                 t = interleaved(fns, blocks, block_time, pause)
                 r_ours = B_GATE / t["ours"]
                 r_theirs = B_GATE / t["theirs"] if "theirs" in t else None
-                results["gate"].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
-                out(f"| {n} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | {_fmt_ratio(r_ours, r_theirs)} |")
-        out()
-
-    if "comet" in args.workloads:
-        out(f"## Per-example COMET gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_COMET} trees, lambda={LAM})")
-        out()
-        out("| n | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch |")
-        out("|---:|---:|---:|---:|---:|")
-        for n in N_COMET:
-            ours, theirs = comet_gate_workload(n, rng)
-            for threads in args.threads:
-                set_threads(threads)
-                fns = {"ours": ours} if theirs is None else {"ours": ours, "theirs": theirs}
-                t = interleaved(fns, blocks, block_time, pause)
-                r_ours = B_GATE / t["ours"]
-                r_theirs = B_GATE / t["theirs"] if "theirs" in t else None
-                results["comet"].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
+                results[key].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
                 out(f"| {n} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | {_fmt_ratio(r_ours, r_theirs)} |")
         out()
 

@@ -27,6 +27,7 @@ Every trial is appended to ``<out>/trials.jsonl``; rerunning a command resumes w
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -482,6 +483,7 @@ def _write_json(path, value):
 
 
 def main(argv=None):
+    faulthandler.enable()  # a crash in a kernel prints where it happened (as the other experiment scripts)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     rc = sub.add_parser("recovery", help="Appendix C.3.2 with every gate, +- local search, and the remedies")

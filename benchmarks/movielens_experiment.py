@@ -15,6 +15,7 @@ heatmap of one trained DSelect-k model (``figure_c3.png``, needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -89,6 +90,7 @@ def heatmap(out, config):
 
 
 def main(argv=None):
+    faulthandler.enable()  # a crash (once seen while plotting) prints where it happened
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="benchmarks/data/movielens.csv")
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5, 0.9])

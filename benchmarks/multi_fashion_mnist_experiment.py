@@ -21,6 +21,7 @@ expert FLOPs executed relative to the dense model and to Top-k.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -99,6 +100,7 @@ def write_table(out):
 
 
 def main(argv=None):
+    faulthandler.enable()  # a crash (once seen while plotting) prints where it happened
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--path", default=None, help="directory of the Fashion-MNIST IDX files (default: the Debian "
                     "package's)")

@@ -14,6 +14,7 @@ appended to ``<out>/trials.jsonl``; rerunning the same command resumes. Tables: 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -119,6 +120,7 @@ def plot_recovery_traces(out, chosen):
 
 
 def main(argv=None):
+    faulthandler.enable()  # a crash (once seen while plotting) prints where it happened
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     mt = sub.add_parser("multitask", help="Appendix C.2: 16-128 tasks, four gates")

@@ -130,9 +130,23 @@ def trusted_inputs() -> Iterator[None]:
 
 
 def check_finite(x: np.ndarray, name: str = "x") -> None:
-    """ValueError naming ``name`` (and the first flat index) if the float array ``x`` holds NaN
-    or Inf; integer arrays pass. The scan the kernels run on their inputs."""
-    _C.check_finite(x, name)
+    """ValueError naming ``name`` (and the first flat index, in C order) if ``x`` holds NaN or Inf:
+    float arrays of any precision (float16 to long double) and complex ones (either part); bool
+    and integer arrays pass, as they cannot hold either. Any other dtype (object, strings, bytes,
+    dates, structured) is a TypeError naming it: its entries are not numbers to check. The scan
+    the kernels run on their (float32 / float64) inputs."""
+    if isinstance(x, np.ndarray) and x.dtype.type not in (np.float32, np.float64):
+        kind = x.dtype.kind
+        if kind in "fc":  # float16, long double, complex: NumPy's isfinite, which reads them all
+            bad = ~np.isfinite(x)
+            if bad.any():
+                raise ValueError(f"argument '{name}' contains NaN or Inf (first at flat index "
+                                 f"{int(np.argmax(bad.reshape(-1)))}); expected finite values")
+            return
+        if kind not in "biu":
+            raise TypeError(f"argument '{name}' has dtype {x.dtype}; check_finite takes numeric arrays (bool, "
+                            "integer, float or complex)")
+    _C.check_finite(x, name)  # float32 / float64 (one pass in C), integers and bool
 
 
 def _array(x: Any, name: str) -> np.ndarray:
@@ -141,7 +155,14 @@ def _array(x: Any, name: str) -> np.ndarray:
     return x
 
 
-def _int(v: Any, name: str, minimum: int, maximum: float = 2**31 - 1) -> int:
+# The most experts n the DSelect-k, COMET and softmax-selector kernels take: 2**30, so that a
+# selector's binary code has at most 30 bits (csrc/dsk.h, DSK_MAX_BITS). The kernels' other sizes,
+# and every matrix dimension of the 32-bit BLAS, go up to MAX_DIM.
+MAX_EXPERTS: int = _C.MAX_EXPERTS
+MAX_DIM: int = 2**31 - 1
+
+
+def _int(v: Any, name: str, minimum: int, maximum: float = MAX_DIM) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     if v < minimum or v > maximum:

@@ -54,18 +54,45 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Protocol, Union, cast
 
 import numpy as np
 
-__all__ = ["check_X", "check_Y", "check_weights", "check_embedding_X", "num_rows", "take_rows", "task_names",
+if TYPE_CHECKING:
+    from pandas import DataFrame, Series
+
+    from .embedding import EmbeddingInput
+    from .models import _Model
+
+__all__ = ["check_X", "check_X_shape", "check_Y", "check_weights", "check_embedding_X", "num_rows", "take_rows", "task_names",
            "check_task_names", "input_columns", "embedding_spec", "LossyCastWarning", "Batch", "ArrayData",
            "BatchStream", "make_data", "is_batch_source"]
 
 # task names whose metric keys would collide with fit's own ("reg_loss", "val_loss", "val_x_auc")
 _RESERVED_TASK_NAMES = ("reg", "val", "loss", "lr", "time", "epoch")
 _CHUNK_ELEMENTS = 1 << 22  # value scans go through arrays (and memory maps) this many entries at a time
+
+
+# --- the types of what a model reads (the module docstring says what each may hold) ----------
+
+class SequenceLike(Protocol):
+    """A batch source as a Keras ``Sequence``: ``len()`` batches, item i is batch i."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+BatchSource = Union[SequenceLike, Iterable[Any]]  # a Sequence, an iterable or an iterator of batches
+Columns = Union["DataFrame", Mapping[str, Any]]  # a DataFrame or {column name: 1-D array}
+Features = Union[np.ndarray, Columns, BatchSource]  # X of fit / evaluate / predict
+Targets = Union[np.ndarray, Sequence[Any], Mapping[str, Any], "DataFrame", "Series", None]  # Y
+SampleWeights = Union[np.ndarray, "Series", Sequence[Optional[np.ndarray]], Mapping[str, Optional[np.ndarray]], None]
+# X checked: an array (a memory map of another dtype: a view casting the rows it reads) or, for an
+# embedding input, {"ids": (N, F) integers, "dense": (N, n_dense) or None}
+CheckedX = Union[np.ndarray, "_CastOnRead", dict[str, Any]]
+Rows = Union[np.ndarray, slice]  # the rows to take: an index array or a slice
 
 
 class LossyCastWarning(UserWarning):
@@ -92,22 +119,22 @@ def _pandas():
     return pandas
 
 
-def _is_frame(x) -> bool:
+def _is_frame(x: Any) -> bool:
     # pandas is imported by whoever made a DataFrame, so it is in sys.modules if x can be one
     pd = sys.modules.get("pandas")
     return pd is not None and isinstance(x, pd.DataFrame)
 
 
-def _is_series(x) -> bool:
+def _is_series(x: Any) -> bool:
     pd = sys.modules.get("pandas")
     return pd is not None and isinstance(x, pd.Series)
 
 
-def _is_categorical(col) -> bool:
+def _is_categorical(col: Any) -> bool:
     return _is_series(col) and isinstance(col.dtype, _pandas().CategoricalDtype)
 
 
-def _describe_kind(a) -> str:
+def _describe_kind(a: np.ndarray) -> str:
     kind = a.dtype.kind
     if kind in "USO" or str(a.dtype) in ("str", "string"):
         sample = next((v for v in a.reshape(-1)[:1000].tolist() if v is not None), None)
@@ -234,7 +261,7 @@ def to_dtype(a, dtype, name, lazy=False):
 
 # --- X --------------------------------------------------------------------------------------
 
-def input_columns(X):
+def input_columns(X: Any) -> list[str] | None:
     """The column names of a DataFrame or dict-of-columns X (else None)."""
     if _is_frame(X):
         return [str(c) for c in X.columns]
@@ -287,18 +314,11 @@ def _array_from_columns(model, X, name):
     return to_dtype(out, model.dtype, name)
 
 
-def check_X(model, X, name="X"):
-    """X as the model reads it, checked: a C-contiguous (N, *model.input_shape) array of the model's
-    dtype (memory maps of another dtype: cast as rows are read), or for a model with an embedding
-    input the dict {"ids", "dense"} of :func:`check_embedding_X`. See the module docstring for the
-    accepted forms; TypeError / ValueError say what was wrong and what was expected."""
-    if getattr(model, "input_layer", None) is not None:
-        return check_embedding_X(model.input_layer, X, name)
-    if _is_frame(X) or isinstance(X, Mapping):
-        return _array_from_columns(model, X, name)
-    if not isinstance(X, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray (or a pandas DataFrame, or a batch source: see "
-                        f"dselectk.inputs), got {type(X).__name__}")
+def check_X_shape(model: _Model, X: np.ndarray, name: str = "X") -> None:
+    """ValueError unless the array X is a batch (N, *model.input_shape) of a model without an
+    embedding input: the rule of :func:`check_X`, which the models' ``forward`` applies too. An X
+    with the right number of features in another shape ((N, p, 1) for p features, or flattened
+    images) is refused, not reshaped: it is more often a mistake than the intended layout."""
     shape = tuple(getattr(model, "input_shape", None) or (model.input_dim,))
     if X.ndim != 1 + len(shape) or X.shape[1:] != shape:
         want = f"(N, {', '.join(str(d) for d in shape)})"
@@ -308,6 +328,22 @@ def check_X(model, X, name="X"):
         elif len(shape) == 3:
             hint = " (NCHW images: channels, height, width)"
         raise ValueError(f"{name} must have shape {want}, got {X.shape}{hint}")
+
+
+def check_X(model: _Model, X: Features, name: str = "X") -> CheckedX:
+    """X as the model reads it, checked: a C-contiguous (N, *model.input_shape) array of the model's
+    dtype (memory maps of another dtype: cast as rows are read), or for a model with an embedding
+    input the dict {"ids", "dense"} of :func:`check_embedding_X`. See the module docstring for the
+    accepted forms; TypeError / ValueError say what was wrong and what was expected."""
+    front = getattr(model, "input_layer", None)
+    if front is not None:
+        return check_embedding_X(front, X, name)
+    if _is_frame(X) or isinstance(X, Mapping):
+        return _array_from_columns(model, X, name)
+    if not isinstance(X, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (or a pandas DataFrame, or a batch source: see "
+                        f"dselectk.inputs), got {type(X).__name__}")
+    check_X_shape(model, X, name)
     if X.shape[0] == 0:
         raise ValueError(f"{name} is empty (N = 0)")
     return to_dtype(X, model.dtype, name, lazy=True)
@@ -320,7 +356,7 @@ def _embedding_format(front):
     return f"{{'ids': (N, {F_}) integer array}} or the (N, {F_}) integer ids array itself"
 
 
-def check_embedding_X(front, X, name="X"):
+def check_embedding_X(front: EmbeddingInput, X: Features, name: str = "X") -> dict[str, Any]:
     """X for the embedding input ``front`` (a dselectk.embedding.EmbeddingInput), validated and
     normalized to ``{"ids": C-contiguous int32 / int64 (N, F), "dense": (N, n_dense) of the
     front's dtype or None}``.
@@ -446,7 +482,8 @@ def _ids_of_column(front, j, col, label):
     return codes
 
 
-def embedding_spec(frame, columns, dense_columns=None, vocab_sizes=None):
+def embedding_spec(frame: Columns, columns: Mapping[str, int], dense_columns: Sequence[str] | None = None,
+                   vocab_sizes: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The arguments of an :class:`~dselectk.embedding.EmbeddingInput` for the DataFrame (or dict
     of columns) ``frame``: ``columns`` {id column: table width}; ``dense_columns`` the numeric
     columns appended as dense features (default: every other column); ``vocab_sizes`` {column: V}
@@ -496,12 +533,12 @@ def embedding_spec(frame, columns, dense_columns=None, vocab_sizes=None):
                 dense_columns=dense_columns, categories=categories or None)
 
 
-def num_rows(X):
+def num_rows(X: CheckedX) -> int:
     """N of a checked model input: an array's first dimension, or that of X['ids']."""
     return X["ids"].shape[0] if isinstance(X, Mapping) else X.shape[0]
 
 
-def take_rows(X, idx):
+def take_rows(X: CheckedX, idx: Rows) -> CheckedX:
     """The rows ``idx`` (an index array or a slice) of a checked model input, an array or a dict of
     arrays."""
     if isinstance(X, Mapping):
@@ -511,7 +548,7 @@ def take_rows(X, idx):
 
 # --- tasks: Y and sample weights ------------------------------------------------------------
 
-def check_task_names(names, n_tasks):
+def check_task_names(names: str | Sequence[str], n_tasks: int) -> list[str]:
     """``task_names`` of a model: one distinct, non-empty string per task (a str for one task),
     none of them colliding with fit's own log keys."""
     if isinstance(names, str):
@@ -529,7 +566,7 @@ def check_task_names(names, n_tasks):
     return list(names)
 
 
-def task_names(model):
+def task_names(model: _Model) -> list[str]:
     """The model's task names: ``model.task_names`` or task0, task1, ..."""
     names = getattr(model, "task_names", None)
     return list(names) if names else [f"task{t}" for t in range(model.n_tasks)]
@@ -600,7 +637,7 @@ def _targets(label, y, loss, dim, N, dtype):
     return y
 
 
-def check_Y(model, Y, N, name="Y"):
+def check_Y(model: _Model, Y: Targets, N: int, name: str = "Y") -> list[np.ndarray]:
     """The targets, checked per task against its loss and output size, as a list in task order
     (float targets (N, d) of the model's dtype; int64 labels (N,) for softmax_ce). See the module
     docstring for the accepted forms."""
@@ -621,7 +658,8 @@ def check_Y(model, Y, N, name="Y"):
             for (label, y), loss, dim in zip(entries, model.task_losses, model.task_outputs)]
 
 
-def check_weights(model, sample_weights, N, name="sample_weights"):
+def check_weights(model: _Model, sample_weights: SampleWeights, N: int,
+                  name: str = "sample_weights") -> list[np.ndarray | None] | None:
     """None, or per task None or (N,) finite weights >= 0 of the model's dtype."""
     if sample_weights is None:
         return None
@@ -629,7 +667,7 @@ def check_weights(model, sample_weights, N, name="sample_weights"):
         sample_weights = [sample_weights] * model.n_tasks
     entries = _per_task(model, sample_weights, name,
                         "None, an (N,) array for every task, a list per task or a dict by task name")
-    out = []
+    out: list[np.ndarray | None] = []
     for label, w in entries:
         if w is None:
             out.append(None)
@@ -674,7 +712,8 @@ def _take(arrays, idx):
 class ArrayData:
     """X, Y, sample weights held as (checked) arrays: batches are rows taken from them."""
 
-    def __init__(self, model, X, Y=None, sample_weights=None, name="X", need_targets=True):
+    def __init__(self, model: _Model, X: Features, Y: Targets = None, sample_weights: SampleWeights = None,
+                 name: str = "X", need_targets: bool = True) -> None:
         self.X = check_X(model, X, name)
         self.n_examples = num_rows(self.X)
         suffix = name[1:]  # "X_val" -> "_val"
@@ -682,23 +721,23 @@ class ArrayData:
         self.W = check_weights(model, sample_weights, self.n_examples, "sample_weights" + suffix)
         self.columns = input_columns(X) if getattr(model, "input_layer", None) is None else None
 
-    def steps(self, batch_size):
+    def steps(self, batch_size: int) -> int:
         return (self.n_examples + batch_size - 1) // batch_size
 
-    def batches(self, batch_size, rng=None):
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Batch]:
         """The batches of one pass, in order, or shuffled by ``rng.permutation(N)`` when given."""
         order = None if rng is None else rng.permutation(self.n_examples)
         for start in range(0, self.n_examples, batch_size):
             idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
             yield self.take(idx)
 
-    def take(self, idx, offset=0, global_size=None):
+    def take(self, idx: Rows, offset: int = 0, global_size: int | None = None) -> Batch:
         """The :class:`Batch` of rows ``idx`` (a slice or an index array)."""
         Xb = take_rows(self.X, idx)
         return Batch(Xb, _take(self.Y, idx), _take(self.W, idx), num_rows(Xb), offset, global_size)
 
 
-def is_batch_source(obj) -> bool:
+def is_batch_source(obj: Any) -> bool:
     """True for what :class:`BatchStream` reads: a Sequence-like object (len + getitem), an
     iterable or an iterator that is not an array, a DataFrame, a dict, a list or a tuple."""
     if isinstance(obj, (np.ndarray, Mapping, list, tuple, str, bytes)) or _is_frame(obj) or _is_series(obj):
@@ -712,7 +751,8 @@ class BatchStream:
     ``steps_per_epoch``: for an iterator, the batches drawn per epoch (default: until it is
     exhausted, which allows one epoch only); for a Sequence, the first that many batches of it."""
 
-    def __init__(self, model, source, name="X", steps_per_epoch=None, need_targets=True):
+    def __init__(self, model: _Model, source: BatchSource, name: str = "X", steps_per_epoch: int | None = None,
+                 need_targets: bool = True) -> None:
         self.model, self.source, self.name, self.need_targets = model, source, name, need_targets
         self.is_sequence = hasattr(source, "__len__") and hasattr(source, "__getitem__")
         self.is_iterator = isinstance(source, Iterator)
@@ -721,14 +761,15 @@ class BatchStream:
             raise ValueError(f"steps_per_epoch must be None or a positive int, got {steps_per_epoch!r}")
         self.steps_per_epoch = steps_per_epoch
         if self.is_sequence:
-            if len(source) == 0:
+            length = len(cast(SequenceLike, source))
+            if length == 0:
                 raise ValueError(f"{name}: the batch source is empty (len 0)")
-            self.steps_per_epoch = min(len(source), steps_per_epoch or len(source))
+            self.steps_per_epoch = min(length, steps_per_epoch or length)
         self.n_examples = None
         self.columns = None
         self._exhausted = False
 
-    def steps(self, batch_size=None):
+    def steps(self, batch_size: int | None = None) -> int | None:
         return self.steps_per_epoch
 
     def _items(self, rng):
@@ -752,7 +793,7 @@ class BatchStream:
                 return
             yield i, item
 
-    def batches(self, batch_size=None, rng=None):
+    def batches(self, batch_size: int | None = None, rng: np.random.Generator | None = None) -> Iterator[Batch]:
         """The batches of one epoch (a Sequence's shuffled by ``rng`` when given), checked."""
         for i, item in self._items(rng):
             yield self._check(i, item)
@@ -773,7 +814,8 @@ class BatchStream:
         return Batch(Xb, Yc, check_weights(self.model, Wb, N, f"{where}: sample_weights"), N)
 
 
-def make_data(model, X, Y=None, sample_weights=None, name="X", steps_per_epoch=None, need_targets=True):
+def make_data(model: _Model, X: Features, Y: Targets = None, sample_weights: SampleWeights = None, name: str = "X",
+              steps_per_epoch: int | None = None, need_targets: bool = True) -> ArrayData | BatchStream:
     """:class:`ArrayData` for arrays / DataFrames (checked now, whole), :class:`BatchStream` for a
     batch source (then Y and sample_weights must be None: they come with each batch)."""
     if is_batch_source(X):

@@ -41,8 +41,9 @@ from . import functional as F
 from ._memory import check_experts
 from .embedding import EmbeddingInput, _split
 from .gates import GateSpec, StaticDSelectKBank, spec_class
+from .gates._base import check_experts_limit
 from .gates._base import resolve as _resolve_gate
-from .inputs import check_task_names
+from .inputs import check_task_names, check_X_shape
 from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate, subset_rows
 from .local_search import LocalSearch, Permutation, PermutedGate
 
@@ -146,6 +147,8 @@ def _trusted_forward(forward):
         elif isinstance(X, np.ndarray):
             if X.ndim == 0:
                 raise ValueError("X must be a batch (B, ...) of examples, got a 0-d array")
+            if self.input_layer is None:
+                check_X_shape(self, X)  # the shape fit / predict accept, no other
             F.check_finite(X, "X")
         with F.trusted_inputs():
             return forward(self, X, training)
@@ -219,7 +222,7 @@ class _Model:
     # counters of the last run, the DataFrame columns it read, and the callbacks' stop flag
     optimizer = sparse_optimizer = history = train_state = input_columns = None
     stop_training = False
-    input_layer = None  # the EmbeddingInput front, or None: X goes straight to the experts
+    input_layer: EmbeddingInput | None = None  # the EmbeddingInput front, or None: X goes straight to the experts
 
     def _setup_input(self, input_dim, embeddings, seed, dtype, input_shape=None, kind="mlp", what="expert"):
         """input_dim and input_shape (see _input_spec), and self.input_layer from ``embeddings``
@@ -552,6 +555,7 @@ class MMoE(_Model):
             self.config.update(input_dim=None, embeddings=emb_config)
         self.expert_kind = expert
         self.n_experts = F._int(n_experts, "n_experts", 2)
+        check_experts_limit(self.n_experts, self.gate_spec.max_experts(), f"the {self.gate_spec.kind!r} gate")
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
         check_experts(self, expert_units, dtype)  # before building any: refuse what cannot fit

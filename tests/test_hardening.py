@@ -484,17 +484,17 @@ NEED_RE = r"would need at least [0-9.]+ (GiB|TiB|PiB|EiB) .*more than the 16\.0 
 
 
 @pytest.mark.parametrize("make", [
-    lambda: dk.MMoE(10, n_experts=2**31 - 1),
+    lambda: dk.MMoE(10, n_experts=2**31 - 1, gate="softmax"),
     lambda: dk.MMoE(10, n_experts=2**20, expert_units=(4096,)),
     lambda: dk.MMoE(10, expert_units=(10**6, 10**6)),
-    lambda: dk.MMoE(input_shape=(1, 28, 28), expert="cnn", n_experts=2**31 - 1),
-    lambda: dk.MoE(10, n_experts=2**31 - 1),
+    lambda: dk.MMoE(input_shape=(1, 28, 28), expert="cnn", n_experts=2**30),
+    lambda: dk.MoE(10, n_experts=2**30),
     lambda: dk.SharedBottom(5, bottom_units=(10**6, 10**6)),
-    lambda: dk.DSelectKGate(2**31 - 1, 2),
-    lambda: dk.DSelectKGate(2**31 - 1, 2, per_example=True, input_dim=4),
+    lambda: dk.DSelectKGate(2**30, 2, dtype="float64"),  # 2**30: the most its kernels take (below)
+    lambda: dk.DSelectKGate(2**30, 2, per_example=True, input_dim=4, dtype="float64"),
     lambda: dk.TopKGate(2**31 - 1, 2),
     lambda: dk.SoftmaxGate(2**31 - 1),
-    lambda: dk.SoftmaxSelectorGate(2**31 - 1, 2),
+    lambda: dk.SoftmaxSelectorGate(2**30, 2, dtype="float64"),
 ], ids=["mmoe-n", "mmoe-n-wide", "mmoe-units", "mmoe-cnn", "moe", "shared-bottom", "dselect-k", "dselect-k-per-example", "top-k", "softmax", "softmax-selector"])
 def test_sizes_that_cannot_fit_are_refused_up_front(make, sixteen_gib, no_layer_built):
     with pytest.raises(ValueError, match=NEED_RE):
@@ -511,15 +511,93 @@ def test_tower_that_cannot_fit_is_refused_before_it_allocates(sixteen_gib):
 def test_size_message_states_the_need(sixteen_gib):
     with pytest.raises(ValueError, match=r"MMoE with n_experts = 2147483647 would need at least 11\.0 TiB "
                                          r"\(2147483647 experts of 704 parameters"):
-        dk.MMoE(10, n_experts=2**31 - 1)
+        dk.MMoE(10, n_experts=2**31 - 1, gate="softmax")
     with pytest.raises(ValueError, match=r"a gate over n_experts = 2147483647 would need at least 24\.0 GiB "
                                          r"\(3 values per expert"):
-        dk.DSelectKGate(2**31 - 1, 2)  # float32: w (n,) and r (2, n) of one example
+        dk.TopKGate(2**31 - 1, 2)  # float32: w (n,), the logits and their gradient
 
 
 def test_sizes_that_fit_are_built(sixteen_gib):
     dk.MMoE(10, n_experts=64, expert_units=(32,))
     dk.DSelectKGate(2**20, 2)  # 16 MiB of weights per example: fits
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert counts the kernels cannot take: the selector and tree kernels (DSelect-k, COMET, the
+# ablation gate) n <= 2**30 (a code of at most 30 bits), per-example COMET's leaf map also k n rows
+# <= 2**31 - 1 (the 32-bit BLAS), every other kernel n <= 2**31 - 1. Each gate's constructor, its
+# spec's build and the models refuse a larger n with a ValueError naming the limit, on any machine,
+# before they allocate: here the memory checks that come next raise _PastTheChecks, which a
+# refused n never reaches and an n at the limit does (so the limit is no lower than it must be).
+# ---------------------------------------------------------------------------------------------
+
+class _PastTheChecks(Exception):
+    pass
+
+
+@pytest.fixture
+def stop_at_memory_checks(monkeypatch):
+    from dselectk import models
+    from dselectk.gates import _base
+
+    def past(*args, **kwargs):
+        raise _PastTheChecks
+    monkeypatch.setattr(_base, "check_gate", past)
+    monkeypatch.setattr(models, "check_experts", past)
+
+
+_EMB = dict(vocab_sizes=[5], dims=[2])
+# (id, gate kind, its options, the gate object, the limit)
+EXPERT_LIMITS = [
+    ("dselect-k", "dselect_k", dict(k=2), lambda n: dk.DSelectKGate(n, 2), 2**30),
+    ("dselect-k-per-example", "dselect_k", dict(k=2, per_example=True),
+     lambda n: dk.DSelectKGate(n, 2, per_example=True, input_dim=3), 2**30),
+    ("comet", "comet", dict(k=2), lambda n: dk.CometGate(n, 2), 2**30),
+    ("comet-per-example-k1", "comet", dict(k=1, per_example=True),
+     lambda n: dk.CometGate(n, 1, per_example=True, input_dim=3), 2**30),
+    ("comet-per-example-k2", "comet", dict(k=2, per_example=True),
+     lambda n: dk.CometGate(n, 2, per_example=True, input_dim=3), (2**31 - 1) // 2),
+    ("comet-per-example-k5", "comet", dict(k=5, per_example=True),
+     lambda n: dk.CometGate(n, 5, per_example=True, input_dim=3), (2**31 - 1) // 5),
+    ("top-k", "top_k", dict(k=2), lambda n: dk.TopKGate(n, 2), 2**31 - 1),
+    ("top-k-per-example", "top_k", dict(k=2, per_example=True, noisy=True),
+     lambda n: dk.TopKGate(n, 2, per_example=True, input_dim=3, noisy=True), 2**31 - 1),
+    ("softmax", "softmax", dict(per_example=True), lambda n: dk.SoftmaxGate(n, per_example=True, input_dim=3),
+     2**31 - 1),
+    ("softmax-selector", "softmax_selector", dict(k=2), lambda n: dk.SoftmaxSelectorGate(n, 2), 2**30),
+    ("hash", "hash", {}, lambda n: dk.HashGate(n, 10), 2**31 - 1),
+]
+
+
+@pytest.mark.parametrize("kind, options, make, limit", [case[1:] for case in EXPERT_LIMITS],
+                         ids=[case[0] for case in EXPERT_LIMITS])
+def test_expert_counts_beyond_the_kernels_are_refused_up_front(kind, options, make, limit, stop_at_memory_checks):
+    named = rf"(at most {limit}\b|in \[2, {limit}\])"  # ours, or F._int's for 2**31 - 1
+    spec = dk.gates.as_spec(kind, **options)
+    gate_class = getattr(dk.gates, type(spec).build.__annotations__["return"])
+    assert spec.max_experts() == limit == gate_class.max_experts(options.get("k"), options.get("per_example", False))
+    with pytest.raises(ValueError, match=named):
+        make(limit + 1)
+    with pytest.raises(ValueError, match=named):
+        spec.build(limit + 1, 3, 0, **({"id_input": dk.EmbeddingInput(**_EMB)} if kind == "hash" else {}))
+    model = dict(input_dim=None, embeddings=_EMB) if kind == "hash" else dict(input_dim=3)
+    for cls in (dk.MMoE, dk.MoE):
+        with pytest.raises(ValueError, match=named):
+            cls(**model, n_experts=limit + 1, gate=spec)
+    with pytest.raises(_PastTheChecks):  # the limit itself is taken
+        make(limit)
+    with pytest.raises(_PastTheChecks):
+        dk.MMoE(**model, n_experts=limit, gate=spec)
+
+
+def test_the_expert_limit_is_the_kernels():
+    """F.MAX_EXPERTS comes from the extension (csrc/dsk.h); the kernels refuse one more."""
+    assert F.MAX_EXPERTS == 2**30 and F.n_bits(F.MAX_EXPERTS) == 30
+    n = F.MAX_EXPERTS + 1
+    with pytest.raises(ValueError, match=r"n \(the number of experts\) must be <= 2\*\*30"):
+        F.dselect_k_forward(np.zeros(2, F32), np.zeros((2, F.n_bits(n)), F32), n)
+    with pytest.raises(ValueError, match=r"must be <= 2\*\*30"):
+        F.comet_leaf_nodes(n)
 
 
 @pytest.mark.parametrize("make", [

@@ -422,3 +422,36 @@ def test_overflowing_targets_and_weights_are_reported_too():
         T.evaluate(_model(), X, {"watch": Y[0], "rating": y})
     with pytest.raises(ValueError, match=r"sample_weights\['watch'\] has 1e\+300 at row 5"):
         T.evaluate(_model(), X, Y, sample_weights={"watch": y, "rating": None})
+
+
+# --- model.forward reads the shapes fit / predict read, no other --------------------------------
+
+def _shape_cases():
+    mlp = dict(input_dim=3)
+    column = dict(input_shape=(3, 1))  # an MLP on (N, 3, 1) examples, flattened for it
+    cnn = dict(input_shape=(1, 12, 12), expert="cnn", expert_units=(4,), expert_filters=(2, 2), expert_kernel=3)
+    bottom_cnn = dict(input_shape=(1, 12, 12), bottom="cnn", bottom_units=(4,), bottom_filters=(2, 2), bottom_kernel=3)
+    return [
+        pytest.param(dk.MMoE, mlp, (5, 3), [(5, 3, 1), (5, 1, 3), (5, 3, 1, 1), (5, 4), (3,)], id="MMoE-mlp"),
+        pytest.param(dk.SharedBottom, mlp, (5, 3), [(5, 3, 1), (5, 1, 3), (5, 4)], id="SharedBottom-mlp"),
+        pytest.param(dk.MoE, mlp, (5, 3), [(5, 3, 1), (5, 1, 3)], id="MoE-mlp"),
+        pytest.param(dk.MMoE, column, (5, 3, 1), [(5, 3), (5, 1, 3)], id="MMoE-mlp-input_shape"),
+        pytest.param(dk.MMoE, cnn, (5, 1, 12, 12), [(5, 144), (5, 12, 12), (5, 12, 12, 1)], id="MMoE-cnn"),
+        pytest.param(dk.SharedBottom, bottom_cnn, (5, 1, 12, 12), [(5, 144), (5, 1, 144)], id="SharedBottom-cnn"),
+    ]
+
+
+@pytest.mark.parametrize("cls, kwargs, good, bad", _shape_cases())
+def test_forward_and_predict_accept_and_refuse_the_same_shapes(cls, kwargs, good, bad):
+    model = cls(**kwargs) if cls is dk.MoE else cls(**kwargs, n_tasks=1)
+    X = np.random.default_rng(0).standard_normal(good).astype(np.float32)
+    assert np.array_equal(model.forward(X)[0], dk.predict(model, X, raw=True)[0])
+    for shape in bad:
+        Xb = np.ones(shape, np.float32)
+        with pytest.raises(ValueError, match=r"X must have shape \(N, [0-9, ]+\), got") as from_predict:
+            dk.predict(model, Xb)
+        with pytest.raises(ValueError, match=r"X must have shape") as from_forward:
+            model.forward(Xb)
+        assert str(from_forward.value) == str(from_predict.value)
+        with pytest.raises(ValueError, match=r"X must have shape"):
+            model.forward(Xb, training=True)

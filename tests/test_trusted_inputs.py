@@ -37,6 +37,69 @@ def test_check_finite_other_inputs():
         F.check_finite([1.0, float("nan")], "x")
 
 
+# every float and complex dtype NumPy has, in both byte orders: NaN / Inf found at its flat index
+INEXACT = [np.dtype(c).newbyteorder(order) for c in np.typecodes["AllFloat"] for order in "<>"]
+# these cannot hold NaN / Inf: they pass
+EXACT = [np.dtype(c) for c in "?" + np.typecodes["AllInteger"]]
+# these hold no numbers to check: TypeError naming the dtype (object arrays even when they hold NaN)
+NOT_NUMBERS = [np.dtype(object), np.dtype("U3"), np.dtype("S3"), np.dtype("datetime64[s]"),
+               np.dtype("timedelta64[s]"), np.dtype([("a", np.float64), ("b", np.int32)]), np.dtype("V8")]
+
+
+BAD_VALUES = [np.nan, np.inf, -np.inf]
+BAD_COMPLEX = [complex(1, np.nan), complex(np.inf, 0)]  # one part not finite
+
+
+@pytest.mark.parametrize("dtype, bad", [(dt, bad) for dt in INEXACT
+                                        for bad in BAD_VALUES + (BAD_COMPLEX if dt.kind == "c" else [])], ids=str)
+def test_check_finite_scans_every_float_and_complex_dtype(dtype, bad):
+    x = np.linspace(-3, 3, 4 * 7).reshape(4, 7).astype(dtype)
+    F.check_finite(x, "x")
+    F.check_finite(x[:, ::3].T, "x")
+    x[2, 5] = bad
+    with pytest.raises(ValueError, match=r"argument 'feat' contains NaN or Inf \(first at flat index 19\)"):
+        F.check_finite(x, "feat")
+    with pytest.raises(ValueError, match=r"first at flat index 22"):  # x[2, 5] is [5, 2] of the (7, 4) view
+        F.check_finite(x.T, "feat")
+
+
+@pytest.mark.parametrize("dtype", EXACT, ids=str)
+def test_check_finite_passes_bool_and_integer_dtypes(dtype):
+    F.check_finite(np.ones((3, 4), dtype), "ids")
+    F.check_finite(np.zeros(0, dtype), "ids")
+
+
+@pytest.mark.parametrize("dtype", NOT_NUMBERS, ids=str)
+def test_check_finite_refuses_dtypes_without_numbers(dtype):
+    x = np.zeros(3, dtype)
+    with pytest.raises(TypeError, match=rf"argument 'feat' has dtype {re.escape(str(dtype))}; check_finite takes "
+                                        "numeric arrays"):
+        F.check_finite(x, "feat")
+
+
+def test_check_finite_refuses_an_object_array_holding_nan():
+    with pytest.raises(TypeError, match="dtype object"):
+        F.check_finite(np.array([1.0, float("nan")], dtype=object), "x")
+
+
+def test_binding_scan_refuses_what_it_does_not_scan():
+    """The C scan behind check_finite never passes a dtype it does not read."""
+    from dselectk import _C
+    _C.check_finite(np.arange(3), "ids")
+    for dtype in (np.float16, np.longdouble, np.complex128, object):
+        with pytest.raises(TypeError, match="has dtype .*; this scan takes float32, float64, bool and integer"):
+            _C.check_finite(np.full(3, np.nan, dtype), "x")
+
+
+def test_models_scan_float16_and_long_double_inputs():
+    model = dk.MMoE(3, n_tasks=1, n_experts=2, k=1)
+    for dtype in (np.float16, np.longdouble):
+        X = np.ones((4, 3), dtype)
+        X[1, 2] = np.nan
+        with pytest.raises(ValueError, match=r"argument 'X' contains NaN or Inf \(first at flat index 5\)"):
+            model.forward(X)
+
+
 def _nan_input():
     x = np.ones((3, 4), np.float32)
     x[2, 1] = np.nan

@@ -76,7 +76,14 @@ static PyObject *py_check_finite(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     PyArrayObject *arr = (PyArrayObject *)obj;
     const int tn = PyArray_TYPE(arr);
-    if (tn != NPY_FLOAT && tn != NPY_DOUBLE) Py_RETURN_NONE; /* integer ids and labels cannot be NaN */
+    if (tn != NPY_FLOAT && tn != NPY_DOUBLE) {
+        if (PyTypeNum_ISBOOL(tn) || PyTypeNum_ISINTEGER(tn)) Py_RETURN_NONE; /* ids and labels cannot be NaN */
+        /* float16, long double, complex: dselectk.functional.check_finite scans them; the rest
+         * (object, strings, dates) holds no numbers to scan. Never a silent pass. */
+        PyErr_Format(PyExc_TypeError, "argument '%s' has dtype %S; this scan takes float32, float64, bool and "
+                     "integer arrays", name, (PyObject *)PyArray_DESCR(arr));
+        return NULL;
+    }
     PyArrayObject *conv = (PyArrayObject *)PyArray_FROM_OTF(obj, tn, NPY_ARRAY_IN_ARRAY);
     if (!conv) return NULL;
     npy_intp where;
@@ -103,7 +110,8 @@ static PyMethodDef module_methods[] = {
      "set_finite_checks(on) -> previous: this thread's NaN/Inf scans of kernel inputs (see "
      "dselectk.functional.trusted_inputs)."},
     {"check_finite", py_check_finite, METH_VARARGS,
-     "check_finite(x, name): ValueError naming `name` if the float array x holds NaN or Inf."},
+     "check_finite(x, name): ValueError naming `name` if the float32 / float64 array x holds NaN or Inf\n"
+     "(bool and integer arrays pass; other dtypes are a TypeError)."},
     {"build_info", py_build_info, METH_NOARGS, "build_info() -> dict: OpenMP, BLAS and thread settings."},
     {NULL, NULL, 0, NULL},
 };
@@ -116,6 +124,11 @@ PyMODINIT_FUNC PyInit__C(void) {
     import_array();
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
+    /* the most experts the selector and tree kernels take (check_n), for the gates' constructors */
+    if (PyModule_AddIntConstant(m, "MAX_EXPERTS", 1L << DSK_MAX_BITS) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     for (size_t i = 0; i < sizeof families / sizeof families[0]; i++)
         if (PyModule_AddFunctions(m, families[i]) < 0) {
             Py_DECREF(m);

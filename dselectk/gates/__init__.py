@@ -51,7 +51,11 @@ A new gate lives in its own file here, ``dselectk/gates/<kind>.py``: the gate cl
 ``kind = "<kind>"``, its options as fields (with defaults; a ``per_example`` field if it has
 both forms), ``_check()`` returning the validated, normalised fields ({name: value}; Python ints,
 floats and bools, so that ``to_config`` is JSON-able) and ``build(n_experts, input_dim, rng,
-dtype)`` returning a new gate drawn from ``rng``. Then one import line in this ``__init__`` (to
+dtype)`` returning a new gate drawn from ``rng``. A gate whose kernels take fewer than 2**31 - 1
+experts overrides the classmethod ``max_experts(k, per_example)`` of its gate class (passed to
+``_check_common`` as ``type(self)``, which refuses a larger n before anything is allocated) and
+the method ``max_experts()`` of its spec (the models check it before building any expert), as
+DSelect-k and COMET do (2**30, ``F.MAX_EXPERTS``). Then one import line in this ``__init__`` (to
 register it and export its names). ``MMoE(gate="<kind>", option=...)``, ``gate=Spec(...)``,
 ``save`` / ``load`` and the model's config then work with no other change. What the models
 expect of the gate: ``backward`` must accumulate (``+=``) into ``grads``, whose arrays are

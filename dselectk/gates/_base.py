@@ -25,12 +25,24 @@ def _in_dtype(value, name, dtype):
                              f"(at most {float(np.finfo(dtype).max):.4g})")
 
 
-def _check_common(n_experts, k, per_example, input_dim, dtype):
+def check_experts_limit(n, limit, what):
+    """ValueError unless n_experts = n is at most ``limit``, the most ``what`` (a gate) takes."""
+    if n > limit:
+        raise ValueError(f"n_experts = {n} is more than {what} takes: at most {limit}"
+                         + (" = 2**30 (a selector's binary code has at most 30 bits)" if limit == F.MAX_EXPERTS else ""))
+
+
+def _check_common(n_experts, k, per_example, input_dim, dtype, gate=None):
+    """The checked (n, k, input_dim, dtype) of a gate's constructor; ``gate``, its class, says how
+    many experts its kernels take (:meth:`_Gate.max_experts`)."""
     n = F._int(n_experts, "n_experts", 2)
     if k is not None:
         k = F._int(k, "k", 1)
         if k > n:
             raise ValueError(f"k must satisfy 1 <= k <= n_experts = {n}, got k = {k}")
+    if gate is not None:  # before anything is allocated: the gate's forward would refuse n
+        check_experts_limit(n, gate.max_experts(k, bool(per_example)), f"{gate.__name__}(k={k}"
+                            + (", per_example=True)" if per_example else ")"))
     if per_example:
         if input_dim is None:
             raise ValueError("a per-example gate needs input_dim (the size p of its input x)")
@@ -59,6 +71,14 @@ class _Gate:
 
     per_example: bool
     n_experts: int
+
+    @classmethod
+    def max_experts(cls, k: int | None = None, per_example: bool = False) -> int:
+        """The most experts n this gate's kernels take with ``k`` (its selectors, trees or kept
+        experts; None for gates without) static or per example: here the kernels' and the 32-bit
+        BLAS's size limit, F.MAX_DIM = 2**31 - 1. A gate whose kernels take fewer overrides it;
+        its constructor refuses a larger n (ValueError naming the limit) before allocating."""
+        return F.MAX_DIM
 
     def zero_grad(self):
         for g in self.grads.values():
@@ -245,6 +265,12 @@ class GateSpec:
             raise TypeError(f"the {self.kind!r} gate has no option {', '.join(map(repr, unknown))}; its options "
                             f"are {', '.join(self.options())}")
         return dataclasses.replace(self, **changes)
+
+    def max_experts(self) -> int:
+        """The most experts the gate of this spec takes (its class's ``max_experts``, here the
+        kernels' size limit 2**31 - 1): models refuse a larger ``n_experts`` before building any
+        expert."""
+        return F.MAX_DIM
 
     def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
               dtype: DTypeLike = np.float32) -> _Gate:

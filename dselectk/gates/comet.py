@@ -44,7 +44,7 @@ class CometGate(_Gate):
     def __init__(self, n_experts: int, k: int, gamma: float = 1.0, entropy_reg: float = 0.0, per_example: bool = False,
                  input_dim: int | None = None, eps: float = 1e-6, seed: Seed = None,
                  dtype: DTypeLike = np.float32) -> None:
-        n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
+        n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype, type(self))
         self.gamma = _number(gamma, "gamma", strict=True)
         self.entropy_reg = _number(entropy_reg, "entropy_reg")
         self.eps = _number(eps, "eps", strict=True)
@@ -69,6 +69,14 @@ class CometGate(_Gate):
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}
         self._cache = None
         self._last_w = None
+
+    @classmethod
+    def max_experts(cls, k: int | None = None, per_example: bool = False) -> int:
+        """2**30 (F.MAX_EXPERTS, the tree kernels' limit); per example also k n <= 2**31 - 1,
+        the rows of the leaf map U (k n, p) in one GEMM of the 32-bit BLAS."""
+        if per_example and k:
+            return min(F.MAX_EXPERTS, F.MAX_DIM // k)
+        return F.MAX_EXPERTS
 
     def _config(self):
         return dict(n_experts=self.n_experts, k=self.k, gamma=self.gamma, entropy_reg=self.entropy_reg,
@@ -218,6 +226,9 @@ class Comet(GateSpec):
         return dict(k=F._int(self.k, "k", 1), gamma=_number(self.gamma, "gamma", strict=True),
                     entropy_reg=_number(self.entropy_reg, "entropy_reg"),
                     per_example=_flag(self.per_example, "per_example"))
+
+    def max_experts(self) -> int:
+        return CometGate.max_experts(self.k, self.per_example)
 
     def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
               dtype: DTypeLike = np.float32) -> CometGate:

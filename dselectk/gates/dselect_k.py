@@ -37,7 +37,7 @@ class DSelectKGate(_Gate):
     def __init__(self, n_experts: int, k: int, gamma: float = 1.0, entropy_reg: float = 0.0, xi: float = 1.0,
                  per_example: bool = False, input_dim: int | None = None, eps: float = 1e-6, seed: Seed = None,
                  dtype: DTypeLike = np.float32) -> None:
-        n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
+        n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype, type(self))
         for name, value, strict in (("gamma", gamma, True), ("entropy_reg", entropy_reg, False),
                                     ("xi", xi, False), ("eps", eps, True)):
             _number(value, name, strict=strict)  # TypeError / ValueError naming it, 10**400 included
@@ -65,6 +65,11 @@ class DSelectKGate(_Gate):
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}
         self._cache = None
         self._last_w = None
+
+    @classmethod
+    def max_experts(cls, k: int | None = None, per_example: bool = False) -> int:
+        """2**30 (F.MAX_EXPERTS): the kernels' selector codes have at most 30 bits."""
+        return F.MAX_EXPERTS
 
     def _config(self):
         return dict(n_experts=self.n_experts, k=self.k, gamma=self.gamma, entropy_reg=self.entropy_reg,
@@ -263,6 +268,9 @@ class DSelectK(GateSpec):
         return dict(k=F._int(self.k, "k", 1), gamma=_number(self.gamma, "gamma", strict=True),
                     entropy_reg=_number(self.entropy_reg, "entropy_reg"), xi=_number(self.xi, "xi"),
                     per_example=_flag(self.per_example, "per_example"))
+
+    def max_experts(self) -> int:
+        return DSelectKGate.max_experts(self.k, self.per_example)
 
     def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
               dtype: DTypeLike = np.float32) -> DSelectKGate:

@@ -52,7 +52,7 @@ class HashGate(_Gate):
 
     def __init__(self, n_experts: int, vocab_size: int, hash_feature: int = 0, seed: Seed = None,
                  dtype: DTypeLike = np.float32) -> None:
-        n, _, _, dtype = _check_common(n_experts, None, False, None, dtype)
+        n, _, _, dtype = _check_common(n_experts, None, False, None, dtype, type(self))
         self.n_experts, self.dtype = n, dtype
         self.vocab_size = F._int(vocab_size, "vocab_size", 1, maximum=2**62)
         self.hash_feature = F._int(hash_feature, "hash_feature", 0)

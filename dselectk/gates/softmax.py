@@ -20,7 +20,7 @@ class SoftmaxGate(_Gate):
 
     def __init__(self, n_experts: int, per_example: bool = False, input_dim: int | None = None, seed: Seed = None,
                  dtype: DTypeLike = np.float32) -> None:
-        n, _, input_dim, dtype = _check_common(n_experts, None, per_example, input_dim, dtype)
+        n, _, input_dim, dtype = _check_common(n_experts, None, per_example, input_dim, dtype, type(self))
         self.n_experts, self.per_example, self.input_dim, self.dtype = n, bool(per_example), input_dim, dtype
         self.params = _logits_params(_rng(seed), n, self.per_example, input_dim, dtype)
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}

@@ -24,7 +24,7 @@ class SoftmaxSelectorGate(_Gate):
 
     def __init__(self, n_experts: int, k: int, temperature: float = 1.0, entropy_reg: float = 0.0, eps: float = 1e-6,
                  seed: Seed = None, dtype: DTypeLike = np.float32) -> None:
-        n, k, _, dtype = _check_common(n_experts, k, False, None, dtype)
+        n, k, _, dtype = _check_common(n_experts, k, False, None, dtype, type(self))
         self.n_experts, self.k, self.per_example, self.dtype = n, k, False, dtype
         self.set_temperature(temperature)
         _number(entropy_reg, "entropy_reg")
@@ -35,6 +35,11 @@ class SoftmaxSelectorGate(_Gate):
         self.grads = {name: np.zeros_like(v) for name, v in self.params.items()}
         self._cache = None
         self._last_w = None
+
+    @classmethod
+    def max_experts(cls, k: int | None = None, per_example: bool = False) -> int:
+        """2**30 (F.MAX_EXPERTS), as for DSelect-k, whose selector kernels it shares the checks of."""
+        return F.MAX_EXPERTS
 
     def _config(self):
         return dict(n_experts=self.n_experts, k=self.k, temperature=self.temperature, entropy_reg=self.entropy_reg)
@@ -84,6 +89,9 @@ class SoftmaxSelector(GateSpec):
     def _check(self):
         return dict(k=F._int(self.k, "k", 1), temperature=_number(self.temperature, "temperature", strict=True),
                     entropy_reg=_number(self.entropy_reg, "entropy_reg"))
+
+    def max_experts(self) -> int:
+        return SoftmaxSelectorGate.max_experts(self.k)
 
     def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
               dtype: DTypeLike = np.float32) -> SoftmaxSelectorGate:

@@ -24,7 +24,7 @@ class TopKGate(_Gate):
 
     def __init__(self, n_experts: int, k: int, per_example: bool = False, input_dim: int | None = None,
                  noisy: bool = False, seed: Seed = None, dtype: DTypeLike = np.float32) -> None:
-        n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
+        n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype, type(self))
         if noisy and not per_example:
             raise ValueError("noisy=True needs per_example=True (the noise scale is a function of x)")
         self.n_experts, self.k, self.per_example, self.input_dim, self.dtype = n, k, bool(per_example), input_dim, dtype

@@ -33,7 +33,8 @@ _THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 # prctl is missing or refused, a daemon thread polls os.getppid(), which changes to the reaper's pid
 # when the parent dies (POSIX). The getppid check after arming covers a parent that died before.
 _WORKER_BOOTSTRAP = """
-import os, sys
+import faulthandler, os, sys
+faulthandler.enable()  # a crash in a kernel prints the worker's Python stack, not just a broken pool
 os.environ.update(ENV)
 armed = False
 if sys.platform.startswith("linux"):
