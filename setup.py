@@ -26,6 +26,7 @@ KERNEL_SOURCES = [
     "csrc/conv.c",
     "csrc/embedding.c",
     "csrc/gates.c",
+    "csrc/gemm.c",
     "csrc/linear.c",
     "csrc/nn.c",
     "csrc/optim.c",
@@ -90,10 +91,10 @@ class build_ext_dselectk(build_ext):
         # hidden, they cannot be bound to like-named symbols of other libraries. PyInit__C stays
         # exported (PyMODINIT_FUNC marks it visible).
         cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-math-errno",
-                  "-fvisibility=hidden"]
+                  "-fvisibility=hidden", "-pthread"]
         if os.environ.get("DSELECTK_WERROR", "") in ("1", "true", "yes"):
             cflags.append("-Werror")
-        ldflags = ["-Wl,-rpath,$ORIGIN/_lib"]
+        ldflags = ["-Wl,-rpath,$ORIGIN/_lib", "-pthread"]
         if use_openmp:
             cflags.append("-fopenmp")
             ldflags.append("-fopenmp")

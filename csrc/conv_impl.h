@@ -1,7 +1,7 @@
 /* Body of the convolution and pooling kernels, included twice by conv.c: once with real = float,
- * once with real = double (FN appends _f32 / _f64, GEMM is scipy_cblas_sgemm / scipy_cblas_dgemm).
- * Declarations and the meaning of every argument are in conv.h. BLAS is called only outside the
- * OpenMP loops (which do the im2col / col2im copies); sums accumulate in double. */
+ * once with real = double (FN appends _f32 / _f64, GEMM is dsk_sgemm / dsk_dgemm, called inside
+ * the pool's tasks, where they are single-threaded calls of the BLAS). Declarations and the meaning of every
+ * argument are in conv.h; sums accumulate in double. */
 
 /* Row k = (c, i, j) of the im2col matrix of one example: dst[p] for p = oh OW + ow gets
  * x[c, oh sh - pt + i, ow sw - pl + j], 0 where that is in the padding. xc: plane c (H, W).
@@ -47,10 +47,9 @@ static void FN(col2im_row)(real *dxc, const real *src, long i, long j, const Dsk
 }
 
 /* The im2col matrix col (K, G P) of the examples b0 .. b0 + G - 1: column g P + p is the patch of
- * output p of example b0 + g. Parallel over the examples. */
+ * output p of example b0 + g. */
 static void FN(im2col_group)(real *col, const real *x, long b0, long G, const DskConv2d *g) {
     const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, HW = g->H * g->W, GP = G * P;
-    DSK_PARALLEL_FOR(G * K * P)
     for (long e = 0; e < G; e++) {
         const real *xb = x + (size_t)(b0 + e) * g->C * HW;
         for (long k = 0; k < K; k++) {
@@ -60,57 +59,85 @@ static void FN(im2col_group)(real *col, const real *x, long b0, long G, const Ds
     }
 }
 
-void FN(conv2d_forward)(real *y, real *col, const real *x, const real *Wt, const real *bias,
-                        const DskConv2d *g) {
-    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, Gmax = conv2d_group(g);
-    for (long b0 = 0; b0 < g->B; b0 += Gmax) {
-        const long G = g->B - b0 < Gmax ? g->B - b0 : Gmax, GP = G * P;
-        real *prod = col + (size_t)K * GP; /* (F, G P) */
-        FN(im2col_group)(col, x, b0, G, g);
-        /* prod (F, G P) = Wt (F, K) col (K, G P): one GEMM for the group, outside any parallel region */
-        GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)g->F, (int)GP, (int)K, 1, Wt, (int)K, col, (int)GP, 0,
-             prod, (int)GP);
-        /* y[b0 + e, f, :] = prod[f, e P : (e + 1) P] + bias[f] */
-        DSK_PARALLEL_FOR(G * g->F * P)
-        for (long e = 0; e < G; e++)
-            for (long f = 0; f < g->F; f++) {
-                real *yr = y + ((size_t)(b0 + e) * g->F + f) * P;
-                const real *pr = prod + f * GP + e * P, b = bias ? bias[f] : 0;
+typedef struct {
+    real *y, *col, *dx, *dW_part;
+    double *acc;
+    const real *x, *Wt, *bias, *dy;
+    const DskConv2d *g;
+    long group, per_slot, slice;
+    int relu;
+} FN(Conv);
+
+/* Forward of the group of examples starting at task * group: im2col, one GEMM, bias and ReLU. A
+ * group of one example writes the product straight into its output (F, P); larger groups go
+ * through the (F, G P) product block after the patches in the thread's workspace. */
+static void FN(conv_forward_group)(void *arg, long task, int thread) {
+    const FN(Conv) *a = arg;
+    const DskConv2d *g = a->g;
+    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, b0 = task * a->group;
+    const long G = g->B - b0 < a->group ? g->B - b0 : a->group, GP = G * P;
+    real *col = a->col + (size_t)thread * a->per_slot, *prod = col + (size_t)K * GP;
+    real *y0 = a->y + (size_t)b0 * g->F * P;
+    FN(im2col_group)(col, a->x, b0, G, g);
+    /* (F, G P) = Wt (F, K) col (K, G P), single-threaded inside the task */
+    GEMM(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)g->F, (int)GP, (int)K, 1, a->Wt, (int)K, col, (int)GP, 0,
+         G == 1 ? y0 : prod, (int)GP);
+    for (long e = 0; e < G; e++)
+        for (long f = 0; f < g->F; f++) {
+            real *yr = y0 + (e * g->F + f) * P;
+            const real *pr = G == 1 ? yr : prod + f * GP + e * P, b = a->bias ? a->bias[f] : 0;
+            if (a->relu)
+                for (long p = 0; p < P; p++) {
+                    const real v = pr[p] + b;
+                    yr[p] = v > 0 ? v : 0;
+                }
+            else
                 for (long p = 0; p < P; p++) yr[p] = pr[p] + b;
-            }
-    }
+        }
 }
 
-void FN(conv2d_backward)(real *dx, real *dW, real *db, real *col, double *acc, const real *dy, const real *x,
-                         const real *Wt, const DskConv2d *g) {
-    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, HW = g->H * g->W, Gmax = conv2d_group(g);
-    for (long f = 0; f < g->F; f++) acc[f] = 0;
-    for (long b0 = 0; b0 < g->B; b0 += Gmax) {
-        const long G = g->B - b0 < Gmax ? g->B - b0 : Gmax, GP = G * P;
-        real *dy2 = col + (size_t)K * GP; /* dy of the group as (F, G P) */
-        FN(im2col_group)(col, x, b0, G, g);
-        DSK_PARALLEL_FOR(G * g->F * P)
-        for (long e = 0; e < G; e++)
-            for (long f = 0; f < g->F; f++)
-                memcpy(dy2 + f * GP + e * P, dy + ((size_t)(b0 + e) * g->F + f) * P, sizeof(real) * (size_t)P);
-        /* dW (F, K) += dy2 (F, G P) col^T (G P, K): beta = 1 accumulates into the caller's gradient */
-        GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)g->F, (int)K, (int)GP, 1, dy2, (int)GP, col, (int)GP, 1,
-             dW, (int)K);
-        if (db) {
-            DSK_PARALLEL_FOR(g->F * GP)
-            for (long f = 0; f < g->F; f++) {
-                double s = 0;
-                for (long q = 0; q < GP; q++) s += dy2[f * GP + q];
-                acc[f] += s;
-            }
+void FN(conv2d_forward)(real *y, real *col, int slots, const real *x, const real *Wt, const real *bias, int relu,
+                        const DskConv2d *g) {
+    const long G = conv2d_group(g);
+    FN(Conv) a = {y, col, NULL, NULL, NULL, x, Wt, bias, NULL, g, G, (long)conv2d_col_size(g), 0, relu};
+    dsk_parallel_tasks_upto((g->B + G - 1) / G, FN(conv_forward_group), &a, slots);
+}
+
+/* Backward of the slice `task`: its groups in order, the weight and bias gradients summed into
+ * the slice's own partials (dW_part, acc), the input gradient written per example. */
+static void FN(conv_backward_slice)(void *arg, long task, int thread) {
+    const FN(Conv) *a = arg;
+    const DskConv2d *g = a->g;
+    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, HW = g->H * g->W, Fn = g->F;
+    const long start = task * a->slice, end = start + a->slice < g->B ? start + a->slice : g->B;
+    real *col = a->col + (size_t)thread * a->per_slot, *dWs = a->dW_part + (size_t)task * Fn * K;
+    double *acc = a->acc + task * Fn;
+    for (long f = 0; f < Fn; f++) acc[f] = 0;
+    for (long b0 = start; b0 < end; b0 += a->group) {
+        const long G = end - b0 < a->group ? end - b0 : a->group, GP = G * P;
+        real *dy2 = col + (size_t)K * GP; /* dy of the group as (F, G P); a group of one is dy itself */
+        const real *dyg = a->dy + (size_t)b0 * Fn * P;
+        FN(im2col_group)(col, a->x, b0, G, g);
+        if (G > 1) {
+            for (long e = 0; e < G; e++)
+                for (long f = 0; f < Fn; f++)
+                    memcpy(dy2 + f * GP + e * P, dyg + (e * Fn + f) * P, sizeof(real) * (size_t)P);
+            dyg = dy2;
         }
-        if (!dx) continue;
+        /* dWs (F, K) (+)= dy2 (F, G P) col^T (G P, K), the slice's first group overwriting */
+        GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)Fn, (int)K, (int)GP, 1, dyg, (int)GP, col, (int)GP,
+             b0 == start ? 0 : 1, dWs, (int)K);
+        for (long f = 0; f < Fn; f++) {
+            double s = 0;
+            for (long q = 0; q < GP; q++) s += dyg[f * GP + q];
+            acc[f] += s;
+        }
+        if (!a->dx) continue;
         /* dcol (K, G P) = Wt^T (K, F) dy2 (F, G P), into col (no longer needed), then scattered */
-        GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)K, (int)GP, (int)g->F, 1, Wt, (int)K, dy2, (int)GP, 0, col,
+        GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)K, (int)GP, (int)Fn, 1, a->Wt, (int)K, dyg, (int)GP, 0, col,
              (int)GP);
-        DSK_PARALLEL_FOR(G * K * P)
         for (long e = 0; e < G; e++) {
-            real *dxb = dx + (size_t)(b0 + e) * g->C * HW;
+            real *dxb = a->dx + (size_t)(b0 + e) * g->C * HW;
             memset(dxb, 0, sizeof(real) * (size_t)(g->C * HW));
             for (long k = 0; k < K; k++) {
                 const long c = k / (g->KH * g->KW), i = k / g->KW % g->KH, j = k % g->KW;
@@ -118,8 +145,26 @@ void FN(conv2d_backward)(real *dx, real *dW, real *db, real *col, double *acc, c
             }
         }
     }
+}
+
+void FN(conv2d_backward)(real *dx, real *dW, real *db, real *col, int slots, real *dW_part, double *acc,
+                         const real *dy, const real *x, const real *Wt, const DskConv2d *g) {
+    const long K = g->C * g->KH * g->KW, S = conv2d_slices(g), slice = (g->B + S - 1) / S;
+    FN(Conv) a = {NULL, col, dx, dW_part, acc, x, Wt, NULL, dy, g, conv2d_group(g), (long)conv2d_col_size(g), slice, 0};
+    const long tasks = (g->B + slice - 1) / slice;
+    dsk_parallel_tasks_upto(tasks, FN(conv_backward_slice), &a, slots);
+    /* the slices' partials added in slice order: the same sums whatever the thread count */
+    const long FK = g->F * K;
+    for (long s = 0; s < tasks; s++) {
+        const real *part = dW_part + (size_t)s * FK;
+        for (long q = 0; q < FK; q++) dW[q] += part[q];
+    }
     if (db)
-        for (long f = 0; f < g->F; f++) db[f] = (real)(db[f] + acc[f]);
+        for (long f = 0; f < g->F; f++) {
+            double total = 0;
+            for (long s = 0; s < tasks; s++) total += acc[s * g->F + f];
+            db[f] = (real)(db[f] + total);
+        }
 }
 
 /* The common 2 x 2 window at stride 2: two input rows per output row, unrolled, vectorizable. */
@@ -148,13 +193,21 @@ static void FN(max_pool2x2_plane)(real *yn, int64_t *in, const real *xn, long W,
     }
 }
 
-void FN(max_pool2d_forward)(real *y, int64_t *idx, const real *x, long N, long H, long W, long KH, long KW,
-                            long sh, long sw, long OH, long OW) {
-    DSK_PARALLEL_FOR(N * OH * OW * KH * KW)
-    for (long n = 0; n < N; n++) {
-        const real *xn = x + (size_t)n * H * W;
-        real *yn = y + (size_t)n * OH * OW;
-        int64_t *in = idx + (size_t)n * OH * OW;
+typedef struct {
+    real *y, *dx;
+    int64_t *idx;
+    const real *x, *dy, *mask;
+    const int64_t *cidx;
+    long H, W, KH, KW, sh, sw, OH, OW, HW, P;
+} FN(Pool);
+
+static void FN(max_pool_range)(void *arg, long lo, long hi) {
+    const FN(Pool) *a = arg;
+    const long H = a->H, W = a->W, KH = a->KH, KW = a->KW, sh = a->sh, sw = a->sw, OH = a->OH, OW = a->OW;
+    for (long n = lo; n < hi; n++) {
+        const real *xn = a->x + (size_t)n * H * W;
+        real *yn = a->y + (size_t)n * OH * OW;
+        int64_t *in = a->idx + (size_t)n * OH * OW;
         if (KH == 2 && KW == 2 && sh == 2 && sw == 2) {
             FN(max_pool2x2_plane)(yn, in, xn, W, OH, OW);
             continue;
@@ -178,13 +231,29 @@ void FN(max_pool2d_forward)(real *y, int64_t *idx, const real *x, long N, long H
     }
 }
 
-void FN(max_pool2d_backward)(real *dx, const real *dy, const int64_t *idx, long N, long HW, long P) {
-    DSK_PARALLEL_FOR(N * (HW + P))
-    for (long n = 0; n < N; n++) {
-        real *dxn = dx + (size_t)n * HW;
-        const real *dyn = dy + (size_t)n * P;
-        const int64_t *in = idx + (size_t)n * P;
+void FN(max_pool2d_forward)(real *y, int64_t *idx, const real *x, long N, long H, long W, long KH, long KW,
+                            long sh, long sw, long OH, long OW) {
+    FN(Pool) a = {y, NULL, idx, x, NULL, NULL, NULL, H, W, KH, KW, sh, sw, OH, OW, H * W, OH * OW};
+    dsk_parallel_for(N, dsk_grain(OH * OW * KH * KW * 2), FN(max_pool_range), &a);
+}
+
+static void FN(max_pool_backward_range)(void *arg, long lo, long hi) {
+    const FN(Pool) *a = arg;
+    const long HW = a->HW, P = a->P;
+    for (long n = lo; n < hi; n++) {
+        real *dxn = a->dx + (size_t)n * HW;
+        const real *dyn = a->dy + (size_t)n * P, *mn = a->mask ? a->mask + (size_t)n * P : NULL;
+        const int64_t *in = a->cidx + (size_t)n * P;
         memset(dxn, 0, sizeof(real) * (size_t)HW);
-        for (long p = 0; p < P; p++) dxn[in[p]] += dyn[p];
+        if (mn)
+            for (long p = 0; p < P; p++) dxn[in[p]] += mn[p] > 0 ? dyn[p] : 0;
+        else
+            for (long p = 0; p < P; p++) dxn[in[p]] += dyn[p];
     }
+}
+
+void FN(max_pool2d_backward)(real *dx, const real *dy, const int64_t *idx, const real *relu_y, long N, long HW,
+                             long P) {
+    FN(Pool) a = {NULL, dx, NULL, NULL, dy, relu_y, idx, 0, 0, 0, 0, 0, 0, 0, 0, HW, P};
+    dsk_parallel_for(N, dsk_grain(HW + P), FN(max_pool_backward_range), &a);
 }

@@ -618,23 +618,35 @@ def linear_backward(dy, x, W, need_dx=True, need_db=True):
 # mean with respect to the first argument. The optimizer steps update a flat parameter slab and
 # its state slabs in place, one C call for all parameters, and follow torch.optim's rules.
 
-def dense_forward(x, W, b=None, out=None, relu=False):
+def dense_forward(x, W, b=None, out=None, relu=False, dropout=None):
     """y (B, o) = x (B, p) @ W (p, o) + b (o,) (b may be None): one GEMM. Note that W is
     (in, out) here, unlike :func:`linear` whose W is (out, in). ``relu=True`` returns
-    max(y, 0) instead, applied in place right after the GEMM: exactly
-    ``relu_forward(dense_forward(x, W, b))`` without a second pass over memory or a second array."""
-    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu)
+    max(y, 0) instead, and ``dropout=(rate, seed, step)`` then applies
+    ``dropout_forward(., rate, seed, step)``: both in the GEMM's epilogue, tile by tile while the
+    tile is in cache, exactly ``dropout_forward(relu_forward(dense_forward(x, W, b)), ...)``
+    without the passes over memory and the arrays between them."""
+    if dropout is None:
+        return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu)
+    rate, seed, step = dropout
+    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu, rate, seed, step)
 
 
-def dense_backward(dy, x, W, dW, db=None, need_dx=True):
+def dense_backward(dy, x, W, dW, db=None, need_dx=True, input_relu=False, input_dropout=0.0):
     """Backward of :func:`dense_forward` for the upstream gradient dy (B, o).
 
     ACCUMULATES in place: ``dW (p, o) += x^T dy`` (a GEMM with beta = 1) and
     ``db (o,) += dy.sum(axis=0)`` (skipped when db is None). dW and db are never copied: they
     must be C-contiguous, aligned, writeable arrays of the call's dtype and exact shape (e.g.
     views into a gradient slab) sharing no memory with dy, x or W. Returns dx = dy W^T (B, p),
-    or None when ``need_dx`` is false (the first layer)."""
-    return _C.dense_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), dW, db, need_dx)
+    or None when ``need_dx`` is false (the first layer).
+
+    ``input_relu=True``: x is the output of a ReLU (followed by a dropout of rate
+    ``input_dropout`` when > 0), and dx is returned at that ReLU's input:
+    ``relu_backward(dropout_backward(dy W^T, input_dropout, ...), x)``, in the product's epilogue
+    (a kept entry of x is > 0 exactly where the ReLU passed and the dropout kept, so x itself is
+    the mask)."""
+    return _C.dense_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), dW, db, need_dx, input_relu,
+                             input_dropout)
 
 
 def relu_forward(x, out=None):
@@ -807,17 +819,21 @@ def max_pool2d_forward(x, kernel=2, stride=None):
     return _C.max_pool2d_forward(_array(x, "x"), kernel, stride)
 
 
-def max_pool2d_backward(dy, indices, input_size):
+def max_pool2d_backward(dy, indices, input_size, relu_y=None):
     """Backward of :func:`max_pool2d_forward`: dx (B, C, H, W) is 0 except that each dy[b, c, oh, ow]
     is added at the input entry ``indices[b, c, oh, ow]`` (a flat index in the plane); overlapping
     windows (stride < kernel) that picked the same entry add up. ``input_size`` is (H, W) (or the
-    input's full shape (B, C, H, W)); indices may have any integer dtype, each in [0, H W)."""
+    input's full shape (B, C, H, W)); indices may have any integer dtype, each in [0, H W).
+
+    ``relu_y``: the pooling's output y (B, C, OH, OW) when its input was a ReLU's output; dx is then
+    the gradient at that ReLU's input, ``relu_backward(max_pool2d_backward(dy, ...), x)`` in one
+    pass (an entry a window picked is > 0 exactly where its y is)."""
     dy = _array(dy, "dy")
     if isinstance(input_size, (tuple, list)) and len(input_size) == 4:
         if tuple(input_size[:2]) != dy.shape[:2]:
             raise ValueError(f"input_size {tuple(input_size)} does not match dy's (B, C) = {dy.shape[:2]}")
         input_size = tuple(input_size[2:])
-    return _C.max_pool2d_backward(dy, indices, input_size)
+    return _C.max_pool2d_backward(dy, indices, input_size, relu_y)
 
 
 def sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nesterov=False):

@@ -817,3 +817,87 @@ def test_run_layers_fusion_matches_the_layers_one_by_one(kind):
         assert run_layers(net2.layers, x, True, out=out) is out
         np.testing.assert_array_equal(out, want)
         assert net2.layers[3]._y is out  # the last ReLU's backward reads the fused output
+
+
+# ---------------------------------------------------------------------------------------------
+# Epilogue fusions: dropout in the Dense forward, the ReLU / dropout backward in the Dense
+# backward's input gradient, the ReLU backward in the max-pooling backward
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (64, 33, 17), (700, 128, 256)])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_dense_forward_dropout_is_dropout_of_relu_of_dense_exactly(shape, rate, dtype):
+    B, p, o = shape
+    rng = np.random.default_rng(B + p + o)
+    x, W, b = (rng.standard_normal(s).astype(dtype) for s in [(B, p), (p, o), (o,)])
+    want = F.dropout_forward(F.relu_forward(F.dense_forward(x, W, b)), rate, 11, 5)
+    np.testing.assert_array_equal(F.dense_forward(x, W, b, relu=True, dropout=(rate, 11, 5)), want)
+    want_linear = F.dropout_forward(F.dense_forward(x, W, b), rate, 11, 5)  # dropout without a ReLU
+    np.testing.assert_array_equal(F.dense_forward(x, W, b, dropout=(rate, 11, 5)), want_linear)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (6, 5, 4), (90, 64, 33), (700, 256, 128)])
+@pytest.mark.parametrize("rate", [0.0, 0.4])
+def test_dense_backward_input_mask_is_relu_and_dropout_backward_exactly(shape, rate, dtype):
+    """x is the output of ReLU -> dropout: dx = relu_backward(dropout_backward(dy W^T), relu output)."""
+    B, p, o = shape
+    rng = np.random.default_rng(B * o + p)
+    pre = rng.standard_normal((B, p)).astype(dtype)
+    a = F.relu_forward(pre)
+    x = F.dropout_forward(a, rate, 3, 9)
+    W, dy = rng.standard_normal((p, o)).astype(dtype), rng.standard_normal((B, o)).astype(dtype)
+    dW0, dW1 = np.zeros((p, o), dtype), np.zeros((p, o), dtype)
+    db0, db1 = np.zeros(o, dtype), np.zeros(o, dtype)
+    want = F.relu_backward(F.dropout_backward(F.dense_backward(dy, x, W, dW0, db0), rate, 3, 9), a)
+    got = F.dense_backward(dy, x, W, dW1, db1, input_relu=True, input_dropout=rate)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(dW1, dW0)
+    np.testing.assert_array_equal(db1, db0)
+
+
+def test_dense_backward_input_mask_finite_differences():
+    """The fused mask is the gradient at the ReLU's input of loss(dropout(relu(pre)) W)."""
+    rng = np.random.default_rng(4)
+    B, p, o, rate = 5, 6, 3, 0.3
+    pre, W, dy = rng.standard_normal((B, p)), rng.standard_normal((p, o)), rng.standard_normal((B, o))
+    pre[np.abs(pre) < 0.05] = 0.3  # keep the finite differences away from the kink
+
+    def loss(z):
+        return float(np.sum(dy * (F.dropout_forward(np.maximum(z, 0), rate, 1, 2) @ W)))
+
+    x = F.dropout_forward(F.relu_forward(pre), rate, 1, 2)
+    got = F.dense_backward(dy, x, W, np.zeros((p, o)), None, input_relu=True, input_dropout=rate)
+    num = np.zeros_like(pre)
+    for i in np.ndindex(pre.shape):
+        e = np.zeros_like(pre)
+        e[i] = 1e-6
+        num[i] = (loss(pre + e) - loss(pre - e)) / 2e-6
+    np.testing.assert_allclose(got, num, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_backward_relu_mask_is_relu_backward_exactly(dtype):
+    rng = np.random.default_rng(2)
+    pre = rng.standard_normal((3, 4, 8, 6)).astype(dtype)
+    a = F.relu_forward(pre)
+    y, idx = F.max_pool2d_forward(a, 2)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    want = F.relu_backward(F.max_pool2d_backward(dy, idx, (8, 6)), a)
+    np.testing.assert_array_equal(F.max_pool2d_backward(dy, idx, (8, 6), relu_y=y), want)
+    with pytest.raises(ValueError, match="relu_y"):
+        F.max_pool2d_backward(dy, idx, (8, 6), relu_y=y[:, :2])
+
+
+def test_fused_arguments_are_checked():
+    x, W = np.ones((2, 3)), np.ones((3, 4))
+    for bad in (1.0, -0.1, np.nan):
+        with pytest.raises(ValueError, match="dropout_rate"):
+            F.dense_forward(x, W, relu=True, dropout=(bad, 0, 0))
+        with pytest.raises(ValueError, match="input_dropout"):
+            F.dense_backward(np.ones((2, 4)), x, W, np.zeros((3, 4)), input_relu=True, input_dropout=bad)
+    with pytest.raises(ValueError, match="dropout_seed"):
+        F.dense_forward(x, W, dropout=(0.5, -1, 0))
+    with pytest.raises(TypeError):
+        F.dense_forward(x, W, dropout=(0.5, 1.5, 0))

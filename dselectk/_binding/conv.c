@@ -3,7 +3,7 @@
 #include "common.h"
 
 #include "conv.h"
-#include "nn.h"
+#include "dsk.h"
 
 /* Largest kernel size, stride, padding or pooling input size accepted: keeps every product of
  * the geometry far from overflowing. */
@@ -144,14 +144,14 @@ static PyObject *py_conv2d_forward(PyObject *Py_UNUSED(self), PyObject *args, Py
     npy_intp bdims[1] = {g.F};
     if (optional_input(b_obj, "b", &tn, 1, bdims, "(F,)", 1, &b) < 0) goto done;
     hold_from(&h, b_obj, b);
-    npy_intp ydims[4] = {g.B, g.F, g.OH, g.OW}, cdims[1] = {(npy_intp)conv2d_col_size(&g)};
+    const int slots = dsk_get_num_threads();
+    npy_intp ydims[4] = {g.B, g.F, g.OH, g.OW}, cdims[1] = {(npy_intp)conv2d_col_size(&g) * slots};
     PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 4, ydims, &h));
     if (!y) goto done;
     PyArrayObject *col = hold(&h, new_array(tn, 1, cdims));
     if (!col) goto done;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, conv2d_forward, DATA(y), DATA(col), DATA(x), DATA(Wt), OPTDATA(b), &g);
-    if (relu) DISPATCH(tn, relu_forward, DATA(y), DATA(y), (long)PyArray_SIZE(y));
+    DISPATCH(tn, conv2d_forward, DATA(y), DATA(col), slots, DATA(x), DATA(Wt), OPTDATA(b), relu, &g);
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)y);
 done:
@@ -193,12 +193,16 @@ static PyObject *py_conv2d_backward(PyObject *Py_UNUSED(self), PyObject *args, P
     if (db_obj != Py_None && !(db = hold_from(&h, db_obj, inplace_array(db_obj, "db", &tn, 1, bdims, "(F,)", &h, 0))))
         goto done;
     if (need_dx && !(dx = hold(&h, new_array(tn, 4, xdims)))) goto done;
-    npy_intp cdims[1] = {(npy_intp)conv2d_col_size(&g)}, adims[1] = {(npy_intp)conv2d_acc_size(&g)};
+    const int slots = dsk_get_num_threads();
+    const npy_intp S = conv2d_slices(&g);
+    npy_intp cdims[1] = {(npy_intp)conv2d_col_size(&g) * slots}, adims[1] = {S * g.F},
+             pdims[1] = {S * g.F * g.C * g.KH * g.KW};
     PyArrayObject *col = hold(&h, new_array(tn, 1, cdims)), *acc = hold(&h, new_array(NPY_DOUBLE, 1, adims));
-    if (!col || !acc) goto done;
+    PyArrayObject *part = hold(&h, new_array(tn, 1, pdims));
+    if (!col || !acc || !part) goto done;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, conv2d_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(col), DATA(acc), DATA(dy), DATA(x),
-             DATA(Wt), &g);
+    DISPATCH(tn, conv2d_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(col), slots, DATA(part), DATA(acc),
+             DATA(dy), DATA(x), DATA(Wt), &g);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(dx ? (PyObject *)dx : Py_None);
 done:
@@ -254,17 +258,19 @@ done:
 }
 
 PyDoc_STRVAR(max_pool2d_backward_doc,
-"max_pool2d_backward(dy, indices, input_size) -> dx\n\n"
+"max_pool2d_backward(dy, indices, input_size, relu_y=None) -> dx\n\n"
 "Backward of max_pool2d_forward: dy (B, C, OH, OW), indices (B, C, OH, OW) of any integer dtype, each\n"
 "in [0, H W), input_size (H, W) (int or pair). dx (B, C, H, W) is 0 except dx[b, c].flat[indices] +=\n"
-"dy, so overlapping windows that picked the same entry add up.");
+"dy, so overlapping windows that picked the same entry add up. relu_y (B, C, OH, OW): the pooling's\n"
+"output when its input was a ReLU's output; then dx is the gradient at the ReLU's input (only\n"
+"entries with relu_y > 0 pass dy): relu_backward(max_pool2d_backward(...), x), fused.");
 
 static PyObject *py_max_pool2d_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"dy", "indices", "input_size", NULL};
-    PyObject *dy_obj, *idx_obj, *size_obj, *result = NULL;
+    static char *kwlist[] = {"dy", "indices", "input_size", "relu_y", NULL};
+    PyObject *dy_obj, *idx_obj, *size_obj, *relu_obj = Py_None, *result = NULL;
     long H, W;
     Hold h = {0};
-    if (!parse_args(args, kw, "OOO", kwlist, &dy_obj, &idx_obj, &size_obj)) return NULL;
+    if (!parse_args(args, kw, "OOO|O", kwlist, &dy_obj, &idx_obj, &size_obj, &relu_obj)) return NULL;
     if (parse_pair(size_obj, "input_size", 1, &H, &W) < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp ydims[4] = {-1, -1, -1, -1};
@@ -280,12 +286,16 @@ static PyObject *py_max_pool2d_backward(PyObject *Py_UNUSED(self), PyObject *arg
     PyArrayObject *idx = hold(&h, index_array(idx_obj, "indices", "flat indices into the input plane", 4, idims,
                                               "(B, C, OH, OW) of dy", (npy_intp)(H * W), "H W", 0));
     if (!idx) goto done;
+    PyArrayObject *relu_y = NULL;
+    npy_intp rdims[4] = {ydims[0], ydims[1], ydims[2], ydims[3]};
+    if (optional_input(relu_obj, "relu_y", &tn, 4, rdims, "(B, C, OH, OW) of dy", 1, &relu_y) < 0) goto done;
+    hold_from(&h, relu_obj, relu_y);
     npy_intp xdims[4] = {ydims[0], ydims[1], H, W};
     PyArrayObject *dx = hold(&h, new_array(tn, 4, xdims));
     if (!dx) goto done;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, max_pool2d_backward, DATA(dx), DATA(dy), DATA(idx), (long)(ydims[0] * ydims[1]), H * W,
-             (long)(ydims[2] * ydims[3]));
+    DISPATCH(tn, max_pool2d_backward, DATA(dx), DATA(dy), DATA(idx), OPTDATA(relu_y), (long)(ydims[0] * ydims[1]),
+             H * W, (long)(ydims[2] * ydims[3]));
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)dx);
 done:
