@@ -2,6 +2,8 @@
 #include "optim.h"
 #include "dsk.h"
 #include <math.h>
+#include <stdint.h>
+#include <string.h>
 
 /* Entries per chunk of the pool: ~15 us of an Adam update. */
 #define DSK_OPTIM_GRAIN 16384
@@ -84,3 +86,53 @@ DSK_DEFINE_OPTIM(float, f32)
 #define SQRT sqrt
 DSK_DEFINE_OPTIM(double, f64)
 #undef SQRT
+
+/* The slab check: bits of NaN / Inf (exponent all ones) and of a negative number other than -0.0
+ * (sign set and some other bit set), OR-ed over a chunk without early exit so that it vectorizes. */
+#define DSK_OPTIM_SLABS 4
+#define DSK_DEFINE_SLAB_CHECK(real, sfx, utype, EXP, SIGN)                                        \
+    typedef struct {                                                                               \
+        const real *slabs[DSK_OPTIM_SLABS];                                                        \
+        int count, last_nonneg;                                                                    \
+        int bad;                                                                                   \
+    } SlabCheck_##sfx;                                                                             \
+                                                                                                   \
+    static utype nonfinite_bits_##sfx(const real *restrict x, long n) {                            \
+        utype acc = 0;                                                                             \
+        for (long i = 0; i < n; i++) {                                                             \
+            utype b;                                                                               \
+            memcpy(&b, x + i, sizeof b);                                                           \
+            acc |= (utype)((b & EXP) == EXP);                                                      \
+        }                                                                                          \
+        return acc;                                                                                \
+    }                                                                                              \
+                                                                                                   \
+    static utype negative_bits_##sfx(const real *restrict x, long n) {                             \
+        utype acc = 0;                                                                             \
+        for (long i = 0; i < n; i++) {                                                             \
+            utype b;                                                                               \
+            memcpy(&b, x + i, sizeof b);                                                           \
+            acc |= (utype)(((b & EXP) == EXP) | ((b >> (8 * sizeof(utype) - 1)) & ((b & ~SIGN) != 0))); \
+        }                                                                                          \
+        return acc;                                                                                \
+    }                                                                                              \
+                                                                                                   \
+    static void slab_check_range_##sfx(void *arg, long lo, long hi) {                              \
+        SlabCheck_##sfx *c = arg;                                                                  \
+        if (__atomic_load_n(&c->bad, __ATOMIC_RELAXED)) return; /* another chunk found one */     \
+        utype acc = 0;                                                                             \
+        for (int s = 0; s < c->count && !acc; s++)                                                 \
+            acc |= s == c->count - 1 && c->last_nonneg ? negative_bits_##sfx(c->slabs[s] + lo, hi - lo) \
+                                                       : nonfinite_bits_##sfx(c->slabs[s] + lo, hi - lo); \
+        if (acc) __atomic_store_n(&c->bad, 1, __ATOMIC_RELAXED);                                   \
+    }                                                                                              \
+                                                                                                   \
+    int optim_slabs_valid_##sfx(const real *const *slabs, int count, int last_nonneg, long N) {    \
+        SlabCheck_##sfx c = {{NULL}, count < DSK_OPTIM_SLABS ? count : DSK_OPTIM_SLABS, last_nonneg, 0}; \
+        for (int s = 0; s < c.count; s++) c.slabs[s] = slabs[s];                                   \
+        dsk_parallel_for(N, DSK_OPTIM_GRAIN, slab_check_range_##sfx, &c);                          \
+        return !c.bad;                                                                             \
+    }
+
+DSK_DEFINE_SLAB_CHECK(float, f32, uint32_t, 0x7f800000u, 0x80000000u)
+DSK_DEFINE_SLAB_CHECK(double, f64, uint64_t, 0x7ff0000000000000ull, 0x8000000000000000ull)
