@@ -238,15 +238,19 @@ def gemm_workload(plan, rng):
     return gemms, plan_flops(plan)
 
 
-def cnn_gemm_plan(model, batch, cache_bytes=1 << 20):
+CONV_COL_ELEMS = 64 * 1024  # csrc/conv.h's DSK_CONV_COL_ELEMS: the convolution's workspace per group
+
+
+def cnn_gemm_plan(model, batch, col_elems=CONV_COL_ELEMS):
     """The matrix products of one training step of a CNN model (MMoE with CNN experts, or the
-    shared-bottom CNN), convolutions as im2col GEMMs: (M, N, K, count) entries, C (M, N) = A (M, K)
-    B (K, N) computed ``count`` times. A convolution of F filters with patches of K = C KH KW
-    entries over P output positions is, per chunk of G images, the forward (F, K) x (K, G P), the
-    weight gradient (F, G P) x (G P, K) and, except for a first layer (no input gradient), the
-    patch gradient (K, F) x (F, G P); G is the largest chunk whose patch and output matrices fit in
-    ``cache_bytes`` (a cache-resident product, not one limited by memory). A Dense layer (B, in) ->
-    out is (B, out, in) forward, (in, out, B) for dW and (B, in, out) for dx, once each."""
+    shared-bottom CNN), convolutions as im2col GEMMs: (kind, M, N, K, count) entries, C (M, N) =
+    op(A) (M, K) op(B) (K, N), kind "nn", "nt" (B transposed) or "tn" (A transposed), computed
+    ``count`` times. A convolution of F filters with patches of K = C KH KW entries over P output
+    positions is, per group of G examples as csrc/conv.c forms them (the most that fit col_elems
+    entries of workspace, (K + F) G P, at least 1), the forward (F, K) x (K, G P) (nn), the weight
+    gradient (F, G P) x (G P, K) (nt) and, except for a first layer (no input gradient), the patch
+    gradient (K, F) x (F, G P) (tn). A Dense layer (B, in) -> out is (B, out, in) forward (nn),
+    (in, out, B) for dW (tn) and (B, in, out) for dx (nt), once each."""
     from dselectk.layers import CNNExpert, Conv2D, Dense, Flatten, MaxPool2D
 
     def module_plan(module, shape, first):
@@ -256,18 +260,18 @@ def cnn_gemm_plan(model, batch, cache_bytes=1 << 20):
             if isinstance(layer, Conv2D):
                 out = layer.output_shape(shape)
                 K, P, Fn = layer.in_channels * layer.kernel[0] * layer.kernel[1], out[1] * out[2], layer.filters
-                G = max(1, min(batch, cache_bytes // (4 * (K + Fn) * P)))
+                G = max(1, min(batch, col_elems // ((K + Fn) * P)))
                 chunks, rest = divmod(batch, G)
                 for g, count in ((G, chunks), (rest, 1 if rest else 0)):
                     if count:
-                        plan += [(Fn, g * P, K, count), (Fn, K, g * P, count)]
-                        plan += [(K, g * P, Fn, count)] if need_dx else []
+                        plan += [("nn", Fn, g * P, K, count), ("nt", Fn, K, g * P, count)]
+                        plan += [("tn", K, g * P, Fn, count)] if need_dx else []
                 shape = out
             elif isinstance(layer, MaxPool2D):
                 shape = layer.output_shape(shape)
             elif isinstance(layer, Dense):
-                plan += [(batch, layer.out_dim, layer.in_dim, 1), (layer.in_dim, layer.out_dim, batch, 1)]
-                plan += [(batch, layer.in_dim, layer.out_dim, 1)] if need_dx else []
+                plan += [("nn", batch, layer.out_dim, layer.in_dim, 1), ("tn", layer.in_dim, layer.out_dim, batch, 1)]
+                plan += [("nt", batch, layer.in_dim, layer.out_dim, 1)] if need_dx else []
                 shape = (layer.out_dim,)
             elif isinstance(layer, Flatten):
                 shape = (int(np.prod(shape)),)
@@ -284,17 +288,27 @@ def cnn_gemm_plan(model, batch, cache_bytes=1 << 20):
 
 
 def products_workload(plan, rng):
-    """(callable, flops) of (M, N, K, count) products through functional.dense_forward."""
-    arrays = [(rng.standard_normal((M, K)).astype(np.float32), rng.standard_normal((K, N)).astype(np.float32),
-               np.empty((M, N), np.float32), count) for M, N, K, count in plan]
+    """(callable, flops) of (kind, M, N, K, count) products: nn through functional.dense_forward
+    (A B), nt through functional.linear (A B^T), tn through functional.dense_backward's weight
+    gradient (A^T B, accumulated as in the step's backward)."""
+    arrays = []
+    for kind, M, N, K, count in plan:
+        a = rng.standard_normal((M, K) if kind != "tn" else (K, M)).astype(np.float32)
+        b = rng.standard_normal((K, N) if kind != "nt" else (N, K)).astype(np.float32)
+        arrays.append((kind, a, b, np.zeros((M, N), np.float32), np.zeros((M, N), np.float32), count))
 
     def gemms():
         with F.trusted_inputs():
-            for a, b, out, count in arrays:
+            for kind, a, b, c, w, count in arrays:
                 for _ in range(count):
-                    F.dense_forward(a, b, out=out)
+                    if kind == "nn":
+                        F.dense_forward(a, b, out=c)
+                    elif kind == "nt":
+                        F.linear(a, b, out=c)
+                    else:
+                        F.dense_backward(b, a, w, c, need_dx=False)  # c += a^T b (w: its shape only)
 
-    return gemms, sum(2.0 * M * N * K * count for M, N, K, count in plan)
+    return gemms, sum(2.0 * M * N * K * count for _, M, N, K, count in plan)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -417,8 +431,9 @@ def main(argv=None):
         out(f"## Multi-Fashion MNIST models, training step (batch {CNN_BATCH}, 36 x 36 images, Adam)")
         out()
         out(f"epoch = {CNN_EPOCH_STEPS} steps (100,000 images), from the median step time. GEMM ms: the step's "
-            "matrix products alone, convolutions as im2col GEMMs over cache-sized chunks of images "
-            "(cnn_gemm_plan), through the same BLAS; step/GEMM and GFLOP/s as in the MMoE table.")
+            "matrix products alone, convolutions as the im2col GEMMs of dselectk's kernel (groups of examples "
+            "that fit its workspace; cnn_gemm_plan), through the same BLAS; step/GEMM and GFLOP/s as in the MMoE "
+            "table.")
         out()
         out("| model | threads | our step ms | PyTorch step ms | ours/PyTorch | GEMM ms | step/GEMM | GEMM bound "
             "| step GFLOP/s | GEMM GFLOP/s | sgemm peak GFLOP/s | our epoch s | PyTorch epoch s | load |")

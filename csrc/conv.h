@@ -50,6 +50,12 @@ typedef struct {
     long OH, OW;     /* output (B, F, OH, OW) */
 } DskConv2d;
 
+/* The max pooling after a convolution in conv2d_relu_pool_*: windows KH x KW at strides sh, sw over
+ * the convolution's output plane (OH, OW of its DskConv2d), giving (OH, OW) here; KH KW <= 256. */
+typedef struct {
+    long KH, KW, sh, sw, OH, OW;
+} DskPool2d;
+
 /* Examples per GEMM: G = min(B, max(1, DSK_CONV_COL_ELEMS / ((K + F) P))). */
 long conv2d_group(const DskConv2d *g);
 /* Size of one thread's workspace of conv2d_forward / conv2d_backward, in elements of real:
@@ -90,7 +96,23 @@ long conv2d_slices(const DskConv2d *g);
      * checks 0 <= idx < H W. With relu_y (N, P), the pooling's output over a ReLU's output, only \
      * outputs with relu_y > 0 pass their dy: the ReLU backward before the pooling, fused. */      \
     void max_pool2d_backward_##sfx(real *dx, const real *dy, const int64_t *idx,                   \
-                                   const real *relu_y, long N, long HW, long P);
+                                   const real *relu_y, long N, long HW, long P);                    \
+    /* Conv2D -> ReLU -> MaxPool2D in one pass: pooled (B, F, POH, POW) = max_pool(relu(conv(x) + \
+     * bias)) with p's windows, and code (B, F, POH, POW) the position i KW + j of each output's   \
+     * maximum in its window (first maximum in row-major order). The convolution's output is not  \
+     * written. Workspace col as conv2d_forward. The same values as the three kernels in turn. */  \
+    void conv2d_relu_pool_forward_##sfx(real *pooled, uint8_t *code, real *col, int slots,         \
+                                        const real *x, const real *Wt, const real *bias,           \
+                                        const DskConv2d *g, const DskPool2d *p);                   \
+    /* Its backward for dpooled (B, F, POH, POW), with code and pooled from the forward:          \
+     * ACCUMULATES dW, db (may be NULL) and writes dx (may be NULL) as conv2d_backward does for    \
+     * the gradient at the convolution's output, which is dpooled at each window's maximum where  \
+     * pooled > 0 and 0 elsewhere (built a group at a time in the workspace). Workspaces as        \
+     * conv2d_backward. The same values as max_pool2d_backward, relu_backward, conv2d_backward. */ \
+    void conv2d_relu_pool_backward_##sfx(real *dx, real *dW, real *db, real *col, int slots,       \
+                                         real *dW_part, double *acc, const real *dpooled,          \
+                                         const uint8_t *code, const real *pooled, const real *x,   \
+                                         const real *Wt, const DskConv2d *g, const DskPool2d *p);
 
 DSK_DECLARE_CONV(float, f32)
 DSK_DECLARE_CONV(double, f64)

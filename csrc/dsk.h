@@ -58,6 +58,14 @@ long dsk_chunks(long n, long grain);
  * not inside a task. */
 int dsk_can_parallelize(void);
 
+/* For a function whose short copy loops must stay loops: GCC would turn them into memcpy calls,
+ * whose call overhead exceeds the copy of a few tens of entries (im2col). */
+#if defined(__GNUC__) && !defined(__clang__)
+#define DSK_KEEP_COPY_LOOPS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define DSK_KEEP_COPY_LOOPS
+#endif
+
 #define DSK_PRAGMA(x) _Pragma(#x)
 #if DSK_HAVE_OPENMP
 /* The older OpenMP loop over independent rows, only when there is enough work to pay for the

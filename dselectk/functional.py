@@ -83,6 +83,8 @@ __all__ = [
     "conv2d_backward",
     "max_pool2d_forward",
     "max_pool2d_backward",
+    "conv2d_relu_pool_forward",
+    "conv2d_relu_pool_backward",
     "sgd_step",
     "adam_step",
     "adagrad_step",
@@ -805,6 +807,30 @@ def conv2d_backward(dy, x, W, dW, db=None, stride=1, padding="valid", need_dx=Tr
     with dy, x or W. Returns dx (B, C, H, W), or None when ``need_dx`` is false."""
     dy, x, W = _array(dy, "dy"), _array(x, "x"), _array(W, "W")
     return _C.conv2d_backward(dy, x, W, dW, db, stride, _conv_padding(padding, W, stride), need_dx)
+
+
+def conv2d_relu_pool_forward(x, W, b=None, stride=1, padding="valid", pool=2, pool_stride=None):
+    """Conv2D -> ReLU -> max pooling in one pass: returns ``(y, code)`` with
+    ``y == max_pool2d_forward(relu_forward(conv2d_forward(x, W, b, stride, padding)), pool,
+    pool_stride)[0]`` exactly, and ``code`` (B, F, POH, POW) uint8, the position i * PW + j of each
+    output's maximum in its window (the first in row-major order), for
+    :func:`conv2d_relu_pool_backward`. The convolution's output (B, F, OH, OW) is pooled a group of
+    examples at a time while it is in cache and never written to memory. ``pool``: int or (PH, PW),
+    windows of at most 256 entries; ``pool_stride`` defaults to the window."""
+    x, W = _array(x, "x"), _array(W, "W")
+    return _C.conv2d_relu_pool_forward(x, W, b, stride, _conv_padding(padding, W, stride), pool, pool_stride)
+
+
+def conv2d_relu_pool_backward(dy, code, y, x, W, dW, db=None, stride=1, padding="valid", pool=2, pool_stride=None,
+                              need_dx=True):
+    """Backward of :func:`conv2d_relu_pool_forward` for dy (B, F, POH, POW), with its outputs y and
+    code and its inputs x, W (same stride, padding, pool, pool_stride): ACCUMULATES dW (F, C, KH, KW)
+    and db (F,) (skipped when None) as :func:`conv2d_backward` and returns dx (B, C, H, W) (None
+    unless ``need_dx``); exactly conv2d_backward of relu_backward(max_pool2d_backward(dy, ...)),
+    with the gradient at the convolution's output built a group of examples at a time in cache."""
+    dy, y, x, W = _array(dy, "dy"), _array(y, "y"), _array(x, "x"), _array(W, "W")
+    return _C.conv2d_relu_pool_backward(dy, code, y, x, W, dW, db, stride, _conv_padding(padding, W, stride), pool,
+                                        pool_stride, need_dx)
 
 
 def max_pool2d_forward(x, kernel=2, stride=None):

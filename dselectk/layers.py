@@ -106,10 +106,19 @@ def run_layers(layers, x, training=False, out=None):
 
     A Dense or Conv2D layer followed by a ReLU runs as one call (``relu=True``: the ReLU applied
     in place after the product, saving a pass over memory and an array); the ReLU layer keeps
-    that output for its backward, exactly as if it had computed it."""
+    that output for its backward, exactly as if it had computed it. Conv2D -> ReLU -> MaxPool2D
+    runs as one kernel (:func:`~dselectk.functional.conv2d_relu_pool_forward`) that never writes
+    the convolution's output; :func:`backward_layers` runs its fused backward. The results are the
+    same bits as the layers one by one."""
     last, i = len(layers) - 1, 0
     while i <= last:
         layer = layers[i]
+        if (i + 2 <= last and isinstance(layer, Conv2D) and type(layers[i + 1]) is ReLU
+                and isinstance(layers[i + 2], MaxPool2D) and not (out is not None and i + 2 == last)):
+            x = layer.forward_relu_pool(x, layers[i + 2])
+            layers[i + 1]._y = None  # not materialized: the fused backward needs only the pooling's output
+            i += 3
+            continue
         fused = i < last and isinstance(layer, (Dense, Conv2D)) and type(layers[i + 1]) is ReLU
         # only Dense and ReLU write into out: it is (B, d), a Conv2D's output is 4-D
         target = out if out is not None and i + fused == last and isinstance(layer, (Dense, ReLU)) else None
@@ -130,9 +139,17 @@ def run_layers(layers, x, training=False, out=None):
 
 def backward_layers(layers, dout, need_dx=True, skip_last=False):
     """dout back through ``layers`` (all but the last with ``skip_last``); the first layer
-    computes its input gradient only if ``need_dx``."""
-    for i in range(len(layers) - 1 - bool(skip_last), -1, -1):
-        dout = layers[i].backward(dout, need_dx=need_dx or i > 0)
+    computes its input gradient only if ``need_dx``. A Conv2D -> ReLU -> MaxPool2D that the
+    forward fused runs its fused backward."""
+    i = len(layers) - 1 - bool(skip_last)
+    while i >= 0:
+        layer = layers[i]
+        if isinstance(layer, MaxPool2D) and layer._fused and i >= 2:
+            dout = layers[i - 2].backward_relu_pool(dout, layer, need_dx=need_dx or i > 2)
+            i -= 3
+            continue
+        dout = layer.backward(dout, need_dx=need_dx or i > 0)
+        i -= 1
     return dout
 
 
@@ -244,6 +261,21 @@ class Conv2D:
         return F.conv2d_backward(dout, self._x, self.params["W"], self.grads["W"], self.grads["b"], self.stride,
                                  self.pads, need_dx=need_dx)
 
+    def forward_relu_pool(self, x, pool):
+        """max pooling (the MaxPool2D layer ``pool``) of ReLU of this convolution, in one kernel
+        (see :func:`run_layers`); the pooling keeps what the backward needs."""
+        self._x = x
+        pool._y, pool._idx = F.conv2d_relu_pool_forward(x, self.params["W"], self.params["b"], self.stride,
+                                                         self.pads, pool.kernel, pool.stride)
+        pool._fused = True
+        return pool._y
+
+    def backward_relu_pool(self, dout, pool, need_dx=True):
+        """Backward of :meth:`forward_relu_pool` through the pooling, the ReLU and this convolution."""
+        return F.conv2d_relu_pool_backward(dout, pool._idx, pool._y, self._x, self.params["W"], self.grads["W"],
+                                           self.grads["b"], self.stride, self.pads, pool.kernel, pool.stride,
+                                           need_dx=need_dx)
+
 
 class MaxPool2D:
     """Max pooling of NCHW images over valid ``kernel`` windows (int or pair) at ``stride`` (default:
@@ -253,6 +285,7 @@ class MaxPool2D:
         self.kernel = _pair(kernel, "kernel")
         self.stride = self.kernel if stride is None else _pair(stride, "stride")
         self.params, self.grads, self._idx, self._size = {}, {}, None, None
+        self._y, self._fused = None, False  # set by Conv2D.forward_relu_pool
 
     def output_shape(self, input_shape):
         c, h, w = input_shape
@@ -263,10 +296,13 @@ class MaxPool2D:
 
     def forward(self, x, training=False):
         y, self._idx = F.max_pool2d_forward(x, self.kernel, self.stride)
-        self._size = x.shape[2:]
+        self._size, self._y, self._fused = x.shape[2:], None, False
         return y
 
     def backward(self, dout, need_dx=True):
+        if self._fused:
+            raise RuntimeError("this MaxPool2D ran fused with the Conv2D and ReLU before it (run_layers): its "
+                               "backward is theirs, through backward_layers or Conv2D.backward_relu_pool")
         return F.max_pool2d_backward(dout, self._idx, self._size)
 
 
