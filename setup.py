@@ -11,6 +11,11 @@ Everything that is not plain setuptools lives in ``build_ext_dselectk``:
 * OpenMP is compile-tested (``-fopenmp``); without it the build falls back to serial loops with a
   warning. ``DSELECTK_NO_OPENMP=1`` opts out.
 * ``DSELECTK_WERROR=1`` adds ``-Werror`` (CI sets it); the C code builds clean with -Wall -Wextra.
+* ``DSELECTK_SANITIZE=address,undefined`` (CI's ``.ci/sanitize``) builds with those sanitizers
+  (``-fsanitize=...``, reports fatal, frame pointers, -O1 -g) for testing only: OpenMP is then
+  required, not optional, every parallel loop runs threaded however little work it has
+  (``DSK_PARALLEL_MIN_WORK=0``), and ``dselectk/_sanitizer_selftest*.so`` is built beside the
+  extension from ``.ci/sanitizer_selftest.c`` with the same flags (deliberate bugs the job must catch).
 """
 import glob
 import os
@@ -63,15 +68,32 @@ def _openblas():
     )
 
 
+SANITIZE = os.environ.get("DSELECTK_SANITIZE", "").strip()
+SANITIZER_SELFTEST = ".ci/sanitizer_selftest.c"
+
+
+def _sanitizer_flags():
+    """Compile and link flags of a DSELECTK_SANITIZE build (empty without it)."""
+    if not SANITIZE:
+        return []
+    # -fno-wrapv undoes CPython's -fwrapv (in the flags setuptools passes first), under which signed
+    # overflow is defined and UBSan would not check it: in our size arithmetic it is a bug either way
+    return [f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g", "-fno-wrapv"]
+
+
 class build_ext_dselectk(build_ext):
-    def _compiles_with_openmp(self):
+    def _compiles_with_openmp(self, extra_flags):
+        # The probe compiles and links with the flags of the real build: a sanitizer build whose
+        # probe linked without -fsanitize failed on the sanitizer's symbols and fell back to serial
+        # kernels, so that its threaded loops were never checked.
         tmp = tempfile.mkdtemp()
         try:
             src = os.path.join(tmp, "omp_probe.c")
             with open(src, "w") as f:
                 f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
-            objs = self.compiler.compile([src], output_dir=tmp, extra_postargs=["-fopenmp"])
-            self.compiler.link_executable(objs, "omp_probe", output_dir=tmp, extra_postargs=["-fopenmp"])
+            flags = ["-fopenmp", *extra_flags]
+            objs = self.compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+            self.compiler.link_executable(objs, "omp_probe", output_dir=tmp, extra_postargs=flags)
             return True
         except Exception:  # any compiler or linker failure means "no OpenMP"
             return False
@@ -80,12 +102,18 @@ class build_ext_dselectk(build_ext):
 
     def build_extensions(self):
         include_dir, lib_dir, lib_file = _openblas()
+        sanitizer_flags = _sanitizer_flags()
         use_openmp = os.environ.get("DSELECTK_NO_OPENMP", "") not in ("1", "true", "yes")
-        if use_openmp and not self._compiles_with_openmp():
+        if use_openmp and not self._compiles_with_openmp(sanitizer_flags):
             warnings.warn("dselectk: the compiler does not support -fopenmp; building serial kernels")
             use_openmp = False
         elif not use_openmp:
             print("dselectk: DSELECTK_NO_OPENMP set, building serial kernels", file=sys.stderr)
+        if SANITIZE and not use_openmp:
+            raise RuntimeError(
+                f"DSELECTK_SANITIZE={SANITIZE} needs OpenMP (a sanitizer build must check the threaded loops), "
+                f"but DSELECTK_NO_OPENMP is set or compiling and linking with -fopenmp {' '.join(sanitizer_flags)} "
+                f"failed")
 
         # -fvisibility=hidden: the binding's files share plain extern names (input_array, overlaps, ...);
         # hidden, they cannot be bound to like-named symbols of other libraries. PyInit__C stays
@@ -98,6 +126,9 @@ class build_ext_dselectk(build_ext):
         if use_openmp:
             cflags.append("-fopenmp")
             ldflags.append("-fopenmp")
+        if SANITIZE:
+            cflags += [*sanitizer_flags, "-O1", "-DDSK_PARALLEL_MIN_WORK=0"]  # -O1 after -O3 wins
+            ldflags += sanitizer_flags
 
         import numpy
 
@@ -130,7 +161,12 @@ class build_ext_dselectk(build_ext):
         shutil.copy2(os.path.join(lib_dir, lib_file), os.path.join(dest_dir, lib_file))
 
 
+extensions = [Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=HEADERS)]
+if SANITIZE:  # a plain shared library (loaded with ctypes), built with the extension's flags
+    extensions.append(Extension("dselectk._sanitizer_selftest", sources=[SANITIZER_SELFTEST, "csrc/threads.c"],
+                                depends=["csrc/dsk.h"]))
+
 setup(
-    ext_modules=[Extension("dselectk._C", sources=BINDING_SOURCES + KERNEL_SOURCES, depends=HEADERS)],
+    ext_modules=extensions,
     cmdclass={"build_ext": build_ext_dselectk},
 )

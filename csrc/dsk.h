@@ -48,10 +48,16 @@ void dsk_parallel_for(long n, long grain, dsk_range_fn fn, void *ctx);
 #define DSK_TASKS_PER_THREAD 4
 /* Loops run in chunks of at least this much work (about their element operations, ~20-40 us), so
  * serially below twice that: a shorter chunk does not pay for waking a thread, and on a loaded
- * machine a chunk that a descheduled thread claimed costs the caller a wait. */
-#define DSK_PARALLEL_WORK (1L << 17)
+ * machine a chunk that a descheduled thread claimed costs the caller a wait. The sanitizer build
+ * (setup.py, DSELECTK_SANITIZE) sets 0: then every loop of two or more items, and every product
+ * of two or more tiles, runs on several threads, so that the tests' small inputs exercise them. */
+#ifndef DSK_PARALLEL_MIN_WORK
+#define DSK_PARALLEL_MIN_WORK (1L << 17)
+#endif
 /* The grain of dsk_parallel_for for items of about `work` operations each. */
-static inline long dsk_grain(long work) { return work >= DSK_PARALLEL_WORK ? 1 : DSK_PARALLEL_WORK / (work > 0 ? work : 1); }
+static inline long dsk_grain(long work) {
+    return work >= DSK_PARALLEL_MIN_WORK ? 1 : DSK_PARALLEL_MIN_WORK / (work > 0 ? work : 1);
+}
 /* The number of chunks dsk_parallel_for would cut [0, n) into (1 when it would run serially). */
 long dsk_chunks(long n, long grain);
 /* 1 when a dsk_parallel_* call from here would use more than one thread: several threads set and
@@ -68,12 +74,12 @@ int dsk_can_parallelize(void);
 
 #define DSK_PRAGMA(x) _Pragma(#x)
 #if DSK_HAVE_OPENMP
-/* The older OpenMP loop over independent rows, only when there is enough work to pay for the
- * threads: prefer dsk_parallel_for (never waits for a descheduled thread; see threads.c). The
+/* The older OpenMP loop over independent rows, only when its work exceeds DSK_PARALLEL_MIN_WORK:
+ * prefer dsk_parallel_for (never waits for a descheduled thread; see threads.c). The
  * thread count is passed explicitly (num_threads) rather than through omp_set_num_threads, whose
  * setting would only apply to the thread that called it. */
 #define DSK_PARALLEL_FOR(work) \
-    DSK_PRAGMA(omp parallel for schedule(static) num_threads(dsk_get_num_threads()) if((work) > 32768))
+    DSK_PRAGMA(omp parallel for schedule(static) num_threads(dsk_get_num_threads()) if((work) > DSK_PARALLEL_MIN_WORK))
 #else
 #define DSK_PARALLEL_FOR(work)
 #endif

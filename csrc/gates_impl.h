@@ -34,7 +34,7 @@ static void FN(smooth_step_range)(void *arg, long lo, long hi) {
 
 void FN(smooth_step_forward)(real *s, const real *t, long N, real gamma) {
     FN(Elementwise) a = {s, t, NULL, NULL, gamma};
-    dsk_parallel_for(N, DSK_PARALLEL_WORK, FN(smooth_step_range), &a);
+    dsk_parallel_for(N, DSK_PARALLEL_MIN_WORK, FN(smooth_step_range), &a);
 }
 
 static void FN(smooth_step_backward_range)(void *arg, long lo, long hi) {
@@ -46,7 +46,7 @@ static void FN(smooth_step_backward_range)(void *arg, long lo, long hi) {
 
 void FN(smooth_step_backward)(real *dt, const real *dout, const real *t, long N, real gamma) {
     FN(Elementwise) a = {dt, t, dout, NULL, gamma};
-    dsk_parallel_for(N, DSK_PARALLEL_WORK, FN(smooth_step_backward_range), &a);
+    dsk_parallel_for(N, DSK_PARALLEL_MIN_WORK, FN(smooth_step_backward_range), &a);
 }
 
 /* One selector row: r (n) from s (m), by doubling. After bit b the first 2^(b+1) codes hold the
@@ -360,7 +360,7 @@ static void FN(noisy_logits_range)(void *arg, long lo, long hi) {
 void FN(noisy_logits_forward)(real *h, const real *clean, const real *raw_noise,
                               const real *normal, long N) {
     FN(Elementwise) a = {h, clean, raw_noise, normal, 0};
-    dsk_parallel_for(N, DSK_PARALLEL_WORK / 8, FN(noisy_logits_range), &a);
+    dsk_parallel_for(N, DSK_PARALLEL_MIN_WORK / 8, FN(noisy_logits_range), &a);
 }
 
 static void FN(noisy_logits_backward_range)(void *arg, long lo, long hi) {
@@ -376,7 +376,7 @@ static void FN(noisy_logits_backward_range)(void *arg, long lo, long hi) {
 void FN(noisy_logits_backward)(real *draw, const real *dh, const real *raw_noise,
                                const real *normal, long N) {
     FN(Elementwise) a = {draw, dh, raw_noise, normal, 0};
-    dsk_parallel_for(N, DSK_PARALLEL_WORK / 8, FN(noisy_logits_backward_range), &a);
+    dsk_parallel_for(N, DSK_PARALLEL_MIN_WORK / 8, FN(noisy_logits_backward_range), &a);
 }
 
 static void FN(softmax_selector_forward_range)(void *arg, long lo, long hi) {

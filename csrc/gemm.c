@@ -15,7 +15,11 @@
 #include "dsk.h"
 
 #ifndef DSK_GEMM_TILE_WORK
+#if DSK_PARALLEL_MIN_WORK == 0 /* the sanitizer build: every product of two or more tiles threaded */
+#define DSK_GEMM_TILE_WORK 1L
+#else
 #define DSK_GEMM_TILE_WORK (1L << 20)
+#endif
 #endif
 #ifndef DSK_GEMM_TILE_ELEMS
 #define DSK_GEMM_TILE_ELEMS (64L * 1024L)

@@ -19,12 +19,14 @@
 
 #include <stdint.h>
 
-/* Dropout applied in a layer's epilogue: entry i (the flat index in the layer's output) is kept
- * when u_i >= rate (u_i the hash of (seed, step, i) given at the end of this file) and scaled by
- * 1 / (1 - rate), exactly as dropout_forward on that output; rate in [0, 1). */
+/* Dropout applied in a layer's epilogue, exactly as dropout_forward on that output (B, o) with
+ * the same (rate, seed, step, rows): entry j of row b is kept when u_i >= rate, i = b o + j, or
+ * rows[b] o + j with rows (B) (the row's place in a larger batch; NULL: none), and scaled by
+ * 1 / (1 - rate); rate in [0, 1). */
 typedef struct {
     double rate;
     uint64_t seed, step;
+    const int64_t *rows;
 } DskDropout;
 
 #define DSK_DECLARE_NN(real, sfx)                                                                  \
@@ -52,9 +54,13 @@ typedef struct {
      * u_i in [0, 1) hashes (seed, step, i) as given at the end of this file. The mask is never    \
      * stored: the backward recomputes it, and it does not depend on the thread count.             \
      * 0 <= rate < 1; rate == 0 copies x. Also the backward: dx = dropout(dy) with the same        \
-     * (rate, seed, step). */                                                                      \
-    void dropout_forward_##sfx(real *y, const real *x, long N, double rate, uint64_t seed,         \
-                               uint64_t step);                                                     \
+     * (rate, seed, step, rows). rows (N / R) or NULL: x is then N / R rows of R entries, and     \
+     * entry j of row b hashes i = rows[b] * R + j, not its flat index b * R + j: the row's place \
+     * in a larger batch (a data-parallel share, the rows an expert computes), so that it gets    \
+     * the mask it has in the whole batch. rows[b] * R + R must not exceed 2^63 (the caller      \
+     * checks); R >= 1 divides N. */                                                              \
+    void dropout_forward_##sfx(real *y, const real *x, long N, const int64_t *rows, long R,        \
+                               double rate, uint64_t seed, uint64_t step);                         \
     /* Binary cross-entropy on logits z (B) with targets t (B) in [0, 1], weights w (B) or NULL:   \
      *   l_b = max(z, 0) - z t + log(1 + exp(-|z|)),  dz (B) = w_b (sigmoid(z_b) - t_b) / B.       \
      * Returns the weighted batch mean of l. */                                                    \

@@ -39,7 +39,10 @@ static void FN(dense_act)(void *arg, long r0, long r1, long c0, long c1) {
     for (long r = r0; r < r1; r++) {
         real *yr = a->y + r * a->o + c0;
         FN(add_bias_relu_row)(yr, b, c1 - c0, a->relu);
-        if (rate > 0) FN(dropout_row)(yr, c1 - c0, a->key, (uint64_t)(r * a->o + c0), rate, scale);
+        if (rate > 0) {
+            const uint64_t row = a->drop->rows ? (uint64_t)a->drop->rows[r] : (uint64_t)r; /* its place in the batch */
+            FN(dropout_row)(yr, c1 - c0, a->key, row * (uint64_t)a->o + (uint64_t)c0, rate, scale);
+        }
     }
 }
 
@@ -129,6 +132,8 @@ typedef struct {
     const real *x, *dy;
     double rate, scale;
     uint64_t key;
+    const int64_t *rows; /* dropout: the rows' places in the whole batch, or NULL */
+    long R;              /* dropout with rows: entries per row */
 } FN(Elementwise);
 
 static inline void FN(relu_row)(real *restrict y, const real *restrict x, long n) {
@@ -142,7 +147,7 @@ static void FN(relu_range)(void *arg, long lo, long hi) {
 }
 
 void FN(relu_forward)(real *y, const real *x, long N) {
-    FN(Elementwise) a = {y, x, NULL, 0, 0, 0};
+    FN(Elementwise) a = {y, x, NULL, 0, 0, 0, NULL, 0};
     dsk_parallel_for(N, DSK_ELEMENTWISE_GRAIN, FN(relu_range), &a);
 }
 
@@ -159,27 +164,39 @@ static void FN(relu_backward_range)(void *arg, long lo, long hi) {
 }
 
 void FN(relu_backward)(real *dx, const real *dy, const real *y, long N) {
-    FN(Elementwise) a = {dx, y, dy, 0, 0, 0};
+    FN(Elementwise) a = {dx, y, dy, 0, 0, 0, NULL, 0};
     dsk_parallel_for(N, DSK_ELEMENTWISE_GRAIN, FN(relu_backward_range), &a);
+}
+
+/* y (n) = dropout of x (n), the entries hashing first, first + 1, ... */
+static inline void FN(dropout_row_of)(real *restrict y, const real *restrict x, long n, uint64_t key, uint64_t first,
+                                      double rate, double scale) {
+    for (long i = 0; i < n; i++)
+        y[i] = dsk_dropout_u(key, first + (uint64_t)i) >= rate ? (real)((double)x[i] * scale) : 0;
 }
 
 static void FN(dropout_range)(void *arg, long lo, long hi) {
     const FN(Elementwise) *a = arg;
-    real *restrict y = a->y + lo;
-    const real *restrict x = a->x + lo;
-    const double rate = a->rate, scale = a->scale;
-    const uint64_t key = a->key;
-    for (long i = 0; i < hi - lo; i++)
-        y[i] = dsk_dropout_u(key, (uint64_t)(lo + i)) >= rate ? (real)((double)x[i] * scale) : 0;
+    FN(dropout_row_of)(a->y + lo, a->x + lo, hi - lo, a->key, (uint64_t)lo, a->rate, a->scale);
 }
 
-void FN(dropout_forward)(real *y, const real *x, long N, double rate, uint64_t seed, uint64_t step) {
+/* rows lo..hi of R entries; row b hashes rows[b] R + j (nn.h) */
+static void FN(dropout_rows_range)(void *arg, long lo, long hi) {
+    const FN(Elementwise) *a = arg;
+    const long R = a->R;
+    for (long b = lo; b < hi; b++)
+        FN(dropout_row_of)(a->y + b * R, a->x + b * R, R, a->key, (uint64_t)a->rows[b] * (uint64_t)R, a->rate, a->scale);
+}
+
+void FN(dropout_forward)(real *y, const real *x, long N, const int64_t *rows, long R, double rate, uint64_t seed,
+                         uint64_t step) {
     if (rate <= 0) {
         if (y != x) memcpy(y, x, sizeof(real) * (size_t)N);
         return;
     }
-    FN(Elementwise) a = {y, x, NULL, rate, 1 / (1 - rate), dsk_dropout_key(seed, step)};
-    dsk_parallel_for(N, DSK_ELEMENTWISE_GRAIN / 4, FN(dropout_range), &a);
+    FN(Elementwise) a = {y, x, NULL, rate, 1 / (1 - rate), dsk_dropout_key(seed, step), rows, R};
+    if (!rows) dsk_parallel_for(N, DSK_ELEMENTWISE_GRAIN / 4, FN(dropout_range), &a);
+    else dsk_parallel_for(N / R, dsk_grain(16 * R), FN(dropout_rows_range), &a);
 }
 
 /* Losses: the batch is cut into DSK_LOSS_CHUNKS fixed chunks whose partial sums are added in
@@ -200,7 +217,7 @@ typedef struct {
 static double FN(run_loss)(FN(Loss) *job, dsk_task_fn chunk_fn, long work) {
     job->chunk = (job->B + DSK_LOSS_CHUNKS - 1) / DSK_LOSS_CHUNKS;
     job->invB = 1.0 / (double)job->B;
-    if (work > DSK_PARALLEL_WORK) dsk_parallel_tasks(DSK_LOSS_CHUNKS, chunk_fn, job);
+    if (work > DSK_PARALLEL_MIN_WORK) dsk_parallel_tasks(DSK_LOSS_CHUNKS, chunk_fn, job);
     else
         for (long c = 0; c < DSK_LOSS_CHUNKS; c++) chunk_fn(job, c, 0);
     double total = 0;

@@ -246,6 +246,9 @@ static void range_task(void *arg, long task, int thread) {
 }
 
 long dsk_chunks(long n, long grain) {
+#if DSK_PARALLEL_MIN_WORK == 0
+    grain = 1; /* the sanitizer build: everything threaded (dsk.h) */
+#endif
     if (grain < 1) grain = 1;
     const long most = n / grain, limit = (long)DSK_TASKS_PER_THREAD * dsk_num_threads;
     return most < 1 ? 1 : most < limit ? most : limit;

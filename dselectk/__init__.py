@@ -36,6 +36,7 @@ finally:
         _os.environ.pop(_k, None)
 from . import callbacks, functional, gates, inputs, metrics, optim
 from .embedding import Embedding, EmbeddingInput
+from .export import export_onnx
 from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
 from .trainer import AnnealTemperature, History, evaluate, fit, predict
@@ -58,6 +59,7 @@ __all__ = [
     "AnnealTemperature",
     "save",
     "load",
+    "export_onnx",
     "functional",
     "callbacks",
     "gates",
@@ -88,7 +90,9 @@ def build_info():
     """How the extension was built and runs: {'openmp': bool (compiled with OpenMP; the kernels
     run on dselectk's own pool either way), 'blas': str, 'num_threads': int (the pool's, see
     set_num_threads), 'blas_num_threads': int (the vendored BLAS's own, kept at 1: the pool splits
-    the products), 'pool_workers': int (worker threads started so far)}."""
+    the products), 'pool_workers': int (worker threads started so far), 'parallel_min_work': int
+    (the work of a loop's chunk, below which it runs in the calling thread; 0 in the sanitizer
+    build, which threads everything)}."""
     return _C.build_info()
 
 

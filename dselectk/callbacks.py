@@ -64,6 +64,11 @@ class Callback:
     model = None
     params: dict = {}
     runs_last = False  # ModelCheckpoint: after the others of the epoch, so that it saves their decisions
+    # In a data-parallel fit (dselectk.distributed) every rank runs the callbacks, on the same
+    # reduced logs and identical parameters, except those with root_only: rank 0 alone runs them
+    # (ModelCheckpoint, the progress bar: what writes files or prints). self.params["rank"] and
+    # ["ranks"] say where a callback runs.
+    root_only = False
 
     def set_model(self, model):
         self.model = model
@@ -144,6 +149,12 @@ class _Monitor:
         if self.mode == "min":
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
+
+
+def _note(callback, line):
+    """A callback's own message (its ``verbose``), to stderr, from rank 0 only in a data-parallel fit."""
+    if callback.params.get("rank", 0) == 0:
+        print(line, file=sys.stderr)
 
 
 def _weights(model):
@@ -257,7 +268,7 @@ class LearningRateScheduler(Callback):
             raise ValueError(f"the schedule returned lr = {lr!r} for epoch {epoch}; expected a finite number > 0")
         set_lr(self.model, float(lr))
         if self.verbose:
-            print(f"epoch {epoch}: learning rate {float(lr):.6g}", file=sys.stderr)
+            _note(self, f"epoch {epoch}: learning rate {float(lr):.6g}")
 
 
 class ReduceLROnPlateau(Callback):
@@ -292,7 +303,7 @@ class ReduceLROnPlateau(Callback):
                 if new < old:
                     set_lr(self.model, new)
                     if self.verbose:
-                        print(f"epoch {epoch}: ReduceLROnPlateau lr {old:.6g} -> {new:.6g}", file=sys.stderr)
+                        _note(self, f"epoch {epoch}: ReduceLROnPlateau lr {old:.6g} -> {new:.6g}")
                 self.cooldown_left, self.wait = self.cooldown, 0
 
     def state_dict(self):
@@ -312,9 +323,10 @@ class ModelCheckpoint(Callback):
     filepath : may hold ``{epoch}`` and logged values, formatted as str.format
         (``"ckpt-{epoch:03d}-{val_loss:.3f}.npz"``); written exactly as named.
     Runs after the other callbacks of the epoch, so the saved EarlyStopping / ReduceLROnPlateau
-    state includes that epoch."""
+    state includes that epoch. In a data-parallel fit only rank 0 saves (``root_only``)."""
 
     runs_last = True
+    root_only = True
 
     def __init__(self, filepath, monitor="val_loss", mode="auto", save_best_only=False, every=1, min_delta=0.0,
                  include_optimizer=True, verbose=0):
@@ -395,7 +407,9 @@ class ProgressBar(Callback):
     """What ``verbose`` shows, as Keras: 1, a progress bar with ETA per epoch (tqdm when installed,
     its notebook widget in Jupyter; else a plain line rewritten in place on a terminal or in a
     notebook) ending in the epoch's summary; 2, the summary line only. With ``out`` (a callable
-    taking a line), the summary lines go there and no bar is drawn."""
+    taking a line), the summary lines go there and no bar is drawn. Rank 0 only."""
+
+    root_only = True
 
     def __init__(self, verbose=1, out=None, stream=None):
         self.verbose, self.out, self.stream = verbose, out, stream
@@ -535,10 +549,11 @@ def prepare(callbacks):
 
 
 class CallbackList:
-    """Calls each hook of every callback in order."""
+    """Calls each hook of every callback in order (on a rank other than 0 of a data-parallel fit,
+    of every callback but those with ``root_only``)."""
 
-    def __init__(self, callbacks, model, params):
-        self.callbacks = callbacks
+    def __init__(self, callbacks, model, params, rank=0):
+        self.callbacks = [cb for cb in callbacks if rank == 0 or not cb.root_only]
         for cb in callbacks:
             cb.set_model(model)
             cb.set_params(params)

@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
 
 from . import _C
+
+Pair = Union[int, Sequence[int]]  # an int or a pair (kernel sizes, strides)
+Padding = Union[str, int, Sequence[int]]  # see conv2d_padding
 
 __all__ = [
     "trusted_inputs",
@@ -96,7 +99,7 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def trusted_inputs():
+def trusted_inputs() -> Iterator[None]:
     """Within this context (in this thread) the kernels skip the NaN/Inf scan of their float
     inputs; every other check (dtype, shape, overlap, index bounds) still runs, so nothing can be
     read or written out of bounds. The models use it between their checked input and their
@@ -116,19 +119,19 @@ def trusted_inputs():
         _C.set_finite_checks(previous)
 
 
-def check_finite(x, name="x"):
+def check_finite(x: np.ndarray, name: str = "x") -> None:
     """ValueError naming ``name`` (and the first flat index) if the float array ``x`` holds NaN
     or Inf; integer arrays pass. The scan the kernels run on their inputs."""
     _C.check_finite(x, name)
 
 
-def _array(x, name):
+def _array(x: Any, name: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(f"argument '{name}' must be a numpy.ndarray of float32 or float64, got {type(x).__name__}")
     return x
 
 
-def _int(v, name, minimum, maximum=2**31 - 1):
+def _int(v: Any, name: str, minimum: int, maximum: float = 2**31 - 1) -> int:
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     if v < minimum or v > maximum:
@@ -136,7 +139,7 @@ def _int(v, name, minimum, maximum=2**31 - 1):
     return int(v)
 
 
-def _float_array(a, name, dtype, shape, shape_doc):
+def _float_array(a: Any, name: str, dtype: np.dtype, shape: Sequence[int], shape_doc: str) -> np.ndarray:
     """a as validated for the C kernels, but checked here where the kernel would name its own
     (internal) argument: same float dtype as the call, the expected shape, finite values."""
     a = _array(a, name)
@@ -150,7 +153,7 @@ def _float_array(a, name, dtype, shape, shape_doc):
     return a
 
 
-def _out_view(out, shape, flat_shape):
+def _out_view(out: np.ndarray | None, shape: Sequence[int], flat_shape: Any) -> np.ndarray | None:
     """A reshaped view of the caller's out= (never a copy, which would drop the result)."""
     if out is None:
         return None
@@ -251,7 +254,7 @@ def _softmax_selector_cache(cache):
     return cache
 
 
-def n_bits(n):
+def n_bits(n: int) -> int:
     """m = ceil(log2 n), the number of bits of each selector's binary code, for n >= 2 experts."""
     n = _int(n, "n (the number of experts)", 2)
     return (n - 1).bit_length()
@@ -259,14 +262,14 @@ def n_bits(n):
 
 # --- smooth-step -----------------------------------------------------------------------------
 
-def smooth_step(t, gamma=1.0, out=None):
+def smooth_step(t: np.ndarray, gamma: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
     """S(t; gamma), elementwise (Section 3.1.3): 0 for t <= -gamma/2, 1 for t >= gamma/2, and
     -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between. Any shape; returns an array like t."""
     t = _array(t, "t")
     return _C.smooth_step_forward(t.reshape(-1), gamma, _out_view(out, t.shape, -1)).reshape(t.shape)
 
 
-def smooth_step_backward(dout, t, gamma=1.0):
+def smooth_step_backward(dout: np.ndarray, t: np.ndarray, gamma: float = 1.0) -> np.ndarray:
     """dt = dout * S'(t; gamma): the backward of :func:`smooth_step`. S' is 0 outside
     (-gamma/2, gamma/2), so an entry whose S(t) is exactly 0 or 1 receives no gradient."""
     t, dout = _array(t, "t"), _array(dout, "dout")
@@ -277,14 +280,14 @@ def smooth_step_backward(dout, t, gamma=1.0):
 
 # --- single-expert selector ------------------------------------------------------------------
 
-def _rows(a, name, last):
+def _rows(a: Any, name: str, last: int) -> tuple[np.ndarray, tuple[int, ...]]:
     a = _array(a, name)
     if a.ndim < 1 or a.shape[-1] != last:
         raise ValueError(f"argument '{name}' must have shape (..., {last}), got {a.shape}")
     return a.reshape(-1, last), a.shape[:-1]
 
 
-def selector(s, n, out=None):
+def selector(s: np.ndarray, n: int, out: np.ndarray | None = None) -> np.ndarray:
     """Single-expert selector r(s) of eq. (4): s (..., m) with m = ceil(log2 n) -> r (..., n),
     r_j = prod_b (s_b if bit b of j is set else 1 - s_b). For a binary s, r is the one-hot code of
     the expert whose index is the binary number s; for n not a power of two the codes n..2^m-1 are
@@ -293,7 +296,7 @@ def selector(s, n, out=None):
     return _C.selector_forward(s2, n, _out_view(out, lead + (n,), (-1, n))).reshape(lead + (n,))
 
 
-def selector_backward(dr, s, n):
+def selector_backward(dr: np.ndarray, s: np.ndarray, n: int) -> np.ndarray:
     """Gradient ds (..., m) of <dr, r(s)>; dr (..., n). Exact where s is 0 or 1 (no division)."""
     s2, lead = _rows(s, "s", n_bits(n))
     dr2, dr_lead = _rows(dr, "dr", n)
@@ -314,7 +317,7 @@ class DSelectKCache(NamedTuple):
     static: bool  # alpha was (k,) and Z (k, m)
 
 
-def _batched_alpha_Z(alpha, Z, name="Z", last="m"):
+def _batched_alpha_Z(alpha: Any, Z: Any, name: str = "Z", last: str = "m") -> tuple[np.ndarray, np.ndarray, bool]:
     """(alpha (B, k), second (B, k, last), static) from the static or batched forms."""
     alpha, Z = _array(alpha, "alpha"), _array(Z, name)
     if alpha.ndim == 1:
@@ -328,7 +331,7 @@ def _batched_alpha_Z(alpha, Z, name="Z", last="m"):
     raise ValueError(f"argument 'alpha' must be (k,) (static gate) or (B, k) (per example), got {alpha.shape}")
 
 
-def dselect_k_forward(alpha, Z, n, gamma=1.0):
+def dselect_k_forward(alpha: np.ndarray, Z: np.ndarray, n: int, gamma: float = 1.0) -> tuple[np.ndarray, DSelectKCache]:
     """DSelect-k, eq. (6): w = sum_i softmax(alpha)_i r(S(z^(i))).
 
     alpha (k,) and Z (k, m) give the static gate's weights w (n,); alpha (B, k) and Z (B, k, m)
@@ -342,12 +345,13 @@ def dselect_k_forward(alpha, Z, n, gamma=1.0):
     return (w[0] if static else w), cache
 
 
-def dselect_k(alpha, Z, n, gamma=1.0):
+def dselect_k(alpha: np.ndarray, Z: np.ndarray, n: int, gamma: float = 1.0) -> np.ndarray:
     """Expert weights of DSelect-k (see :func:`dselect_k_forward`), without the cache."""
     return dselect_k_forward(alpha, Z, n, gamma)[0]
 
 
-def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
+def dselect_k_backward(dw: np.ndarray | None, cache: DSelectKCache, lam: float = 0.0, xi: float = 0.0,
+                       eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """Gradients (dalpha, dZ) of  <dw, w> + lam * Omega + xi * penalty  where, averaged over the
     batch, Omega = sum_i h(r(S(z^(i)))) with h(r) = -sum_j r_j log(r_j + eps) (the entropy
     regularizer of Section 3.1.3) and penalty = sum_i 1 / (eps + sum_{j<n} r(S(z^(i)))_j)
@@ -365,7 +369,7 @@ def dselect_k_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6):
     return (dalpha[0], dZ[0]) if cache.static else (dalpha, dZ)
 
 
-def dselect_k_regularization(cache, eps=1e-6):
+def dselect_k_regularization(cache: DSelectKCache, eps: float = 1e-6) -> tuple[float, float]:
     """(Omega, penalty): the entropy regularizer sum_i h(r_i) and the Appendix B.2 mass penalty
     sum_i 1 / (eps + sum_j r_ij), each averaged over the batch (coefficients not applied)."""
     _dselect_k_cache(_cache_of(cache, DSelectKCache))
@@ -396,7 +400,8 @@ def _dselect_k_per_example_cache(cache):
     return cache
 
 
-def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
+def dselect_k_per_example_forward(x: np.ndarray, G: np.ndarray, b_G: np.ndarray, W: np.ndarray, b_W: np.ndarray, n: int,
+                                  gamma: float = 1.0) -> tuple[np.ndarray, DSelectKPerExampleCache]:
     """Per-example DSelect-k (Section 3.2): alpha = x G^T + b_G (B, k) and
     z^(i) = W^(i) x + b_W^(i) (B, k, m), then eq. (6) per example.
 
@@ -423,7 +428,9 @@ def dselect_k_per_example_forward(x, G, b_G, W, b_W, n, gamma=1.0):
     return w, DSelectKPerExampleCache(x, G, W2, DSelectKCache(sigma, sz, r, Z, float(gamma), False))
 
 
-def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx=True):
+def dselect_k_per_example_backward(dw: np.ndarray | None, cache: DSelectKPerExampleCache, lam: float = 0.0,
+                                   xi: float = 0.0, eps: float = 1e-6,
+                                   need_dx: bool = True) -> dict[str, np.ndarray | None]:
     """Gradients of <dw, w> + lam * Omega + xi * penalty (batch means) for the per-example gate.
     Returns a dict with keys 'x' (None unless need_dx), 'G', 'b_G', 'W', 'b_W'."""
     _dselect_k_per_example_cache(_cache_of(cache, DSelectKPerExampleCache))
@@ -432,8 +439,9 @@ def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx
     dZ2 = dZ.reshape(B, k * m)
     dx_a, dG, db_G = linear_backward(dalpha, cache.x, cache.G, need_dx)
     dx_z, dW2, db_W = linear_backward(dZ2, cache.x, cache.W2, need_dx)
+    assert db_W is not None  # need_db defaults to True
     return {
-        "x": dx_a + dx_z if need_dx else None,
+        "x": dx_a + dx_z if dx_a is not None and dx_z is not None else None,  # None unless need_dx
         "G": dG,
         "b_G": db_G,
         "W": dW2.reshape(k, m, -1),
@@ -443,7 +451,7 @@ def dselect_k_per_example_backward(dw, cache, lam=0.0, xi=0.0, eps=1e-6, need_dx
 
 # --- softmax and Top-k -----------------------------------------------------------------------
 
-def _logits_rows(logits, name="logits"):
+def _logits_rows(logits: Any, name: str = "logits") -> tuple[np.ndarray, bool]:
     logits = _array(logits, name)
     if logits.ndim == 1:
         return logits[None], True
@@ -452,14 +460,14 @@ def _logits_rows(logits, name="logits"):
     raise ValueError(f"argument '{name}' must be (n,) (static) or (B, n) (per example), got {logits.shape}")
 
 
-def softmax(logits, out=None):
+def softmax(logits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The dense softmax gate sigma(logits) (Section 2), over the last axis of (n,) or (B, n)."""
     l2, static = _logits_rows(logits)
     w = _C.softmax_forward(l2, _out_view(out, logits.shape, l2.shape))
     return w[0] if static else w
 
 
-def softmax_backward(dw, w):
+def softmax_backward(dw: np.ndarray, w: np.ndarray) -> np.ndarray:
     """dlogits = w * (dw - <w, dw>): backward of :func:`softmax` (and of :func:`top_k`)."""
     w2, static = _logits_rows(w, "w")
     dw = _array(dw, "dw")
@@ -469,7 +477,7 @@ def softmax_backward(dw, w):
     return d[0] if static else d
 
 
-def top_k(logits, k, out=None):
+def top_k(logits: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
     """Top-k gate (Shazeer et al.): softmax(KeepTopK(logits, k)) over the last axis of (n,) or
     (B, n); k nonzeros per row (fewer only where a kept logit is so far below the largest that its
     exp underflows: ~100 in float32, ~745 in float64), ties broken toward the lower index."""
@@ -481,13 +489,13 @@ def top_k(logits, k, out=None):
     return w[0] if static else w
 
 
-def top_k_backward(dw, w):
+def top_k_backward(dw: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Backward of :func:`top_k`: the gradient flows through the k kept entries only (the others
     have w = 0), which is the softmax backward applied to w."""
     return softmax_backward(dw, w)
 
 
-def noisy_logits(clean, raw_noise, normal):
+def noisy_logits(clean: np.ndarray, raw_noise: np.ndarray, normal: np.ndarray) -> np.ndarray:
     """Noisy Top-k logits: clean + normal * softplus(raw_noise) (Shazeer et al.), where raw_noise
     is the second linear map of the input and normal is N(0, 1) noise drawn by the caller. Any
     shape, all three alike. Use it at training time only."""
@@ -498,7 +506,7 @@ def noisy_logits(clean, raw_noise, normal):
     return _C.noisy_logits_forward(clean.reshape(-1), raw_noise.reshape(-1), normal.reshape(-1)).reshape(clean.shape)
 
 
-def noisy_logits_backward(dh, raw_noise, normal):
+def noisy_logits_backward(dh: np.ndarray, raw_noise: np.ndarray, normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(dclean, draw_noise) for :func:`noisy_logits`: dclean = dh, draw = dh * normal * sigmoid(raw)."""
     dh, raw_noise, normal = _array(dh, "dh"), _array(raw_noise, "raw_noise"), _array(normal, "normal")
     for a, nm in ((raw_noise, "raw_noise"), (normal, "normal")):
@@ -522,7 +530,8 @@ _CACHE_SOURCE = {DSelectKCache: "dselect_k_forward", DSelectKPerExampleCache: "d
                  SoftmaxSelectorCache: "softmax_selector_forward"}
 
 
-def softmax_selector_forward(alpha, beta, T=1.0):
+def softmax_selector_forward(alpha: np.ndarray, beta: np.ndarray,
+                             T: float = 1.0) -> tuple[np.ndarray, SoftmaxSelectorCache]:
     """The ablation gate of Appendix C.2: w = sum_i softmax(alpha)_i softmax(beta^(i) / T), each
     binary-encoded selector replaced by a softmax over the n experts with temperature T.
     alpha (k,), beta (k, n) -> w (n,), or batched (B, k), (B, k, n) -> (B, n). Returns (w, cache)."""
@@ -531,7 +540,8 @@ def softmax_selector_forward(alpha, beta, T=1.0):
     return (w[0] if static else w), SoftmaxSelectorCache(sigma, P, float(T), static)
 
 
-def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
+def softmax_selector_backward(dw: np.ndarray | None, cache: SoftmaxSelectorCache, lam: float = 0.0,
+                              eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """(dalpha, dbeta) of <dw, w> + lam * sum_i h(softmax(beta^(i) / T)) (batch mean)."""
     _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
@@ -545,7 +555,7 @@ def softmax_selector_backward(dw, cache, lam=0.0, eps=1e-6):
     return (da[0], db[0]) if cache.static else (da, db)
 
 
-def softmax_selector_entropy(cache, eps=1e-6):
+def softmax_selector_entropy(cache: SoftmaxSelectorCache, eps: float = 1e-6) -> float:
     """sum_i h(softmax(beta^(i) / T)), averaged over the batch (the Ablation (Entropy) regularizer)."""
     _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
@@ -554,14 +564,16 @@ def softmax_selector_entropy(cache, eps=1e-6):
 
 # --- mixing the experts ----------------------------------------------------------------------
 
-def mix_experts(f, w, layout="nbd", skip_zero=True, out=None):
+def mix_experts(f: np.ndarray, w: np.ndarray, layout: str = "nbd", skip_zero: bool = True,
+                out: np.ndarray | None = None) -> np.ndarray:
     """y = sum_j w_j f_j (eq. 1): f (n, B, d) for layout 'nbd' or (B, n, d) for 'bnd'; w (n,) for a
     static gate or (B, n) per example; y (B, d). With ``skip_zero`` an expert whose weight is
     exactly 0 for the whole batch is never read, which is where a sparse gate saves work."""
     return _C.mix_experts_forward(_array(f, "f"), _array(w, "w"), layout, skip_zero, out)
 
 
-def mix_experts_backward(dy, f, w, layout="nbd", skip_zero=True):
+def mix_experts_backward(dy: np.ndarray, f: np.ndarray, w: np.ndarray, layout: str = "nbd",
+                         skip_zero: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(dw, df) for :func:`mix_experts`. An expert skipped by ``skip_zero`` gets dw_j = 0 and
     df_j = 0: none of this package's gates passes gradient through an exact zero weight (Top-k's
     dropped entries and DSelect-k's zero weights, which need a binary entry of S(Z), both have zero
@@ -570,7 +582,8 @@ def mix_experts_backward(dy, f, w, layout="nbd", skip_zero=True):
     return _C.mix_experts_backward(_array(dy, "dy"), _array(f, "f"), _array(w, "w"), layout, skip_zero)
 
 
-def mix_experts_many(f, w, skip_zero=True, out=None):
+def mix_experts_many(f: np.ndarray, w: np.ndarray, skip_zero: bool = True,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """The T mixtures of a multi-task model with one per-example gate per task (MMoE, eq. 1 per
     task) in one call: y_t = sum_j w_tj f_j, with f (n, B, d), w (T, B, n) and y (T, B, d), i.e.
     ``y[t] == mix_experts(f, w[t])``. Each expert output f_j(x) is read once for all T tasks, not
@@ -579,7 +592,8 @@ def mix_experts_many(f, w, skip_zero=True, out=None):
     return _C.mix_experts_many_forward(_array(f, "f"), _array(w, "w"), skip_zero, out)
 
 
-def mix_experts_many_backward(dy, f, w, skip_zero=True, relu_mask=False):
+def mix_experts_many_backward(dy: np.ndarray, f: np.ndarray, w: np.ndarray, skip_zero: bool = True,
+                              relu_mask: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(dw, df) for :func:`mix_experts_many`, the gradients of sum_t <dy_t, y_t> with dy (T, B, d):
     dw (T, B, n), dw[t, b, j] = <dy_t[b], f_j[b]>, and df (n, B, d), df_j = sum_t w_tj dy_t (the
     expert gradient summed over the tasks). One pass over f replaces T calls of
@@ -600,12 +614,13 @@ def mix_experts_many_backward(dy, f, w, skip_zero=True, relu_mask=False):
 
 # --- affine maps -----------------------------------------------------------------------------
 
-def linear(x, W, b=None, out=None):
+def linear(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """y = x W^T + b with x (B, p), W (o, p), b (o,) or None: one GEMM of the vendored OpenBLAS."""
     return _C.linear_forward(_array(x, "x"), _array(W, "W"), b, out)
 
 
-def linear_backward(dy, x, W, need_dx=True, need_db=True):
+def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, need_dx: bool = True,
+                    need_db: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
     """(dx, dW, db) of <dy, x W^T + b>; dx / db are None when not asked for."""
     return _C.linear_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), need_dx, need_db)
 
@@ -620,20 +635,24 @@ def linear_backward(dy, x, W, need_dx=True, need_db=True):
 # mean with respect to the first argument. The optimizer steps update a flat parameter slab and
 # its state slabs in place, one C call for all parameters, and follow torch.optim's rules.
 
-def dense_forward(x, W, b=None, out=None, relu=False, dropout=None):
+def dense_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, out: np.ndarray | None = None,
+                  relu: bool = False, dropout: tuple | None = None) -> np.ndarray:
     """y (B, o) = x (B, p) @ W (p, o) + b (o,) (b may be None): one GEMM. Note that W is
     (in, out) here, unlike :func:`linear` whose W is (out, in). ``relu=True`` returns
-    max(y, 0) instead, and ``dropout=(rate, seed, step)`` then applies
-    ``dropout_forward(., rate, seed, step)``: both in the GEMM's epilogue, tile by tile while the
-    tile is in cache, exactly ``dropout_forward(relu_forward(dense_forward(x, W, b)), ...)``
-    without the passes over memory and the arrays between them."""
+    max(y, 0) instead, and ``dropout=(rate, seed, step)`` or ``(rate, seed, step, rows)`` then
+    applies ``dropout_forward(., rate, seed, step, rows=rows)``: both in the GEMM's epilogue, tile
+    by tile while the tile is in cache, exactly ``dropout_forward(relu_forward(dense_forward(x, W,
+    b)), ...)`` without the passes over memory and the arrays between them."""
     if dropout is None:
         return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu)
-    rate, seed, step = dropout
-    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu, rate, seed, step)
+    rate, seed, step, *rest = dropout
+    rows = rest[0] if rest else None
+    _check_rows(rows, x)
+    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu, rate, seed, step, rows)
 
 
-def dense_backward(dy, x, W, dW, db=None, need_dx=True, input_relu=False, input_dropout=0.0):
+def dense_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, dW: np.ndarray, db: np.ndarray | None = None,
+                   need_dx: bool = True, input_relu: bool = False, input_dropout: float = 0.0) -> np.ndarray | None:
     """Backward of :func:`dense_forward` for the upstream gradient dy (B, o).
 
     ACCUMULATES in place: ``dW (p, o) += x^T dy`` (a GEMM with beta = 1) and
@@ -651,13 +670,13 @@ def dense_backward(dy, x, W, dW, db=None, need_dx=True, input_relu=False, input_
                              input_dropout)
 
 
-def relu_forward(x, out=None):
+def relu_forward(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """y = max(x, 0), elementwise, any shape."""
     x = _array(x, "x")
     return _C.relu_forward(x.reshape(-1), _out_view(out, x.shape, -1)).reshape(x.shape)
 
 
-def relu_backward(dy, y):
+def relu_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dx = dy where y > 0, else 0; y is the output of :func:`relu_forward` (so the subgradient
     at 0 is taken as 0)."""
     dy, y = _array(dy, "dy"), _array(y, "y")
@@ -666,7 +685,8 @@ def relu_backward(dy, y):
     return _C.relu_backward(dy.reshape(-1), y.reshape(-1)).reshape(y.shape)
 
 
-def dropout_forward(x, rate, seed, step, training=True):
+def dropout_forward(x: np.ndarray, rate: float, seed: int, step: int, training: bool = True,
+                    rows: np.ndarray | None = None) -> np.ndarray:
     """Inverted dropout: each entry of x (any shape) is kept with probability 1 - rate and
     scaled by 1 / (1 - rate), so the expectation is x; the others are 0.
 
@@ -675,19 +695,32 @@ def dropout_forward(x, rate, seed, step, training=True):
     deterministic, :func:`dropout_backward` recomputes the same mask from the same arguments, and
     it does not depend on the thread count. Pass a new ``step`` (e.g. the training step or a
     per-layer counter) for a new mask. 0 <= rate < 1; seed and step are integers in
-    [0, 2**64 - 1]. ``training=False`` or rate == 0 returns a copy of x."""
+    [0, 2**64 - 1]. ``training=False`` or rate == 0 returns a copy of x.
+
+    ``rows``: None, or an integer array (B,) with x (B, ...): the place of each row of x in a
+    larger batch (>= 0). Entry j of row b (R entries a row) then hashes i = rows[b] * R + j, so
+    that a row gets the mask it has at that place in the whole batch: the rows an expert
+    computes under conditional computation, a rank's share of a data-parallel batch."""
     x = _array(x, "x")
-    return _C.dropout_forward(x.reshape(-1), rate, seed, step, training).reshape(x.shape)
+    _check_rows(rows, x)
+    return _C.dropout_forward(x.reshape(-1), rate, seed, step, training, rows).reshape(x.shape)
 
 
-def dropout_backward(dy, rate, seed, step, training=True):
+def _check_rows(rows, x):
+    if isinstance(rows, np.ndarray) and rows.ndim == 1 and x.ndim >= 1 and rows.shape[0] != x.shape[0]:
+        raise ValueError(f"argument 'rows' must have one entry per row of x {x.shape}, got shape {rows.shape}")
+
+
+def dropout_backward(dy: np.ndarray, rate: float, seed: int, step: int, training: bool = True,
+                     rows: np.ndarray | None = None) -> np.ndarray:
     """dx = dy * mask / (1 - rate) with the mask of ``dropout_forward(x, rate, seed, step,
-    training)`` (dy has x's shape); a copy of dy when training is false or rate == 0."""
+    training, rows)`` (dy has x's shape); a copy of dy when training is false or rate == 0."""
     dy = _array(dy, "dy")
-    return _C.dropout_backward(dy.reshape(-1), rate, seed, step, training).reshape(dy.shape)
+    _check_rows(rows, dy)
+    return _C.dropout_backward(dy.reshape(-1), rate, seed, step, training, rows).reshape(dy.shape)
 
 
-def _column(a, name):
+def _column(a: Any, name: str) -> np.ndarray:
     """(B,) or (B, 1) -> (B,)"""
     a = _array(a, name)
     if a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1):
@@ -695,7 +728,8 @@ def _column(a, name):
     raise ValueError(f"argument '{name}' must have shape (B,) or (B, 1), got {a.shape}")
 
 
-def bce_with_logits(logits, targets, weights=None):
+def bce_with_logits(logits: np.ndarray, targets: np.ndarray,
+                    weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Binary cross-entropy on logits: returns ``(loss, dlogits)``.
 
     logits and targets are (B,) or (B, 1) (either, independently); targets in [0, 1] (soft labels
@@ -706,7 +740,7 @@ def bce_with_logits(logits, targets, weights=None):
     return loss, dz.reshape(logits.shape)
 
 
-def mse(pred, target, weights=None):
+def mse(pred: np.ndarray, target: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Squared error: returns ``(loss, dpred)``.
 
     pred and target (B,) or (B, d), of one shape ((B,) and (B, 1) count as the same). Per example
@@ -725,7 +759,8 @@ def mse(pred, target, weights=None):
     return loss, dp.reshape(pred.shape)
 
 
-def softmax_cross_entropy(logits, labels, weights=None):
+def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray,
+                          weights: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Softmax cross-entropy: returns ``(loss, dlogits)``.
 
     logits (B, C); labels (B,) an integer ndarray of any integer dtype (converted to int64), each
@@ -741,7 +776,7 @@ def softmax_cross_entropy(logits, labels, weights=None):
 # convolution weights (F, C, KH, KW). The convolution is the cross-correlation of deep-learning
 # libraries (no kernel flip). Its backward ACCUMULATES dW and db in place, as dense_backward does.
 
-def _stride_pair(stride):
+def _stride_pair(stride: Any) -> tuple[int, int] | None:
     if isinstance(stride, (int, np.integer)) and not isinstance(stride, (bool, np.bool_)):
         return int(stride), int(stride)
     if isinstance(stride, (tuple, list)) and len(stride) == 2:
@@ -749,7 +784,7 @@ def _stride_pair(stride):
     return None  # left to the binding, which names what is wrong
 
 
-def conv2d_padding(padding, kernel, stride=1):
+def conv2d_padding(padding: Padding, kernel: Pair, stride: Pair = 1) -> Any:
     """(top, bottom, left, right) zero padding for ``padding``:
 
     * ``"valid"``: no padding (only windows inside the input), OH = (H - KH) // sh + 1;
@@ -779,12 +814,13 @@ def conv2d_padding(padding, kernel, stride=1):
     return padding  # a 4-tuple, or something the binding rejects with a message naming it
 
 
-def _conv_padding(padding, W, stride):
+def _conv_padding(padding: Padding, W: np.ndarray, stride: Pair) -> Any:
     kernel = W.shape[2:] if W.ndim == 4 else (1, 1)  # a W of the wrong ndim is reported by the binding
     return conv2d_padding(padding, kernel, stride)
 
 
-def conv2d_forward(x, W, b=None, stride=1, padding="valid", out=None, relu=False):
+def conv2d_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, stride: Pair = 1,
+                   padding: Padding = "valid", out: np.ndarray | None = None, relu: bool = False) -> np.ndarray:
     """2-D convolution, NCHW: x (B, C, H, W), W (F, C, KH, KW), b (F,) or None -> y (B, F, OH, OW),
 
         y[b, f, oh, ow] = b[f] + sum_{c, i, j} W[f, c, i, j] x[b, c, oh sh - top + i, ow sw - left + j]
@@ -798,7 +834,8 @@ def conv2d_forward(x, W, b=None, stride=1, padding="valid", out=None, relu=False
     return _C.conv2d_forward(x, W, b, stride, _conv_padding(padding, W, stride), out, relu)
 
 
-def conv2d_backward(dy, x, W, dW, db=None, stride=1, padding="valid", need_dx=True):
+def conv2d_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, dW: np.ndarray, db: np.ndarray | None = None,
+                    stride: Pair = 1, padding: Padding = "valid", need_dx: bool = True) -> np.ndarray | None:
     """Backward of :func:`conv2d_forward` (same x, W, stride, padding) for dy (B, F, OH, OW).
 
     ACCUMULATES in place, as :func:`dense_backward`: ``dW (F, C, KH, KW) += d<dy, y>/dW`` and
@@ -809,7 +846,9 @@ def conv2d_backward(dy, x, W, dW, db=None, stride=1, padding="valid", need_dx=Tr
     return _C.conv2d_backward(dy, x, W, dW, db, stride, _conv_padding(padding, W, stride), need_dx)
 
 
-def conv2d_relu_pool_forward(x, W, b=None, stride=1, padding="valid", pool=2, pool_stride=None):
+def conv2d_relu_pool_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, stride: Pair = 1,
+                             padding: Padding = "valid", pool: Pair = 2,
+                             pool_stride: Pair | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Conv2D -> ReLU -> max pooling in one pass: returns ``(y, code)`` with
     ``y == max_pool2d_forward(relu_forward(conv2d_forward(x, W, b, stride, padding)), pool,
     pool_stride)[0]`` exactly, and ``code`` (B, F, POH, POW) uint8, the position i * PW + j of each
@@ -821,8 +860,10 @@ def conv2d_relu_pool_forward(x, W, b=None, stride=1, padding="valid", pool=2, po
     return _C.conv2d_relu_pool_forward(x, W, b, stride, _conv_padding(padding, W, stride), pool, pool_stride)
 
 
-def conv2d_relu_pool_backward(dy, code, y, x, W, dW, db=None, stride=1, padding="valid", pool=2, pool_stride=None,
-                              need_dx=True):
+def conv2d_relu_pool_backward(dy: np.ndarray, code: np.ndarray, y: np.ndarray, x: np.ndarray, W: np.ndarray,
+                              dW: np.ndarray, db: np.ndarray | None = None, stride: Pair = 1,
+                              padding: Padding = "valid", pool: Pair = 2, pool_stride: Pair | None = None,
+                              need_dx: bool = True) -> np.ndarray | None:
     """Backward of :func:`conv2d_relu_pool_forward` for dy (B, F, POH, POW), with its outputs y and
     code and its inputs x, W (same stride, padding, pool, pool_stride): ACCUMULATES dW (F, C, KH, KW)
     and db (F,) (skipped when None) as :func:`conv2d_backward` and returns dx (B, C, H, W) (None
@@ -833,7 +874,7 @@ def conv2d_relu_pool_backward(dy, code, y, x, W, dW, db=None, stride=1, padding=
                                         pool_stride, need_dx)
 
 
-def max_pool2d_forward(x, kernel=2, stride=None):
+def max_pool2d_forward(x: np.ndarray, kernel: Pair = 2, stride: Pair | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Max pooling of x (B, C, H, W) over the valid windows: returns ``(y, indices)``.
 
     ``kernel``: int or (KH, KW), at most the input plane; ``stride``: int or (sh, sw) >= 1, default
@@ -845,7 +886,8 @@ def max_pool2d_forward(x, kernel=2, stride=None):
     return _C.max_pool2d_forward(_array(x, "x"), kernel, stride)
 
 
-def max_pool2d_backward(dy, indices, input_size, relu_y=None):
+def max_pool2d_backward(dy: np.ndarray, indices: np.ndarray, input_size: Sequence[int],
+                        relu_y: np.ndarray | None = None) -> np.ndarray:
     """Backward of :func:`max_pool2d_forward`: dx (B, C, H, W) is 0 except that each dy[b, c, oh, ow]
     is added at the input entry ``indices[b, c, oh, ow]`` (a flat index in the plane); overlapping
     windows (stride < kernel) that picked the same entry add up. ``input_size`` is (H, W) (or the
@@ -862,7 +904,8 @@ def max_pool2d_backward(dy, indices, input_size, relu_y=None):
     return _C.max_pool2d_backward(dy, indices, input_size, relu_y)
 
 
-def sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
+def sgd_step(params: np.ndarray, grads: np.ndarray, velocity: np.ndarray | None, lr: float, momentum: float = 0.0,
+             weight_decay: float = 0.0, nesterov: bool = False) -> None:
     """One SGD step, torch.optim.SGD's rule (dampening 0), in place on 1-D slabs of one dtype and
     length: g = grads + weight_decay * params; if momentum > 0: velocity = momentum * velocity + g
     and params -= lr * (g + momentum * velocity if nesterov else velocity); else params -= lr * g
@@ -873,7 +916,8 @@ def sgd_step(params, grads, velocity, lr, momentum=0.0, weight_decay=0.0, nester
     _C.sgd_step(params, grads, velocity, lr, momentum, weight_decay, nesterov)
 
 
-def adam_step(params, grads, m, v, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+def adam_step(params: np.ndarray, grads: np.ndarray, m: np.ndarray, v: np.ndarray, step: int, lr: float = 0.001,
+              beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
     """One Adam step (Kingma & Ba, with bias correction; torch.optim.Adam's rule and defaults) in
     place on the 1-D slabs params, m, v; ``step`` >= 1 is the 1-based number of this update:
     g = grads + weight_decay * params (L2, not AdamW); m = beta1 m + (1 - beta1) g;
@@ -885,7 +929,8 @@ def adam_step(params, grads, m, v, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1
     _C.adam_step(params, grads, m, v, step, lr, beta1, beta2, eps, weight_decay)
 
 
-def adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0):
+def adagrad_step(params: np.ndarray, grads: np.ndarray, accum: np.ndarray, lr: float = 0.01, eps: float = 1e-10,
+                 weight_decay: float = 0.0) -> None:
     """One Adagrad step (torch.optim.Adagrad's rule and defaults, lr_decay 0) in place on the 1-D
     slabs params and accum: g = grads + weight_decay * params; accum += g^2;
     params -= lr * g / (sqrt(accum) + eps). PyTorch's initial_accumulator_value is the initial
@@ -904,7 +949,7 @@ def adagrad_step(params, grads, accum, lr=0.01, eps=1e-10, weight_decay=0.0):
 # O(V d)). The gradient of a table is sparse -- (rows, grad_rows): the distinct ids of the batch and
 # their summed gradients -- and the optimizer steps update only those rows (lazy steps).
 
-def embedding_forward(table, ids, out=None, offset=0):
+def embedding_forward(table: np.ndarray, ids: np.ndarray, out: np.ndarray | None = None, offset: int = 0) -> np.ndarray:
     """Row gather: ``out[b, offset + f*d : offset + (f+1)*d] = table[ids[b, f]]``.
 
     table (V, d) float32 / float64; ids (B, F) integer, each in [0, V). Returns a new (B, F*d)
@@ -919,7 +964,8 @@ def embedding_forward(table, ids, out=None, offset=0):
     return _C.embedding_forward(_array(table, "table"), ids, out, offset)
 
 
-def embedding_backward(dout, ids, num_embeddings, dim=None, offset=0):
+def embedding_backward(dout: np.ndarray, ids: np.ndarray, num_embeddings: int, dim: int | None = None,
+                       offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Sparse gradient of a table (num_embeddings, dim) for the upstream gradient ``dout``.
 
     dout (B, D): the gradient of the forward's output; the table's block is columns
@@ -944,7 +990,8 @@ def embedding_backward(dout, ids, num_embeddings, dim=None, offset=0):
     return _C.embedding_backward(dout, ids, num_embeddings, dim, offset)
 
 
-def sparse_adagrad_step(table, accum, rows, grad_rows, lr=0.01, eps=1e-10):
+def sparse_adagrad_step(table: np.ndarray, accum: np.ndarray, rows: np.ndarray, grad_rows: np.ndarray,
+                        lr: float = 0.01, eps: float = 1e-10) -> None:
     """Lazy Adagrad on the rows ``rows`` (U,) of table (V, d) and its accumulator accum (V, d),
     both updated in place, with grad_rows (U, d) their gradients (as returned by
     :func:`embedding_backward`): for r = rows[u], g = grad_rows[u],
@@ -958,7 +1005,8 @@ def sparse_adagrad_step(table, accum, rows, grad_rows, lr=0.01, eps=1e-10):
     _C.sparse_adagrad_step(table, accum, rows, grad_rows, lr, eps)
 
 
-def sparse_adam_step(table, m, v, rows, grad_rows, step, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8):
+def sparse_adam_step(table: np.ndarray, m: np.ndarray, v: np.ndarray, rows: np.ndarray, grad_rows: np.ndarray,
+                     step: int, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
     """Lazy Adam on the rows ``rows`` (U,) of table, m, v (V, d) (updated in place), with grad_rows
     (U, d) their gradients: for r = rows[u], g = grad_rows[u],
     ``m[r] = beta1 m[r] + (1 - beta1) g; v[r] = beta2 v[r] + (1 - beta2) g**2;

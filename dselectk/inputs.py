@@ -648,11 +648,23 @@ def check_weights(model, sample_weights, N, name="sample_weights"):
 
 class Batch(NamedTuple):
     """One checked batch: X (array or {"ids", "dense"}), Y (list per task), W (None or list per
-    task), size (rows)."""
+    task), size (rows).
+
+    In a data-parallel fit (dselectk.distributed) a rank's batch is its share of a global batch:
+    rows [offset, offset + size) of ``global_size`` (None: the batch is the whole of it). A share
+    of size 0 holds one stand-in row (the rank runs its layers, whose random counters must stay
+    in step with the other ranks', and its gradients count with weight 0)."""
     X: Any
     Y: list
     W: list | None
     size: int
+    offset: int = 0
+    global_size: int | None = None
+
+    @property
+    def rows_in_step(self):
+        """The rows of the whole (global) batch this step trains on."""
+        return self.size if self.global_size is None else self.global_size
 
 
 def _take(arrays, idx):
@@ -678,8 +690,12 @@ class ArrayData:
         order = None if rng is None else rng.permutation(self.n_examples)
         for start in range(0, self.n_examples, batch_size):
             idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
-            Xb = take_rows(self.X, idx)
-            yield Batch(Xb, _take(self.Y, idx), _take(self.W, idx), num_rows(Xb))
+            yield self.take(idx)
+
+    def take(self, idx, offset=0, global_size=None):
+        """The :class:`Batch` of rows ``idx`` (a slice or an index array)."""
+        Xb = take_rows(self.X, idx)
+        return Batch(Xb, _take(self.Y, idx), _take(self.W, idx), num_rows(Xb), offset, global_size)
 
 
 def is_batch_source(obj) -> bool:

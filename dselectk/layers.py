@@ -12,13 +12,16 @@ Image layers (:class:`Conv2D`, :class:`MaxPool2D`, :class:`Flatten`) take NCHW b
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 
 from . import functional as F
 from ._memory import check_mlp
 
-__all__ = ["Dense", "ReLU", "Dropout", "SumUnits", "MLP", "Conv2D", "MaxPool2D", "Flatten", "CNNExpert",
-           "ParameterSlab", "glorot_uniform"]
+__all__ = ["Dense", "ReLU", "Dropout", "dropout_rate", "SumUnits", "MLP", "Conv2D", "MaxPool2D", "Flatten", "CNNExpert",
+           "ParameterSlab", "glorot_uniform", "global_rows", "subset_rows", "current_rows", "standard_normal"]
 
 
 def glorot_uniform(rng, fan_in, fan_out, dtype):
@@ -59,29 +62,95 @@ class ReLU:
         return F.relu_backward(dout, self._y)
 
 
+def dropout_rate(rate, name="dropout"):
+    """``rate`` as a float in [0, 1): TypeError for a non-number (bools included), ValueError for a
+    rate outside [0, 1) or NaN (1 would drop every unit, a negative rate has no meaning)."""
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(rate).__name__}")
+    if not 0.0 <= float(rate) < 1.0:  # False for NaN too
+        raise ValueError(f"{name} must be a number in [0, 1) (the fraction of units dropped), got {rate!r}")
+    return float(rate)
+
+
+# --- where the rows being computed sit in the whole batch --------------------------------------
+#
+# The random draws of training (dropout masks, the noisy Top-k gate's noise) are functions of a
+# row's place in the batch, so that computing only some rows -- an expert's rows under conditional
+# computation, a rank's share of a data-parallel batch -- gives each row the draws it has in the
+# whole batch. By default the rows of an array are rows 0..B-1 of a batch of B.
+
+_GLOBAL_ROWS = contextvars.ContextVar("dselectk_global_rows", default=None)
+
+
+@contextlib.contextmanager
+def global_rows(rows, batch_size):
+    """Within the block, the arrays being computed hold rows ``rows`` (an int64 array) of a batch
+    of ``batch_size`` rows (dselectk.distributed sets it for a rank's share)."""
+    token = _GLOBAL_ROWS.set((np.asarray(rows, np.int64), int(batch_size)))
+    try:
+        yield
+    finally:
+        _GLOBAL_ROWS.reset(token)
+
+
+@contextlib.contextmanager
+def subset_rows(idx):
+    """Within the block, the arrays being computed hold the rows ``idx`` of those outside it
+    (e.g. ``X[idx]`` for an expert that runs on some rows only)."""
+    current = _GLOBAL_ROWS.get()
+    rows = np.asarray(idx, np.int64) if current is None else current[0][idx]
+    token = _GLOBAL_ROWS.set((rows, None if current is None else current[1]))
+    try:
+        yield
+    finally:
+        _GLOBAL_ROWS.reset(token)
+
+
+def current_rows(B):
+    """(rows, batch_size) of the B rows being computed: their places in the whole batch (None:
+    0..B-1) and its size (None: B)."""
+    current = _GLOBAL_ROWS.get()
+    if current is None:
+        return None, None
+    rows, size = current
+    if rows.shape[0] != B:
+        raise RuntimeError(f"a layer computes {B} rows, but the rows set for it are {rows.shape[0]}")
+    return rows, size
+
+
+def standard_normal(rng, shape, dtype):
+    """N(0, 1) draws of ``shape`` (B, ...) from ``rng`` for the B rows being computed: the draws of
+    their places in the whole batch (all of its rows are drawn, these are kept), so that the
+    stream does not depend on how the batch was split."""
+    rows, size = current_rows(shape[0])
+    if size is None:
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.standard_normal((size, *shape[1:]))[rows].astype(dtype)
+
+
 class Dropout:
     """Inverted dropout: at training time each entry is kept with probability 1 - rate and scaled
     by 1 / (1 - rate); the identity at evaluation. The mask is a counter-based hash of
     (seed, step, index), recomputed in the backward rather than stored, so runs are reproducible
-    and independent of the thread count."""
+    and independent of the thread count. The index is the entry's place in the whole batch
+    (see :func:`global_rows`), so a row keeps its mask when only some rows are computed."""
 
     def __init__(self, rate, seed):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-        self.rate, self.seed, self.step = float(rate), int(seed), 0
-        self.params, self.grads, self._training = {}, {}, False
+        self.rate, self.seed, self.step = dropout_rate(rate, "the dropout rate"), int(seed), 0
+        self.params, self.grads, self._training, self._rows = {}, {}, False, None
 
     def forward(self, x, training=False):
         self._training = bool(training) and self.rate > 0
         if not self._training:
             return x
         self.step += 1
-        return F.dropout_forward(x, self.rate, self.seed, self.step)
+        self._rows = current_rows(x.shape[0])[0]
+        return F.dropout_forward(x, self.rate, self.seed, self.step, rows=self._rows)
 
     def backward(self, dout, need_dx=True):
         if not self._training:
             return dout
-        return F.dropout_backward(dout, self.rate, self.seed, self.step)
+        return F.dropout_backward(dout, self.rate, self.seed, self.step, rows=self._rows)
 
 
 class SumUnits:
@@ -192,6 +261,7 @@ class MLP(Sequential):
     ``units`` lists the hidden widths. With no units and no output layer the MLP is the identity."""
 
     def __init__(self, in_dim, units, rng, dropout=0.0, output_dim=None, dtype=np.float32):
+        dropout = dropout_rate(dropout)
         check_mlp(in_dim, units, output_dim, dtype)  # refuse sizes that cannot fit before allocating
         self.layers = []
         d = int(in_dim)

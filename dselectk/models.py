@@ -30,10 +30,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import zipfile
+from typing import Any, Sequence, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
+from . import _model_file
 from . import checkpoint as _checkpoint
 from . import functional as F
 from ._memory import check_experts
@@ -41,9 +43,16 @@ from .embedding import EmbeddingInput
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
 from .inputs import check_task_names
-from .layers import MLP, CNNExpert, ParameterSlab, ReLU
+from .layers import MLP, CNNExpert, ParameterSlab, ReLU, dropout_rate, subset_rows
 
 __all__ = ["MMoE", "MoE", "SharedBottom", "save", "load", "LOSSES"]
+
+# the types of the public constructors' arguments
+GateArg = Union[GateSpec, dict, str]  # a spec, its config dict, or a kind string (with **gate_options)
+Embeddings = Union[EmbeddingInput, dict, None]
+Pair = Union[int, Sequence[int]]
+TaskNames = Union[str, Sequence[str], None]
+PathLike = Union[str, "os.PathLike[str]"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 ARCHITECTURES = ("mlp", "cnn")
@@ -113,6 +122,13 @@ def _widths(units, name):
     return [int(u) for u in widths]
 
 
+def _check_dropout(dropout, tower_dropout):
+    """Rates in [0, 1), checked before any layer is built (ValueError / TypeError naming the argument)."""
+    dropout_rate(dropout, "dropout")
+    if tower_dropout is not None:
+        dropout_rate(tower_dropout, "tower_dropout")
+
+
 def _trusted_forward(forward):
     """Checks the model input for NaN/Inf once, then runs ``forward`` inside
     F.trusted_inputs(): the kernels skip re-scanning the intermediate activations (the loss and
@@ -124,6 +140,8 @@ def _trusted_forward(forward):
                 if isinstance(value, np.ndarray):
                     F.check_finite(value, f"X[{name!r}]")
         elif isinstance(X, np.ndarray):
+            if X.ndim == 0:
+                raise ValueError("X must be a batch (B, ...) of examples, got a 0-d array")
             F.check_finite(X, "X")
         with F.trusted_inputs():
             return forward(self, X, training)
@@ -139,6 +157,13 @@ def _trusted_backward(backward):
     return unscanned
 
 
+def _sigmoid(z):
+    """1 / (1 + exp(-z)) in z's dtype, without overflow: exp is taken of -|z| only, and for
+    z < 0 the form e^z / (1 + e^z), which keeps its relative accuracy far into the tail."""
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1 / (1 + e), e / (1 + e))
+
+
 def _flat(X):
     """X (B, ...) as (B, p): a view of a C-contiguous batch."""
     return X if X.ndim == 2 else X.reshape(X.shape[0], -1)
@@ -146,6 +171,9 @@ def _flat(X):
 
 class _Model:
     """Shared machinery: tasks, losses, the parameter slab, prediction transforms."""
+
+    config: dict  # the constructor's arguments, JSON-able: what save writes and load rebuilds from
+    gates: list  # one gate per task (none for SharedBottom)
 
     def _setup_tasks(self, n_tasks, task_losses, task_outputs, task_weights):
         if not isinstance(n_tasks, int) or n_tasks < 1:
@@ -306,7 +334,7 @@ class _Model:
         preds = []
         for name, out in zip(self.task_losses, outputs):
             if name == "bce":
-                preds.append(1.0 / (1.0 + np.exp(-out.reshape(-1))))
+                preds.append(_sigmoid(out.reshape(-1)))
             elif name == "softmax_ce":
                 preds.append(F.softmax(out))
             else:
@@ -377,8 +405,8 @@ class MMoE(_Model):
     With per-example gates, when fewer than ``sparse_threshold`` (0.75) of the batch's (example,
     expert) pairs have a nonzero weight in some task, each expert runs only on the examples that use
     it (gather -> dense -> scatter, forward and backward); ``sparse_threshold = 0`` turns this off.
-    Results are the same to rounding, except that expert dropout then draws its masks for the
-    computed rows only (same distribution, other draws). ``model.flops`` counts the expert FLOPs
+    Results are the same to rounding (dropout masks hash each row's place in the batch, so the
+    computed rows get the masks they have in the dense pass). ``model.flops`` counts the expert FLOPs
     executed in training steps and those of the dense model (``reset_flops()``; ``fit`` records
     them per epoch as ``expert_flops`` and ``expert_flops_dense``).
     """
@@ -388,11 +416,15 @@ class MMoE(_Model):
     # their own examples only; at or above it, on the whole batch (gathering would cost more).
     sparse_threshold = 0.75
 
-    def __init__(self, input_dim=None, n_tasks=2, n_experts=8, expert_units=(64,), tower_units=(32,),
-                 task_losses="mse", task_outputs=1, task_weights=None, gate="dselect_k", *, dropout=0.0, seed=0,
-                 dtype="float32", expert_output=None, embeddings=None, tower_dropout=None, expert="mlp",
-                 input_shape=None, expert_filters=(10, 20), expert_kernel=5, expert_pool=2, task_names=None,
-                 **gate_options):
+    def __init__(self, input_dim: int | None = None, n_tasks: int = 2, n_experts: int = 8,
+                 expert_units: Sequence[int] = (64,), tower_units: Sequence[int] | None = (32,),
+                 task_losses: str | Sequence[str] = "mse", task_outputs: int | Sequence[int] = 1,
+                 task_weights: Sequence[float] | None = None, gate: GateArg = "dselect_k", *, dropout: float = 0.0,
+                 seed: int = 0, dtype: DTypeLike = "float32", expert_output: str | None = None,
+                 embeddings: Embeddings = None, tower_dropout: float | None = None, expert: str = "mlp",
+                 input_shape: Sequence[int] | None = None, expert_filters: Sequence[int] = (10, 20),
+                 expert_kernel: Pair = 5, expert_pool: Pair = 2, task_names: TaskNames = None,
+                 **gate_options: Any) -> None:
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         tower_units = None if tower_units is None else _widths(tower_units, "tower_units")
@@ -425,6 +457,7 @@ class MMoE(_Model):
         """The layers, with the gates built from ``self.gate_spec`` (one per task, drawn from the
         model's generator after the experts and before the towers)."""
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        _check_dropout(dropout, tower_dropout)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, expert, "expert")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
@@ -493,7 +526,8 @@ class MMoE(_Model):
             f = np.zeros((n, B, self.experts[0].out_dim), self.dtype)
             for j, e in enumerate(self.experts):
                 if rows[j].size:
-                    f[j, rows[j]] = e.forward(X[rows[j]], training)
+                    with subset_rows(rows[j]):  # dropout masks by the rows' place in the batch
+                        f[j, rows[j]] = e.forward(X[rows[j]], training)
             self._count_flops(sum(r.size for r in rows), B, training)
         else:
             rows = None
@@ -632,8 +666,10 @@ class MoE(MMoE):
     ``gate`` and its options, and the other parameters, as :class:`MMoE` (``task_names``: one
     name, or a list of one)."""
 
-    def __init__(self, input_dim, n_experts=8, expert_units=(64,), loss="mse", output_dim=1, gate="dselect_k", *,
-                 dropout=0.0, seed=0, dtype="float32", embeddings=None, task_names=None, **gate_options):
+    def __init__(self, input_dim: int | None, n_experts: int = 8, expert_units: Sequence[int] = (64,),
+                 loss: str = "mse", output_dim: int = 1, gate: GateArg = "dselect_k", *, dropout: float = 0.0,
+                 seed: int = 0, dtype: DTypeLike = "float32", embeddings: Embeddings = None,
+                 task_names: TaskNames = None, **gate_options: Any) -> None:
         self.gate_spec = _resolve_gate(gate, gate_options, type(self).__name__)
         expert_units = _widths(expert_units, "expert_units")
         self.config = dict(input_dim=input_dim, n_experts=n_experts, expert_units=expert_units, loss=loss,
@@ -654,10 +690,13 @@ class SharedBottom(_Model):
     (``bottom_filters``, ``bottom_kernel``, ``bottom_pool``) followed by the ``bottom_units`` Dense
     layers, on images X (N, C, H, W) of ``input_shape`` (C, H, W)."""
 
-    def __init__(self, input_dim=None, n_tasks=2, bottom_units=(64,), tower_units=(32,), task_losses="mse",
-                 task_outputs=1, task_weights=None, dropout=0.0, seed=0, dtype="float32", embeddings=None,
-                 tower_dropout=None, bottom="mlp", input_shape=None, bottom_filters=(10, 20), bottom_kernel=5,
-                 bottom_pool=2, task_names=None):
+    def __init__(self, input_dim: int | None = None, n_tasks: int = 2, bottom_units: Sequence[int] = (64,),
+                 tower_units: Sequence[int] = (32,), task_losses: str | Sequence[str] = "mse",
+                 task_outputs: int | Sequence[int] = 1, task_weights: Sequence[float] | None = None,
+                 dropout: float = 0.0, seed: int = 0, dtype: DTypeLike = "float32", embeddings: Embeddings = None,
+                 tower_dropout: float | None = None, bottom: str = "mlp", input_shape: Sequence[int] | None = None,
+                 bottom_filters: Sequence[int] = (10, 20), bottom_kernel: Pair = 5, bottom_pool: Pair = 2,
+                 task_names: TaskNames = None) -> None:
         bottom_units, tower_units = _widths(bottom_units, "bottom_units"), _widths(tower_units, "tower_units")
         self.config = dict(input_dim=input_dim, n_tasks=n_tasks, bottom_units=bottom_units,
                            tower_units=tower_units, task_losses=task_losses, task_outputs=task_outputs,
@@ -670,12 +709,14 @@ class SharedBottom(_Model):
             self.config.update(bottom=bottom, bottom_filters=_listed(bottom_filters),
                                bottom_kernel=_listed(bottom_kernel), bottom_pool=_listed(bottom_pool))
         self._setup_tasks(n_tasks, task_losses, task_outputs, task_weights)
+        _check_dropout(dropout, tower_dropout)
         emb_config = self._setup_input(input_dim, embeddings, seed, dtype, input_shape, bottom, "bottom")
         if emb_config is not None:
             self.config.update(input_dim=None, embeddings=emb_config)
         self.bottom_kind = bottom
         rng = np.random.default_rng(seed)
         dtype = np.dtype(dtype)
+        self.bottom: MLP | CNNExpert
         if bottom == "cnn":
             if not bottom_units:
                 raise ValueError("bottom_units must list at least one Dense width after the CNN")
@@ -734,7 +775,7 @@ def _gate_spec_of(config, path):
     raise ValueError(f"{path}: the stored gate config must be a dict (or a kind string), got {type(gate).__name__}")
 
 
-def save(model, path, include_optimizer=True):
+def save(model: _Model, path: PathLike, include_optimizer: bool = True) -> None:
     """Write ``model`` to one ``.npz`` at exactly ``path``: the parameter slab, the embedding tables
     (``table_<name>``) and JSON metadata (class, constructor arguments with the gate as its spec's
     config dict, parameter index, table shapes, format version); after ``fit`` also its training
@@ -756,42 +797,31 @@ def save(model, path, include_optimizer=True):
                                         **{f"table_{name}": t for name, t in tables.items()}, **training_arrays))
 
 
-def load(path):
+def load(path: PathLike) -> _Model:
     """Rebuild a model saved by :func:`save` (with its training state, when saved), by this
     version or an older one (format versions 1 and 2 stored the gate as a kind string with flat
     keys k, gamma, ...; they are read as the gate's spec). Raises FileNotFoundError for a missing
     file (``path`` or, as older versions wrote, ``path.npz``) and ValueError for a file that is
-    not a dselectk model, was written by a newer format version, or is corrupted."""
+    not a dselectk model, was written by a newer format version, or is corrupted: the file is
+    untrusted input, whose archive, metadata and sizes dselectk/_model_file.py checks before
+    anything is built."""
     path = os.fspath(path)
     if not os.path.exists(path) and os.path.exists(path + ".npz"):
         path += ".npz"
     if not os.path.exists(path):
         raise FileNotFoundError(f"no model file at {path!r}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"][()]))
-            params = z["params"]
-            tables = {k[len("table_"):]: z[k] for k in z.files if k.startswith("table_")}
-            training_arrays = {k: z[k] for k in z.files if k.startswith("train_")}
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable dselectk model file ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a dselectk model file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("version") not in READ_VERSIONS:
-        raise ValueError(f"{path}: written by model format version {meta.get('version')!r}; this dselectk reads "
-                         f"versions {', '.join(map(str, READ_VERSIONS))}")
-    cls = _CLASSES.get(meta.get("cls"))
-    if cls is None:
-        raise ValueError(f"{path}: unknown model class {meta.get('cls')!r}")
-    config = meta.get("config")
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: the model config must be a dict, got {type(config).__name__}")
+    f = _model_file.read(path)
+    cls = _model_file.validate(f, _CLASSES, READ_VERSIONS, FORMAT)
+    meta, params, tables, training_arrays, config = f.meta, f.params, f.tables, f.extra, f.meta["config"]
     if "gate" in config:
         spec = _gate_spec_of(config, path)
         if isinstance(config["gate"], str):  # versions 1 and 2: the flat keys were the gate's
             config = {key: value for key, value in config.items() if key not in _FLAT_GATE_KEYS}
         config = dict(config, gate=spec)
-    model = cls(**config)
+    try:
+        model = cls(**config)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: the stored config is invalid: {exc}") from None
     index = [[name, list(shape), offset] for name, shape, offset in model.slab.index]
     if index != meta["index"] or params.shape != model.slab.data.shape or params.dtype != model.slab.data.dtype:
         raise ValueError(f"{path}: the stored parameters do not match the architecture in its metadata")

@@ -78,10 +78,10 @@ class Optimizer(_LearningRate):
     copied), ``lr`` a settable attribute (checked: finite, > 0)."""
 
     name = ""
-    _hyper = ("lr",)  # scalar hyperparameters saved by state_dict
-    _states = ()  # names of the state slabs
-    _optional_states = ()  # state slabs that may be absent (None)
-    _nonneg_states = ()  # state slabs of squared gradients, >= 0 (their square roots are taken)
+    _hyper: tuple[str, ...] = ("lr",)  # scalar hyperparameters saved by state_dict
+    _states: tuple[str, ...] = ()  # names of the state slabs
+    _optional_states: tuple[str, ...] = ()  # state slabs that may be absent (None)
+    _nonneg_states: tuple[str, ...] = ()  # state slabs of squared gradients, >= 0 (their square roots are taken)
 
     def __init__(self, params, grads, lr):
         self.params, self.grads = _slabs(params, grads)

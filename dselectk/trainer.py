@@ -24,6 +24,7 @@ step at which S(Z) became binary, Table C.4).
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -33,6 +34,7 @@ from . import inputs as I
 from . import metrics as M
 from .callbacks import AnnealTemperature
 from .checkpoint import check_finite_parameters
+from .distributed import LOCAL, make_sync
 from .optim import make_optimizer, make_sparse_optimizer
 
 __all__ = ["fit", "evaluate", "predict", "train_step", "train_epoch", "validate", "History", "TrainState",
@@ -49,7 +51,8 @@ class History:
       the validation metrics per task (``val_task0_auc``, or ``val_watch_auc`` for a named task),
       ``lr``, ``time``; for MMoE/MoE models also ``expert_flops`` and ``expert_flops_dense``, the
       expert FLOPs of the training steps so far, executed and for the dense model (their ratio is
-      what conditional computation saved).
+      what conditional computation saved); in a data-parallel fit (``comm=``) also ``comm_time``,
+      the seconds rank 0 spent in the steps' gradient sums (waiting for slower ranks included).
     * ``history``: the same as {key: [value per epoch]}, as Keras' History.history;
       ``history["val_loss"]`` (indexing the object) gives one list.
     * ``gate_steps`` and ``gate_weights``: the steps at which expert weights were recorded and the
@@ -183,19 +186,37 @@ def predict(model, X, batch_size=1024, raw=False):
     return [np.concatenate(c) for c in chunks]
 
 
-def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=None):
+def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=None, comm=None, shard="rows"):
     """{'loss': the weighted sum of the task losses (no regularizers), '<task>_loss' per task, and
     the metrics per task ('task0_auc', or 'watch_auc' for a task named watch)}. ``metrics``: None
     for DEFAULT_METRICS by loss, a list per task of metric names (see dselectk.metrics) or a dict
     by task name; an unknown name raises ValueError. X, Y: arrays, DataFrames, dicts, or a batch
-    source of (X, Y[, sample_weights]) batches with Y=None (see dselectk.inputs)."""
-    _positive_int(batch_size, "batch_size")
-    resolved = _resolve_metrics(model, metrics)
-    data = _data(model, X, Y, sample_weights)
-    check_finite_parameters(model, "evaluate", tables=False)
+    source of (X, Y[, sample_weights]) batches with Y=None (see dselectk.inputs).
+
+    ``comm`` (an mpi4py communicator, see dselectk.distributed): every rank evaluates its rows
+    (``shard="rows"``: a block of the common X; ``"given"``: its own X), and the result is that of
+    all the rows together -- the exact AUC of all of them -- on every rank."""
+    sync = make_sync(comm, shard)
+    with sync.all_ranks("evaluate"):
+        _positive_int(batch_size, "batch_size")
+        resolved = _resolve_metrics(model, metrics)
+        data = _data(model, X, Y, sample_weights)
+        check_finite_parameters(model, "evaluate", tables=False)
+    return _evaluate(model, data, batch_size, resolved, sync)
+
+
+def _evaluate(model, data, batch_size, resolved, sync):
+    with sync.all_ranks("evaluate"):
+        part = _evaluation_part(model, sync.eval_batches(data, batch_size))
+    return sync.combine_evaluation(part, lambda p: _evaluation(model, p, resolved))
+
+
+def _evaluation_part(model, batches):
+    """What the evaluation needs of some rows: the losses' sums, their number, the raw outputs,
+    targets and sample weights by batch."""
     sums, N = np.zeros(model.n_tasks), 0
     raw, ys, ws = [[] for _ in range(model.n_tasks)], [[] for _ in range(model.n_tasks)], []
-    for batch in data.batches(batch_size):
+    for batch in batches:
         outs = model.forward(batch.X, training=False)
         _, per_task, _ = model.loss(outs, batch.Y, batch.W)
         sums += np.array(per_task) * batch.size  # losses are batch means
@@ -204,7 +225,12 @@ def evaluate(model, X, Y=None, batch_size=1024, sample_weights=None, metrics=Non
             raw[t].append(o)
             ys[t].append(batch.Y[t])
         ws.append(batch.W)
-    task_losses = sums / N
+    return dict(sums=sums, N=N, raw=raw, ys=ys, ws=ws)
+
+
+def _evaluation(model, part, resolved):
+    task_losses = part["sums"] / part["N"]
+    raw, ys, ws = part["raw"], part["ys"], part["ws"]
     result = {"loss": float(np.dot(model.task_weights, task_losses))}
     preds = model.transform_outputs([np.concatenate(r) for r in raw])
     for t, task in enumerate(I.task_names(model)):
@@ -232,17 +258,20 @@ def _where(epoch, b, steps_per_epoch, step):
     return f"epoch {epoch}, step {b + 1} of {steps_per_epoch or '?'} (global step {step + 1})"
 
 
-def _record_gates(model, history, step):
+def _record_gates(model, history, step, sync):
     if not model.gates:
         return
+    weights, selected = model.gate_weights(), [g.num_selected() for g in model.gates]
+    if any(g.per_example for g in model.gates):  # means over the batch: over the global batch
+        weights, selected = sync.batch_mean(weights, selected)
     history.gate_steps.append(step)
-    history._gate_weights.append(model.gate_weights())
-    history._selected.append([g.num_selected() for g in model.gates])
+    history._gate_weights.append(weights)
+    history._selected.append(list(selected))
 
 
-def _update_binary_steps(model, history, step):
-    for t, g in enumerate(model.gates):
-        if history.binary_step[t] is None and hasattr(g, "is_binary") and g.is_binary():
+def _update_binary_steps(history, binary, step):
+    for t, is_binary in enumerate(binary):
+        if history.binary_step[t] is None and is_binary:
             history.binary_step[t] = step
 
 
@@ -260,59 +289,87 @@ def _optimizer_step(model):
         model.slab.data[frozen] = frozen_values
 
 
-def train_step(model, batch, where):
-    """One step on ``batch`` (a dselectk.inputs.Batch): forward, loss, backward, optimizer step.
-    Returns (loss, reg_loss, per-task losses): the weighted task losses and the regularizers
-    apart. FloatingPointError (naming ``where``) if the loss or a gradient is NaN or Inf."""
-    try:
+class _Diverges:
+    """Turns the kernels' rejection of NaN/Inf that training produced into FloatingPointError."""
+
+    def __init__(self, where):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, ValueError) and "NaN or Inf" in str(exc):
+            raise FloatingPointError(f"training diverged at {self.where}: {exc}; try a lower learning rate") from exc
+        return False
+
+
+def _local_gradients(model, batch, where):
+    """forward, loss, backward on ``batch``: (total loss, per-task losses), the gradients in
+    model.slab.grad and model.embedding_grads()."""
+    with _Diverges(where):
         model.zero_grad()
         outputs = model.forward(batch.X, training=True)
         total, per_task, douts = model.loss(outputs, batch.Y, batch.W)
         if not np.isfinite(total):
             raise FloatingPointError(f"the training loss became {total} at {where}; try a lower learning rate")
         model.backward(douts)
-        # The batch's gradients are complete here (model.slab.grad, model.embedding_grads()): where
-        # data-parallel training would sum them across processes before the step.
+        return total, per_task
+
+
+def train_step(model, batch, where, sync=LOCAL):
+    """One step on ``batch`` (a dselectk.inputs.Batch): forward, loss, backward, optimizer step.
+    Returns (loss, reg_loss, per-task losses): the weighted task losses and the regularizers
+    apart. FloatingPointError (naming ``where``) if the loss or a gradient is NaN or Inf.
+
+    ``sync`` (dselectk.distributed; fit passes it): in a data-parallel fit the batch is this
+    rank's share, and the gradients are summed across the ranks before the step."""
+    with sync.global_rows(batch, model):  # dropout masks and gate noise by the rows' place in the global batch
+        local = sync.local(_local_gradients, model, batch, where)  # data-parallel: an error is held, not raised
+    total, per_task = sync.sum_gradients(model, batch, local)  # ... and raised here on every rank
+    # The batch's gradients are complete here (model.slab.grad, model.embedding_grads()), summed
+    # over the ranks in a data-parallel fit: every rank takes the same step.
+    with _Diverges(where):
         _optimizer_step(model)
-    except ValueError as exc:  # the kernels reject NaN/Inf that training produced
-        if "NaN or Inf" not in str(exc):
-            raise
-        raise FloatingPointError(f"training diverged at {where}: {exc}; try a lower learning rate") from exc
     data = 0.0
     for w, value in zip(model.task_weights, per_task):  # as model.loss sums them, so reg is exact
         data += w * value
     return data, total - data, per_task
 
 
-def train_epoch(model, data, epoch, callbacks, batch_size, shuffle, record_gate_every):
+def train_epoch(model, data, epoch, callbacks, batch_size, shuffle, record_gate_every, sync=LOCAL):
     """The steps of one epoch over ``data``; returns the epoch's logs: loss, reg_loss and the
-    per-task losses, means over its examples."""
+    per-task losses, means over its examples (in a data-parallel fit: over all ranks' rows)."""
     state, history, names = model.train_state, model.history, I.task_names(model)
-    steps = data.steps(batch_size)
+    steps = sync.steps(data, batch_size)
     sums, seen = np.zeros(2 + model.n_tasks), 0
-    for b, batch in enumerate(data.batches(batch_size, state.rng if shuffle else None)):
-        callbacks.on_batch_begin(b, {"size": batch.size})
-        loss, reg, per_task = train_step(model, batch, _where(epoch, b, steps, state.step))
+    for b, batch in enumerate(sync.batches(data, batch_size, state.rng if shuffle else None)):
+        rows = batch.rows_in_step
+        sync.call(callbacks.on_batch_begin, b, {"size": rows})
+        loss, reg, per_task = train_step(model, batch, _where(epoch, b, steps, state.step), sync)
         state.step += 1
-        sums += np.array([loss, reg, *per_task]) * batch.size
-        seen += batch.size
-        _update_binary_steps(model, history, state.step)
+        sums += np.array([loss, reg, *per_task]) * rows
+        seen += rows
+        _update_binary_steps(history, sync.binary(model), state.step)
         if record_gate_every and state.step % record_gate_every == 0:
-            _record_gates(model, history, state.step)
-        callbacks.on_batch_end(b, {"loss": loss, "reg_loss": reg, "size": batch.size, "step": state.step})
-        if model.stop_training:
+            _record_gates(model, history, state.step, sync)
+        sync.call(callbacks.on_batch_end, b, {"loss": loss, "reg_loss": reg, "size": rows, "step": state.step})
+        sync.check_parameters(model, state.step)
+        if sync.stop_after_batch(model.stop_training):
+            model.stop_training = True
             break
     if not record_gate_every:
-        _record_gates(model, history, state.step)
+        _record_gates(model, history, state.step, sync)
     means = sums / max(seen, 1)
     logs = {"epoch": epoch, "loss": float(means[0]), "reg_loss": float(means[1])}
     logs.update({f"{task}_loss": float(v) for task, v in zip(names, means[2:])})
     return logs
 
 
-def validate(model, val, metrics):
+def validate(model, val, metrics, sync=LOCAL):
     """{'val_loss', 'val_<task>_loss', 'val_<task>_<metric>'} on the validation data."""
-    return {f"val_{k}": v for k, v in evaluate(model, val, metrics=metrics).items() if k != "warnings"}
+    result = _evaluate(model, val, 1024, _resolve_metrics(model, metrics), sync)
+    return {f"val_{k}": v for k, v in result.items() if k != "warnings"}
 
 
 def _setup_optimizer(model, optimizer, lr, optimizer_kwargs):
@@ -381,7 +438,8 @@ def _after_divergence(model, snapshot, callbacks, exc):
 
 def fit(model, X, Y=None, *, epochs=10, batch_size=128, optimizer=None, lr=None, optimizer_kwargs=None, shuffle=True,
         seed=0, validation_data=None, early_stopping_patience=None, restore_best_weights=True, sample_weights=None,
-        metrics=None, record_gate_every=0, callbacks=(), verbose=1, out=None, steps_per_epoch=None, resume_from=None):
+        metrics=None, record_gate_every=0, callbacks=(), verbose=1, out=None, steps_per_epoch=None, resume_from=None,
+        comm=None, shard="rows", checksum_every=100):
     """Train ``model`` on X and Y (see dselectk.inputs for their forms: arrays (N, p) or (N, C, H,
     W), DataFrames, dicts by task name, memory maps, or a batch source with Y=None).
 
@@ -413,79 +471,112 @@ def fit(model, X, Y=None, *, epochs=10, batch_size=128, optimizer=None, lr=None,
         into ``model`` and training continues with epochs e+1..epochs, as the uninterrupted run
         would have (bit for bit at the same thread count).
 
+    comm : an mpi4py communicator (e.g. ``MPI.COMM_WORLD``; ``pip install 'dselectk[mpi]'``):
+        synchronous data-parallel training, one process per rank, each computing its share of
+        every global batch of ``batch_size`` rows; the ranks' gradients are summed before each
+        step, so the parameters stay identical and the result does not depend on the number of
+        ranks. ``shard="rows"``: every rank passes the same X, Y, and fit splits each batch's rows;
+        ``"given"``: each rank passes its own shard. ``checksum_every``: the ranks compare their
+        parameters every that many steps (and at the end). Only rank 0 prints and runs
+        ModelCheckpoint. See dselectk.distributed for the semantics and the failure behaviour.
+
     Raises ValueError / TypeError on bad input before any training, and FloatingPointError naming
     the epoch and step if the loss becomes NaN or Inf; the model is then restored to its last
     finite weights (or the best ones early stopping kept), as the message says. Returns a
     :class:`History` (also ``model.history``).
     """
-    for name, v in (("epochs", epochs), ("batch_size", batch_size)):
-        _positive_int(v, name)
-    if early_stopping_patience is not None and (isinstance(early_stopping_patience, bool) or
-                                                not isinstance(early_stopping_patience, int) or
-                                                early_stopping_patience < 1):
-        raise ValueError(f"early_stopping_patience must be None or a positive int, got {early_stopping_patience!r}")
-    if early_stopping_patience is not None and validation_data is None:
-        raise ValueError("early stopping needs validation_data")
-    if verbose not in (0, 1, 2, "auto"):
-        raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
-    verbose = 1 if verbose == "auto" else verbose
-    _resolve_metrics(model, metrics)
-    given = list(C.prepare(callbacks))
-    if early_stopping_patience is not None:
-        given.append(C.EarlyStopping(patience=early_stopping_patience, restore_best_weights=restore_best_weights))
-    cbs = C.prepare(given + ([C.ProgressBar(verbose, out)] if verbose else []))
+    sync = make_sync(comm, shard, checksum_every)
+    with sync.all_ranks("fit's setup"):  # data-parallel: an error on any rank stops every rank here
+        for name, v in (("epochs", epochs), ("batch_size", batch_size)):
+            _positive_int(v, name)
+        if early_stopping_patience is not None and (isinstance(early_stopping_patience, bool) or
+                                                    not isinstance(early_stopping_patience, int) or
+                                                    early_stopping_patience < 1):
+            raise ValueError(f"early_stopping_patience must be None or a positive int, got {early_stopping_patience!r}")
+        if early_stopping_patience is not None and validation_data is None:
+            raise ValueError("early stopping needs validation_data")
+        if verbose not in (0, 1, 2, "auto"):
+            raise ValueError(f"verbose must be 0, 1, 2 or 'auto', got {verbose!r}")
+        verbose = (1 if verbose == "auto" else verbose) if sync.is_root else 0  # only rank 0 prints
+        _resolve_metrics(model, metrics)
+        given = list(C.prepare(callbacks))
+        if early_stopping_patience is not None:
+            given.append(C.EarlyStopping(patience=early_stopping_patience, restore_best_weights=restore_best_weights))
+        cbs = C.prepare(given + ([C.ProgressBar(verbose, out)] if verbose else []))
 
-    train = I.make_data(model, X, Y, sample_weights, "X", steps_per_epoch)
-    if train.columns is not None and model.input_columns is None:
-        model.input_columns = train.columns  # later DataFrames are matched by these names
-    val = _validation(model, validation_data)
+        train = I.make_data(model, X, Y, sample_weights, "X", steps_per_epoch)
+        if train.columns is not None and model.input_columns is None:
+            model.input_columns = train.columns  # later DataFrames are matched by these names
+        val = _validation(model, validation_data)
 
-    settings = dict(epochs=epochs, batch_size=batch_size, shuffle=bool(shuffle), seed=seed)
-    if resume_from is not None:
-        from .checkpoint import resume
-        resume(model, resume_from, settings)  # parameters, optimizer, counters, RNGs, history
-    else:
-        model.train_state, model.history = TrainState(seed, settings), History(model.n_tasks)
-    _setup_optimizer(model, optimizer, lr, optimizer_kwargs)
-    if hasattr(model, "reset_flops") and resume_from is None:
-        model.reset_flops()
+        settings = dict(epochs=epochs, batch_size=batch_size, shuffle=bool(shuffle), seed=seed)
+        if resume_from is not None:
+            from .checkpoint import resume
+            resume(model, resume_from, settings)  # parameters, optimizer, counters, RNGs, history
+        else:
+            model.train_state, model.history = TrainState(seed, settings), History(model.n_tasks)
+        _setup_optimizer(model, optimizer, lr, optimizer_kwargs)
+        if hasattr(model, "flops") and resume_from is None:
+            model.reset_flops()
+        model.stop_training, model._callbacks = False, cbs  # dk.save stores the callbacks' states
+    signature = dict(model=_describe_model(model), settings=dict(settings, shard=shard, optimizer=model.optimizer.name,
+                     optimizer_kwargs=repr(optimizer_kwargs), lr=model.optimizer.lr, metrics=repr(metrics),
+                     record_gate_every=record_gate_every, early_stopping=early_stopping_patience,
+                     checksum_every=checksum_every, resumed=resume_from is not None,
+                     callbacks=[type(cb).__name__ for cb in cbs if not cb.root_only]))
+    sync.start(model, train, val, signature)  # the same model, settings and data shapes; rank 0's parameters
     state, history = model.train_state, model.history
-    steps = train.steps(batch_size)
+    steps = sync.steps(train, batch_size)
     params = dict(epochs=epochs, steps=steps, total_steps=None if steps is None else epochs * steps, verbose=verbose,
-                  emit=C.printer(out))
-    callback_list = C.CallbackList(cbs, model, params)
-    model.stop_training, model._callbacks = False, cbs  # dk.save stores the callbacks' states
+                  emit=C.printer(out), rank=sync.rank, ranks=sync.size)
+    callback_list = C.CallbackList(cbs, model, params, rank=sync.rank)
 
-    callback_list.on_train_begin()
-    if resume_from is not None:
-        from .checkpoint import load_callback_states
-        load_callback_states(model, cbs)
+    with sync.all_ranks("on_train_begin"):
+        callback_list.on_train_begin()
+        if resume_from is not None:
+            from .checkpoint import load_callback_states
+            load_callback_states(model, cbs)
     snapshot = None
     try:
         for epoch in range(state.epoch + 1, epochs + 1):
             snapshot = _Snapshot(model, epoch)
-            callback_list.on_epoch_begin(epoch)
+            with sync.all_ranks(f"on_epoch_begin of epoch {epoch}"):
+                callback_list.on_epoch_begin(epoch)
             t0 = time.perf_counter()
-            logs = train_epoch(model, train, epoch, callback_list, batch_size, shuffle, record_gate_every)
+            logs = train_epoch(model, train, epoch, callback_list, batch_size, shuffle, record_gate_every, sync)
             if hasattr(model, "flops"):  # cumulative since the start of the run
+                sync.sum_counters(model)
                 logs["expert_flops"] = model.flops["experts_executed"]
                 logs["expert_flops_dense"] = model.flops["experts_dense"]
             if val is not None:
-                logs.update(validate(model, val, metrics))
+                logs.update(validate(model, val, metrics, sync))
             logs["lr"] = model.optimizer.lr
-            logs["time"] = time.perf_counter() - t0
+            logs["time"] = sync.root_decides(time.perf_counter() - t0)
+            logs.update(sync.epoch_logs())  # data-parallel: comm_time, the seconds in gradient sums
             history.epochs.append(logs)
             history.epoch_steps.append(state.step)
             history.total_steps = state.step
             state.epoch = epoch
-            callback_list.on_epoch_end(epoch, logs)
+            with sync.all_ranks(f"on_epoch_end of epoch {epoch}"):
+                callback_list.on_epoch_end(epoch, logs)
+            model.stop_training = sync.root_decides(model.stop_training)  # early stopping: rank 0 decides
             if model.stop_training:
                 break
     except FloatingPointError as exc:
         raise FloatingPointError(_after_divergence(model, snapshot, cbs, exc)) from exc
     history.total_steps = state.step
-    callback_list.on_train_end()
+    with sync.all_ranks("on_train_end"):
+        callback_list.on_train_end()
+    sync.check_parameters(model, state.step, final=True)
     return history
+
+
+def _describe_model(model):
+    """What the ranks of a data-parallel fit must agree on about the model."""
+    frozen = None if model.frozen_mask is None else int(np.flatnonzero(model.frozen_mask).sum())
+    return dict(cls=type(model).__name__, config=json.dumps(model.config, sort_keys=True, default=repr),
+                slab=[len(model.slab), str(model.slab.data.dtype)], tables=[t.shape for t in model.embedding_tables()],
+                frozen=frozen)
 
 
 def _validation(model, validation_data):

@@ -16,6 +16,9 @@ from dselectk import callbacks as C
 from dselectk import trainer as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where the dselectk these tests import lives, for child processes: the in-place build of a
+# checkout, or site-packages when installed (then ROOT's unbuilt dselectk/ must not shadow it)
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(dk.__file__)))
 
 CONFIGS = {
     # dropout masks (step counters), noisy Top-k (a Generator), embeddings (the lazy Adam state)
@@ -130,7 +133,7 @@ RUN = textwrap.dedent("""
 def test_resume_across_a_process_restart(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(RUN.format(tests=os.path.join(ROOT, "tests")))
-    env = dict(os.environ, DSELECTK_NUM_THREADS=str(dk.get_num_threads()), PYTHONPATH=ROOT)
+    env = dict(os.environ, DSELECTK_NUM_THREADS=str(dk.get_num_threads()), PYTHONPATH=PACKAGE_PARENT)
     first = subprocess.run([sys.executable, str(script), "first", str(tmp_path)], env=env, capture_output=True,
                            text=True)
     assert first.returncode == 17, first.stderr
@@ -164,7 +167,7 @@ def test_a_kill_mid_save_leaves_the_old_file_intact(tmp_path):
     before = path.read_bytes()
     script = tmp_path / "kill.py"
     script.write_text(KILL_MID_SAVE)
-    out = subprocess.run([sys.executable, str(script), str(path)], env=dict(os.environ, PYTHONPATH=ROOT),
+    out = subprocess.run([sys.executable, str(script), str(path)], env=dict(os.environ, PYTHONPATH=PACKAGE_PARENT),
                          capture_output=True, text=True)
     assert out.returncode == -9, out.stderr
     assert path.read_bytes() == before

@@ -225,14 +225,19 @@ def test_pandas_stays_optional(monkeypatch):
     T.predict(_model(), {"a": X[:, 0], "b": X[:, 1], "c": X[:, 2], "d": X[:, 3]})  # columns as a dict: no pandas
 
 
-def test_pandas_is_not_imported_for_arrays():
+def test_pandas_is_not_imported_for_arrays(tmp_path):
+    import os
     import subprocess
     code = ("import numpy as np, sys, dselectk as dk\n"
             "m = dk.MoE(3, n_experts=2)\n"
             "dk.fit(m, np.ones((8, 3), np.float32), np.ones(8, np.float32), epochs=1, verbose=0)\n"
             "dk.predict(m, np.ones((2, 3)))\n"
             "print('pandas' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # the child imports the dselectk the tests do, from a cwd of its own (a checkout's unbuilt
+    # dselectk/ in the cwd would shadow an installed package)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(dk.__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env=env)
     assert out.stdout.strip() == "False"
 
 

@@ -1,5 +1,8 @@
 """Models and trainer: whole-model gradients by finite differences, training sanity, early
 stopping, save/load, determinism, bad input."""
+import decimal
+import warnings
+
 import numpy as np
 import pytest
 
@@ -483,3 +486,46 @@ def test_tower_dropout_differs_from_the_experts_dropout(tmp_path):
     assert "tower_dropout" not in Mo.MMoE(4).config  # only when set, so that older readers load the others
     dk.save(model, tmp_path / "m.npz")
     assert dk.load(tmp_path / "m.npz").config["tower_dropout"] == 0.0
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_dropout_outside_0_1_is_refused(rate):
+    for make in (lambda: dk.MMoE(4, dropout=rate), lambda: dk.MoE(4, dropout=rate),
+                 lambda: dk.SharedBottom(4, dropout=rate), lambda: dk.MMoE(4, tower_dropout=rate),
+                 lambda: dk.SharedBottom(4, tower_dropout=rate),
+                 lambda: dk.MMoE(expert="cnn", input_shape=(1, 12, 12), expert_units=(3,), dropout=rate)):
+        with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
+            make()
+    from dselectk import layers
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        layers.MLP(3, (2,), np.random.default_rng(0), dropout=rate)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        layers.Dropout(rate, seed=0)
+    with pytest.raises(TypeError, match="dropout must be a number"):
+        dk.MMoE(4, dropout="0.1")
+    with pytest.raises(TypeError, match="dropout must be a number"):
+        dk.MMoE(4, dropout=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_predict_sigmoid_is_stable(dtype):
+    # bce logits far in both tails: probabilities without overflow warnings, exact in the tails'
+    # relative terms, equal to 1 / (1 + exp(-z)) where that is computable
+    model = dk.MMoE(3, n_tasks=1, n_experts=2, expert_units=(2,), tower_units=(), task_losses="bce", dtype=dtype)
+    z = np.array([-1e4, -745.0, -100.0, -30.0, -1.0, 0.0, 1e-3, 2.5, 40.0, 1e4], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = model.transform_outputs([z[:, None]])[0]
+    assert p.dtype == dtype and np.all((p >= 0) & (p <= 1))
+    with decimal.localcontext() as ctx:  # the reference in 60 digits
+        ctx.prec = 60
+        exact = np.array([float(1 / (1 + (-decimal.Decimal(float(v))).exp())) for v in z])
+    representable = exact >= np.finfo(dtype).tiny  # relative accuracy down to the smallest normal number
+    np.testing.assert_allclose(p[representable], exact[representable], rtol=4 * np.finfo(dtype).eps)
+    assert p[-1] == 1 and p[0] == 0
+    # and through dk.predict: a tower bias pushes the logits to +-1e4
+    model.parameters()["tower0.0.b"][...] = -1e4
+    X = np.random.default_rng(0).standard_normal((8, 3)).astype(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.all(dk.predict(model, X)[0] == 0)

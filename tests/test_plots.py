@@ -1,5 +1,8 @@
 """dselectk.plots: the figures are written, and a missing matplotlib gives a clear ImportError."""
+import os
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -35,3 +38,43 @@ def test_figures_are_written(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     with pytest.raises(ValueError, match=r"\(T, n\)"):
         plots.plot_task_expert_heatmap(np.zeros(3), tmp_path / "bad.png")
+
+
+def test_plots_leave_the_backend_and_pyplot_alone(tmp_path):
+    # A session with a backend of its own (Jupyter's inline one, or here "svg"): importing
+    # dselectk.plots and drawing keeps it, imports no pyplot, and leaves no figure open.
+    pytest.importorskip("matplotlib")
+    script = textwrap.dedent(f"""
+        import sys
+        import matplotlib
+        matplotlib.use("svg")
+        import numpy as np
+        import dselectk.plots as plots
+        fig = plots.plot_task_expert_heatmap(np.eye(3), {str(tmp_path / "h.png")!r})
+        assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+        assert "matplotlib.pyplot" not in sys.modules
+        assert type(fig).__name__ == "Figure"
+        import matplotlib.pyplot as plt
+        assert plt.get_fignums() == []
+        print("ok")
+    """)
+    # the child imports dselectk from where the tests do (not an unbuilt checkout in its cwd)
+    env = dict(os.environ, MPLBACKEND="", PYTHONPATH=os.path.dirname(os.path.dirname(dk.__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_expert_weight_plot_has_a_legend_of_every_expert(tmp_path):
+    pytest.importorskip("matplotlib")
+
+    class History:  # what plot_expert_weights reads of dk.History
+        gate_steps = [0, 10, 20]
+        gate_weights = np.random.default_rng(0).dirichlet(np.ones(5), size=(3, 2))  # (records, T, n)
+
+    for highlight in ((), (1, 3)):
+        fig = plots.plot_expert_weights(History(), tmp_path / "w.png", task=1, highlight=highlight)
+        legend = fig.axes[0].get_legend()
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert labels == [f"expert {j}" + (" (true)" if j in highlight else "") for j in range(5)]

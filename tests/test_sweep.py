@@ -10,6 +10,7 @@ put the tests directory).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -104,6 +105,13 @@ def crash_always(config, seed):
     os._exit(4)
 
 
+def sleep_long(config, seed):
+    """Records its pid in config["log"], then sleeps far longer than any test waits."""
+    _log_call(dict(config, pid=os.getpid()), seed)
+    time.sleep(120)
+    return {"val_loss": 0.0}
+
+
 def thread_probe(config, seed):
     """The thread settings seen inside the worker."""
     out = {"val_loss": 0.0, "pid": float(os.getpid()), "dk_threads": float(dselectk.get_num_threads())}
@@ -146,6 +154,16 @@ def count_calls(log):
             k = (json.dumps(entry["config"], sort_keys=True), entry["seed"])
             counts[k] = counts.get(k, 0) + 1
     return counts
+
+
+def _python_child(code, cwd, stderr=subprocess.PIPE):
+    """A child interpreter running ``code``, which imports dselectk from where this process did
+    (site-packages after `pip install .`; the checkout only when it is built in place), never the
+    unbuilt source tree, and this directory's modules (``import test_sweep as T``)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(dselectk.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, package_parent]))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(cwd), stdout=subprocess.DEVNULL,
+                            stderr=stderr)
 
 
 def call_key(trial):
@@ -308,13 +326,7 @@ def test_resume_after_sigkill(tmp_path):
         "import sys; from dselectk.sweep import Sweep; import test_sweep as T\n"
         f"Sweep(T.slow_quadratic, {grid!r}, results_path={path!r}, **{args!r}).run('serial', progress=False)\n"
     )
-    # the child imports dselectk from where this process did (site-packages after `pip install .`;
-    # the checkout only when it is built in place), never the unbuilt source tree
-    import dselectk
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(dselectk.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS_DIR, package_parent]))
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=str(tmp_path),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _python_child(code, tmp_path)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
@@ -465,6 +477,113 @@ def test_process_executor_retries_a_trial_whose_worker_died(tmp_path):
     sw = Sweep(crash_always, {"x": [0]}, 1, seed=0)
     with pytest.raises(TrialError, match="worker process died 1 time"):
         sw.run("process", max_workers=1, retries=0, progress=False)
+
+
+def _children_of(pid):
+    """{child pid: its command line} for the live (not zombie) processes whose parent is ``pid``."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            state = _proc_state(int(entry))
+            if state is not None and state[1] == pid:
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        children[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+    return children
+
+
+def _proc_state(pid):
+    """(state letter, parent pid) of a live process, None when it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    state, ppid = stat[stat.rindex(")") + 2:].split()[:2]  # the name, in parentheses, may hold spaces
+    return None if state in "ZX" else (state, int(ppid))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_process_workers_exit_when_the_parent_is_killed(tmp_path):
+    """SIGKILL of a process running Sweep.run(executor="process") cannot shut its pool down: the
+    spawn workers (here in the middle of long trials) and multiprocessing's resource tracker must
+    go too, within seconds, instead of living on as orphans."""
+    log = str(tmp_path / "calls.log")
+    code = (
+        "from dselectk.sweep import Sweep; import test_sweep as T\n"
+        f"Sweep(T.sleep_long, {{'x': [0, 1], 'log': [{log!r}]}}, 2).run('process', max_workers=2, progress=False)\n"
+    )
+    proc = _python_child(code, tmp_path)
+    children = {}
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None and sum(count_calls(log).values()) < 2:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the sweep ended before it was killed: {proc.stderr.read().decode()}"
+        assert sum(count_calls(log).values()) == 2, "the two trials did not start within 90 s"
+        children = _children_of(proc.pid)
+        workers = {json.loads(line)["config"]["pid"] for line in open(log)}
+        assert workers <= children.keys(), (workers, children)
+        trackers = [p for p, cmd in children.items() if "resource_tracker" in cmd]
+        assert len(trackers) == 1, children  # the test sees what it must see die
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_proc_state(p) is not None for p in children):
+            time.sleep(0.05)
+        alive = {p: cmd for p, cmd in children.items() if _proc_state(p) is not None}
+        assert not alive, f"still running 5 s after their parent was killed: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        for p in children:  # what this test started and left behind
+            if _proc_state(p) is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+@pytest.mark.parametrize("mechanism", ["pdeathsig", "poll"])
+def test_worker_bootstrap_exits_with_its_parent(tmp_path, mechanism):
+    """Both ways the workers' bootstrap follows its parent: Linux's parent-death signal, and the
+    portable thread polling os.getppid() (forced here by hiding that this is Linux)."""
+    if mechanism == "pdeathsig" and not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux only")
+    ready = str(tmp_path / "ready")
+    worker = (
+        "import os, sys, time; from dselectk.sweep import _executors as E\n"
+        f"sys.platform = {'linux' if mechanism == 'pdeathsig' else 'elsewhere'!r}\n"
+        "exec(E._WORKER_BOOTSTRAP, {'ENV': {}, 'THREADS': 1, 'PARENT': os.getppid()})\n"
+        "threads = [t.name for t in __import__('threading').enumerate()]\n"
+        f"open({ready!r}, 'w').write(repr(threads)); time.sleep(120)\n"
+    )
+    parent = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(120)"
+    proc = _python_child(parent, tmp_path, stderr=None)
+    children = {}
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (os.path.exists(ready) and os.path.getsize(ready)):
+            time.sleep(0.05)
+        children = _children_of(proc.pid)
+        assert len(children) == 1, children
+        watching = "dselectk-sweep-parent-watch" in open(ready).read()
+        assert watching == (mechanism == "poll")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_proc_state(p) is not None for p in children):
+            time.sleep(0.05)
+        assert not any(_proc_state(p) is not None for p in children), "the worker outlived its parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in children:
+            if _proc_state(p) is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,9 +89,10 @@ static PyObject *py_check_finite(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyObject *py_build_info(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
-    return Py_BuildValue("{s:O,s:s,s:i,s:i,s:i}", "openmp", DSK_HAVE_OPENMP ? Py_True : Py_False, "blas",
+    return Py_BuildValue("{s:O,s:s,s:i,s:i,s:i,s:l}", "openmp", DSK_HAVE_OPENMP ? Py_True : Py_False, "blas",
                          DSK_BLAS_NAME, "num_threads", dsk_get_num_threads(), "blas_num_threads",
-                         dsk_blas_get_num_threads(), "pool_workers", dsk_pool_workers());
+                         dsk_blas_get_num_threads(), "pool_workers", dsk_pool_workers(), "parallel_min_work",
+                         (long)DSK_PARALLEL_MIN_WORK);
 }
 
 static PyMethodDef module_methods[] = {

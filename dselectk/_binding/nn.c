@@ -15,22 +15,25 @@ static int loss_weights(PyObject *obj, int *tn, npy_intp B, Hold *h, PyArrayObje
 }
 
 PyDoc_STRVAR(dense_forward_doc,
-"dense_forward(x, W, b=None, out=None, relu=False, dropout_rate=0.0, dropout_seed=0, dropout_step=0) -> y\n\n"
+"dense_forward(x, W, b=None, out=None, relu=False, dropout_rate=0.0, dropout_seed=0, dropout_step=0,\n"
+"              dropout_rows=None) -> y\n\n"
 "y (B, o) = x (B, p) W (p, o) + b (o,); b may be None. W is (in, out), unlike linear_forward's\n"
 "(out, in). One SGEMM/DGEMM of the vendored OpenBLAS, cut in tiles on the thread pool. relu=True\n"
 "returns max(y, 0) instead, and dropout_rate > 0 then applies dropout_forward(., dropout_rate,\n"
-"dropout_seed, dropout_step), both in each tile's epilogue while it is in cache (exactly\n"
+"dropout_seed, dropout_step, rows=dropout_rows), both in each tile's epilogue while it is in cache (exactly\n"
 "dropout_forward(relu_forward(dense_forward(x, W, b)), ...)).");
 
 static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "W", "b", "out", "relu", "dropout_rate", "dropout_seed", "dropout_step", NULL};
-    PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *seed_obj = NULL, *step_obj = NULL, *result = NULL;
+    static char *kwlist[] = {"x", "W", "b", "out", "relu", "dropout_rate", "dropout_seed", "dropout_step",
+                             "dropout_rows", NULL};
+    PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *seed_obj = NULL, *step_obj = NULL, *rows_obj = Py_None;
+    PyObject *result = NULL;
     int relu = 0;
     double rate = 0;
     unsigned long long seed = 0, step = 0;
     Hold h = {0};
-    if (!parse_args(args, kw, "OO|OOpdOO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu, &rate, &seed_obj,
-                    &step_obj))
+    if (!parse_args(args, kw, "OO|OOpdOOO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu, &rate, &seed_obj,
+                    &step_obj, &rows_obj))
         return NULL;
     if (check_unit(rate, "dropout_rate") < 0 || (seed_obj && parse_count(seed_obj, "dropout_seed", 0, UINT64_MAX, &seed) < 0) ||
         (step_obj && parse_count(step_obj, "dropout_step", 0, UINT64_MAX, &step) < 0))
@@ -47,10 +50,17 @@ static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     if (optional_input(b_obj, "b", &tn, 1, bdims, "(o,)", 1, &b) < 0) goto done;
     hold_from(&h, b_obj, b);
     if (check_blas_dims(xdims[0], xdims[1], wdims[1]) < 0) goto done;
+    PyArrayObject *rows = NULL;
+    if (rows_obj != Py_None) { /* rows[b] * o + o <= 2^63: every hashed index fits (as dropout_forward) */
+        npy_intp rdims[1] = {xdims[0]};
+        rows = hold(&h, index_array(rows_obj, "dropout_rows", "row positions", 1, rdims, "(B,)",
+                                    (npy_intp)(INT64_MAX / (wdims[1] > 0 ? wdims[1] : 1)), "2**63 / o", 0));
+        if (!rows) goto done;
+    }
     npy_intp ydims[2] = {xdims[0], wdims[1]};
     PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 2, ydims, &h));
     if (!y) goto done;
-    const DskDropout drop = {rate, (uint64_t)seed, (uint64_t)step};
+    const DskDropout drop = {rate, (uint64_t)seed, (uint64_t)step, rows ? (const int64_t *)DATA(rows) : NULL};
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, dense_forward, DATA(y), DATA(x), DATA(W), OPTDATA(b), (int)xdims[0], (int)xdims[1], (int)wdims[1],
              relu, rate > 0 ? &drop : NULL);
@@ -157,25 +167,28 @@ done:
 }
 
 PyDoc_STRVAR(dropout_forward_doc,
-"dropout_forward(x, rate, seed, step, training=True) -> y\n\n"
+"dropout_forward(x, rate, seed, step, training=True, rows=None) -> y\n\n"
 "Inverted dropout of a 1-D x: each entry is kept with probability 1 - rate and scaled by\n"
 "1 / (1 - rate). The mask is a counter-based hash of (seed, step, flat index) (csrc/nn.h): not\n"
 "stored, the same in dropout_backward, independent of the thread count. 0 <= rate < 1; seed and\n"
-"step are integers in [0, 2**64 - 1]. training=False or rate == 0 returns a copy of x.");
+"step are integers in [0, 2**64 - 1]. training=False or rate == 0 returns a copy of x.\n"
+"rows: None, or the place in a larger batch of each of the B = len(rows) rows x holds (an\n"
+"integer array (B,), values >= 0; B divides len(x), R = len(x) / B entries a row): entry j of\n"
+"row b then hashes rows[b] * R + j instead of its flat index.");
 PyDoc_STRVAR(dropout_backward_doc,
-"dropout_backward(dy, rate, seed, step, training=True) -> dx\n\n"
-"dx = dy * mask / (1 - rate) with the mask of dropout_forward(x, rate, seed, step, training).");
+"dropout_backward(dy, rate, seed, step, training=True, rows=None) -> dx\n\n"
+"dx = dy * mask / (1 - rate) with the mask of dropout_forward(x, rate, seed, step, training, rows).");
 
 static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
-    static char *kwlist_f[] = {"x", "rate", "seed", "step", "training", NULL};
-    static char *kwlist_b[] = {"dy", "rate", "seed", "step", "training", NULL};
-    PyObject *x_obj, *seed_obj, *step_obj, *result = NULL;
+    static char *kwlist_f[] = {"x", "rate", "seed", "step", "training", "rows", NULL};
+    static char *kwlist_b[] = {"dy", "rate", "seed", "step", "training", "rows", NULL};
+    PyObject *x_obj, *seed_obj, *step_obj, *rows_obj = Py_None, *result = NULL;
     double rate;
     int training = 1;
     unsigned long long seed, step;
     Hold h = {0};
-    if (!parse_args(args, kw, "OdOO|p", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
-                    &step_obj, &training))
+    if (!parse_args(args, kw, "OdOO|pO", backward ? kwlist_b : kwlist_f, &x_obj, &rate, &seed_obj,
+                    &step_obj, &training, &rows_obj))
         return NULL;
     if (check_unit(rate, "rate (the dropout probability)") < 0 ||
         parse_count(seed_obj, "seed", 0, UINT64_MAX, &seed) < 0 ||
@@ -185,11 +198,30 @@ static PyObject *dropout(PyObject *args, PyObject *kw, int backward) {
     npy_intp dims[1] = {-1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, backward ? "dy" : "x", &tn, 1, dims, "(N,)", 1));
     if (!x) goto done;
+    PyArrayObject *rows = NULL;
+    long R = 1;
+    if (rows_obj != Py_None) {
+        npy_intp rdims[1] = {-1};
+        if (PyArray_Check(rows_obj) && PyArray_NDIM((PyArrayObject *)rows_obj) == 1) {
+            const npy_intp B = PyArray_DIM((PyArrayObject *)rows_obj, 0);
+            if (B == 0 || dims[0] % B) {
+                PyErr_Format(PyExc_ValueError, "argument 'rows' must have one entry per row of x: its length B = %ld "
+                             "must divide the %ld entries of x", (long)B, (long)dims[0]);
+                goto done;
+            }
+            R = (long)(dims[0] / B);
+        }
+        /* rows[b] * R + R <= 2^63: every hashed index fits */
+        rows = hold(&h, index_array(rows_obj, "rows", "row positions", 1, rdims, "(B,)", (npy_intp)(INT64_MAX / R),
+                                    "2**63 / (entries per row)", 0));
+        if (!rows) goto done;
+    }
     PyArrayObject *y = hold(&h, new_array(tn, 1, dims));
     if (!y) goto done;
     const double r = training ? rate : 0;
+    const int64_t *row_data = rows ? (const int64_t *)DATA(rows) : NULL;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, dropout_forward, DATA(y), DATA(x), (long)dims[0], r, (uint64_t)seed, (uint64_t)step);
+    DISPATCH(tn, dropout_forward, DATA(y), DATA(x), (long)dims[0], row_data, R, r, (uint64_t)seed, (uint64_t)step);
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)y);
 done:

@@ -63,6 +63,14 @@ as ``forward(x)`` with x (B, p) C-contiguous of the model's dtype and ``backward
 with dw (B, n), and exact zeros in w are again what conditional computation skips (each expert
 runs on the rows that use it). State the gate needs beyond ``params`` (e.g. a fixed assignment)
 must be derivable from the spec and the model's seed, or be saved with the model.
+
+ONNX export (``dselectk.export_onnx``): a static gate needs nothing, the base class's
+``onnx_weights`` hands its weights to the exporter as constants. A per-example gate defines
+``onnx_weights(graph, x)`` in its own file, building its (B, n) weights from the graph value ``x``
+(B, p) with the methods of :class:`dselectk.export.OnnxGraph` (``op``, ``const``, ``linear``,
+``reshape``, ``zeros_like``; standard opset-17 operators) and returning the result's name, the
+inference-time forward only (no training noise); ``tests/test_onnx_export.py`` then checks it
+against ``dk.predict`` once its spec is added to the test's ``GATES``.
 """
 # the order of these imports is the order of kinds(): the paper's gate first
 from ._base import GateSpec, as_spec, kinds, register, spec_class

@@ -2,15 +2,27 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
 from ..functional import _flag, _number  # the shared scalar checks, re-exported to the gate modules
 from .._memory import check_gate
 
 _DTYPES = (np.float32, np.float64)
+
+Seed = Union[int, np.random.Generator, None]  # what gates and specs take to draw their parameters
+
+
+def _in_dtype(value, name, dtype):
+    """ValueError unless ``value`` (a checked float that the gate's initial parameters scale with)
+    is finite in the gate's dtype: gamma = 1e308 made a float32 gate's Z inf."""
+    with np.errstate(over="ignore"):
+        if not np.isfinite(dtype.type(value)):
+            raise ValueError(f"{name} = {value!r} is beyond the range of the gate's dtype {dtype} "
+                             f"(at most {float(np.finfo(dtype).max):.4g})")
 
 
 def _check_common(n_experts, k, per_example, input_dim, dtype):
@@ -60,7 +72,7 @@ class _Gate:
             return None
         if x is None:
             raise ValueError(f"{type(self).__name__}(per_example=True) needs its input x of shape (B, {self.input_dim})")
-        if not isinstance(x, np.ndarray) or x.dtype != self.dtype:
+        if not isinstance(x, np.ndarray) or x.dtype.newbyteorder("=") != self.dtype:  # the kernels copy swapped x
             raise TypeError(f"x must be a numpy.ndarray of dtype {self.dtype}, got "
                             f"{getattr(x, 'dtype', type(x).__name__)}")
         if x.ndim != 2 or x.shape[1] != self.input_dim:
@@ -80,12 +92,29 @@ class _Gate:
         if self.per_example:
             raise RuntimeError(f"{type(self).__name__}(per_example=True) has not run forward(x) yet, and its weights "
                                "depend on the input x: run a forward first (for a model: model.forward(X))")
+        return self._forward_detached()
+
+    def _forward_detached(self):
+        """(w, cache) of a forward of a static gate from its parameters now, leaving the state of
+        the last forward (what backward() uses) as it was."""
         kept = self._cache, self._last_w
         try:
             w = self.forward()
             return w, self._cache
         finally:
             self._cache, self._last_w = kept
+
+    def onnx_weights(self, graph: Any, x: str) -> Any:
+        """The gate's expert weights in an ONNX graph that :func:`dselectk.export_onnx` is building:
+        for a static gate (this version), its weights from its parameters now, an (n,) NumPy array
+        that the exporter folds in as a constant (leaving out experts whose weight is exactly zero
+        in every task). A per-example gate overrides this in its own file: it builds its (B, n)
+        weights from ``x``, the graph name of its (B, p) input, with the methods of ``graph`` (a
+        :class:`dselectk.export.OnnxGraph`) and returns the name of the result."""
+        if self.per_example:
+            raise TypeError(f"{type(self).__name__}(per_example=True) has no ONNX export: its file must define "
+                            "onnx_weights(graph, x) (see dselectk.gates, 'Adding a gate')")
+        return np.array(self._forward_detached()[0], copy=True)
 
     def expert_weights(self):
         """The expert weights of the last forward: (n,) static, (B, n) per example (a static gate
@@ -111,9 +140,10 @@ class _Gate:
 # -- gate specifications -----------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[GateSpec]] = {}
+S = TypeVar("S", bound="GateSpec")
 
 
-def register(spec_class):
+def register(spec_class: type[S]) -> type[S]:
     """Class decorator: makes ``spec_class`` (a :class:`GateSpec` subclass with a ``kind``) known
     by its kind string, for ``MMoE(gate="<kind>", ...)``, :meth:`GateSpec.from_config` and ``load``."""
     if not (isinstance(spec_class, type) and issubclass(spec_class, GateSpec)):
@@ -128,12 +158,12 @@ def register(spec_class):
     return spec_class
 
 
-def kinds():
+def kinds() -> tuple[str, ...]:
     """The registered gate kinds, e.g. ('dselect_k', 'top_k', 'softmax', 'softmax_selector')."""
     return tuple(_REGISTRY)
 
 
-def spec_class(kind):
+def spec_class(kind: str) -> type[GateSpec]:
     """The GateSpec subclass registered for ``kind``."""
     try:
         return _REGISTRY[kind]
@@ -164,16 +194,16 @@ class GateSpec:
         return {}
 
     @classmethod
-    def options(cls):
+    def options(cls) -> tuple[str, ...]:
         """The gate's option names, in order."""
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def to_config(self):
+    def to_config(self) -> dict[str, Any]:
         """A JSON-able dict: {"kind": ..., option: value, ...}."""
         return {"kind": self.kind, **{name: getattr(self, name) for name in self.options()}}
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> GateSpec:
         """The spec of ``config`` (a dict from :meth:`to_config`). Called on GateSpec itself, the
         "kind" key picks the class; on a subclass, it must name that class's kind. Options left out
         take their defaults; an unknown key or a bad value raises ValueError (a config is data)."""
@@ -195,7 +225,7 @@ class GateSpec:
         except TypeError as exc:
             raise ValueError(f"the {target.kind!r} gate config is invalid: {exc}") from None
 
-    def replace(self, **changes):
+    def replace(self: S, **changes: Any) -> S:
         """A copy with some options changed (validated again)."""
         unknown = sorted(set(changes) - set(self.options()))
         if unknown:
@@ -203,7 +233,8 @@ class GateSpec:
                             f"are {', '.join(self.options())}")
         return dataclasses.replace(self, **changes)
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> _Gate:
         """A new gate over ``n_experts`` experts (reading inputs of size ``input_dim`` if per
         example), initialised from ``rng`` (a numpy Generator, a seed or None), of ``dtype``."""
         raise NotImplementedError
@@ -243,7 +274,7 @@ def resolve(gate, options=None, caller=None):
                     f"kind strings {kinds()}, got {type(gate).__name__}")
 
 
-def as_spec(gate, **options):
+def as_spec(gate: GateSpec | dict | str, **options: Any) -> GateSpec:
     """The GateSpec for ``gate`` (a spec, a config dict or a kind string) and, with a kind string,
     that gate's options: ``as_spec("top_k", k=2, noisy=True, per_example=True)``."""
     return resolve(gate, options)

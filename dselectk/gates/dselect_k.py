@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Iterable
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, _check_common, _flag, _Gate, _number, _rng, register
+from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _in_dtype, _number, _rng, register
 
 __all__ = ["DSelectK", "DSelectKGate", "StaticDSelectKBank"]
 
@@ -32,12 +34,14 @@ class DSelectKGate(_Gate):
     dtype : float32 (the default, as for models) or float64.
     """
 
-    def __init__(self, n_experts, k, gamma=1.0, entropy_reg=0.0, xi=1.0, per_example=False,
-                 input_dim=None, eps=1e-6, seed=None, dtype=np.float32):
+    def __init__(self, n_experts: int, k: int, gamma: float = 1.0, entropy_reg: float = 0.0, xi: float = 1.0,
+                 per_example: bool = False, input_dim: int | None = None, eps: float = 1e-6, seed: Seed = None,
+                 dtype: DTypeLike = np.float32) -> None:
         n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
         for name, value, strict in (("gamma", gamma, True), ("entropy_reg", entropy_reg, False),
                                     ("xi", xi, False), ("eps", eps, True)):
             _number(value, name, strict=strict)  # TypeError / ValueError naming it, 10**400 included
+        _in_dtype(gamma, "gamma", dtype)
         self.n_experts, self.k, self.gamma = n, k, float(gamma)
         self.entropy_reg, self.xi, self.eps = float(entropy_reg), float(xi), float(eps)
         self.per_example, self.input_dim, self.dtype = bool(per_example), input_dim, dtype
@@ -95,6 +99,30 @@ class DSelectKGate(_Gate):
         self._accumulate("Z", dZ)
         return None
 
+    def onnx_weights(self, graph: Any, x: str) -> Any:
+        """Static: the weights as constants (the base class). Per example, eq. (6) as ONNX
+        operators on x (B, p): alpha = x G^T + b_G and Z = x W^T + b_W (two Gemms), S(Z) =
+        v^2 (3 - 2 v) with v = clip(Z / gamma + 1/2, 0, 1) (the smooth-step, exactly 0 and 1 outside
+        (-gamma/2, gamma/2)), r(S) as the products over the bits of one Gather from [1 - S | S], and
+        w = softmax(alpha) r, one batched MatMul."""
+        if not self.per_example:
+            return super().onnx_weights(graph, x)
+        p, k, m, n = self.params, self.k, self.m, self.n_experts
+        alpha = graph.linear(x, p["G"], p["b_G"], "dselect_k_alpha")  # (B, k)
+        sigma = graph.reshape(graph.op("Softmax", alpha, axis=-1), [-1, 1, k], "dselect_k_sigma")  # (B, 1, k)
+        z = graph.linear(x, p["W"].reshape(k * m, -1), p["b_W"].reshape(-1), "dselect_k_z")  # (B, k m)
+        v = graph.op("Add", graph.op("Mul", z, graph.const(1 / self.gamma, "inv_gamma")), graph.const(0.5, "half"))
+        v = graph.op("Clip", v, graph.const(0.0, "zero"), graph.const(1.0, "one"))
+        s = graph.op("Mul", graph.op("Mul", v, v), graph.op("Sub", graph.const(3.0, "three"),
+                                                             graph.op("Add", v, v)), hint="dselect_k_sz")
+        s = graph.reshape(s, [-1, k, m], "dselect_k_s")  # (B, k, m)
+        both = graph.op("Concat", graph.op("Sub", graph.const(1.0, "one"), s), s, axis=2)  # (B, k, 2m): [1 - s | s]
+        # r_j = prod_b (s_b if bit b of j is set else 1 - s_b): column b + m * bit_b(j) of [1 - s | s]
+        bits = (np.arange(n)[:, None] >> np.arange(m)[None, :]) & 1  # (n, m)
+        picked = graph.op("Gather", both, graph.const(np.arange(m)[None, :] + m * bits, "selector_index"), axis=2)
+        r = graph.op("ReduceProd", picked, axes=[3], keepdims=0, hint="dselect_k_r")  # (B, k, n)
+        return graph.reshape(graph.op("MatMul", sigma, r), [-1, n], "dselect_k_w")
+
     def _gate_cache(self):
         cache = self._last_forward()[1]
         return cache.gate if self.per_example else cache
@@ -136,7 +164,7 @@ class StaticDSelectKBank:
     are therefore passed multiplied by T, so each gate's gradient gets its own full regularizer.
     """
 
-    def __init__(self, gates):
+    def __init__(self, gates: Iterable[DSelectKGate]) -> None:
         gates = list(gates)
         if not gates:
             raise ValueError("StaticDSelectKBank needs at least one gate")
@@ -210,6 +238,7 @@ class DSelectK(GateSpec):
                     entropy_reg=_number(self.entropy_reg, "entropy_reg"), xi=_number(self.xi, "xi"),
                     per_example=_flag(self.per_example, "per_example"))
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> DSelectKGate:
         return DSelectKGate(n_experts, self.k, gamma=self.gamma, entropy_reg=self.entropy_reg, xi=self.xi,
                             per_example=self.per_example, input_dim=input_dim, seed=rng, dtype=dtype)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, _check_common, _flag, _Gate, _logits_params, _rng, register
+from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _logits_params, _rng, register
 
 __all__ = ["Softmax", "SoftmaxGate"]
 
@@ -16,7 +18,8 @@ class SoftmaxGate(_Gate):
     example). All experts get nonzero weight. Initialization: A uniform in (-0.05, 0.05), b and the
     static logits 0 (uniform weights)."""
 
-    def __init__(self, n_experts, per_example=False, input_dim=None, seed=None, dtype=np.float32):
+    def __init__(self, n_experts: int, per_example: bool = False, input_dim: int | None = None, seed: Seed = None,
+                 dtype: DTypeLike = np.float32) -> None:
         n, _, input_dim, dtype = _check_common(n_experts, None, per_example, input_dim, dtype)
         self.n_experts, self.per_example, self.input_dim, self.dtype = n, bool(per_example), input_dim, dtype
         self.params = _logits_params(_rng(seed), n, self.per_example, input_dim, dtype)
@@ -53,6 +56,13 @@ class SoftmaxGate(_Gate):
     def regularization(self):
         return 0.0
 
+    def onnx_weights(self, graph: Any, x: str) -> Any:
+        """Static: the weights as constants (the base class). Per example: softmax(x A^T + b)."""
+        if not self.per_example:
+            return super().onnx_weights(graph, x)
+        return graph.op("Softmax", graph.linear(x, self.params["A"], self.params["b"], "softmax_logits"), axis=-1,
+                        hint="softmax_w")
+
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -67,5 +77,6 @@ class Softmax(GateSpec):
     def _check(self):
         return dict(per_example=_flag(self.per_example, "per_example"))
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> SoftmaxGate:
         return SoftmaxGate(n_experts, per_example=self.per_example, input_dim=input_dim, seed=rng, dtype=dtype)

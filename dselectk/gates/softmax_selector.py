@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, _check_common, _Gate, _number, _rng, register
+from ._base import GateSpec, Seed, _check_common, _Gate, _in_dtype, _number, _rng, register
 
 __all__ = ["SoftmaxSelector", "SoftmaxSelectorGate"]
 
@@ -21,12 +22,13 @@ class SoftmaxSelectorGate(_Gate):
     Initialization: alpha uniform in (-0.05, 0.05), beta uniform in (-0.05, 0.05) * T so that
     the softmaxes start near uniform but not tied."""
 
-    def __init__(self, n_experts, k, temperature=1.0, entropy_reg=0.0, eps=1e-6, seed=None, dtype=np.float32):
+    def __init__(self, n_experts: int, k: int, temperature: float = 1.0, entropy_reg: float = 0.0, eps: float = 1e-6,
+                 seed: Seed = None, dtype: DTypeLike = np.float32) -> None:
         n, k, _, dtype = _check_common(n_experts, k, False, None, dtype)
         self.n_experts, self.k, self.per_example, self.dtype = n, k, False, dtype
         self.set_temperature(temperature)
         _number(entropy_reg, "entropy_reg")
-        self.entropy_reg, self.eps = float(entropy_reg), float(eps)
+        self.entropy_reg, self.eps = float(entropy_reg), _number(eps, "eps", strict=True)
         rng = _rng(seed)
         self.params = {"alpha": rng.uniform(-0.05, 0.05, (k,)).astype(dtype),
                        "beta": (rng.uniform(-0.05, 0.05, (k, n)) * self.temperature).astype(dtype)}
@@ -39,6 +41,7 @@ class SoftmaxSelectorGate(_Gate):
 
     def set_temperature(self, T):
         _number(T, "temperature", strict=True)
+        _in_dtype(T, "temperature", self.dtype)
         self.temperature = float(T)
 
     @staticmethod
@@ -82,6 +85,7 @@ class SoftmaxSelector(GateSpec):
         return dict(k=F._int(self.k, "k", 1), temperature=_number(self.temperature, "temperature", strict=True),
                     entropy_reg=_number(self.entropy_reg, "entropy_reg"))
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> SoftmaxSelectorGate:
         return SoftmaxSelectorGate(n_experts, self.k, temperature=self.temperature, entropy_reg=self.entropy_reg,
                                    seed=rng, dtype=dtype)

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import functional as F
-from ._base import GateSpec, _check_common, _flag, _Gate, _logits_params, _rng, register
+from ..layers import standard_normal
+from ._base import GateSpec, Seed, _check_common, _flag, _Gate, _logits_params, _rng, register
 
 __all__ = ["TopK", "TopKGate"]
 
@@ -19,8 +22,8 @@ class TopKGate(_Gate):
     Initialization: A uniform in (-0.05, 0.05), b and the static logits 0 (ties are broken toward
     the lower index, so a fresh static gate picks experts 0..k-1), A_noise and b_noise 0."""
 
-    def __init__(self, n_experts, k, per_example=False, input_dim=None, noisy=False, seed=None,
-                 dtype=np.float32):
+    def __init__(self, n_experts: int, k: int, per_example: bool = False, input_dim: int | None = None,
+                 noisy: bool = False, seed: Seed = None, dtype: DTypeLike = np.float32) -> None:
         n, k, input_dim, dtype = _check_common(n_experts, k, per_example, input_dim, dtype)
         if noisy and not per_example:
             raise ValueError("noisy=True needs per_example=True (the noise scale is a function of x)")
@@ -54,7 +57,7 @@ class TopKGate(_Gate):
             noise = None
             if self.noisy and self.training:
                 raw = F.linear(x, p["A_noise"], p["b_noise"])
-                normal = self._rng.standard_normal(raw.shape).astype(self.dtype)
+                normal = standard_normal(self._rng, raw.shape, self.dtype)  # by the rows' place in the batch
                 logits = F.noisy_logits(logits, raw, normal)
                 noise = (raw, normal)
             w = F.top_k(logits, self.k)
@@ -86,6 +89,17 @@ class TopKGate(_Gate):
     def regularization(self):
         return 0.0
 
+    def onnx_weights(self, graph: Any, x: str) -> Any:
+        """Static: the weights as constants (the base class). Per example: a = x A^T + b (one
+        Gemm), TopK, softmax of the k kept logits, scattered into zeros (B, n). The noise is a
+        training-time term and is not exported; ties are broken toward the lower index, as here."""
+        if not self.per_example:
+            return super().onnx_weights(graph, x)
+        logits = graph.linear(x, self.params["A"], self.params["b"], "top_k_logits")  # (B, n)
+        kept, index = graph.op("TopK", logits, graph.const(np.array([self.k], np.int64), "k"), outputs=2, axis=-1)
+        return graph.op("ScatterElements", graph.zeros_like(logits), index, graph.op("Softmax", kept, axis=-1),
+                        axis=1, hint="top_k_w")
+
 
 @register
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +122,7 @@ class TopK(GateSpec):
             raise ValueError("noisy=True needs per_example=True (the noise scale is a function of x)")
         return checked
 
-    def build(self, n_experts, input_dim=None, rng=None, dtype=np.float32):
+    def build(self, n_experts: int, input_dim: int | None = None, rng: Seed = None,
+              dtype: DTypeLike = np.float32) -> TopKGate:
         return TopKGate(n_experts, self.k, per_example=self.per_example, input_dim=input_dim, noisy=self.noisy,
                         seed=rng, dtype=dtype)
