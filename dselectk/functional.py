@@ -652,7 +652,8 @@ def dense_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, out
 
 
 def dense_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, dW: np.ndarray, db: np.ndarray | None = None,
-                   need_dx: bool = True, input_relu: bool = False, input_dropout: float = 0.0) -> np.ndarray | None:
+                   need_dx: bool = True, input_relu: bool = False, input_dropout: float = 0.0,
+                   out: np.ndarray | None = None) -> np.ndarray | None:
     """Backward of :func:`dense_forward` for the upstream gradient dy (B, o).
 
     ACCUMULATES in place: ``dW (p, o) += x^T dy`` (a GEMM with beta = 1) and
@@ -665,9 +666,10 @@ def dense_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, dW: np.ndarray,
     ``input_dropout`` when > 0), and dx is returned at that ReLU's input:
     ``relu_backward(dropout_backward(dy W^T, input_dropout, ...), x)``, in the product's epilogue
     (a kept entry of x is > 0 exactly where the ReLU passed and the dropout kept, so x itself is
-    the mask)."""
+    the mask). ``out``: an array (B, p) for dx (C-contiguous, writeable, sharing no memory with the
+    other arguments), as :func:`dense_forward`'s."""
     return _C.dense_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), dW, db, need_dx, input_relu,
-                             input_dropout)
+                             input_dropout, out)
 
 
 def relu_forward(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -904,3 +904,83 @@ def test_fused_arguments_are_checked():
         F.dense_forward(x, W, dropout=(0.5, -1, 0))
     with pytest.raises(TypeError):
         F.dense_forward(x, W, dropout=(0.5, 1.5, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: Dense -> ReLU -> Dropout fused, and arrays reused across steps only when nothing else
+# refers to them
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("training", [True, False])
+def test_mlp_fused_forward_backward_match_the_layers_one_by_one(dropout, training):
+    from dselectk.layers import MLP, backward_layers, run_layers
+
+    rng = np.random.default_rng(3)
+    x, dout = rng.standard_normal((33, 12)), rng.standard_normal((33, 5))
+    ref, net = (MLP(12, (16, 9), np.random.default_rng(7), dropout=dropout, output_dim=5, dtype=np.float64)
+                for _ in range(2))
+    y = x
+    for layer in ref.layers:  # every layer on its own: dropout_forward, relu_backward, dropout_backward
+        y = layer.forward(y, training)
+    dx_ref = x.copy()
+    for layer in reversed(ref.layers):
+        dx_ref = layer.backward(dx_ref if layer is not ref.layers[-1] else dout)
+    fused = run_layers(net.layers, x, training)
+    np.testing.assert_array_equal(fused, y)
+    np.testing.assert_array_equal(backward_layers(net.layers, dout), dx_ref)
+    for a, b in zip(ref.layers, net.layers):
+        for key in a.grads:
+            np.testing.assert_array_equal(b.grads[key], a.grads[key])
+
+
+def test_dense_reuses_its_arrays_only_when_nothing_refers_to_them():
+    from dselectk.layers import Dense
+
+    rng = np.random.default_rng(0)
+    layer = Dense(6, 4, rng)
+    x1, x2 = (rng.standard_normal((8, 6)).astype(np.float32) for _ in range(2))
+    y1 = layer.forward(x1)
+    kept = y1.copy()
+    y2 = layer.forward(x2)  # y1 is still held here: a new array
+    assert y2 is not y1
+    np.testing.assert_array_equal(y1, kept)
+    view = y2[2:5]
+    layer.backward(np.ones_like(y2))
+    y3 = layer.forward(x1)  # a view of y2 is alive: not reused either
+    assert y3 is not y2
+    np.testing.assert_array_equal(view, y2[2:5])
+    del view, y2
+    layer.backward(np.ones_like(y3))
+    buffer_id = id(y3)
+    del y3
+    y4 = layer.forward(x2)  # nothing refers to the last output any more: its array is reused
+    assert id(y4) == buffer_id
+    np.testing.assert_array_equal(y4, F.dense_forward(x2, layer.params["W"], layer.params["b"]))
+
+
+def test_model_outputs_a_caller_keeps_survive_the_next_steps():
+    """Predictions handed to the caller are never the arrays the next step writes."""
+    import dselectk as dk
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((64, 10)).astype(np.float32)
+    Y = [rng.standard_normal(64).astype(np.float32), (rng.random(64) < 0.5).astype(np.float32)]
+    model = dk.MMoE(10, n_tasks=2, n_experts=4, expert_units=(16,), tower_units=(8,), task_losses=["mse", "bce"],
+                    gate=dk.gates.DSelectK(2, per_example=True), dropout=0.2)
+    opt = dk.optim.Adam(model.slab.data, model.slab.grad, lr=1e-2)
+    kept = []
+    for step in range(4):
+        model.zero_grad()
+        outs = model.forward(X[step * 16:(step + 1) * 16], training=True)
+        kept.append([(o, o.copy()) for o in outs])
+        _, _, douts = model.loss(outs, [y[step * 16:(step + 1) * 16] for y in Y])
+        model.backward(douts)
+        opt.step()
+    for outs in kept:
+        for o, snapshot in outs:
+            np.testing.assert_array_equal(o, snapshot)
+    preds = dk.predict(model, X, batch_size=16)  # batches of 16 against one batch of 64
+    whole = dk.predict(model, X, batch_size=64)
+    for a, b in zip(preds, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -72,23 +72,24 @@ done:
 }
 
 PyDoc_STRVAR(dense_backward_doc,
-"dense_backward(dy, x, W, dW, db=None, need_dx=True, input_relu=False, input_dropout=0.0) -> dx or None\n\n"
+"dense_backward(dy, x, W, dW, db=None, need_dx=True, input_relu=False, input_dropout=0.0, out=None)\n"
+"    -> dx or None\n\n"
 "Backward of dense_forward for dy (B, o), x (B, p), W (p, o). ACCUMULATES in place:\n"
 "dW (p, o) += x^T dy and db (o,) += dy summed over the batch (skipped when db is None); dW and db\n"
 "must be C-contiguous, writeable arrays of the call's dtype and exact shape that share no memory\n"
 "with the inputs (they are never copied). Returns dx = dy W^T (B, p), or None unless need_dx.\n"
 "input_relu=True: x is a ReLU's output (then dropout_forward's with rate input_dropout, if > 0),\n"
 "and dx is the gradient at that ReLU's input: relu_backward(dropout_backward(dy W^T, ...), x),\n"
-"fused into the product's epilogue.");
+"fused into the product's epilogue. out: an array (B, p) for dx (as dense_forward's out).");
 
 static PyObject *py_dense_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"dy", "x", "W", "dW", "db", "need_dx", "input_relu", "input_dropout", NULL};
-    PyObject *dy_obj, *x_obj, *W_obj, *dW_obj, *db_obj = Py_None, *result = NULL;
+    static char *kwlist[] = {"dy", "x", "W", "dW", "db", "need_dx", "input_relu", "input_dropout", "out", NULL};
+    PyObject *dy_obj, *x_obj, *W_obj, *dW_obj, *db_obj = Py_None, *out_obj = Py_None, *result = NULL;
     int need_dx = 1, input_relu = 0;
     double input_dropout = 0;
     Hold h = {0};
-    if (!parse_args(args, kw, "OOOO|Oppd", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj, &need_dx,
-                    &input_relu, &input_dropout))
+    if (!parse_args(args, kw, "OOOO|OppdO", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj, &need_dx,
+                    &input_relu, &input_dropout, &out_obj))
         return NULL;
     if (check_unit(input_dropout, "input_dropout") < 0) return NULL;
     int tn = NPY_NOTYPE;
@@ -107,7 +108,7 @@ static PyObject *py_dense_backward(PyObject *Py_UNUSED(self), PyObject *args, Py
     if (!hold(&h, dW)) goto done;
     if (db_obj != Py_None && !(db = hold_from(&h, db_obj, inplace_array(db_obj, "db", &tn, 1, bdims, "(o,)", &h, 0))))
         goto done;
-    if (need_dx && !(dx = hold(&h, new_array(tn, 2, xdims)))) goto done;
+    if (need_dx && !(dx = hold(&h, output_array(out_obj, "out", tn, 2, xdims, &h)))) goto done;
     const double scale = input_relu ? 1 / (1 - input_dropout) : 0;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, dense_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(dy), DATA(x), DATA(W), (int)xdims[0],
