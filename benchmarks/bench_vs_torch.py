@@ -7,7 +7,8 @@ Workloads (float32):
 1. gate only: per-example DSelect-k forward + backward (gradients of <dw, w> + lambda * Omega for
    x and every parameter), B = 4096, p = 64, k = 4, n in {8, 32, 128}, lambda = 0.1 (PyTorch
    also evaluates Omega itself, which its autograd needs; dselectk's backward needs only its
-   gradient);
+   gradient); ``comet``: the same for the per-example COMET gate, k = 2 trees, n in {8, 16, 64}
+   (PyTorch: torch_models.CometGate, the heap walked a level at a time);
 2. one MMoE training step (forward, task losses, backward, Adam): 8 experts Dense(256) + ReLU on
    128 inputs, 2 tasks with Dense(256) + ReLU towers and one output (MSE and BCE), batch 128 and
    1024, with per-example DSelect-k (k = 2, lambda = 0.1), per-example Top-k (k = 2) and static
@@ -63,6 +64,7 @@ if torch is not None:
     import torch_models as tm
 
 P_GATE, K_GATE, B_GATE, LAM = 64, 4, 4096, 0.1
+K_COMET, N_COMET = 2, (8, 16, 64)
 STEP_GATES = {  # label: the MMoE's gate
     "DSelect-k per-example": DSelectK(2, entropy_reg=0.1, per_example=True),
     "Top-k per-example": TopK(2, per_example=True),
@@ -81,25 +83,12 @@ def set_threads(n):
 
 # --- workload 1: the gate alone -----------------------------------------------------------------
 
-def gate_workload(n, rng):
-    """(ours, theirs or None) callables for the per-example DSelect-k forward + backward."""
-    m, p, k, B = F.n_bits(n), P_GATE, K_GATE, B_GATE
-    x = rng.standard_normal((B, p)).astype(np.float32)
-    G = rng.uniform(-0.05, 0.05, (k, p)).astype(np.float32)
-    b_G = rng.uniform(-0.05, 0.05, k).astype(np.float32)
-    W = rng.uniform(-1 / 8, 1 / 8, (k, m, p)).astype(np.float32)  # z spread over the fractional region and beyond
-    b_W = rng.uniform(-1 / 4, 1 / 4, (k, m)).astype(np.float32)
-    dw = rng.standard_normal((B, n)).astype(np.float32)
-
-    def ours():
-        w, cache = F.dselect_k_per_example_forward(x, G, b_G, W, b_W, n, 1.0)
-        return w, F.dselect_k_per_example_backward(dw, cache, lam=LAM)
-
-    if torch is None:
-        return ours, None
-    gate = tm.DSelectKGate(n, k, 1.0, entropy_reg=LAM, per_example=True, input_dim=p)
+def _torch_gate_side(gate, params, x, dw, ours, what):
+    """theirs: the PyTorch gate's forward + backward of <dw, w> + its regularizer, with ``params``
+    ({name: array}) copied in; checked against ours() (forward, every parameter gradient, dx)
+    before anything is timed."""
     with torch.no_grad():
-        for name, v in (("G", G), ("b_G", b_G), ("W", W), ("b_W", b_W)):
+        for name, v in params.items():
             getattr(gate, name).copy_(torch.from_numpy(v))
     xt, dwt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(dw)
 
@@ -112,10 +101,51 @@ def gate_workload(n, rng):
 
     w_ours, g_ours = ours()
     w_theirs = theirs()
-    _check_close(w_ours, w_theirs.detach().numpy(), "gate forward")
-    _check_close(g_ours["x"], xt.grad.numpy(), "gate dx")
-    _check_close(g_ours["W"], gate.W.grad.numpy(), "gate dW")
-    return ours, theirs
+    _check_close(w_ours, w_theirs.detach().numpy(), f"{what} forward")
+    for name in params:
+        _check_close(g_ours[name], getattr(gate, name).grad.numpy(), f"{what} d{name}")
+    _check_close(g_ours["x"], xt.grad.numpy(), f"{what} dx")
+    return theirs
+
+
+def gate_workload(n, rng):
+    """(ours, theirs or None) callables for the per-example DSelect-k forward + backward."""
+    m, p, k, B = F.n_bits(n), P_GATE, K_GATE, B_GATE
+    x = rng.standard_normal((B, p)).astype(np.float32)
+    params = dict(G=rng.uniform(-0.05, 0.05, (k, p)), b_G=rng.uniform(-0.05, 0.05, k),
+                  W=rng.uniform(-1 / 8, 1 / 8, (k, m, p)),  # z spread over the fractional region and beyond
+                  b_W=rng.uniform(-1 / 4, 1 / 4, (k, m)))
+    params = {name: v.astype(np.float32) for name, v in params.items()}
+    dw = rng.standard_normal((B, n)).astype(np.float32)
+
+    def ours():
+        w, cache = F.dselect_k_per_example_forward(x, *params.values(), n, 1.0)
+        return w, F.dselect_k_per_example_backward(dw, cache, lam=LAM)
+
+    if torch is None:
+        return ours, None
+    gate = tm.DSelectKGate(n, k, 1.0, entropy_reg=LAM, per_example=True, input_dim=p)
+    return ours, _torch_gate_side(gate, params, x, dw, ours, "gate")
+
+
+def comet_gate_workload(n, rng):
+    """(ours, theirs or None) callables for the per-example COMET forward + backward (k trees)."""
+    p, k, B = P_GATE, K_COMET, B_GATE
+    x = rng.standard_normal((B, p)).astype(np.float32)
+    params = dict(U=rng.uniform(-0.05, 0.05, (k, n, p)), b_U=rng.uniform(-0.05, 0.05, (k, n)),
+                  W=rng.uniform(-1 / 8, 1 / 8, (k, n - 1, p)),  # z over the fractional region and beyond
+                  b_W=rng.uniform(-1 / 4, 1 / 4, (k, n - 1)))
+    params = {name: v.astype(np.float32) for name, v in params.items()}
+    dw = rng.standard_normal((B, n)).astype(np.float32)
+
+    def ours():
+        w, cache = F.comet_per_example_forward(x, *params.values(), 1.0)
+        return w, F.comet_per_example_backward(dw, cache, lam=LAM)
+
+    if torch is None:
+        return ours, None
+    gate = tm.CometGate(n, k, 1.0, entropy_reg=LAM, per_example=True, input_dim=p)
+    return ours, _torch_gate_side(gate, params, x, dw, ours, "COMET")
 
 
 def _check_close(a, b, what, tol=1e-4):
@@ -328,7 +358,8 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=None, help="timing blocks per side (default 7, --quick 3)")
     ap.add_argument("--block-time", type=float, default=None,
                     help="seconds per timing block (default 0.3, --quick 0.02)")
-    ap.add_argument("--workloads", nargs="+", choices=["gate", "step", "cnn"], default=["gate", "step"],
+    ap.add_argument("--workloads", nargs="+", choices=["gate", "comet", "step", "cnn"],
+                    default=["gate", "comet", "step"],
                     help="cnn (the Multi-Fashion MNIST models) is not in the default set: its steps take seconds")
     ap.add_argument("--out", help="also write the Markdown report to this file")
     args = ap.parse_args(argv)
@@ -363,22 +394,28 @@ def main(argv=None):
         "CPU count is above)")
     out()
     rng = np.random.default_rng(0)
-    results = {"gate": [], "step": [], "cnn": []}
+    results = {"gate": [], "comet": [], "step": [], "cnn": []}
 
-    if "gate" in args.workloads:
-        out(f"## Per-example DSelect-k gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_GATE}, lambda={LAM})")
+    gate_sections = (("gate", f"Per-example DSelect-k gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_GATE}, "
+                               f"lambda={LAM})", (8, 32, 128), gate_workload),
+                     ("comet", f"Per-example COMET gate, forward + backward (B={B_GATE}, p={P_GATE}, k={K_COMET} trees, "
+                               f"lambda={LAM})", N_COMET, comet_gate_workload))
+    for key, title, ns, workload in gate_sections:
+        if key not in args.workloads:
+            continue
+        out(f"## {title}")
         out()
         out("| n | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch | load |")
         out("|---:|---:|---:|---:|---:|---:|")
-        for n in (8, 32, 128):
-            ours, theirs = gate_workload(n, rng)
+        for n in ns:
+            ours, theirs = workload(n, rng)
             for threads in args.threads:
                 set_threads(threads)
                 fns = {"ours": ours} if theirs is None else {"ours": ours, "theirs": theirs}
                 t = interleaved(fns, blocks, block_time, pause)
                 r_ours = B_GATE / t["ours"]
                 r_theirs = B_GATE / t["theirs"] if "theirs" in t else None
-                results["gate"].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
+                results[key].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
                 out(f"| {n} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | {_fmt_ratio(r_ours, r_theirs)} | "
                     f"{fmt_load()} |")
         out()

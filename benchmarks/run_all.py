@@ -6,7 +6,7 @@ from the repository root, with dselectk built (``pip install -e .``, or ``python
 build_ext --inplace`` and ``PYTHONPATH=.``). Each benchmark runs in its own process, one after the
 other, and writes its Markdown table into benchmarks/results/:
 
-    bench_vs_torch.py --workloads gate step cnn --threads 1 2   -> results/bench_vs_torch.md
+    bench_vs_torch.py --workloads gate comet step cnn --threads 1 2   -> results/bench_vs_torch.md
     bench_conditional.py --threads 1                             -> results/bench_conditional.md
     bench_threads.py                                             -> results/bench_threads.md
 
@@ -25,7 +25,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 BENCHMARKS = {
-    "vs_torch": ("bench_vs_torch.py", ["--workloads", "gate", "step", "cnn", "--threads", "1", "2"],
+    "vs_torch": ("bench_vs_torch.py", ["--workloads", "gate", "comet", "step", "cnn", "--threads", "1", "2"],
                  "bench_vs_torch.md"),
     "conditional": ("bench_conditional.py", ["--threads", "1"], "bench_conditional.md"),
     "threads": ("bench_threads.py", [], "bench_threads.md"),

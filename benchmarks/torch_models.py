@@ -4,7 +4,10 @@ The package never imports this module. It mirrors dselectk's definitions exactly
 same parameters both give the same outputs, losses and gradients (tests/test_torch_parity.py):
 
 * :func:`smooth_step`: S(t; gamma) = 0 for t <= -gamma/2, 1 for t >= gamma/2, the cubic
-  -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between (clamped to [0, 1] like the C kernel).
+  -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between, evaluated as the C kernel does
+  (csrc/smooth_step_impl.h): u^2 (3 - 2u) with u = (gamma/2 + t) / gamma for t < 0 and its mirror
+  for t >= 0, exactly 0 or 1 (and slope 0) where min(S, 1 - S) is at most half the spacing of the
+  numbers below 1.
 * :func:`selector`: r_j = prod_b (s_b if bit b of j is set else 1 - s_b), with s[..., 0] the least
   significant bit (``dselectk.functional.selector``); codes n..2^m-1 dropped when n is not a power
   of two.
@@ -13,6 +16,12 @@ same parameters both give the same outputs, losses and gradients (tests/test_tor
   lambda * Omega + xi * penalty with Omega = sum_i h(r_i), h(r) = -sum_j r_j log(r_j + eps), and
   penalty = sum_i 1 / (eps + sum_{j<n} r_ij), each averaged over the batch (B = 1 for a static
   gate); xi counts only when n is not a power of two (``dselectk.functional.dselect_k_backward``).
+* :class:`CometGate`: the COMET gate (``dselectk.functional.comet_forward``): k heap-indexed trees,
+  node logits Z (k, n - 1), leaf logits A (k, n) in left-first depth-first leaf order, reach
+  probabilities level by level down the heap, one softmax over the k n scores a + log p computed
+  as p exp(a - amax) / sum (no log, so reach 0 gives weight 0 and a finite gradient), w = sum over
+  trees; static (A, Z) or per example (U (k, n, p), b_U (k, n), W (k, n - 1, p), b_W (k, n - 1)).
+  Regularizer lambda * mean_b sum_t -sum_j p log(p + eps).
 * :class:`TopKGate`: softmax over the k largest logits (ties to the lower index), 0 elsewhere;
   static (logits (n,)) or per example (A (n, p), b (n,)). No noisy variant.
 * :class:`MMoE`: n experts of Dense -> ReLU blocks, one gate per task (its input is the model's
@@ -38,7 +47,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["smooth_step", "selector", "n_bits", "DSelectKGate", "TopKGate", "Dense", "MLP", "MMoE",
+__all__ = ["smooth_step", "selector", "n_bits", "DSelectKGate", "CometGate", "TopKGate", "Dense", "MLP", "MMoE",
            "from_dselectk", "copy_parameters", "make_adam", "task_loss", "CNNMMoE", "cnn_from_dselectk"]
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -50,9 +59,13 @@ def n_bits(n):
 
 
 def smooth_step(t, gamma=1.0):
-    half = gamma / 2
-    cubic = (-2 / gamma**3 * t * t * t + 3 / (2 * gamma) * t + 0.5).clamp(0.0, 1.0)
-    return torch.where(t <= -half, torch.zeros_like(t), torch.where(t >= half, torch.ones_like(t), cubic))
+    tol = torch.finfo(t.dtype).eps / 4  # half the spacing of the numbers just below 1
+    u = ((gamma / 2 + t) / gamma).clamp(0.0, 0.5)  # t < 0: S = u^2 (3 - 2u)
+    v = ((gamma / 2 - t) / gamma).clamp(0.0, 0.5)  # t >= 0: 1 - S = v^2 (3 - 2v)
+    low, high = u * u * (3 - 2 * u), v * v * (3 - 2 * v)
+    s = torch.where(t < 0, low, 1 - high)
+    saturated = torch.where(t < 0, low, high) <= tol
+    return torch.where(saturated, (t >= 0).to(t.dtype), s)
 
 
 def selector(s, n):
@@ -106,6 +119,76 @@ class DSelectKGate(nn.Module):
             pen = self.xi / B * (1.0 / (self.eps + r.sum(dim=-1))).sum()
             reg = pen if reg is None else reg + pen
         self.reg = reg
+        return w if self.per_example else w[0]
+
+
+def comet_leaf_nodes(n):
+    """The heap index of expert j's leaf (j-th leaf in left-first depth-first order)."""
+    leaves = []
+
+    def visit(node):
+        if node >= n - 1:
+            leaves.append(node)
+        else:
+            visit(2 * node + 1)
+            visit(2 * node + 2)
+    visit(0)
+    return leaves
+
+
+class CometGate(nn.Module):
+    def __init__(self, n_experts, k, gamma=1.0, entropy_reg=0.0, per_example=False, input_dim=None, eps=1e-6,
+                 dtype=torch.float32):
+        super().__init__()
+        self.n, self.k, self.gamma = int(n_experts), int(k), float(gamma)
+        self.entropy_reg, self.eps, self.per_example = float(entropy_reg), float(eps), bool(per_example)
+        n, k = self.n, self.k
+        if self.per_example:
+            p = int(input_dim)
+            self.U = nn.Parameter(torch.zeros(k, n, p, dtype=dtype))
+            self.b_U = nn.Parameter(torch.zeros(k, n, dtype=dtype))
+            self.W = nn.Parameter(torch.zeros(k, n - 1, p, dtype=dtype))
+            self.b_W = nn.Parameter(torch.zeros(k, n - 1, dtype=dtype))
+        else:
+            self.A = nn.Parameter(torch.zeros(k, n, dtype=dtype))
+            self.Z = nn.Parameter(torch.zeros(k, n - 1, dtype=dtype))
+        self.register_buffer("leaf", torch.tensor(comet_leaf_nodes(n)), persistent=False)
+        self.reg = None
+
+    def reach(self, s):
+        """s (B, k, n - 1) -> reach of every node (B, k, 2n - 1) in heap order, one level at a time:
+        the internal nodes of a level are a prefix of it, and their children, in heap order, are a
+        prefix of the next level."""
+        n = self.n
+        levels = [torch.ones(s.shape[:-1] + (1,), dtype=s.dtype)]
+        start = 0
+        while start < n - 1:
+            level = levels[-1]
+            n_int = min(n - 1 - start, level.shape[-1])
+            p, sv = level[..., :n_int], s[..., start:start + n_int]
+            levels.append(torch.stack([p * sv, p * (1 - sv)], dim=-1).reshape(s.shape[:-1] + (2 * n_int,)))
+            start += level.shape[-1]
+        return torch.cat(levels, dim=-1)
+
+    def forward(self, x=None):
+        """w (n,) static, (B, n) per example; sets ``self.reg`` to the regularizer (or None)."""
+        if self.per_example:
+            A = nn.functional.linear(x, self.U.reshape(self.k * self.n, -1), self.b_U.reshape(-1))
+            A = A.reshape(-1, self.k, self.n)
+            Z = nn.functional.linear(x, self.W.reshape(self.k * (self.n - 1), -1), self.b_W.reshape(-1))
+            Z = Z.reshape(-1, self.k, self.n - 1)
+        else:
+            A, Z = self.A[None], self.Z[None]
+        p = self.reach(smooth_step(Z, self.gamma))[..., self.leaf]  # (B, k, n), expert order
+        B = p.shape[0]
+        reached = p > 0
+        with torch.no_grad():  # the softmax's shift: the largest logit of a reached leaf
+            amax = torch.where(reached, A, -torch.inf).amax(dim=(1, 2), keepdim=True)
+        # exp(-inf) = 0 where p = 0: no overflow there, and no 0 * inf in the backward
+        e = p * torch.exp(torch.where(reached, A - amax, -torch.inf))
+        g = e / e.sum(dim=(1, 2), keepdim=True)
+        w = g.sum(dim=1)
+        self.reg = (-self.entropy_reg / B * (p * torch.log(p + self.eps)).sum()) if self.entropy_reg > 0 else None
         return w if self.per_example else w[0]
 
 

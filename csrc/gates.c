@@ -1,6 +1,7 @@
 /* The gate kernels, instantiated for float and double from gates_impl.h. */
 #include "gates.h"
 #include "dsk.h"
+#include <float.h>
 #include <limits.h>
 #include <math.h>
 #include <stddef.h>

@@ -16,9 +16,10 @@
 #define DSK_GATES_H
 
 #define DSK_DECLARE_GATES(real, sfx)                                                              \
-    /* s (N) = S(t; gamma), the cubic smooth-step of Section 3.1.3; t (N). */                     \
+    /* s (N) = S(t; gamma), the cubic smooth-step of Section 3.1.3, exactly 0 or 1 where          \
+     * min(S, 1 - S) is within rounding of 0 (smooth_step_impl.h); t (N). */                      \
     void smooth_step_forward_##sfx(real *s, const real *t, long N, real gamma);                   \
-    /* dt (N) = dout (N) * S'(t; gamma). */                                                       \
+    /* dt (N) = dout (N) * S'(t; gamma), 0 wherever S is saturated. */                            \
     void smooth_step_backward_##sfx(real *dt, const real *dout, const real *t, long N,            \
                                     real gamma);                                                  \
     /* r (R, n) = single-expert selector r(s) of eq. (4) for each of R rows of s (R, m);          \

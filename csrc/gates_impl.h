@@ -3,20 +3,7 @@
  * double so that float32 results stay close to the float64 reference. Declarations and the meaning
  * of every argument are in gates.h. */
 
-static inline real FN(smooth_step_value)(real t, real gamma) {
-    const real half = gamma / 2;
-    if (t <= -half) return 0;
-    if (t >= half) return 1;
-    const real v = -2 / (gamma * gamma * gamma) * t * t * t + 3 / (2 * gamma) * t + (real)0.5;
-    /* rounding can push the cubic a hair outside [0, 1] near the ends of the fractional region */
-    return v < 0 ? 0 : (v > 1 ? 1 : v);
-}
-
-static inline real FN(smooth_step_slope)(real t, real gamma) {
-    const real half = gamma / 2;
-    if (t <= -half || t >= half) return 0; /* S is C^1: the cubic's slope is 0 at +-gamma/2 too */
-    return -6 / (gamma * gamma * gamma) * t * t + 3 / (2 * gamma);
-}
+#include "smooth_step_impl.h"
 
 /* Elementwise kernels' arguments: out (N) from in (N) and in2 (N). */
 typedef struct {

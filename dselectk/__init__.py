@@ -37,7 +37,7 @@ finally:
 from . import callbacks, functional, gates, inputs, metrics, optim
 from .embedding import Embedding, EmbeddingInput
 from .export import export_onnx
-from .gates import DSelectKGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
+from .gates import CometGate, DSelectKGate, HashGate, SoftmaxGate, SoftmaxSelectorGate, TopKGate
 from .models import MMoE, MoE, SharedBottom, load, save
 from .trainer import AnnealTemperature, History, evaluate, fit, predict
 
@@ -47,6 +47,8 @@ __all__ = [
     "TopKGate",
     "SoftmaxGate",
     "SoftmaxSelectorGate",
+    "CometGate",
+    "HashGate",
     "MMoE",
     "MoE",
     "SharedBottom",

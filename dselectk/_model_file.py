@@ -9,7 +9,10 @@ The file is an ``.npz`` (a zip archive of ``.npy`` members, never pickles) holdi
   (``[[name, [V, d]], ...]``, format version 2 on) and ``training`` (a saved training state: a
   dict, checked by the code that restores it);
 * ``params``: the parameter slab, 1-D, of the config's dtype; ``table_<name>``: the embedding
-  tables; ``train_*``: the arrays of a saved training state.
+  tables; ``train_*``: the arrays of a saved training state; ``buffer_gate<t>.<name>``: the
+  gates' non-trainable state (hash routing's id -> expert assignment), listed in meta ``buffers``
+  (``[[name, shape], ...]``, format version 4), integer arrays whose values the gate checks when
+  it takes them back.
 
 What is checked, in this order, each failure a ValueError naming the file and the field:
 
@@ -22,6 +25,7 @@ What is checked, in this order, each failure a ValueError naming the file and th
    parameters of ``cls`` and of the type each takes (:data:`CONFIG_TYPES`); ``index``: names
    unique, shapes of ints >= 0, offsets contiguous from 0, covering ``params`` exactly;
    ``tables``: the ``table_<name>`` members, with the shapes listed and the config's embeddings;
+   ``buffers``: the ``buffer_<name>`` members, integer arrays of the shapes listed;
 3. sizes against the file: the parameters that the config's layer widths, experts and tasks need
    at the least (:func:`parameter_floor`) must fit in ``params``, so that a config edited to
    ``expert_units=[10**6, 10**6]`` is refused before the model is built (it would allocate TiBs).
@@ -49,16 +53,18 @@ __all__ = ["ModelFile", "read", "validate", "parameter_floor", "CONFIG_TYPES"]
 # Deflate cannot expand data more than about 1032:1; a member claiming more is corrupted.
 _DEFLATE_MAX_RATIO = 1032
 _META_KEYS = {"format": True, "version": True, "cls": True, "config": True, "index": True, "tables": False,
-              "training": False}  # key -> required
+              "training": False, "buffers": False}  # key -> required
 _NPY_HEADER_MAX = 10_000  # numpy's own limit; it writes headers of a few hundred bytes
 
 
 class ModelFile:
     """The parts of a model file, read and checked by :func:`read`: ``meta`` (the parsed JSON),
-    ``params``, ``tables`` ({name: array}) and ``extra`` ({member: array}, the ``train_*`` arrays)."""
+    ``params``, ``tables`` ({name: array}), ``extra`` ({member: array}, the ``train_*`` arrays) and
+    ``buffers`` ({name: array}, the gates' ``buffer_*`` arrays)."""
 
-    def __init__(self, path, meta, params, tables, extra):
+    def __init__(self, path, meta, params, tables, extra, buffers=None):
         self.path, self.meta, self.params, self.tables, self.extra = path, meta, params, tables, extra
+        self.buffers = buffers or {}
 
 
 def _fail(path, what):
@@ -141,9 +147,9 @@ def read(path):
                 if not info.filename.endswith(".npy"):
                     _fail(path, f"{_UNREADABLE}: unexpected member {info.filename!r} (it holds .npy arrays only)")
                 key = info.filename[:-4]
-                if key not in ("meta", "params") and not key.startswith(("table_", "train_")):
-                    _fail(path, f"{_UNREADABLE}: unexpected array {key!r} (it holds meta, params, table_<name> and "
-                                "train_<name>)")
+                if key not in ("meta", "params") and not key.startswith(("table_", "train_", "buffer_")):
+                    _fail(path, f"{_UNREADABLE}: unexpected array {key!r} (it holds meta, params, table_<name>, "
+                                "train_<name> and buffer_<name>)")
                 arrays[key] = _member_header(path, zf, info)
     except _ZIP_ERRORS as exc:
         _fail(path, f"{_UNREADABLE} ({type(exc).__name__}: {exc})")
@@ -169,7 +175,8 @@ def read(path):
         _fail(path, f"'meta' must be a JSON object, got {type(meta).__name__}")
     tables = {k[len("table_"):]: v for k, v in loaded.items() if k.startswith("table_")}
     extra = {k: v for k, v in loaded.items() if k.startswith("train_")}
-    return ModelFile(path, meta, loaded["params"], tables, extra)
+    buffers = {k[len("buffer_"):]: v for k, v in loaded.items() if k.startswith("buffer_")}
+    return ModelFile(path, meta, loaded["params"], tables, extra, buffers)
 
 
 # --- 2. the metadata -----------------------------------------------------------------------------
@@ -347,6 +354,20 @@ def _check_tables(path, meta, tables, dtype):
         _fail(path, f"the file holds embedding tables {names} but config['embeddings'] is None")
 
 
+def _check_buffers(path, meta, buffers):
+    listed = meta.get("buffers", [])
+    if not _list_of(lambda e: isinstance(e, list) and len(e) == 2 and _str(e[0]) and _list_of(_size)(e[1]))(listed):
+        _fail(path, f"'buffers' must be a list of [name, shape], got {_short(listed)}")
+    names = [name for name, _ in listed]
+    if len(set(names)) != len(names) or set(names) != set(buffers):
+        _fail(path, f"'buffers' lists {names} but the file holds the buffers {sorted(buffers)}")
+    for name, shape in listed:
+        b = buffers[name]
+        if list(b.shape) != shape or b.dtype.kind not in "iu":
+            _fail(path, f"the gate buffer {name!r} is {b.shape} of {b.dtype}, 'buffers' says {tuple(shape)} of "
+                        "integers")
+
+
 def validate(f, classes, read_versions, format_name):
     """Checks 2. and 3. of the module docstring on ``f`` (a :class:`ModelFile`); returns the model
     class to build. ``classes``: {name: class}; ``read_versions``: the format versions this
@@ -379,6 +400,7 @@ def validate(f, classes, read_versions, format_name):
         _fail(path, f"'params' has dtype {f.params.dtype}, config['dtype'] is {dtype}")
     _check_index(path, meta["index"], f.params.size)
     _check_tables(path, meta, f.tables, dtype)
+    _check_buffers(path, meta, f.buffers)
     floor, why = parameter_floor(cls.__name__, config)
     if floor > f.params.size:
         _fail(path, f"the config needs at least {floor} parameters ({why}), but 'params' holds {f.params.size}")

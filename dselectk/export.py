@@ -96,6 +96,9 @@ class OnnxGraph:
         self.nodes: list = []
         self.initializers: list = []
         self._used: set[str] = set()
+        # the graph values of the model's integer id columns, (B,) int64 each (models with an
+        # embedding input), for the gates that route on ids (hash routing)
+        self.id_columns: list[str] | None = None
 
     def reserve(self, *names: str) -> None:
         """Keep ``names`` (the graph's inputs and outputs) from being given to other values."""
@@ -248,6 +251,7 @@ def _inputs(g: OnnxGraph, model: Any) -> tuple[list, str, str]:
     else:  # one (B,) input per named id column
         inputs += [g.value_info(name, [BATCH], int64) for name in front.columns]
         columns = list(front.columns)
+    g.id_columns = columns
     for j, (table, column) in enumerate(zip(front.tables, columns)):
         parts.append(g.op("Gather", g.const(table.table, f"embedding{j}"), column, hint=f"embedded{j}", axis=0))
     if front.n_dense and front.dense_columns is None:

@@ -3,7 +3,8 @@
 Symbols are the paper's (Hazimeh et al., "DSelect-k", NeurIPS 2021): n experts, k selectors,
 m = ceil(log2 n) bits per selector, gamma the smooth-step width, alpha the selector logits, Z the
 binary-encoding logits, lambda (``lam``) the entropy coefficient, xi the coefficient of the penalty
-for n not a power of two (Appendix B.2).
+for n not a power of two (Appendix B.2). The COMET gate (Ibrahim et al., KDD 2023) has k trees with
+leaf logits A (k, n) and node logits Z (k, n - 1) (see its section below).
 
 Rules shared by every function:
 
@@ -57,6 +58,13 @@ __all__ = [
     "dselect_k_regularization",
     "dselect_k_per_example_forward",
     "dselect_k_per_example_backward",
+    "comet_leaf_nodes",
+    "comet",
+    "comet_forward",
+    "comet_backward",
+    "comet_regularization",
+    "comet_per_example_forward",
+    "comet_per_example_backward",
     "softmax",
     "softmax_backward",
     "top_k",
@@ -264,14 +272,21 @@ def n_bits(n: int) -> int:
 
 def smooth_step(t: np.ndarray, gamma: float = 1.0, out: np.ndarray | None = None) -> np.ndarray:
     """S(t; gamma), elementwise (Section 3.1.3): 0 for t <= -gamma/2, 1 for t >= gamma/2, and
-    -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between. Any shape; returns an array like t."""
+    -2/gamma^3 t^3 + 3/(2 gamma) t + 1/2 in between. Any shape; returns an array like t.
+
+    Evaluated as v^2 (3 - 2v) (t < 0) and 1 - v^2 (3 - 2v) (t >= 0), v = (gamma/2 - |t|) / gamma,
+    which is accurate relative to S near both ends, and saturated: where min(S, 1 - S) rounds to
+    at most half the spacing of the numbers just below 1 (2^-25 in float32, 2^-54 in float64), S
+    is exactly 0 or 1 and its slope exactly 0. So S == 0 exactly when 1 - S rounds to 1 in the
+    working precision, and an entry of S(Z) that the selectors treat as binary is binary."""
     t = _array(t, "t")
     return _C.smooth_step_forward(t.reshape(-1), gamma, _out_view(out, t.shape, -1)).reshape(t.shape)
 
 
 def smooth_step_backward(dout: np.ndarray, t: np.ndarray, gamma: float = 1.0) -> np.ndarray:
     """dt = dout * S'(t; gamma): the backward of :func:`smooth_step`. S' is 0 outside
-    (-gamma/2, gamma/2), so an entry whose S(t) is exactly 0 or 1 receives no gradient."""
+    (-gamma/2, gamma/2), and 0 where S(t) is saturated (see :func:`smooth_step`), so an entry
+    whose S(t) is exactly 0 or 1 receives no gradient."""
     t, dout = _array(t, "t"), _array(dout, "dout")
     if dout.shape != t.shape:
         raise ValueError(f"argument 'dout' must have the shape of t {t.shape}, got {dout.shape}")
@@ -331,6 +346,17 @@ def _batched_alpha_Z(alpha: Any, Z: Any, name: str = "Z", last: str = "m") -> tu
     raise ValueError(f"argument 'alpha' must be (k,) (static gate) or (B, k) (per example), got {alpha.shape}")
 
 
+def _batched_dw(dw: Any, B: int, n: int, static: bool) -> np.ndarray | None:
+    """dw (n,) for a static cache or (B, n) as (B, n); None passes (the regularizers alone)."""
+    if dw is None:
+        return None
+    dw = _array(dw, "dw")
+    want = (n,) if static else (B, n)
+    if dw.shape != want:
+        raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
+    return dw.reshape(B, n)
+
+
 def dselect_k_forward(alpha: np.ndarray, Z: np.ndarray, n: int, gamma: float = 1.0) -> tuple[np.ndarray, DSelectKCache]:
     """DSelect-k, eq. (6): w = sum_i softmax(alpha)_i r(S(z^(i))).
 
@@ -358,13 +384,7 @@ def dselect_k_backward(dw: np.ndarray | None, cache: DSelectKCache, lam: float =
     (Appendix B.2; useful only when n is not a power of two). ``dw`` like w, or None for the
     regularizers alone. Shapes of dalpha/dZ follow alpha/Z."""
     _dselect_k_cache(_cache_of(cache, DSelectKCache))
-    B = cache.r.shape[0]
-    if dw is not None:
-        dw = _array(dw, "dw")
-        want = (cache.r.shape[2],) if cache.static else (B, cache.r.shape[2])
-        if dw.shape != want:
-            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
-        dw = dw.reshape(B, -1)
+    dw = _batched_dw(dw, cache.r.shape[0], cache.r.shape[2], cache.static)
     dalpha, dZ = _C.dselect_k_backward(dw, cache.sigma, cache.sz, cache.r, cache.Z, cache.gamma, lam, xi, eps)
     return (dalpha[0], dZ[0]) if cache.static else (dalpha, dZ)
 
@@ -449,6 +469,184 @@ def dselect_k_per_example_backward(dw: np.ndarray | None, cache: DSelectKPerExam
     }
 
 
+# --- COMET (Ibrahim et al., KDD 2023) ----------------------------------------------------------
+#
+# k soft binary trees over the n experts (csrc/comet.h). Tree t has n - 1 internal nodes in heap
+# order (children of node v: 2v + 1 left, 2v + 2 right; unbalanced when n is not a power of two)
+# with logits Z[t] (n - 1) and n leaves with logits A[t] (n) in expert order, expert j being the
+# j-th leaf in left-first depth-first order (:func:`comet_leaf_nodes`). Node v sends
+# s_v = S(z_v; gamma) of its reach left and 1 - s_v right; p_{t,j} is the reach of expert j's leaf
+# in tree t; g = softmax over all k n scores a_{t,j} + log p_{t,j} (one softmax, not one per tree);
+# w_j = sum_t g_{t,j}. Leaves with p = 0 get weight exactly 0.
+
+class CometCache(NamedTuple):
+    """What :func:`comet_backward` needs from the forward pass (batch-first, B = 1 when static)."""
+    A: np.ndarray  # leaf logits, (B, k, n), expert order
+    Z: np.ndarray  # node logits, (B, k, n - 1), heap order
+    sz: np.ndarray  # S(Z), (B, k, n - 1)
+    reach_int: np.ndarray  # reach of the internal nodes, (B, k, n - 1)
+    reach: np.ndarray  # reach p of the leaves, (B, k, n), expert order
+    g: np.ndarray  # the softmax over the k n leaf scores, (B, k, n)
+    norm: np.ndarray  # (shift, Dsum) of each example's softmax, (B, 2)
+    gamma: float
+    static: bool  # A was (k, n) and Z (k, n - 1)
+
+
+_COMET_FIELDS = (("A", ("B", "k", "n")), ("Z", ("B", "k", "v")), ("sz", ("B", "k", "v")),
+                 ("reach_int", ("B", "k", "v")), ("reach", ("B", "k", "n")), ("g", ("B", "k", "n")),
+                 ("norm", ("B", "two")))
+
+
+def _comet_cache(cache: Any, prefix: str = "cache") -> CometCache:
+    """A CometCache, structurally checked (see the module's rules)."""
+    sizes = _cache_arrays(cache, prefix, _COMET_FIELDS)
+    n, k = sizes["n"], sizes["k"]
+    if n < 2 or not 1 <= k <= n or sizes["v"] != n - 1 or sizes["two"] != 2:
+        raise ValueError(f"{prefix}.A (B, k, n), {prefix}.Z (B, k, n - 1) and {prefix}.norm (B, 2) must have n >= 2 "
+                         f"experts and 1 <= k <= n trees, got shapes {cache.A.shape}, {cache.Z.shape}, "
+                         f"{cache.norm.shape}")
+    _number(cache.gamma, f"{prefix}.gamma", strict=True)
+    if _flag(cache.static, f"{prefix}.static") and sizes["B"] != 1:
+        raise ValueError(f"{prefix}.static is True (A was (k, n)), so its arrays must have B = 1, got B = {sizes['B']}")
+    return cache
+
+
+def comet_leaf_nodes(n: int) -> np.ndarray:
+    """leaf (n,) int64: the heap index of expert j's leaf in a COMET tree over n experts. Expert j
+    is the j-th leaf in left-first depth-first order: for n = 3 the leaves 3, 4, 2."""
+    return _C.comet_leaf_nodes(_int(n, "n (the number of experts)", 2))
+
+
+def _batched_A_Z(A: Any, Z: Any) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(A (B, k, n), Z (B, k, n - 1), static) from the static or batched forms."""
+    A, Z = _array(A, "A"), _array(Z, "Z")
+    if A.ndim == 2:
+        want = (A.shape[0], A.shape[1] - 1)
+        if Z.ndim != 2 or (A.shape[1] >= 2 and Z.shape != want):
+            raise ValueError(f"argument 'Z' must have shape (k, n - 1) = {want} for a static A of shape (k, n) = "
+                             f"{A.shape}, got {Z.shape}")
+        return A[None], Z[None], True
+    if A.ndim == 3:
+        if Z.ndim != 3:
+            raise ValueError(f"argument 'Z' must be (B, k, n - 1) for A of shape (B, k, n) = {A.shape}, got {Z.shape}")
+        return A, Z, False
+    raise ValueError(f"argument 'A' must be (k, n) (static gate) or (B, k, n) (per example), got {A.shape}")
+
+
+def comet_forward(A: np.ndarray, Z: np.ndarray, gamma: float = 1.0,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, CometCache]:
+    """The COMET gate: w_j = sum_t softmax_{t,j}(a_{t,j} + log p_{t,j}) (see the section comment).
+
+    A (k, n) leaf logits and Z (k, n - 1) node logits of k trees give the static gate's weights
+    w (n,); A (B, k, n) and Z (B, k, n - 1) (per-example logits) give w (B, n). 1 <= k <= n,
+    gamma > 0. Returns ``(w, cache)`` for :func:`comet_backward`. w is on the probability simplex,
+    and has at most k nonzeros once every S(z) is 0 or 1 (each tree then reaches one leaf)."""
+    A3, Z3, static = _batched_A_Z(A, Z)
+    B, n = A3.shape[0], A3.shape[2]
+    out2 = None if out is None else _out_view(out, (n,) if static else (B, n), (-1, n))
+    w, sz, reach_int, reach, g, norm = _C.comet_forward(A3, Z3, gamma, out2)
+    cache = CometCache(np.ascontiguousarray(A3), np.ascontiguousarray(Z3), sz, reach_int, reach, g, norm,
+                       float(gamma), static)
+    return (out if out is not None else w[0] if static else w), cache
+
+
+def comet(A: np.ndarray, Z: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """Expert weights of the COMET gate (see :func:`comet_forward`), without the cache."""
+    return comet_forward(A, Z, gamma)[0]
+
+
+def comet_backward(dw: np.ndarray | None, cache: CometCache, lam: float = 0.0,
+                   eps: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients (dA, dZ) of  <dw, w> + lam * Omega  where Omega, averaged over the batch, is
+    sum_t h(p_t), h(p) = -sum_j p_j log(p_j + eps): the entropy of each tree's leaf-reach
+    distribution (the COMET regularizer). ``dw`` like w, or None for the regularizer alone.
+    Shapes of dA / dZ follow A / Z. A node whose S(z) is 0 or 1 gets dZ = 0 exactly, and so does
+    every node below a reach of 0."""
+    _comet_cache(_cache_of(cache, CometCache))
+    B, k, n = cache.A.shape
+    dw = _batched_dw(dw, B, n, cache.static)
+    dA, dZ = _C.comet_backward(dw, cache.A, cache.Z, cache.sz, cache.reach_int, cache.reach, cache.g, cache.norm,
+                               cache.gamma, lam, eps)
+    return (dA[0], dZ[0]) if cache.static else (dA, dZ)
+
+
+def comet_regularization(cache: CometCache, eps: float = 1e-6) -> float:
+    """Omega = sum_t h(p_t), h(p) = -sum_j p_j log(p_j + eps), averaged over the batch (the
+    coefficient lambda not applied)."""
+    _comet_cache(_cache_of(cache, CometCache))
+    B, k, n = cache.reach.shape
+    return _C.selector_entropy(cache.reach.reshape(B * k, n), eps) / B
+
+
+class CometPerExampleCache(NamedTuple):
+    x: np.ndarray  # (B, p)
+    U2: np.ndarray  # U reshaped to (k*n, p)
+    W2: np.ndarray  # W reshaped to (k*(n-1), p)
+    gate: CometCache
+
+
+def _comet_per_example_cache(cache: Any) -> CometPerExampleCache:
+    gate = _comet_cache(_cache_of(cache.gate, CometCache, "cache.gate"), "cache.gate")
+    if gate.static:
+        raise ValueError("cache.gate.static must be False in a per-example cache")
+    B, k, n = gate.A.shape
+    sizes = _cache_arrays(cache, "cache", (("x", ("B", "p")), ("U2", ("kn", "p")), ("W2", ("kv", "p"))))
+    if (sizes["B"], sizes["kn"], sizes["kv"]) != (B, k * n, k * (n - 1)):
+        raise ValueError(f"cache.x (B, p), cache.U2 (k*n, p) and cache.W2 (k*(n-1), p) must match cache.gate's B = "
+                         f"{B}, k = {k}, n = {n}, got shapes {cache.x.shape}, {cache.U2.shape}, {cache.W2.shape}")
+    if cache.x.dtype != gate.A.dtype:
+        raise TypeError(f"cache.x has dtype {cache.x.dtype}, expected {gate.A.dtype} like cache.gate.A")
+    return cache
+
+
+def comet_per_example_forward(x: np.ndarray, U: np.ndarray, b_U: np.ndarray, W: np.ndarray, b_W: np.ndarray,
+                              gamma: float = 1.0) -> tuple[np.ndarray, CometPerExampleCache]:
+    """Per-example COMET: leaf logits a_t = U_t x + b_U,t (B, k, n) and node logits
+    z_t = W_t x + b_W,t (B, k, n - 1), then :func:`comet_forward` per example.
+
+    x (B, p), U (k, n, p), b_U (k, n), W (k, n - 1, p), b_W (k, n - 1). Returns ``(w, cache)``
+    with w (B, n)."""
+    x, U = _array(x, "x"), _array(U, "U")
+    if x.dtype.type not in (np.float32, np.float64):
+        raise TypeError(f"argument 'x' must have dtype float32 or float64, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"argument 'x' must be 2-D with shape (B, p), got shape {x.shape}")
+    p = x.shape[1]
+    if U.ndim != 3 or U.shape[1] < 2:
+        raise ValueError(f"argument 'U' must be (k, n, p) with n >= 2 experts, got {U.shape}")
+    k, n = U.shape[:2]
+    U = _float_array(U, "U", x.dtype, (k, n, p), "(k, n, p)")
+    b_U = _float_array(b_U, "b_U", x.dtype, (k, n), "(k, n)")
+    W = _float_array(W, "W", x.dtype, (k, n - 1, p), "(k, n - 1, p)")
+    b_W = _float_array(b_W, "b_W", x.dtype, (k, n - 1), "(k, n - 1)")
+    U2, W2 = U.reshape(k * n, p), W.reshape(k * (n - 1), p)
+    A = linear(x, U2, b_U.reshape(-1)).reshape(-1, k, n)
+    Z = linear(x, W2, b_W.reshape(-1)).reshape(-1, k, n - 1)
+    w, gate = comet_forward(A, Z, gamma)
+    return w, CometPerExampleCache(x, U2, W2, gate)
+
+
+def comet_per_example_backward(dw: np.ndarray | None, cache: CometPerExampleCache, lam: float = 0.0,
+                               eps: float = 1e-6, need_dx: bool = True) -> dict[str, np.ndarray | None]:
+    """Gradients of <dw, w> + lam * Omega (batch mean) for the per-example gate. Returns a dict
+    with keys 'x' (None unless need_dx), 'U', 'b_U', 'W', 'b_W'."""
+    _comet_per_example_cache(_cache_of(cache, CometPerExampleCache))
+    dA, dZ = comet_backward(dw, cache.gate, lam, eps)
+    B, k, n = dA.shape
+    dx, dU2, db_U = linear_backward(dA.reshape(B, k * n), cache.x, cache.U2, need_dx)
+    dx_z, dW2, db_W = linear_backward(dZ.reshape(B, k * (n - 1)), cache.x, cache.W2, need_dx)
+    assert db_U is not None and db_W is not None  # need_db defaults to True
+    if dx is not None and dx_z is not None:
+        dx += dx_z
+    return {
+        "x": dx,  # None unless need_dx
+        "U": dU2.reshape(k, n, -1),
+        "b_U": db_U.reshape(k, n),
+        "W": dW2.reshape(k, n - 1, -1),
+        "b_W": db_W.reshape(k, n - 1),
+    }
+
+
 # --- softmax and Top-k -----------------------------------------------------------------------
 
 def _logits_rows(logits: Any, name: str = "logits") -> tuple[np.ndarray, bool]:
@@ -527,7 +725,8 @@ class SoftmaxSelectorCache(NamedTuple):
 
 # the forward that makes each cache, for messages
 _CACHE_SOURCE = {DSelectKCache: "dselect_k_forward", DSelectKPerExampleCache: "dselect_k_per_example_forward",
-                 SoftmaxSelectorCache: "softmax_selector_forward"}
+                 SoftmaxSelectorCache: "softmax_selector_forward", CometCache: "comet_forward",
+                 CometPerExampleCache: "comet_per_example_forward"}
 
 
 def softmax_selector_forward(alpha: np.ndarray, beta: np.ndarray,
@@ -545,12 +744,7 @@ def softmax_selector_backward(dw: np.ndarray | None, cache: SoftmaxSelectorCache
     """(dalpha, dbeta) of <dw, w> + lam * sum_i h(softmax(beta^(i) / T)) (batch mean)."""
     _softmax_selector_cache(_cache_of(cache, SoftmaxSelectorCache))
     B, k, n = cache.P.shape
-    if dw is not None:
-        dw = _array(dw, "dw")
-        want = (n,) if cache.static else (B, n)
-        if dw.shape != want:
-            raise ValueError(f"argument 'dw' must have the shape of w {want}, got {dw.shape}")
-        dw = dw.reshape(B, n)
+    dw = _batched_dw(dw, B, n, cache.static)
     da, db = _C.softmax_selector_backward(dw, cache.sigma, cache.P, cache.T, lam, eps)
     return (da[0], db[0]) if cache.static else (da, db)
 

@@ -39,7 +39,7 @@ from . import _model_file
 from . import checkpoint as _checkpoint
 from . import functional as F
 from ._memory import check_experts
-from .embedding import EmbeddingInput
+from .embedding import EmbeddingInput, _split
 from .gates import GateSpec, StaticDSelectKBank, spec_class
 from .gates._base import resolve as _resolve_gate
 from .inputs import check_task_names
@@ -56,13 +56,14 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 LOSSES = ("mse", "bce", "softmax_ce")
 ARCHITECTURES = ("mlp", "cnn")
-FORMAT, FORMAT_VERSION = "dselectk-model", 3
+FORMAT, FORMAT_VERSION = "dselectk-model", 4
 # version 1: the parameter slab only; version 2 adds the embedding tables; version 3 writes a model's
 # gate as its spec's config dict (config["gate"] = {"kind": ..., options}) where versions 1 and 2
-# had the kind string with every gate's flat keys beside it (k, gamma, ...). A file gets the oldest
-# version that holds it (a SharedBottom without embeddings is still version 1), so that older
-# readers load what they can; load reads all three.
-READ_VERSIONS = (1, 2, 3)
+# had the kind string with every gate's flat keys beside it (k, gamma, ...); version 4 adds the
+# gates' buffers (non-trainable state such as hash routing's assignment: ``buffer_<gate>.<name>``
+# arrays, listed in meta["buffers"]). A file gets the oldest version that holds it (a SharedBottom
+# without embeddings is still version 1), so that older readers load what they can; load reads all.
+READ_VERSIONS = (1, 2, 3, 4)
 # the gate keys of a version 1 or 2 config, each read by the gates that have that option
 _FLAT_GATE_KEYS = ("k", "gamma", "entropy_reg", "xi", "per_example", "noisy", "temperature")
 
@@ -481,7 +482,10 @@ class MMoE(_Model):
             self.experts = [MLP(self.input_dim, expert_units, rng, dropout, self.task_outputs[0], dtype)
                             for _ in range(self.n_experts)]
         d = self.experts[0].out_dim
-        self.gates = [self.gate_spec.build(self.n_experts, self.input_dim, rng, dtype) for _ in range(self.n_tasks)]
+        # a gate that routes on ids (hash routing) is built with the embedding input they come from
+        id_input = dict(id_input=self.input_layer) if getattr(self.gate_spec, "reads_ids", False) else {}
+        self.gates = [self.gate_spec.build(self.n_experts, self.input_dim, rng, dtype, **id_input)
+                      for _ in range(self.n_tasks)]
         if towers and tower_units is None:  # no towers: the mixture is the output
             bad = [out for out in self.task_outputs if out != d]
             if bad:
@@ -509,12 +513,14 @@ class MMoE(_Model):
         """[raw output per task] for X (B, *input_shape) (or the embedding input's dict): logits for
         bce/softmax_ce tasks."""
         self.train_mode(training)
+        ids = _split(X)[0] if self.input_layer is not None else None  # what id-routed gates read
         X = self._input_forward(X, training)  # embedding lookups, else X itself
         flat = _flat(X)  # (B, input_dim) view: what the gates (and MLP experts) read
         X = X if self.expert_kind == "cnn" else flat
         if self.static_fast_path and all(not g.per_example for g in self.gates):
             return self._forward_static(X, training)
-        ws = [gate.forward(flat) if gate.per_example else gate.forward() for gate in self.gates]
+        ws = [gate.forward(ids if getattr(gate, "reads_ids", False) else flat) if gate.per_example else gate.forward()
+              for gate in self.gates]
         B, n = flat.shape[0], self.n_experts
         used = np.zeros((B, n), bool)  # (example, expert) pairs with a nonzero weight in some task
         for w in ws:
@@ -785,16 +791,27 @@ def save(model: _Model, path: PathLike, include_optimizer: bool = True) -> None:
     parameters holding NaN or Inf."""
     _checkpoint.check_finite_parameters(model, f"save({os.fspath(path)!r})")
     tables = model.named_embeddings()
-    version = FORMAT_VERSION if "gate" in model.config else 2 if tables else 1  # the oldest that holds it
+    buffers = _named_buffers(model)
+    # the oldest version that holds it
+    version = 4 if buffers else 3 if "gate" in model.config else 2 if tables else 1
     meta = dict(format=FORMAT, version=version, cls=type(model).__name__,
                 config=model.config, index=[[name, list(shape), offset] for name, shape, offset in model.slab.index])
     if tables:
         meta["tables"] = [[name, list(t.shape)] for name, t in tables.items()]
+    if buffers:
+        meta["buffers"] = [[name, list(b.shape)] for name, b in buffers.items()]
     training, training_arrays = _checkpoint.training_state(model, include_optimizer)
     if training is not None:
         meta["training"] = training
     _checkpoint.atomic_savez(path, dict(params=model.slab.data, meta=np.array(json.dumps(meta)),
-                                        **{f"table_{name}": t for name, t in tables.items()}, **training_arrays))
+                                        **{f"table_{name}": t for name, t in tables.items()},
+                                        **{f"buffer_{name}": b for name, b in buffers.items()}, **training_arrays))
+
+
+def _named_buffers(model):
+    """{"gate<t>.<name>": array} of every gate's buffers (non-trainable state saved with the model)."""
+    return {f"gate{t}.{name}": b for t, g in enumerate(getattr(model, "gates", []))
+            for name, b in (g.buffers() if hasattr(g, "buffers") else {}).items()}
 
 
 def load(path: PathLike) -> _Model:
@@ -813,6 +830,7 @@ def load(path: PathLike) -> _Model:
     f = _model_file.read(path)
     cls = _model_file.validate(f, _CLASSES, READ_VERSIONS, FORMAT)
     meta, params, tables, training_arrays, config = f.meta, f.params, f.tables, f.extra, f.meta["config"]
+    buffers = f.buffers
     if "gate" in config:
         spec = _gate_spec_of(config, path)
         if isinstance(config["gate"], str):  # versions 1 and 2: the flat keys were the gate's
@@ -835,6 +853,17 @@ def load(path: PathLike) -> _Model:
         if tables[name].shape != t.shape or tables[name].dtype != t.dtype or not np.all(np.isfinite(tables[name])):
             raise ValueError(f"{path}: the stored embedding table {name!r} does not match its metadata or holds NaN "
                              "or Inf")
+    want_buffers = _named_buffers(model)
+    if sorted(buffers) != sorted(want_buffers) or \
+            [[n, list(b.shape)] for n, b in want_buffers.items()] != meta.get("buffers", []):
+        raise ValueError(f"{path}: the stored gate buffers {sorted(buffers)} do not match the architecture in its "
+                         f"metadata ({sorted(want_buffers)})")
+    for name, value in buffers.items():
+        t, key = name.split(".", 1)
+        try:
+            model.gates[int(t[len("gate"):])].set_buffer(key, value)
+        except ValueError as exc:
+            raise ValueError(f"{path}: the stored gate buffer {name!r} is invalid: {exc}") from None
     model.slab.data[...] = params
     for name, t in want.items():
         t[...] = tables[name]

@@ -115,6 +115,32 @@ def _per_example_backward(g):
                 need_dx=g.flag())
 
 
+def _comet(g):
+    """A (k, n), Z (k, n - 1) static, or (B, k, n), (B, k, n - 1); 2 <= n <= 9, 1 <= k <= min(3, n)."""
+    n = g.size(2, 9)
+    k = g.size(1, min(3, n))
+    lead = () if g.flag() else (g.size(1, 3),)
+    return dict(A=g.arr(*lead, k, n), Z=g.arr(*lead, k, n - 1), gamma=g.pick(0.5, 1.0, 4.0))
+
+
+def _comet_backward(g):
+    w, cache = F.comet_forward(**_comet(g))
+    dw = None if g.size(0, 4) == 0 else g.arr(*w.shape)
+    return dict(dw=dw, cache=cache, lam=g.pick(0.0, 0.1, 2.0), eps=g.pick(1e-6, 1e-3))
+
+
+def _comet_per_example(g):
+    n, B, p = g.size(2, 9), g.size(1, 3), g.size(1, 4)
+    k = g.size(1, min(3, n))
+    return dict(x=g.arr(B, p), U=g.arr(k, n, p), b_U=g.arr(k, n), W=g.arr(k, n - 1, p), b_W=g.arr(k, n - 1),
+                gamma=g.pick(0.5, 1.0))
+
+
+def _comet_per_example_backward(g):
+    w, cache = F.comet_per_example_forward(**_comet_per_example(g))
+    return dict(dw=g.arr(*w.shape), cache=cache, lam=g.pick(0.0, 0.3), eps=1e-6, need_dx=g.flag())
+
+
 def _logits(g):
     n = g.size(1, 5)
     return g.arr(n) if g.flag() else g.arr(g.size(1, 3), n)
@@ -308,6 +334,18 @@ SPECS = {
     "dselect_k_per_example_backward": Spec(_per_example_backward, floats=("dw",), caches=("cache",),
                                            scalars={"lam": NONNEG, "xi": NONNEG, "eps": POSITIVE,
                                                     "need_dx": BOOL}),
+    "comet_leaf_nodes": Spec(lambda g: dict(n=g.pick(2, 3, 5, 8, 33)), scalars={"n": SIZE}),
+    "comet": Spec(_comet, floats=("A", "Z"), scalars={"gamma": POSITIVE}),
+    "comet_forward": Spec(_comet, floats=("A", "Z"), out=True, scalars={"gamma": POSITIVE}),
+    "comet_backward": Spec(_comet_backward, floats=("dw",), caches=("cache",),
+                           scalars={"lam": NONNEG, "eps": POSITIVE}),
+    "comet_regularization": Spec(
+        lambda g: dict(cache=F.comet_forward(**_comet(g))[1], eps=g.pick(1e-6, 0.1)),
+        caches=("cache",), scalars={"eps": POSITIVE}),
+    "comet_per_example_forward": Spec(_comet_per_example, floats=("x", "U", "b_U", "W", "b_W"),
+                                      scalars={"gamma": POSITIVE}),
+    "comet_per_example_backward": Spec(_comet_per_example_backward, floats=("dw",), caches=("cache",),
+                                       scalars={"lam": NONNEG, "eps": POSITIVE, "need_dx": BOOL}),
     "softmax": Spec(lambda g: dict(logits=_logits(g)), floats=("logits",), out=True),
     "softmax_backward": Spec(
         lambda g: (lambda w: dict(dw=g.arr(*w.shape), w=w))(F.softmax(_logits(g))), floats=("dw", "w")),

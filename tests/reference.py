@@ -6,7 +6,8 @@ Everything here is written straight from the equations of
     Applications to Multi-Task Learning", NeurIPS 2021
 
 (Section 3.1, Section 3.2, Appendix B.2 and the "Ablation" part of Appendix C.2), plus the
-Top-k gate of Shazeer et al. (2017). The code favours readability over speed: explicit loops
+Top-k gate of Shazeer et al. (2017) and the COMET gate of Ibrahim et al. (KDD 2023) as
+shared/reference/comet-spec.md, Section 1, describes it. The code favours readability over speed: explicit loops
 over experts, selectors and bits; no clever recursions.
 
 Conventions (documented once here, relied on by the tests):
@@ -45,6 +46,11 @@ __all__ = [
     "noisy_logits",
     "softmax_selector",
     "softmax_selector_entropy",
+    "comet_leaf_paths",
+    "comet",
+    "comet_per_example",
+    "comet_reach",
+    "comet_entropy",
     "mix_experts",
     "mix_experts_many",
     "mix_experts_many_backward",
@@ -411,6 +417,96 @@ def softmax_selector_entropy(P, eps=1e-6):
     dims), applied to the softmax selectors P of shape (..., k, n).
     """
     return selector_entropy(P, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# COMET (Ibrahim et al., KDD 2023; shared/reference/comet-spec.md, Section 1)
+# ----------------------------------------------------------------------------------------------
+
+
+def comet_leaf_paths(n):
+    """The root-to-leaf paths of COMET's heap-indexed tree over n experts, one per expert, in
+    left-first depth-first order (expert j = the j-th leaf visited).
+
+    Node i (0-based) is internal when i < n - 1, with children 2i + 1 (left) and 2i + 2 (right);
+    nodes n - 1 .. 2n - 2 are leaves. Each path is a list of (internal node, went_left) pairs from
+    the root down; returns (leaf_nodes, paths). For n = 3 the leaves are 3, 4, 2."""
+    n = int(n)
+    if n < 2:
+        raise ValueError(f"COMET needs n >= 2 experts, got {n}")
+    leaves, paths = [], []
+
+    def visit(node, path):
+        if node >= n - 1:  # a leaf
+            leaves.append(node)
+            paths.append(list(path))
+            return
+        visit(2 * node + 1, path + [(node, True)])
+        visit(2 * node + 2, path + [(node, False)])
+
+    visit(0, [])
+    return leaves, paths
+
+
+def comet_reach(Z, gamma):
+    """Leaf-reach probabilities p (..., k, n) of the k trees with node logits Z (..., k, n - 1): p of
+    expert j's leaf is the product along its root-to-leaf path of s = S(z) where the path goes left
+    and 1 - s where it goes right."""
+    Z = _as_float(Z)
+    n = Z.shape[-1] + 1
+    s = smooth_step(Z, gamma).astype(np.float64)
+    _, paths = comet_leaf_paths(n)
+    p = np.ones(Z.shape[:-1] + (n,), dtype=np.float64)
+    for j, path in enumerate(paths):
+        for node, went_left in path:
+            p[..., j] = p[..., j] * (s[..., node] if went_left else 1.0 - s[..., node])
+    return p.astype(Z.dtype)
+
+
+def comet(A, Z, gamma):
+    """COMET gate: w_j = sum_t g_{t,j}, g = softmax over ALL k * n scores a_{t,j} + log p_{t,j}
+    (one softmax, not one per tree), where p = comet_reach(Z, gamma). A leaf with p = 0 has score
+    -inf and weight exactly 0. A: (..., k, n) leaf logits (expert order); Z: (..., k, n - 1) node
+    logits (heap order). Returns (w (..., n), g (..., k, n))."""
+    A, Z = _as_float(A), _as_float(Z)
+    dtype = _float_dtype(A, Z)
+    k, n = A.shape[-2], A.shape[-1]
+    if Z.shape[-2:] != (k, n - 1):
+        raise ValueError(f"Z must have shape (..., {k}, {n - 1}) for A of shape {A.shape}, got {Z.shape}")
+    p = comet_reach(Z.astype(np.float64), gamma)
+    with np.errstate(divide="ignore"):
+        scores = A.astype(np.float64) + np.log(p)  # log 0 = -inf: those leaves drop out
+    lead = scores.shape[:-2]
+    flat = scores.reshape(lead + (k * n,))
+    top = np.max(flat, axis=-1, keepdims=True)
+    e = np.exp(flat - top)
+    g = (e / np.sum(e, axis=-1, keepdims=True)).reshape(lead + (k, n))
+    w = np.zeros(lead + (n,))
+    for t in range(k):
+        w = w + g[..., t, :]
+    return w.astype(dtype), g.astype(dtype)
+
+
+def comet_per_example(x, U, b_U, W, b_W, gamma):
+    """Per-example COMET: a[b, t] = U[t] x_b + b_U[t] (B, k, n), z[b, t] = W[t] x_b + b_W[t]
+    (B, k, n - 1), then comet(a, z, gamma). x (B, p); U (k, n, p); b_U (k, n); W (k, n - 1, p);
+    b_W (k, n - 1). Returns (w (B, n), g (B, k, n))."""
+    x, U, b_U, W, b_W = (_as_float(a) for a in (x, U, b_U, W, b_W))
+    B = x.shape[0]
+    k, n = U.shape[:2]
+    A = np.empty((B, k, n))
+    Z = np.empty((B, k, n - 1))
+    for b in range(B):
+        for t in range(k):
+            A[b, t] = U[t] @ x[b] + b_U[t]
+            Z[b, t] = W[t] @ x[b] + b_W[t]
+    return comet(A, Z, gamma)
+
+
+def comet_entropy(Z, gamma, eps=1e-6):
+    """The COMET regularizer without lambda: sum over the k trees of h(p_t) = -sum_j p_tj log(p_tj +
+    eps), the entropy of each tree's leaf-reach distribution, averaged over leading batch dims."""
+    return selector_entropy(comet_reach(Z, gamma), eps)
 
 
 # ----------------------------------------------------------------------------------------------

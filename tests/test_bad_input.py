@@ -652,6 +652,55 @@ SPECS.update({
     "C.max_pool2d_backward": Spec(_C.max_pool2d_backward, _pool_backward_args, ("dy",)),
 })
 
+# --- the COMET gate: k = 2 trees over n = 6 experts; A (B, k, n), Z (B, k, n - 1) ---
+
+def _comet_args(dt, static=False):
+    rng = _rng()
+    lead = () if static else (4,)
+    return dict(A=_u(rng, lead + (2, 6), dt, -2, 2), Z=_u(rng, lead + (2, 5), dt, -0.4, 0.4), gamma=1.0)
+
+
+def _comet_cache(dt, static=False):
+    return F.comet_forward(**_comet_args(dt, static))[1]
+
+
+def _comet_pe_args(dt):
+    rng = _rng()
+    return dict(x=_u(rng, (6, 5), dt), U=_u(rng, (2, 6, 5), dt), b_U=_u(rng, (2, 6), dt),
+                W=_u(rng, (2, 5, 5), dt, -0.05, 0.05), b_W=_u(rng, (2, 5), dt, -0.1, 0.1), gamma=1.0)
+
+
+def _c_comet_cache(dt):
+    a = _comet_args(dt)
+    _, sz, reach_int, reach, g, norm = _C.comet_forward(a["A"], a["Z"], 1.0)
+    return dict(A=a["A"], Z=a["Z"], sz=sz, reach_int=reach_int, reach=reach, g=g, norm=norm)
+
+
+SPECS.update({
+    "F.comet[static]": Spec(F.comet, lambda dt: _comet_args(dt, static=True), ("A", "Z")),
+    "F.comet_forward[static]": Spec(
+        F.comet_forward, lambda dt: _comet_args(dt, static=True), ("A", "Z"), out=True, out_of=lambda r: r[0]),
+    "F.comet_forward[batched]": Spec(F.comet_forward, _comet_args, ("A", "Z"), out=True, out_of=lambda r: r[0]),
+    "F.comet_backward[batched]": Spec(
+        F.comet_backward, lambda dt: dict(dw=_u(_rng(), (4, 6), dt), cache=_comet_cache(dt), lam=0.1, eps=1e-6),
+        ("dw",), optional=("dw",)),
+    "F.comet_backward[static]": Spec(
+        F.comet_backward, lambda dt: dict(dw=_u(_rng(), (6,), dt), cache=_comet_cache(dt, static=True), lam=0.1),
+        ("dw",), optional=("dw",)),
+    "F.comet_regularization": Spec(F.comet_regularization, lambda dt: dict(cache=_comet_cache(dt), eps=1e-6), ()),
+    "F.comet_per_example_forward": Spec(F.comet_per_example_forward, _comet_pe_args, ("x", "U", "b_U", "W", "b_W")),
+    "F.comet_per_example_backward": Spec(
+        F.comet_per_example_backward,
+        lambda dt: dict(dw=_u(_rng(), (6, 6), dt), cache=F.comet_per_example_forward(**_comet_pe_args(dt))[1],
+                        lam=0.1, eps=1e-6, need_dx=True),
+        ("dw",), optional=("dw",)),
+    "C.comet_forward": Spec(_C.comet_forward, _comet_args, ("A", "Z"), out=True, out_of=lambda r: r[0]),
+    "C.comet_backward": Spec(
+        _C.comet_backward, lambda dt: dict(dw=_u(_rng(), (4, 6), dt), **_c_comet_cache(dt), gamma=1.0, lam=0.1,
+                                           eps=1e-6),
+        ("A", "dw", "Z", "sz", "reach_int", "reach", "g", "norm"), finite=("A", "dw", "Z"), optional=("dw",)),
+})
+
 ARRAY_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.arrays]
 FINITE_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.finite_arrays()]
 UNCHECKED_FINITE_ARGS = [(sid, a) for sid, s in SPECS.items() for a in s.inputs() if a not in s.finite_arrays()]
@@ -672,10 +721,12 @@ def _ids(pairs):
 def test_every_public_function_is_covered():
     covered = {getattr(s.fn, "raw", s.fn) for s in SPECS.values()} | {F.n_bits, F.conv2d_padding}  # no arrays
     covered |= {F.trusted_inputs, F.check_finite}  # tests/test_trusted_inputs.py
+    covered |= {F.comet_leaf_nodes}  # an int, no arrays: test_comet_leaf_nodes_bad_n
     missing = [name for name in F.__all__ if getattr(F, name) not in covered]
     assert not missing, f"functions without an input zoo: {missing}"
     c_funcs = {name for name in dir(_C) if callable(getattr(_C, name)) and not name.startswith("_")}
-    c_missing = sorted(c_funcs - {"set_num_threads", "get_num_threads", "build_info", "set_finite_checks", "check_finite"}
+    c_missing = sorted(c_funcs - {"set_num_threads", "get_num_threads", "build_info", "set_finite_checks", "check_finite",
+                                  "comet_leaf_nodes"}
                        - {getattr(s.fn, "raw", s.fn).__name__ for s in SPECS.values()})
     assert not c_missing, f"_C functions without an input zoo: {c_missing}"
 
@@ -1159,6 +1210,42 @@ SHAPE_CASES += [
 ]
 
 
+SHAPE_CASES += [
+    ("Z_wrong_nodes", "F.comet[static]", _set(Z=lambda a: a[:, :4]), ValueError, "'Z'.*\\(k, n - 1\\)"),
+    ("Z_wrong_k", "F.comet[static]", _set(Z=lambda a: a[:1]), ValueError, "'Z'"),
+    ("Z_3d_for_static_A", "F.comet[static]", _set(Z=lambda a: a[None]), ValueError, "'Z'"),
+    ("A_1d", "F.comet[static]", _set(A=lambda a: a[0]), ValueError, "'A'"),
+    ("A_4d", "F.comet_forward[batched]", _set(A=lambda a: a[None]), ValueError, "'A'"),
+    ("Z_2d_for_batched_A", "F.comet_forward[batched]", _set(Z=lambda a: a[0]), ValueError, "'Z'"),
+    ("Z_wrong_B", "F.comet_forward[batched]", _set(Z=lambda a: a[:3]), ValueError, "'Z'.*\\(4, 2, 5\\)"),
+    ("Z_n_nodes", "F.comet_forward[batched]", _set(Z=lambda a: np.concatenate([a, a[..., :1]], -1)), ValueError,
+     "'Z'.*\\(B, k, n - 1\\)"),
+    ("dw_n", "F.comet_backward[batched]", _set(dw=lambda a: a[:, :5]), ValueError, "'dw'.*\\(4, 6\\)"),
+    ("dw_1d", "F.comet_backward[batched]", _set(dw=lambda a: a[0]), ValueError, "'dw'"),
+    ("dw_2d", "F.comet_backward[static]", _set(dw=lambda a: a[None]), ValueError, "'dw'.*\\(6,\\)"),
+    ("x_1d", "F.comet_per_example_forward", _set(x=lambda a: a[0]), ValueError, "'x'"),
+    ("x_p_differs", "F.comet_per_example_forward", _set(x=lambda a: a[:, :4]), ValueError, "'(x|U)'"),
+    ("U_2d", "F.comet_per_example_forward", _set(U=lambda a: a[0]), ValueError, "'U'"),
+    ("U_one_expert", "F.comet_per_example_forward", _set(U=lambda a: a[:, :1]), ValueError, "'U'.*n >= 2"),
+    ("b_U_wrong_n", "F.comet_per_example_forward", _set(b_U=lambda a: a[:, :5]), ValueError, "'b_U'.*\\(k, n\\)"),
+    ("W_wrong_nodes", "F.comet_per_example_forward", _set(W=lambda a: a[:, :4]), ValueError,
+     "'W'.*\\(k, n - 1, p\\)"),
+    ("W_wrong_k", "F.comet_per_example_forward", _set(W=lambda a: a[:1]), ValueError, "'W'"),
+    ("b_W_wrong_nodes", "F.comet_per_example_forward", _set(b_W=lambda a: a[:, :4]), ValueError, "'b_W'"),
+    ("dw_n", "F.comet_per_example_backward", _set(dw=lambda a: a[:, :5]), ValueError, "'dw'"),
+    ("A_2d", "C.comet_forward", _set(A=lambda a: a[0]), ValueError, "'A'.*\\(B, k, n\\)"),
+    ("Z_nodes", "C.comet_forward", _set(Z=lambda a: a[..., :4]), ValueError, "'Z'.*\\(B, k, n - 1\\)"),
+    ("Z_B", "C.comet_forward", _set(Z=lambda a: a[:3]), ValueError, "'Z'"),
+    ("dw_n", "C.comet_backward", _set(dw=lambda a: a[:, :5]), ValueError, "'dw'"),
+    ("Z_nodes", "C.comet_backward", _set(Z=lambda a: a[..., :4]), ValueError, "'Z'"),
+    ("sz_nodes", "C.comet_backward", _set(sz=lambda a: a[..., :4]), ValueError, "'sz'"),
+    ("reach_int_B", "C.comet_backward", _set(reach_int=lambda a: a[:3]), ValueError, "'reach_int'"),
+    ("reach_n", "C.comet_backward", _set(reach=lambda a: a[..., :5]), ValueError, "'reach'"),
+    ("g_k", "C.comet_backward", _set(g=lambda a: a[:, :1]), ValueError, "'g'"),
+    ("norm_1d", "C.comet_backward", _set(norm=lambda a: a[:, 0]), ValueError, "'norm'.*\\(B, 2\\)"),
+]
+
+
 def _apply(kwargs, changes):
     for arg, change in changes.items():
         kwargs[arg] = change(kwargs[arg]) if callable(change) else change
@@ -1567,6 +1654,46 @@ _add("F.max_pool2d_backward", "input_size_other_batch", _with(input_size=(3, 3, 
 
 
 
+# COMET: k and n from A's shape, gamma, lam, eps, empty batches
+_add("F.comet[static]", "n=1", _with(A=lambda rng: _u(rng, (1, 1), F64), Z=np.zeros((1, 0))), ValueError, N_RE)
+_add("F.comet_forward[batched]", "n=1", _with(A=lambda rng: _u(rng, (4, 1, 1), F64), Z=np.zeros((4, 1, 0))),
+     ValueError, N_RE)
+_add("C.comet_forward", "n=0", _with(A=np.zeros((4, 2, 0)), Z=np.zeros((4, 2, 0))), ValueError, N_RE)
+_add("F.comet[static]", "k=0", _with(A=np.zeros((0, 6)), Z=np.zeros((0, 5))), ValueError, "k")
+_add("F.comet[static]", "k=7>n", _with(A=lambda rng: _u(rng, (7, 6), F64), Z=lambda rng: _u(rng, (7, 5), F64)),
+     ValueError, "k.*n = 6")
+_add("F.comet_forward[batched]", "k=7>n",
+     _with(A=lambda rng: _u(rng, (4, 7, 6), F64), Z=lambda rng: _u(rng, (4, 7, 5), F64)), ValueError, "k.*n = 6")
+_add("F.comet_per_example_forward", "k=7>n",
+     _with(U=lambda rng: _u(rng, (7, 6, 5), F64), b_U=lambda rng: _u(rng, (7, 6), F64),
+           W=lambda rng: _u(rng, (7, 5, 5), F64), b_W=lambda rng: _u(rng, (7, 5), F64)), ValueError, "k.*n = 6")
+_add("C.comet_forward", "k=0", _with(A=np.zeros((4, 0, 6)), Z=np.zeros((4, 0, 5))), ValueError, "k")
+_add("C.comet_backward", "k=3>n=2",
+     _with(A=lambda rng: _u(rng, (4, 3, 2), F64), dw=lambda rng: _u(rng, (4, 2), F64)), ValueError, "k")
+for _g in BAD_POSITIVE:
+    for _sid in ("F.comet[static]", "F.comet_forward[batched]", "F.comet_per_example_forward", "C.comet_forward",
+                 "C.comet_backward"):
+        _add(_sid, f"gamma={_g}", _with(gamma=_g), ValueError, "gamma")
+    for _sid in ("F.comet_backward[batched]", "F.comet_regularization", "F.comet_per_example_backward",
+                 "C.comet_backward"):
+        _add(_sid, f"eps={_g}", _with(eps=_g), ValueError, "eps")
+for _v in BAD_NONNEG:
+    for _sid in ("F.comet_backward[batched]", "F.comet_backward[static]", "F.comet_per_example_backward",
+                 "C.comet_backward"):
+        _add(_sid, f"lam={_v}", _with(lam=_v), ValueError, "lam")
+for _v in ("1", None, [1.0]):
+    _add("F.comet[static]", f"gamma={type(_v).__name__}", _with(gamma=_v), TypeError, None)
+    _add("C.comet_forward", f"gamma={type(_v).__name__}", _with(gamma=_v), TypeError, None)
+_add("F.comet_forward[batched]", "B=0", _with(A=np.zeros((0, 2, 6)), Z=np.zeros((0, 2, 5))), ValueError,
+     "'A'.*" + EMPTY_RE)
+_add("F.comet_per_example_forward", "B=0", _with(x=np.zeros((0, 5))), ValueError, EMPTY_RE)
+_add("C.comet_forward", "B=0", _with(A=np.zeros((0, 2, 6)), Z=np.zeros((0, 2, 5))), ValueError, "'A'.*" + EMPTY_RE)
+_add("C.comet_backward", "B=0",
+     _with(A=np.zeros((0, 2, 6)), dw=np.zeros((0, 6)), Z=np.zeros((0, 2, 5)), sz=np.zeros((0, 2, 5)),
+           reach_int=np.zeros((0, 2, 5)), reach=np.zeros((0, 2, 6)), g=np.zeros((0, 2, 6)), norm=np.zeros((0, 2))),
+     ValueError, "'A'.*" + EMPTY_RE)
+
+
 @pytest.mark.parametrize("sid,change,exc,match", [c[1:] for c in SCALAR_CASES], ids=[c[0] for c in SCALAR_CASES])
 @short_failures
 def test_bad_scalar_or_size(sid, change, exc, match):
@@ -1693,6 +1820,19 @@ VALID_EDGE_CASES = [
     ("F.max_pool2d_backward", "indices_uint16_strided", _with(indices=lambda rng: np.repeat(F.max_pool2d_forward(
         **_pool_args(F64))[1].astype(np.uint16), 2, axis=3)[..., ::2])),
     ("F.max_pool2d_backward", "input_size_full_shape", _with(input_size=(2, 3, 7, 6))),
+]
+
+
+VALID_EDGE_CASES += [
+    ("F.comet[static]", "n=2,k=1", _with(A=lambda rng: _u(rng, (1, 2), F64), Z=lambda rng: _u(rng, (1, 1), F64))),
+    ("F.comet[static]", "k=n=6", _with(A=lambda rng: _u(rng, (6, 6), F64), Z=lambda rng: _u(rng, (6, 5), F64))),
+    ("F.comet[static]", "gamma=tiny", _with(gamma=1e-300)),
+    ("F.comet[static]", "gamma=int", _with(gamma=2)),
+    ("F.comet[static]", "all_saturated", _with(Z=lambda rng: np.sign(_u(rng, (2, 5), F64)) * 3)),
+    ("F.comet[static]", "huge_logits", _with(A=lambda rng: _u(rng, (2, 6), F64) * 1e300)),
+    ("F.comet_backward[batched]", "dw=None", _with(dw=None)),
+    ("F.comet_backward[batched]", "lam=0", _with(lam=0.0)),
+    ("F.comet_per_example_backward", "need_dx=False", _with(need_dx=False)),
 ]
 
 
@@ -1986,3 +2126,54 @@ def test_set_num_threads_bad_values():
             _C.set_num_threads(bad)
     with pytest.raises((OverflowError, ValueError)):
         _C.set_num_threads(2**70)
+
+
+# ---------------------------------------------------------------------------------------------
+# COMET: the leaf order (an int argument), cache dtypes, every argument non-contiguous at once
+# ---------------------------------------------------------------------------------------------
+
+@short_failures
+def test_comet_leaf_nodes_bad_n():
+    for fn in (F.comet_leaf_nodes, _C.comet_leaf_nodes):
+        for bad in (1, 0, -1, 2**30 + 1):
+            with pytest.raises(ValueError, match=N_RE):
+                fn(bad)
+        for bad in (2.0, "2", None):
+            with pytest.raises(TypeError):
+                fn(bad)
+    with pytest.raises(TypeError):
+        F.comet_leaf_nodes(True)
+    assert F.comet_leaf_nodes(np.int64(3)).tolist() == [3, 4, 2]
+
+
+@short_failures
+def test_comet_mismatch_with_cache_dtype():
+    checked_call(F.comet_backward, dict(dw=_u(_rng(), (4, 6), F32), cache=_comet_cache(F64)), TypeError, "dtype")
+    checked_call(F.comet_backward, dict(dw=_u(_rng(), (6,), F64), cache=_comet_cache(F32, static=True)), TypeError,
+                 "dtype")
+
+
+@short_failures
+def test_comet_all_arguments_non_contiguous_at_once():
+    kwargs = _comet_pe_args(F64)
+    expected_w, expected_cache = F.comet_per_example_forward(**kwargs)
+    odd = dict(kwargs, x=np.asfortranarray(kwargs["x"]), U=_strided(kwargs["U"]), b_U=kwargs["b_U"].astype(">f8"),
+               W=kwargs["W"][::-1].copy()[::-1], b_W=_readonly(kwargs["b_W"]))
+    w, cache = checked_call(F.comet_per_example_forward, odd)
+    assert_same(w, expected_w)
+    dw = _u(_rng(), (6, 6), F64)
+    expected = F.comet_per_example_backward(dw, expected_cache, 0.1)
+    got = checked_call(F.comet_per_example_backward, dict(dw=_strided(dw), cache=cache, lam=0.1))
+    assert_same(got, expected)
+    a = _comet_args(F64)
+    w, cache = F.comet_forward(np.asfortranarray(a["A"]), _strided(a["Z"]), 1.0)
+    assert_same(w, F.comet_forward(a["A"], a["Z"], 1.0)[0])
+
+
+@short_failures
+def test_comet_out_is_an_input():
+    a = _comet_args(F64)
+    out = a["A"][:, 0, :]  # (4, 6), a view into A
+    checked_call(F.comet_forward, dict(A=a["A"], Z=a["Z"], out=np.ascontiguousarray(out)))  # a copy: fine
+    buf = a["A"].reshape(-1)[:24].reshape(4, 6)
+    checked_call(F.comet_forward, dict(A=a["A"], Z=a["Z"], out=buf), ValueError, "'out'")

@@ -357,7 +357,7 @@ def _spread(model, rng):
 
 
 @pytest.mark.parametrize("kind", ["dselect_k", "dselect_k_pe", "top_k_pe", "softmax_pe", "moe_pe", "shared_bottom",
-                                  "top_k_pe_sparse"])
+                                  "top_k_pe_sparse", "comet", "comet_pe", "hash"])
 def test_embedding_model_gradient(kind):
     """The experts' and the per-example gates' input gradients reach the tables (also through the
     gather -> dense -> scatter path of sparse per-example gates: top_k_pe_sparse, 1 of 8 experts)."""
@@ -375,7 +375,8 @@ def test_embedding_model_gradient(kind):
     else:
         gate, pe = kind.replace("_pe", ""), kind.endswith("_pe")
         spec = {"dselect_k": dk.gates.DSelectK(2, entropy_reg=0.1, per_example=pe),
-                "top_k": dk.gates.TopK(2, per_example=pe), "softmax": dk.gates.Softmax(per_example=pe)}[gate]
+                "top_k": dk.gates.TopK(2, per_example=pe), "softmax": dk.gates.Softmax(per_example=pe),
+                "comet": dk.gates.Comet(2, entropy_reg=0.1, per_example=pe), "hash": dk.gates.Hash(hash_feature=1)}[gate]
         model = Mo.MMoE(None, n_tasks=2, n_experts=4, expert_units=(5,), tower_units=(3,), task_losses=["bce", "mse"],
                         task_weights=[0.7, 0.3], gate=spec, **common)
     _spread(model, rng)

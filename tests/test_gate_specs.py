@@ -20,6 +20,9 @@ SPECS = [
     G.Softmax(per_example=True),
     G.Softmax(),
     G.SoftmaxSelector(4, temperature=0.3, entropy_reg=0.2),
+    G.Comet(3, gamma=0.5, entropy_reg=0.2, per_example=True),
+    G.Comet(),
+    G.Hash(hash_feature=1),
 ]
 
 
@@ -42,6 +45,9 @@ def test_defaults_are_the_models_defaults():
     assert G.Softmax().to_config() == dict(kind="softmax", per_example=False)
     assert G.SoftmaxSelector().to_config() == dict(kind="softmax_selector", k=2, temperature=1.0, entropy_reg=0.0)
     assert G.SoftmaxSelector().per_example is False
+    assert G.Comet().to_config() == dict(kind="comet", k=2, gamma=1.0, entropy_reg=0.0, per_example=False)
+    assert G.Hash().to_config() == dict(kind="hash", k=1, hash_feature=0)
+    assert G.Hash().per_example is True
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
@@ -92,6 +98,15 @@ def test_values_are_normalised():
     (lambda: G.DSelectK().replace(noisy=True), TypeError, r"the 'dselect_k' gate has no option 'noisy'; its "
                                                           r"options are k, gamma, entropy_reg, xi, per_example"),
     (lambda: G.DSelectK().replace(gamma=-1), ValueError, "gamma"),
+    (lambda: G.Comet(0), ValueError, "k must be in"),
+    (lambda: G.Comet(gamma=-1.0), ValueError, "gamma must be a finite number > 0"),
+    (lambda: G.Comet(entropy_reg=float("nan")), ValueError, "entropy_reg"),
+    (lambda: G.Comet(xi=1.0), TypeError, "xi"),
+    (lambda: G.Comet(per_example="no"), TypeError, "per_example must be True or False"),
+    (lambda: G.Hash(2), ValueError, "hash routing sends each id to exactly one expert: k must be 1, got k = 2"),
+    (lambda: G.Hash(hash_feature=-1), ValueError, "hash_feature must be in"),
+    (lambda: G.Hash(hash_feature=1.0), TypeError, "hash_feature must be an integer"),
+    (lambda: G.Hash(per_example=False), TypeError, "per_example"),
 ])
 def test_spec_validation(make, exc, match):
     with pytest.raises(exc, match=match):
@@ -131,8 +146,8 @@ def test_as_spec_shorthand():
         G.as_spec("top_k", gamma=1.0)
     with pytest.raises(TypeError, match="a gate spec and loose gate options 'k' beside it"):
         G.as_spec(G.DSelectK(), k=3)
-    with pytest.raises(ValueError, match="unknown gate 'hash'"):
-        G.as_spec("hash")
+    with pytest.raises(ValueError, match="unknown gate 'lookup'"):
+        G.as_spec("lookup")
     with pytest.raises(TypeError, match="gate must be a gate spec"):
         G.as_spec(3)
 
@@ -140,10 +155,12 @@ def test_as_spec_shorthand():
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_build_gives_the_gate_of_its_options(spec, dtype):
+    if spec.kind == "hash":
+        pytest.skip("hash routing is built from a model's id input: test_hash_spec_builds_from_the_id_input")
     p = 5
     gate = spec.build(7, p if spec.per_example else None, np.random.default_rng(3), dtype)
     twin_cls = {"dselect_k": G.DSelectKGate, "top_k": G.TopKGate, "softmax": G.SoftmaxGate,
-                "softmax_selector": G.SoftmaxSelectorGate}[spec.kind]
+                "softmax_selector": G.SoftmaxSelectorGate, "comet": G.CometGate}[spec.kind]
     opts = {name: getattr(spec, name) for name in spec.options()}
     if "per_example" in opts and opts["per_example"]:
         opts["input_dim"] = p
@@ -204,7 +221,8 @@ def test_readme_gate_snippet_runs_as_written():
 
 
 @pytest.mark.parametrize("gate", [G.DSelectKGate(8, 2, seed=1), G.TopKGate(8, 3), G.SoftmaxGate(8),
-                                  G.SoftmaxSelectorGate(8, 2, entropy_reg=0.1, seed=1)], ids=lambda g: type(g).__name__)
+                                  G.SoftmaxSelectorGate(8, 2, entropy_reg=0.1, seed=1),
+                                  G.CometGate(8, 2, entropy_reg=0.1, seed=1)], ids=lambda g: type(g).__name__)
 def test_static_gate_diagnostics_before_the_first_forward(gate):
     """As right after load: the weights of a static gate follow from its parameters alone."""
     w = gate.expert_weights()
@@ -226,3 +244,15 @@ def test_per_example_gate_diagnostics_before_forward_say_what_to_do():
     x = np.ones((4, 3), np.float32)
     gate.forward(x)
     assert gate.expert_weights().shape == (4, 8) and gate.selected_experts().size > 0
+
+
+def test_hash_spec_builds_from_the_id_input():
+    front = dk.EmbeddingInput([30, 7], [2, 2])
+    gate = G.Hash(hash_feature=1).build(4, front.out_dim, np.random.default_rng(2), np.float64, id_input=front)
+    assert type(gate) is G.HashGate and gate.vocab_size == 7 and gate.hash_feature == 1 and gate.params == {}
+    twin = G.HashGate(4, 7, hash_feature=1, seed=np.random.default_rng(2), dtype=np.float64)
+    assert np.array_equal(gate.assignment, twin.assignment)
+    with pytest.raises(ValueError, match="hash routing needs an id input"):
+        G.Hash().build(4, 5, None)
+    with pytest.raises(ValueError, match="hash_feature = 2, but the embedding input has 2 id column"):
+        G.Hash(hash_feature=2).build(4, front.out_dim, None, id_input=front)

@@ -386,7 +386,7 @@ def _empty_batch(cache):
         v = getattr(cache, field)
         if hasattr(v, "_fields"):
             changes[field] = _empty_batch(v)
-        elif isinstance(v, np.ndarray) and field not in ("G", "W2"):
+        elif isinstance(v, np.ndarray) and field not in ("G", "W2", "U2"):
             changes[field] = v[:0]
     return cache._replace(**changes)
 
@@ -397,12 +397,16 @@ def _other_caches(dtype):
             "SoftmaxSelectorCache": F.softmax_selector_forward(a, np.zeros((4, 3, 6), dtype))[1],
             "DSelectKPerExampleCache": F.dselect_k_per_example_forward(
                 np.zeros((4, 5), dtype), np.zeros((3, 5), dtype), np.zeros(3, dtype), np.zeros((3, 3, 5), dtype),
-                np.zeros((3, 3), dtype), 8)[1]}
+                np.zeros((3, 3), dtype), 8)[1],
+            "CometCache": F.comet_forward(np.zeros((4, 3, 8), dtype), np.zeros((4, 3, 7), dtype))[1],
+            "CometPerExampleCache": F.comet_per_example_forward(
+                np.zeros((4, 5), dtype), np.zeros((3, 8, 5), dtype), np.zeros((3, 8), dtype),
+                np.zeros((3, 7, 5), dtype), np.zeros((3, 7), dtype))[1]}
 
 
 def test_cache_functions_are_all_covered():
     assert {SPECS[sid].fn.__name__ for sid in CACHE_SPECS} == set(CACHE_FUNCTIONS)
-    assert len(CACHE_FUNCTIONS) == 5, CACHE_FUNCTIONS
+    assert len(CACHE_FUNCTIONS) == 8, CACHE_FUNCTIONS  # DSelect-k 3, the ablation gate 2, COMET 3
 
 
 @pytest.mark.parametrize("sid", CACHE_SPECS)

@@ -132,7 +132,11 @@ def test_config_and_repr_show_the_spec():
      r"MoE\(\) got unexpected keyword argument 'per_example'.*options are k, temperature, entropy_reg"),
     (lambda: dk.MMoE(4, gate=G.DSelectK(), k=3), TypeError, "a gate spec and loose gate options 'k' beside it"),
     (lambda: dk.MMoE(4, gate={"kind": "dselect_k"}, gamma=2.0), TypeError, "loose gate options 'gamma'"),
-    (lambda: dk.MMoE(4, gate="hash"), ValueError, "unknown gate 'hash'; expected one of"),
+    (lambda: dk.MMoE(4, gate="lookup"), ValueError, "unknown gate 'lookup'; expected one of"),
+    (lambda: dk.MMoE(4, gate="hash"), ValueError, "hash routing needs an id input"),
+    (lambda: dk.MMoE(4, gate="hash", k=2), ValueError, "k must be 1"),
+    (lambda: dk.MMoE(4, gate="comet", k=9), ValueError, "k must satisfy 1 <= k <= n_experts = 8"),
+    (lambda: dk.MMoE(4, gate="comet", xi=1.0), TypeError, "options are k, gamma, entropy_reg, per_example"),
     (lambda: dk.MMoE(4, gate=G.DSelectKGate(8, 2)), TypeError, "gate must be a gate spec"),
     (lambda: dk.MMoE(4, gate="dselect_k", k=0), ValueError, "k must be in"),
     (lambda: dk.MMoE(4, gate="dselect_k", k=9), ValueError, "k must satisfy 1 <= k <= n_experts = 8"),
@@ -347,7 +351,7 @@ def _saved_with_edited_meta(tmp_path, model, edit):
     ({"kind": "dselect_k", "gamma": -1.0}, "gate config is invalid: gamma must be a finite number > 0"),
     ({"kind": "dselect_k", "per_example": "yes"}, "gate config is invalid: .*per_example must be True or False"),
     ([1, 2], "the stored gate config must be a dict"),
-    ("hash", "gate config is invalid: unknown gate 'hash'"),
+    ("lookup", "gate config is invalid: unknown gate 'lookup'"),
 ])
 def test_load_rejects_a_bad_gate_config(tmp_path, gate, match):
     path = _saved_with_edited_meta(tmp_path, dk.MMoE(4, n_experts=4), lambda meta: meta["config"].update(gate=gate))

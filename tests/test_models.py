@@ -20,7 +20,24 @@ GATE_KINDS = [
     dict(gate="softmax"),
     dict(gate="softmax", per_example=True),
     dict(gate="softmax_selector", k=2, entropy_reg=0.2, temperature=0.7),
+    dict(gate="comet", k=2, gamma=1.0, entropy_reg=0.3),
+    dict(gate="comet", k=2, gamma=2.0, entropy_reg=0.1, per_example=True),
 ]
+COMET_KINDS = [kw for kw in GATE_KINDS if kw["gate"] == "comet"]
+
+
+def _saturate(model, rng):
+    """Every smooth-step node of the model's DSelect-k / COMET gates saturated (S(z) = 0 or 1), for
+    most examples per example: each selector or tree then picks one expert."""
+    for g in model.gates:
+        name = type(g).__name__
+        if name not in ("DSelectKGate", "CometGate"):
+            continue
+        if g.per_example:
+            g.params["W"][...] *= 0.01
+            g.params["b_W"][...] = np.where(rng.random(g.params["b_W"].shape) < 0.5, -1, 1) * g.gamma
+        else:
+            g.params["Z"][...] = np.where(rng.random(g.params["Z"].shape) < 0.5, -1, 1) * g.gamma
 
 
 def _data(rng, N, p, losses, outputs):
@@ -84,12 +101,16 @@ def test_mmoe_whole_model_gradient(gate_kwargs):
     _fd_check(model, X, Y, rng)
 
 
-@pytest.mark.parametrize("gate_kwargs", GATE_KINDS[:3], ids=["dselect_k", "dselect_k_pe", "top_k"])
+@pytest.mark.parametrize("gate_kwargs", GATE_KINDS[:3] + COMET_KINDS,
+                         ids=["dselect_k", "dselect_k_pe", "top_k", "comet", "comet_pe"])
 def test_moe_whole_model_gradient(gate_kwargs):
     rng = np.random.default_rng(1)
     model = Mo.MoE(3, n_experts=6, expert_units=(5, 4), loss="mse", output_dim=2, dtype="float64", seed=2,
                    **gate_kwargs)
     _spread_gates(model, rng)
+    for name, shape, off in model.slab.index:  # biases off 0: a dead ReLU row then gives no exact-0
+        if name.startswith("expert") and name.endswith(".b"):  # pre-activation, a kink for differences
+            model.slab.data[off:off + shape[0]] += rng.uniform(-0.1, 0.1, shape[0])
     X, Y = _data(rng, 7, 3, ["mse"], [2])
     _fd_check(model, X, Y, rng)
 
@@ -165,6 +186,9 @@ def test_training_is_deterministic():
                    task_outputs=[1, 3])),
     (Mo.MoE, dict(n_experts=4, gate="top_k")),
     (Mo.SharedBottom, dict(n_tasks=2, task_losses=["bce", "mse"])),
+    (Mo.MMoE, dict(n_tasks=2, n_experts=5, gate="comet", k=2, gamma=0.5, entropy_reg=0.1)),
+    (Mo.MMoE, dict(n_tasks=3, n_experts=6, gate=dk.gates.Comet(3, per_example=True), task_losses="bce")),
+    (Mo.MoE, dict(n_experts=7, gate=dk.gates.Comet(2, entropy_reg=1.0))),
 ])
 def test_save_load_roundtrip(tmp_path, cls, kwargs):
     rng = np.random.default_rng(6)
@@ -243,6 +267,8 @@ def test_fit_argument_errors():
     with pytest.raises(ValueError, match="one per task"):
         Mo.MMoE(4, n_tasks=2, task_losses=["mse"])
     with pytest.raises(ValueError, match="unknown gate"):
+        Mo.MMoE(4, gate="hashing")
+    with pytest.raises(ValueError, match="hash routing needs an id input"):
         Mo.MMoE(4, gate="hash")
     with pytest.raises(ValueError, match="does not fit loss"):
         Mo.MMoE(4, task_losses="bce", task_outputs=2)
@@ -358,6 +384,10 @@ def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary, width):
         for g in fast.gates:  # S(Z) saturated: each task uses at most k = 2 of the 6 experts
             g.params["Z"][...] = np.where(rng.random(g.params["Z"].shape) < 0.5, -1, 1) * g.gamma
             g.params["Z"][:, 0] = -g.gamma  # codes < 4: experts 4 and 5 are never selected
+    if binary and gate_kwargs["gate"] == "comet":
+        _saturate(fast, rng)  # each tree reaches one leaf: each task uses at most k = 2 experts
+        for g in fast.gates:
+            g.params["Z"][:, 0] = g.gamma  # every tree goes left at the root: experts 4, 5 (n = 6) unused
     slow = Mo.MMoE(4, n_tasks=4, n_experts=6, expert_units=(width,), tower_units=(3,), task_losses=losses,
                    task_outputs=outputs, dtype="float64", seed=3, **gate_kwargs)
     slow.slab.data[...] = fast.slab.data
@@ -383,7 +413,7 @@ def test_static_fast_path_matches_the_per_task_path(gate_kwargs, binary, width):
     np.testing.assert_array_equal(w1, w2)
     used = np.flatnonzero(w1.any(axis=0))
     assert sorted(calls) == list(used)
-    if binary and gate_kwargs["gate"] == "dselect_k":
+    if binary and gate_kwargs["gate"] in ("dselect_k", "comet"):
         assert fast.gates[0].is_binary() and len(used) <= 4
         assert fast.regularization() == pytest.approx(slow.regularization(), rel=1e-12)
 
@@ -429,10 +459,7 @@ def test_per_example_sparse_path_matches_the_dense_path(gate_kwargs):
               task_outputs=outputs, dtype="float64", seed=5, **gate_kwargs)
     sparse, dense = Mo.MMoE(4, **kw), Mo.MMoE(4, **kw)
     _spread_gates(sparse, rng)
-    for g in sparse.gates:
-        if g.__class__.__name__ == "DSelectKGate":  # S(Z) binary for most examples: <= 2 experts each
-            g.params["W"][...] *= 0.01
-            g.params["b_W"][...] = np.where(rng.random(g.params["b_W"].shape) < 0.5, -1, 1) * g.gamma
+    _saturate(sparse, rng)  # DSelect-k, COMET: S(Z) binary for most examples: <= 2 experts each
     dense.slab.data[...] = sparse.slab.data
     dense.sparse_threshold = 0.0
     X, Y = _data(rng, 40, 4, losses, outputs)

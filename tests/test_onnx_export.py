@@ -28,6 +28,8 @@ GATES = {
     "softmax": dk.gates.Softmax(),
     "softmax_per_example": dk.gates.Softmax(per_example=True),
     "softmax_selector": dk.gates.SoftmaxSelector(k=2, temperature=0.5),
+    "comet": dk.gates.Comet(k=2),
+    "comet_per_example": dk.gates.Comet(k=2, per_example=True, gamma=1.5),
 }
 TOL = {np.float32: 1e-5, np.float64: 1e-12}
 
@@ -87,7 +89,7 @@ def test_mmoe_every_gate(gate, dtype, tmp_path):
     _randomize(model, 1)
     X = _mlp_data(dtype)
     _matches(model, X, {"X": X}, tmp_path)
-    if gate.startswith("dselect_k"):  # the smooth-step is tested on both of its pieces
+    if gate.startswith(("dselect_k", "comet")):  # the smooth-step is tested on both of its pieces
         assert 0.2 < model.gates[0].binary_fraction() < 0.9
     if gate.startswith("top_k_per"):  # and Top-k on a selection that varies with x
         assert len(model.gates[0].selected_experts()) > model.gates[0].k
@@ -147,10 +149,12 @@ def test_cnn_shared_bottom(tmp_path):
 
 @needs_onnx
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("gate", ["dselect_k", "dselect_k_per_example", "top_k_per_example"])
+@pytest.mark.parametrize("gate", ["dselect_k", "dselect_k_per_example", "top_k_per_example", "comet_per_example",
+                                  "hash"])
 def test_embedding_inputs(gate, dtype, tmp_path):
     rng = np.random.default_rng(9)
-    model = _randomize(dk.MMoE(None, n_tasks=2, n_experts=4, expert_units=(6,), tower_units=(3,), gate=GATES[gate],
+    spec = dk.gates.Hash(hash_feature=2) if gate == "hash" else GATES[gate]  # hash routing on id column 2
+    model = _randomize(dk.MMoE(None, n_tasks=2, n_experts=4, expert_units=(6,), tower_units=(3,), gate=spec,
                                task_losses=["bce", "mse"], dtype=dtype,
                                embeddings=dict(vocab_sizes=[7, 5, 9], dims=[4, 3, 2], n_dense=3)), 10)
     ids = np.stack([rng.integers(0, V, 150) for V in (7, 5, 9)], axis=1).astype(np.int32)
@@ -172,12 +176,13 @@ def test_embedding_ids_only(tmp_path):
 
 
 @needs_onnx
-@pytest.mark.parametrize("gate", ["dselect_k", "top_k_per_example"])
+@pytest.mark.parametrize("gate", ["dselect_k", "top_k_per_example", "hash"])
 def test_named_columns_and_tasks(gate, tmp_path):
     # an embedding input with named id and dense columns: one graph input per column, named as it;
     # named tasks: one output per task, named as it
     rng = np.random.default_rng(15)
-    model = _randomize(dk.MMoE(None, n_tasks=2, n_experts=3, expert_units=(4,), tower_units=(2,), gate=GATES[gate],
+    spec = dk.gates.Hash(hash_feature=1) if gate == "hash" else GATES[gate]  # hash routing on "movie"
+    model = _randomize(dk.MMoE(None, n_tasks=2, n_experts=3, expert_units=(4,), tower_units=(2,), gate=spec,
                                task_names=["watch", "rating"], task_losses=["bce", "mse"],
                                embeddings=dict(columns={"user": 4, "movie": 3}, vocab_sizes={"user": 7, "movie": 5},
                                                dense_columns=["age", "hour"])), 16)

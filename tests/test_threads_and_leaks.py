@@ -233,7 +233,41 @@ def _conv(seed, B=48, dtype=F32):
     return inputs, run
 
 
+def _comet(seed, B=512, p=24, n=16, k=2, dtype=F64):
+    """Per-example COMET; its batched kernels on 4 B rows are large enough to run on several threads."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, p)).astype(dtype)
+    U, b_U = rng.standard_normal((k, n, p)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    W = (0.2 * rng.standard_normal((k, n - 1, p))).astype(dtype)
+    b_W = (0.5 * rng.standard_normal((k, n - 1))).astype(dtype)
+    dw = rng.standard_normal((B, n)).astype(dtype)
+    A, Z = rng.standard_normal((4 * B, k, n)).astype(dtype), rng.standard_normal((4 * B, k, n - 1)).astype(dtype)
+    inputs = [x, U, b_U, W, b_W, dw, A, Z]
+
+    def run():
+        w, cache = F.comet_per_example_forward(x, U, b_U, W, b_W, 1.0)
+        grads = F.comet_per_example_backward(dw, cache, lam=0.05)
+        wb, cb = F.comet_forward(A, Z, 0.5)  # no BLAS: bitwise independent of the thread count
+        return w, cache.gate.reach, grads, wb, F.comet_backward(None, cb, lam=0.3), F.comet_regularization(cb)
+    return inputs, run
+
+
+def _comet_kernels(seed, dtype=F32):
+    """The batched COMET kernels alone (no BLAS)."""
+    rng = np.random.default_rng(seed)
+    B, k, n = 2048, 4, 9
+    A, Z = rng.standard_normal((B, k, n)).astype(dtype), rng.standard_normal((B, k, n - 1)).astype(dtype)
+    dw = rng.standard_normal((B, n)).astype(dtype)
+
+    def kernels():
+        w, cache = F.comet_forward(A, Z, 1.0)
+        return w, cache, F.comet_backward(dw, cache, lam=0.2)
+    return [A, Z, dw], kernels
+
+
 WORKLOADS = {
+    "comet_per_example": _comet,
+    "comet_kernels_float32": _comet_kernels,
     "dselect_k_per_example": _per_example,
     "dselect_k_per_example_float32": lambda seed: _per_example(seed, dtype=F32),
     "top_k": _top_k,
@@ -288,7 +322,7 @@ def test_concurrent_mixed_workloads_and_out(restore_threads):
 
 
 @pytest.mark.parametrize("workload", ["top_k", "mix_experts", "softmax_selector", "elementwise_float32",
-                                      "losses_dropout_optimizers", "conv"])
+                                      "losses_dropout_optimizers", "conv", "comet_kernels_float32"])
 def test_results_do_not_depend_on_num_threads(workload, restore_threads):
     """Kernels without BLAS split work by rows (or experts), and the convolution's tasks (groups,
     fixed slices of the batch) and their single-threaded products depend on the geometry only:
@@ -497,7 +531,36 @@ def _leak_cases():
     grads_nan = grads.copy()
     grads_nan[-1] = np.nan
 
+    # COMET: k = 3 trees over n = 8 experts
+    cA, cZ = _nc(u(B, k, n)), _nc(u(B, k, n - 1, lo=-0.4, hi=0.4))
+    cU, cW = _nc(u(k, n, p)), _nc(u(k, n - 1, p, lo=-0.05, hi=0.05))
+    cb_U, cb_W = u(k, n), u(k, n - 1, lo=-0.1, hi=0.1)
+    _, c_sz, c_ri, c_reach, c_g, c_norm = _C.comet_forward(np.ascontiguousarray(cA), np.ascontiguousarray(cZ), 1.0)
+    c_cache = [_nc(a) for a in (c_sz, c_ri, c_reach, c_g, c_norm)]
+    nan_cZ = cZ.copy()
+    nan_cZ[0, 0, 0] = np.nan
+
     C = {
+        "comet_forward_backward_regularization": (
+            [cA, cZ, dw],
+            lambda: (lambda wc: (F.comet_backward(dw, wc[1], 0.1), F.comet_regularization(wc[1])))(
+                F.comet_forward(cA, cZ, 1.0)), None),
+        "comet_static_out": ([cA, cZ, out_w], lambda: F.comet_forward(cA[0], cZ[0], 1.0, out=out_w[0]), None),
+        "comet_per_example": (
+            [x, cU, cb_U, cW, cb_W, dw],
+            lambda: F.comet_per_example_backward(dw, F.comet_per_example_forward(x, cU, cb_U, cW, cb_W, 1.0)[1],
+                                                 lam=0.1), None),
+        "C.comet_backward": ([dw, cA, cZ, *c_cache], lambda: _C.comet_backward(dw, cA, cZ, *c_cache, 1.0, 0.1), None),
+        "C.comet_backward_dw_None": ([cA, cZ, *c_cache], lambda: _C.comet_backward(None, cA, cZ, *c_cache, 1.0, 0.1),
+                                     None),
+        "comet_forward_nan_Z": ([cA, nan_cZ], lambda: F.comet_forward(cA, nan_cZ, 1.0), ValueError),
+        "C.comet_forward_bad_out": ([cA, cZ, out_bad], lambda: _C.comet_forward(cA, cZ, 1.0, out_bad), ValueError),
+        "C.comet_backward_bad_norm": (
+            [dw, cA, cZ, *c_cache], lambda: _C.comet_backward(dw, cA, cZ, *c_cache[:4], c_cache[4][:, :1], 1.0),
+            ValueError),
+        "C.comet_backward_dtype": (
+            [dw, cA, cZ], lambda: _C.comet_backward(dw, cA, cZ.astype(F32), *c_cache, 1.0), TypeError),
+        "comet_k_too_large": ([x], lambda: F.comet_forward(np.ones((9, n)), np.ones((9, n - 1)), 1.0), ValueError),
         "dense_relu_dropout": (
             [x, Wd, bd], lambda: F.dropout_backward(F.relu_forward(F.dropout_forward(F.dense_forward(x, Wd, bd), 0.5, 1, 2)),
                                                     0.5, 1, 2), None),
@@ -652,6 +715,9 @@ RAW_OUTPUT_CASES = {
     "bce_with_logits": lambda a: _C.bce_with_logits(a["t"], a["t01"]),
     "softmax_cross_entropy": lambda a: _C.softmax_cross_entropy(a["logits"], a["labels"], a["w6"][:4]),
     "dropout_forward": lambda a: _C.dropout_forward(a["t"], 0.5, 3, 4),
+    "comet_forward": lambda a: _C.comet_forward(a["cA"], a["cZ"], 1.0),
+    "comet_backward": lambda a: _C.comet_backward(a["dw6"], a["cA"], a["cZ"], *a["ccache"], 1.0, 0.1),
+    "comet_leaf_nodes": lambda a: _C.comet_leaf_nodes(6),
 }
 
 
@@ -659,7 +725,9 @@ def _raw_inputs():
     rng = np.random.default_rng(5)
     alpha, Z = rng.standard_normal((4, 3)), rng.standard_normal((4, 3, 3))
     _, sigma, sz, r = _C.dselect_k_forward(alpha, Z, 8, 1.0)
-    return dict(t=_nc(rng.standard_normal(10)), out_t=np.empty(10), s=rng.random((5, 3)), alpha=alpha, Z=Z,
+    cA, cZ = rng.standard_normal((4, 2, 6)), 0.3 * rng.standard_normal((4, 2, 5))
+    ccache = _C.comet_forward(cA, cZ, 1.0)[1:]
+    return dict(cA=cA, cZ=cZ, ccache=ccache, dw6=rng.standard_normal((4, 6)),t=_nc(rng.standard_normal(10)), out_t=np.empty(10), s=rng.random((5, 3)), alpha=alpha, Z=Z,
                 dw=rng.standard_normal((4, 8)), cache=(sigma, sz, r), logits=rng.standard_normal((4, 6)),
                 beta=rng.standard_normal((4, 3, 6)), dy=rng.standard_normal((4, 5)),
                 f=rng.standard_normal((6, 4, 5)), w=rng.random(6), x=rng.standard_normal((4, 7)),
@@ -785,6 +853,11 @@ def _big_call(kind):
     if kind == "topk_forward":
         logits = rng.standard_normal((1536, 1024))
         return lambda: _C.topk_forward(logits, 48)
+    if kind == "comet_backward":
+        A, Z = rng.standard_normal((2048, 4, 512)), 0.3 * rng.standard_normal((2048, 4, 511))
+        cache = _C.comet_forward(A, Z, 1.0)[1:]
+        dw = rng.standard_normal((2048, 512))
+        return lambda: _C.comet_backward(dw, A, Z, *cache, 1.0, 0.1)
     if kind == "dselect_k_backward":
         alpha, Z = rng.standard_normal((40, 8)), rng.standard_normal((40, 8, 12))
         _, sigma, sz, r = _C.dselect_k_forward(alpha, Z, 4096, 1.0)
@@ -793,7 +866,7 @@ def _big_call(kind):
     raise KeyError(kind)
 
 
-@pytest.mark.parametrize("kind", ["linear_forward(BLAS)", "topk_forward", "dselect_k_backward"])
+@pytest.mark.parametrize("kind", ["linear_forward(BLAS)", "topk_forward", "dselect_k_backward", "comet_backward"])
 def test_gil_released_during_long_call(kind, restore_threads):
     """While a worker thread is inside one long C call, the main thread keeps executing Python.
     If the call held the GIL, the main thread could not run at all during it, so the longest gap

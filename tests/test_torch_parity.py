@@ -46,6 +46,24 @@ def _grads(model):
     return {name: model.slab.grad[off:off + int(np.prod(shape))].reshape(shape) for name, shape, off in model.slab.index}
 
 
+def _torch_gate_grads(gate, params, x, dw):
+    """The PyTorch gate with ``params`` copied in: (w, {name: gradient}) of <dw, w> + its regularizer,
+    the gradient of x under "x" (x None: a static gate)."""
+    with torch.no_grad():
+        for name, v in params.items():
+            getattr(gate, name).copy_(_t(v))
+    xt = None if x is None else _t(x).requires_grad_(True)
+    wt = gate(xt)
+    obj = (wt * _t(dw)).sum()
+    if gate.reg is not None:
+        obj = obj + gate.reg
+    obj.backward()
+    grads = {name: getattr(gate, name).grad.numpy() for name in params}
+    if xt is not None:
+        grads["x"] = xt.grad.numpy()
+    return wt.detach().numpy(), grads
+
+
 # --- building blocks ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -95,22 +113,47 @@ def test_per_example_gate_forward_backward(dtype, n, lam, xi):
 
     gate = tm.DSelectKGate(n, k, gamma, entropy_reg=lam, xi=xi, per_example=True, input_dim=P,
                            dtype=tm.TORCH_DTYPES[dtype])
-    with torch.no_grad():
-        for name, v in (("G", G), ("b_G", b_G), ("W", W), ("b_W", b_W)):
-            getattr(gate, name).copy_(_t(v))
-    xt = _t(x).requires_grad_(True)
-    wt = gate(xt)
-    obj = (wt * _t(dw)).sum()
-    if gate.reg is not None:
-        obj = obj + gate.reg
-    obj.backward()
-    assert rel_err(w, wt.detach().numpy()) < TOL[dtype]
-    assert rel_err(grads["x"], xt.grad.numpy()) < TOL[dtype]
-    for name in ("G", "b_G", "W", "b_W"):
-        assert rel_err(grads[name], getattr(gate, name).grad.numpy()) < TOL[dtype], name
+    wt, tgrads = _torch_gate_grads(gate, dict(G=G, b_G=b_G, W=W, b_W=b_W), x, dw)
+    assert rel_err(w, wt) < TOL[dtype]
+    for name in ("x", "G", "b_G", "W", "b_W"):
+        assert rel_err(grads[name], tgrads[name]) < TOL[dtype], name
     omega, penalty = F.dselect_k_regularization(cache.gate)
     reg = lam * omega + xi_eff * penalty
     assert abs(reg - (gate.reg.item() if gate.reg is not None else 0.0)) <= TOL[dtype] * max(abs(reg), 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n, k, lam", [(2, 1, 0.0), (6, 2, 0.1), (16, 2, 0.1), (9, 4, 0.5)])
+def test_comet_gate_forward_backward(dtype, n, k, lam):
+    """What bench_vs_torch.py times as the COMET gate: per example (gradients for x and every map)
+    and static, with some saturated nodes (reach exactly 0 below them)."""
+    rng = np.random.default_rng(100 + n)
+    gamma = 1.0
+    x = rng.standard_normal((B, P)).astype(dtype)
+    U, b_U = rng.standard_normal((k, n, P)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+    W = rng.uniform(-0.1, 0.1, (k, n - 1, P)).astype(dtype)
+    b_W = rng.uniform(-0.8, 0.8, (k, n - 1)).astype(dtype)
+    dw = rng.standard_normal((B, n)).astype(dtype)
+    w, cache = F.comet_per_example_forward(x, U, b_U, W, b_W, gamma)
+    grads = F.comet_per_example_backward(dw, cache, lam=lam)
+    sz = cache.gate.sz
+    assert 0 < np.mean((sz == 0) | (sz == 1)) < 1  # saturated and fractional nodes
+    gate = tm.CometGate(n, k, gamma, entropy_reg=lam, per_example=True, input_dim=P, dtype=tm.TORCH_DTYPES[dtype])
+    wt, tgrads = _torch_gate_grads(gate, dict(U=U, b_U=b_U, W=W, b_W=b_W), x, dw)
+    assert rel_err(w, wt) < TOL[dtype]
+    for name in ("x", "U", "b_U", "W", "b_W"):
+        assert rel_err(grads[name], tgrads[name]) < TOL[dtype], name
+    if lam:
+        reg = lam * F.comet_regularization(cache.gate)
+        assert abs(reg - gate.reg.item()) <= TOL[dtype] * max(abs(reg), 1)
+    # the static gate
+    A, Z = rng.standard_normal((k, n)).astype(dtype), rng.uniform(-0.8, 0.8, (k, n - 1)).astype(dtype)
+    ws, cs = F.comet_forward(A, Z, gamma)
+    dA, dZ = F.comet_backward(dw[0], cs, lam=lam)
+    static = tm.CometGate(n, k, gamma, entropy_reg=lam, dtype=tm.TORCH_DTYPES[dtype])
+    wst, tgrads = _torch_gate_grads(static, dict(A=A, Z=Z), None, dw[0])
+    assert rel_err(ws, wst) < TOL[dtype]
+    assert rel_err(dA, tgrads["A"]) < TOL[dtype] and rel_err(dZ, tgrads["Z"]) < TOL[dtype]
 
 
 # --- whole models ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ SPECS = [gates.spec_class(kind) for kind in gates.kinds()]
 PUBLIC = ([getattr(F, name) for name in F.__all__ if callable(getattr(F, name))]
           + [dk.export_onnx, dk.save, dk.load, dk.MMoE.__init__, dk.MoE.__init__, dk.SharedBottom.__init__,
              dk.DSelectKGate.__init__, dk.TopKGate.__init__, dk.SoftmaxGate.__init__, dk.SoftmaxSelectorGate.__init__,
+             dk.CometGate.__init__, dk.HashGate.__init__,
              gates.StaticDSelectKBank.__init__, gates.register, gates.kinds, gates.spec_class, gates.as_spec,
              gates.GateSpec.to_config, gates.GateSpec.from_config, gates.GateSpec.replace, gates.GateSpec.options]
           + [spec.build for spec in SPECS])

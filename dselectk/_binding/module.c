@@ -30,7 +30,8 @@
     X(nn)               \
     X(optim)            \
     X(embedding)        \
-    X(conv)
+    X(conv)             \
+    X(comet)
 
 #define DSK_DECLARE_FAMILY(family) extern PyMethodDef dsk_##family##_methods[];
 DSK_FAMILIES(DSK_DECLARE_FAMILY)

@@ -14,7 +14,7 @@ A *spec* is a small frozen dataclass holding one kind of gate's options, validat
     model = dk.MMoE(10, n_tasks=2, gate=spec)      # or the shorthand gate="dselect_k", k=2, ...
 
 ``register`` maps each spec class's ``kind`` string ("dselect_k", "top_k", "softmax",
-"softmax_selector") to the class; ``kinds()`` lists them; ``as_spec(kind, **options)`` makes the spec
+"softmax_selector", "comet", "hash") to the class; ``kinds()`` lists them; ``as_spec(kind, **options)`` makes the spec
 of a shorthand, raising TypeError for an option that the gate does not have.
 
 The gate interface
@@ -62,7 +62,12 @@ make a static gate sparse, and an expert nobody uses costs nothing); a per-examp
 as ``forward(x)`` with x (B, p) C-contiguous of the model's dtype and ``backward(dw, need_dx)``
 with dw (B, n), and exact zeros in w are again what conditional computation skips (each expert
 runs on the rows that use it). State the gate needs beyond ``params`` (e.g. a fixed assignment)
-must be derivable from the spec and the model's seed, or be saved with the model.
+must be derivable from the spec and the model's seed, or be saved with the model: a gate's
+``buffers()`` ({name: array}, optional) are saved beside the parameters and put back on load
+through its ``set_buffer(name, array)``, which validates them. A gate that routes on the ids of
+the model's embedding input (hash routing) sets ``reads_ids = True`` on its spec and its gate: the
+model then builds it with ``build(..., id_input=<the EmbeddingInput or None>)`` and calls
+``forward(ids)`` with the (B, F) ids array instead of the feature rows.
 
 ONNX export (``dselectk.export_onnx``): a static gate needs nothing, the base class's
 ``onnx_weights`` hands its weights to the exporter as constants. A per-example gate defines
@@ -78,9 +83,11 @@ from .dselect_k import DSelectK, DSelectKGate, StaticDSelectKBank
 from .top_k import TopK, TopKGate
 from .softmax import Softmax, SoftmaxGate
 from .softmax_selector import SoftmaxSelector, SoftmaxSelectorGate
+from .comet import Comet, CometGate
+from .hash import Hash, HashGate
 
 __all__ = [
     "GateSpec", "register", "kinds", "spec_class", "as_spec",
-    "DSelectK", "TopK", "Softmax", "SoftmaxSelector",
-    "DSelectKGate", "TopKGate", "SoftmaxGate", "SoftmaxSelectorGate", "StaticDSelectKBank",
+    "DSelectK", "TopK", "Softmax", "SoftmaxSelector", "Comet", "Hash",
+    "DSelectKGate", "TopKGate", "SoftmaxGate", "SoftmaxSelectorGate", "StaticDSelectKBank", "CometGate", "HashGate",
 ]
