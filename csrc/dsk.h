@@ -72,16 +72,4 @@ int dsk_can_parallelize(void);
 #define DSK_KEEP_COPY_LOOPS
 #endif
 
-#define DSK_PRAGMA(x) _Pragma(#x)
-#if DSK_HAVE_OPENMP
-/* The older OpenMP loop over independent rows, only when its work exceeds DSK_PARALLEL_MIN_WORK:
- * prefer dsk_parallel_for (never waits for a descheduled thread; see threads.c). The
- * thread count is passed explicitly (num_threads) rather than through omp_set_num_threads, whose
- * setting would only apply to the thread that called it. */
-#define DSK_PARALLEL_FOR(work) \
-    DSK_PRAGMA(omp parallel for schedule(static) num_threads(dsk_get_num_threads()) if((work) > DSK_PARALLEL_MIN_WORK))
-#else
-#define DSK_PARALLEL_FOR(work)
-#endif
-
 #endif /* DSK_H */
