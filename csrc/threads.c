@@ -18,8 +18,10 @@
  * Claims: one 64-bit word holds (generation << 32 | next task index). A worker claims task i of
  * generation g with a compare-and-swap, which fails if the caller has started a newer job since;
  * after a successful claim the job cannot complete before this task does, so its function and
- * context stay valid while the task runs. The job's `done` counter is reset only after the
- * previous job completed, so no late increment reaches it.
+ * context stay valid while the task runs. Before the caller writes a new job's fields it stores a
+ * closed generation (no task claimable), so that no claim of the previous job's word can succeed
+ * against the new task count (the sanitizer job caught one that did). The job's `done` counter is
+ * reset only after the previous job completed, so no late increment reaches it.
  *
  * The vendored OpenBLAS is kept at one thread: products are split into tiles that run as tasks
  * (dsk_gemm.c), so that they never wait on a descheduled BLAS thread either. Calls from inside a
@@ -206,6 +208,13 @@ void dsk_parallel_tasks_upto(long ntasks, dsk_task_fn fn, void *ctx, int max_thr
         run_serially(ntasks, fn, ctx);
         return;
     }
+    /* First close the previous job's generation: a worker still in run_tasks for it may have
+     * loaded its claim word (all tasks claimed) and could read the new ntasks below; its
+     * compare-and-swap on the old word would then succeed and run a task of this job that the
+     * caller never counts. Against the closed word it fails, and a claim of the closed generation
+     * finds no task (index 0xffffffff >= any ntasks). */
+    const uint32_t closed = ++pool.generation;
+    STORE(&pool.claim, (uint64_t)closed << 32 | 0xffffffffu);
     pool.fn = fn;
     pool.ctx = ctx;
     STORE(&pool.ntasks, ntasks);
