@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
+import sys
 import time
 
 import numpy as np
@@ -21,6 +23,9 @@ import numpy as np
 import dselectk
 from dselectk.gates import DSelectK, TopK
 from dselectk.models import MMoE
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_train_step import make_step  # noqa: E402
 
 GATES = {"per_example_dselect_k": DSelectK(2, entropy_reg=0.1, per_example=True),
          "per_example_top_k": TopK(2, per_example=True),
@@ -44,13 +49,7 @@ def main(argv=None):
                  seed=0, gate=GATES[args.gate])
     opt = dselectk.optim.Adam(model.slab.data, model.slab.grad, lr=1e-4)
 
-    def step():
-        model.zero_grad()
-        outs = model.forward(X, training=True)
-        _, _, douts = model.loss(outs, Y)
-        model.backward(douts)
-        opt.step()
-
+    step = make_step(model, opt, X, Y)
     for _ in range(20):
         step()
     if args.cprofile:
