@@ -1,17 +1,20 @@
 """Issue #15's target table from two sets of results files, before and after:
 
-    python benchmarks/issue15_table.py BEFORE_DIR AFTER_DIR
+    python benchmarks/issue15_table.py BEFORE_DIR AFTER_DIR [--vs-torch FILE] [--conditional FILE] [--threads FILE]
 
 Each directory holds the Markdown files of bench_vs_torch.py (--workloads comet step cnn
---threads 1 2), bench_conditional.py and bench_threads.py; this script only reads their tables
+--threads 1 2), bench_conditional.py and bench_threads.py (by default under the names run_all.py
+gives them; a row whose file or table is missing is left out); this script only reads their tables
 (no timing of its own) and prints one row per target: the range over the rows it covers, before
 and after, the target, and whether the after figures meet it. The load column is the range of
 the 1-minute load averages of the rows it was computed from.
 """
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+
+FILES = {"vs_torch": "bench_vs_torch.md", "conditional": "bench_conditional.md", "threads": "bench_threads.md"}
 
 
 def tables(path):
@@ -38,7 +41,7 @@ def section(tabs, prefix):
     for title, rows in tabs.items():
         if title.startswith(prefix):
             return rows
-    raise KeyError(prefix)
+    return []
 
 
 def num(s):
@@ -50,15 +53,20 @@ def span(values, digits=2):
     return f"{lo:.{digits}f}" if round(lo, digits) == round(hi, digits) else f"{lo:.{digits}f}-{hi:.{digits}f}"
 
 
-def figures(d):
-    vs = tables(os.path.join(d, "bench_vs_torch.md"))
-    cond = tables(os.path.join(d, "bench_conditional.md"))
-    thr = tables(os.path.join(d, "bench_threads.md"))
+def figures(d, names):
+    """{row: (values, loads, lower is better, target)} from the results files of directory d
+    (names: the file of each benchmark there); a row whose file or table is missing is left out."""
+    def read(key):
+        path = os.path.join(d, names[key])
+        return tables(path) if os.path.exists(path) else {}
+
+    vs, cond, thr = read("vs_torch"), read("conditional"), read("threads")
     step, cnn, comet = section(vs, "MMoE training step"), section(vs, "Multi-Fashion"), section(vs, "Per-example COMET")
     rows = {}
 
     def put(key, vals, loads, lower_is_better, target):
-        rows[key] = (vals, loads, lower_is_better, target)
+        if vals:
+            rows[key] = (vals, loads, lower_is_better, target)
 
     for t in ("1", "2"):
         sel = [r for r in step if r["threads"] == t]
@@ -66,7 +74,9 @@ def figures(d):
             [num(r["step/GEMM"]) for r in sel], [num(r["load"]) for r in sel], True, 1.10 if t == "1" else 1.15)
     ratios, loads = [], []
     for r1 in (r for r in step if r["batch"] == "1024" and r["threads"] == "1"):
-        r2 = next(r for r in step if r["gate"] == r1["gate"] and r["batch"] == "1024" and r["threads"] == "2")
+        r2 = next((r for r in step if r["gate"] == r1["gate"] and r["batch"] == "1024" and r["threads"] == "2"), None)
+        if r2 is None:
+            continue
         step_scale = num(r2["dselectk ex/s"]) / num(r1["dselectk ex/s"])
         gemm_scale = num(r1["GEMM ms"]) / num(r2["GEMM ms"])
         ratios.append(step_scale / gemm_scale)
@@ -98,11 +108,20 @@ def figures(d):
     return rows
 
 
-def main(argv):
-    before, after = figures(argv[0]), figures(argv[1])
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("before")
+    ap.add_argument("after")
+    for key, default in FILES.items():
+        ap.add_argument(f"--{key.replace('_', '-')}", default=default, help=f"file name (default {default})")
+    args = ap.parse_args(argv)
+    names = {key: getattr(args, key) for key in FILES}
+    before, after = figures(args.before, names), figures(args.after, names)
     print("| benchmark | before | load | after | load | target | met (after) |")
     print("|---|---:|---:|---:|---:|---:|:---|")
     for key, (vals, loads, lower, target) in after.items():
+        if key not in before:
+            continue
         bvals, bloads = before[key][0], before[key][1]
         ok = all(v <= target for v in vals) if lower else all(v >= target for v in vals)
         some = any(v <= target for v in vals) if lower else any(v >= target for v in vals)
@@ -112,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

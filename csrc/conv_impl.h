@@ -69,6 +69,24 @@ static void FN(im2col_group)(real *col, const real *x, long b0, long G, const Ds
     }
 }
 
+/* The input gradient of the group of G examples from b0: dcol (K, G P) = Wt^T (K, F) dyg (F, G P)
+ * into col (the group's patches, no longer needed), then scattered (col2im) into dx (B, C, H, W),
+ * whose rows of these examples it overwrites. */
+static void FN(input_gradient_group)(real *dx, real *col, const real *Wt, const real *dyg, long b0, long G,
+                                     const DskConv2d *g) {
+    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, HW = g->H * g->W, GP = G * P;
+    GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)K, (int)GP, (int)g->F, 1, Wt, (int)K, dyg, (int)GP, 0, col,
+         (int)GP);
+    for (long e = 0; e < G; e++) {
+        real *dxb = dx + (size_t)(b0 + e) * g->C * HW;
+        memset(dxb, 0, sizeof(real) * (size_t)(g->C * HW));
+        for (long k = 0; k < K; k++) {
+            const long c = k / (g->KH * g->KW), i = k / g->KW % g->KH, j = k % g->KW;
+            FN(col2im_row)(dxb + c * HW, col + k * GP + e * P, i, j, g);
+        }
+    }
+}
+
 typedef struct {
     real *y, *col, *dx, *dW_part;
     double *acc;
@@ -118,7 +136,7 @@ void FN(conv2d_forward)(real *y, real *col, int slots, const real *x, const real
 static void FN(conv_backward_slice)(void *arg, long task, int thread) {
     const FN(Conv) *a = arg;
     const DskConv2d *g = a->g;
-    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, HW = g->H * g->W, Fn = g->F;
+    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, Fn = g->F;
     const long start = task * a->slice, end = start + a->slice < g->B ? start + a->slice : g->B;
     real *col = a->col + (size_t)thread * a->per_slot, *dWs = a->dW_part + (size_t)task * Fn * K;
     double *acc = a->acc + task * Fn;
@@ -142,18 +160,7 @@ static void FN(conv_backward_slice)(void *arg, long task, int thread) {
             for (long q = 0; q < GP; q++) s += dyg[f * GP + q];
             acc[f] += s;
         }
-        if (!a->dx) continue;
-        /* dcol (K, G P) = Wt^T (K, F) dy2 (F, G P), into col (no longer needed), then scattered */
-        GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)K, (int)GP, (int)Fn, 1, a->Wt, (int)K, dyg, (int)GP, 0, col,
-             (int)GP);
-        for (long e = 0; e < G; e++) {
-            real *dxb = a->dx + (size_t)(b0 + e) * g->C * HW;
-            memset(dxb, 0, sizeof(real) * (size_t)(g->C * HW));
-            for (long k = 0; k < K; k++) {
-                const long c = k / (g->KH * g->KW), i = k / g->KW % g->KH, j = k % g->KW;
-                FN(col2im_row)(dxb + c * HW, col + k * GP + e * P, i, j, g);
-            }
-        }
+        if (a->dx) FN(input_gradient_group)(a->dx, col, a->Wt, dyg, b0, G, g);
     }
 }
 
@@ -296,7 +303,7 @@ void FN(conv2d_relu_pool_forward)(real *pooled, uint8_t *code, real *col, int sl
 static void FN(conv_pool_backward_slice)(void *arg, long task, int thread) {
     const FN(ConvPool) *a = arg;
     const DskConv2d *g = a->g;
-    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, HW = g->H * g->W, Fn = g->F;
+    const long K = g->C * g->KH * g->KW, P = g->OH * g->OW, Fn = g->F;
     const long PP = a->p->OH * a->p->OW;
     const long start = task * a->slice, end = start + a->slice < g->B ? start + a->slice : g->B;
     real *col = a->col + (size_t)thread * a->per_slot, *dWs = a->dW_part + (size_t)task * Fn * K;
@@ -316,17 +323,7 @@ static void FN(conv_pool_backward_slice)(void *arg, long task, int thread) {
         FN(im2col_group)(col, a->x, b0, G, g);
         GEMM(CblasRowMajor, CblasNoTrans, CblasTrans, (int)Fn, (int)K, (int)GP, 1, dyc, (int)GP, col, (int)GP,
              b0 == start ? 0 : 1, dWs, (int)K);
-        if (!a->dx) continue;
-        GEMM(CblasRowMajor, CblasTrans, CblasNoTrans, (int)K, (int)GP, (int)Fn, 1, a->Wt, (int)K, dyc, (int)GP, 0, col,
-             (int)GP);
-        for (long e = 0; e < G; e++) {
-            real *dxb = a->dx + (size_t)(b0 + e) * g->C * HW;
-            memset(dxb, 0, sizeof(real) * (size_t)(g->C * HW));
-            for (long k = 0; k < K; k++) {
-                const long c = k / (g->KH * g->KW), i = k / g->KW % g->KH, j = k % g->KW;
-                FN(col2im_row)(dxb + c * HW, col + k * GP + e * P, i, j, g);
-            }
-        }
+        if (a->dx) FN(input_gradient_group)(a->dx, col, a->Wt, dyc, b0, G, g);
     }
 }
 

@@ -161,6 +161,33 @@ done:
     return result;
 }
 
+/* The outputs and workspaces of a convolution's backward (conv.h), all held by h: dW (F, C, KH, KW)
+ * and db (F,) (db_obj None: skipped), accumulated in place; dx (B, C, H, W), new, when need_dx
+ * (else NULL); col, one workspace per thread of the pool (slots of them); acc and part, the
+ * partial bias and weight gradients of the batch's slices. -1 with an exception set. */
+typedef struct {
+    PyArrayObject *dW, *db, *dx, *col, *acc, *part;
+    int slots;
+} ConvGrads;
+
+static int conv_grads(PyObject *dW_obj, PyObject *db_obj, int need_dx, int *tn, const DskConv2d *g, Hold *h,
+                      ConvGrads *c) {
+    npy_intp wdims[4] = {g->F, g->C, g->KH, g->KW}, bdims[1] = {g->F}, xdims[4] = {g->B, g->C, g->H, g->W};
+    c->db = c->dx = NULL;
+    if (!(c->dW = hold(h, inplace_array(dW_obj, "dW", tn, 4, wdims, "(F, C, KH, KW)", h, 0)))) return -1;
+    if (db_obj != Py_None && !(c->db = hold_from(h, db_obj, inplace_array(db_obj, "db", tn, 1, bdims, "(F,)", h, 0))))
+        return -1;
+    if (need_dx && !(c->dx = hold(h, new_array(*tn, 4, xdims)))) return -1;
+    c->slots = dsk_get_num_threads();
+    const npy_intp S = conv2d_slices(g);
+    npy_intp cdims[1] = {(npy_intp)conv2d_col_size(g) * c->slots}, adims[1] = {S * g->F},
+             pdims[1] = {S * g->F * g->C * g->KH * g->KW};
+    c->col = hold(h, new_array(*tn, 1, cdims));
+    c->acc = hold(h, new_array(NPY_DOUBLE, 1, adims));
+    c->part = hold(h, new_array(*tn, 1, pdims));
+    return c->col && c->acc && c->part ? 0 : -1;
+}
+
 PyDoc_STRVAR(conv2d_backward_doc,
 "conv2d_backward(dy, x, W, dW, db=None, stride=1, padding=0, need_dx=True) -> dx or None\n\n"
 "Backward of conv2d_forward for dy (B, F, OH, OW), x (B, C, H, W), W (F, C, KH, KW), stride and\n"
@@ -180,31 +207,20 @@ static PyObject *py_conv2d_backward(PyObject *Py_UNUSED(self), PyObject *args, P
                     &stride_obj, &pad_obj, &need_dx))
         goto done;
     int tn = NPY_NOTYPE;
-    PyArrayObject *x, *Wt, *db = NULL, *dx = NULL;
+    PyArrayObject *x, *Wt;
     DskConv2d g;
     if (conv_inputs(x_obj, W_obj, stride_obj ? stride_obj : one, pad_obj ? pad_obj : zero, &tn, &h, &x, &Wt, &g) < 0)
         goto done;
     npy_intp ydims[4] = {g.B, g.F, g.OH, g.OW};
     PyArrayObject *dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 4, ydims, "(B, F, OH, OW)", 1));
     if (!dy) goto done;
-    npy_intp wdims[4] = {g.F, g.C, g.KH, g.KW}, bdims[1] = {g.F}, xdims[4] = {g.B, g.C, g.H, g.W};
-    PyArrayObject *dW = inplace_array(dW_obj, "dW", &tn, 4, wdims, "(F, C, KH, KW)", &h, 0);
-    if (!hold(&h, dW)) goto done;
-    if (db_obj != Py_None && !(db = hold_from(&h, db_obj, inplace_array(db_obj, "db", &tn, 1, bdims, "(F,)", &h, 0))))
-        goto done;
-    if (need_dx && !(dx = hold(&h, new_array(tn, 4, xdims)))) goto done;
-    const int slots = dsk_get_num_threads();
-    const npy_intp S = conv2d_slices(&g);
-    npy_intp cdims[1] = {(npy_intp)conv2d_col_size(&g) * slots}, adims[1] = {S * g.F},
-             pdims[1] = {S * g.F * g.C * g.KH * g.KW};
-    PyArrayObject *col = hold(&h, new_array(tn, 1, cdims)), *acc = hold(&h, new_array(NPY_DOUBLE, 1, adims));
-    PyArrayObject *part = hold(&h, new_array(tn, 1, pdims));
-    if (!col || !acc || !part) goto done;
+    ConvGrads c;
+    if (conv_grads(dW_obj, db_obj, need_dx, &tn, &g, &h, &c) < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, conv2d_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(col), slots, DATA(part), DATA(acc),
-             DATA(dy), DATA(x), DATA(Wt), &g);
+    DISPATCH(tn, conv2d_backward, OPTDATA(c.dx), DATA(c.dW), OPTDATA(c.db), DATA(c.col), c.slots, DATA(c.part),
+             DATA(c.acc), DATA(dy), DATA(x), DATA(Wt), &g);
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(dx ? (PyObject *)dx : Py_None);
+    result = Py_NewRef(c.dx ? (PyObject *)c.dx : Py_None);
 done:
     Py_XDECREF(one);
     Py_XDECREF(zero);
@@ -297,7 +313,7 @@ static PyObject *py_conv2d_relu_pool_backward(PyObject *Py_UNUSED(self), PyObjec
                     &stride_obj, &pad_obj, &pool_obj, &pst_obj, &need_dx))
         goto done;
     int tn = NPY_NOTYPE;
-    PyArrayObject *x, *Wt, *db = NULL, *dx = NULL;
+    PyArrayObject *x, *Wt;
     DskConv2d g;
     DskPool2d p;
     if (conv_inputs(x_obj, W_obj, stride_obj ? stride_obj : one, pad_obj ? pad_obj : zero, &tn, &h, &x, &Wt, &g) < 0)
@@ -332,24 +348,13 @@ static PyObject *py_conv2d_relu_pool_backward(PyObject *Py_UNUSED(self), PyObjec
                          "code.flat[%ld] = %d", p.KH * p.KW, (long)i, (int)cv[i]);
             goto done;
         }
-    npy_intp wdims[4] = {g.F, g.C, g.KH, g.KW}, bdims[1] = {g.F}, xdims[4] = {g.B, g.C, g.H, g.W};
-    PyArrayObject *dW = inplace_array(dW_obj, "dW", &tn, 4, wdims, "(F, C, KH, KW)", &h, 0);
-    if (!hold(&h, dW)) goto done;
-    if (db_obj != Py_None && !(db = hold_from(&h, db_obj, inplace_array(db_obj, "db", &tn, 1, bdims, "(F,)", &h, 0))))
-        goto done;
-    if (need_dx && !(dx = hold(&h, new_array(tn, 4, xdims)))) goto done;
-    const int slots = dsk_get_num_threads();
-    const npy_intp S = conv2d_slices(&g);
-    npy_intp cdims[1] = {(npy_intp)conv2d_col_size(&g) * slots}, adims[1] = {S * g.F},
-             pdims[1] = {S * g.F * g.C * g.KH * g.KW};
-    PyArrayObject *col = hold(&h, new_array(tn, 1, cdims)), *acc = hold(&h, new_array(NPY_DOUBLE, 1, adims));
-    PyArrayObject *part = hold(&h, new_array(tn, 1, pdims));
-    if (!col || !acc || !part) goto done;
+    ConvGrads c;
+    if (conv_grads(dW_obj, db_obj, need_dx, &tn, &g, &h, &c) < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, conv2d_relu_pool_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(col), slots, DATA(part),
-             DATA(acc), DATA(dy), DATA(code), DATA(y), DATA(x), DATA(Wt), &g, &p);
+    DISPATCH(tn, conv2d_relu_pool_backward, OPTDATA(c.dx), DATA(c.dW), OPTDATA(c.db), DATA(c.col), c.slots,
+             DATA(c.part), DATA(c.acc), DATA(dy), DATA(code), DATA(y), DATA(x), DATA(Wt), &g, &p);
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(dx ? (PyObject *)dx : Py_None);
+    result = Py_NewRef(c.dx ? (PyObject *)c.dx : Py_None);
 done:
     Py_XDECREF(one);
     Py_XDECREF(zero);
