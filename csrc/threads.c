@@ -64,12 +64,13 @@ typedef struct {
     int sleeping;       /* workers waiting on `wake` */
     int caller_waiting; /* the caller waits on `done_cv` */
     int nworkers;       /* started worker threads */
+    uint32_t start_gen; /* the generation a new worker starts from: the last before the job it was made for */
     uint32_t generation;
     long spin_ns;
 } DskPool;
 
 static DskPool pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER,
-                       PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, NULL, NULL, 1, 0, 0, 0, 0, -1};
+                       PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, NULL, NULL, 1, 0, 0, 0, 0, 0, -1};
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static __thread int in_task = 0; /* inside a task of the pool (or a serial fallback): nested calls run serially */
 
@@ -125,7 +126,9 @@ static int new_generation(void *arg) {
 static void *worker_main(void *arg) {
     const int id = (int)(intptr_t)arg; /* 0-based worker index; its thread id in tasks is id + 1 */
     in_task = 1;
-    NewJob seen = {(uint32_t)(LOAD(&pool.claim) >> 32)};
+    /* not the generation current when this thread starts: that may already be the job it was
+     * made for, which it would then skip (the caller runs every task itself meanwhile) */
+    NewJob seen = {LOAD(&pool.start_gen)};
     for (;;) {
         if (!spin_until(new_generation, &seen)) {
             pthread_mutex_lock(&pool.lock);
@@ -167,6 +170,7 @@ static void pool_init(void) {
 
 /* Starts workers up to `wanted` (fewer if the OS refuses threads: the job then runs on those). */
 static void ensure_workers(int wanted) {
+    if (pool.nworkers < wanted) STORE(&pool.start_gen, (uint32_t)(LOAD(&pool.claim) >> 32));
     while (pool.nworkers < wanted) {
         pthread_t t;
         pthread_attr_t attr;
