@@ -8,13 +8,13 @@ Everything that is not plain setuptools lives in ``build_ext_dselectk``:
   ``scipy_openblas32``: its maintainers ask third parties not to depend on it at run time, where it
   would clash with SciPy's copy. The symbols carry the ``scipy_`` prefix, so they cannot collide
   with another OpenBLAS loaded in the same process either.
-* OpenMP is compile-tested (``-fopenmp``); without it the build falls back to serial loops with a
-  warning. ``DSELECTK_NO_OPENMP=1`` opts out.
+* OpenMP is compile-tested (``-fopenmp``) and used when present; no kernel needs it any more (their
+  loops and products run on the pool of ``csrc/threads.c``, plain pthreads). ``DSELECTK_NO_OPENMP=1``
+  opts out.
 * ``DSELECTK_WERROR=1`` adds ``-Werror`` (CI sets it); the C code builds clean with -Wall -Wextra.
 * ``DSELECTK_SANITIZE=address,undefined`` (CI's ``.ci/sanitize``) builds with those sanitizers
-  (``-fsanitize=...``, reports fatal, frame pointers, -O1 -g) for testing only: OpenMP is then
-  required, not optional, every parallel loop runs threaded however little work it has
-  (``DSK_PARALLEL_MIN_WORK=0``), and ``dselectk/_sanitizer_selftest*.so`` is built beside the
+  (``-fsanitize=...``, reports fatal, frame pointers, -O1 -g) for testing only: every parallel loop
+  and product then runs on the pool's threads however little work it has (``DSK_PARALLEL_MIN_WORK=0``), and ``dselectk/_sanitizer_selftest*.so`` is built beside the
   extension from ``.ci/sanitizer_selftest.c`` with the same flags (deliberate bugs the job must catch).
 """
 import glob
@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -32,6 +31,7 @@ KERNEL_SOURCES = [
     "csrc/conv.c",
     "csrc/embedding.c",
     "csrc/gates.c",
+    "csrc/gemm.c",
     "csrc/linear.c",
     "csrc/nn.c",
     "csrc/optim.c",
@@ -108,15 +108,11 @@ class build_ext_dselectk(build_ext):
         sanitizer_flags = _sanitizer_flags()
         use_openmp = os.environ.get("DSELECTK_NO_OPENMP", "") not in ("1", "true", "yes")
         if use_openmp and not self._compiles_with_openmp(sanitizer_flags):
-            warnings.warn("dselectk: the compiler does not support -fopenmp; building serial kernels")
+            print("dselectk: the compiler does not support -fopenmp; building without it (the kernels' "
+                  "threads are the pool's, csrc/threads.c)", file=sys.stderr)
             use_openmp = False
         elif not use_openmp:
-            print("dselectk: DSELECTK_NO_OPENMP set, building serial kernels", file=sys.stderr)
-        if SANITIZE and not use_openmp:
-            raise RuntimeError(
-                f"DSELECTK_SANITIZE={SANITIZE} needs OpenMP (a sanitizer build must check the threaded loops), "
-                f"but DSELECTK_NO_OPENMP is set or compiling and linking with -fopenmp {' '.join(sanitizer_flags)} "
-                f"failed")
+            print("dselectk: DSELECTK_NO_OPENMP set, building without OpenMP", file=sys.stderr)
 
         # -fvisibility=hidden: the binding's files share plain extern names (input_array, overlaps, ...);
         # hidden, they cannot be bound to like-named symbols of other libraries. PyInit__C stays
@@ -126,10 +122,10 @@ class build_ext_dselectk(build_ext):
         # sign selects) then vectorize instead of branching on every element. It changes no result
         # (IEEE rounding is untouched, unlike -ffast-math).
         cflags = ["-std=c99", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-fno-math-errno",
-                  "-fno-trapping-math", "-fvisibility=hidden"]
+                  "-fno-trapping-math", "-fvisibility=hidden", "-pthread"]
         if os.environ.get("DSELECTK_WERROR", "") in ("1", "true", "yes"):
             cflags.append("-Werror")
-        ldflags = ["-Wl,-rpath,$ORIGIN/_lib"]
+        ldflags = ["-Wl,-rpath,$ORIGIN/_lib", "-pthread"]
         if use_openmp:
             cflags.append("-fopenmp")
             ldflags.append("-fopenmp")

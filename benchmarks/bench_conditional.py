@@ -1,6 +1,6 @@
 """Conditional computation: what exact zeros in the gates save, in wall time and in FLOPs.
 
-    python benchmarks/bench_conditional.py [--batch 1024] [--threads 1] [--repeats 7] [--out FILE.md]
+    python benchmarks/bench_conditional.py [--batch 1024] [--threads 1] [--repeats 7] [--quick] [--out FILE.md]
 
 1. Wall time of one training step (forward, backward, Adam) of an MMoE with 8 x Dense(256) experts
    on 128 inputs, 2 tasks with Dense(64) towers (so that the experts hold most of the FLOPs: 8 x
@@ -13,12 +13,15 @@
 2. Expert FLOPs over a training run (``History["expert_flops"]``): DSelect-k relative to Top-k,
    the FLOPS(DSelect-k)/FLOPS(Top-k) row of the paper's Table C.4, on a two-task problem.
 
-Ratios are measured in one process run, blocks interleaved, medians of ``--repeats`` blocks.
+Ratios are measured in one process run, blocks interleaved, medians of ``--repeats`` blocks; the
+1-minute load average is printed beside each row.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -28,7 +31,9 @@ from dselectk.gates import DSelectK, TopK
 from dselectk.models import MMoE
 from dselectk.optim import make_optimizer
 
-from bench_train_step import make_step  # this folder is on sys.path when run as a script
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fmt_load  # noqa: E402
+from bench_train_step import make_step  # noqa: E402
 
 
 def _model(per_example, binary, shared=False, seed=0):
@@ -77,7 +82,7 @@ def wall_time_rows(batch, repeats, steps):
             if len(fast._cache) == 3 else len(fast._cache[2]) / 8
         t_fast, t_slow = _time_pair(_step_fn(fast, X, Y), _step_fn(slow, X, Y), repeats, steps)
         rows.append((("per-example" if per_example else "static") + (", S(Z) binary" if binary else ", S(Z) fractional"),
-                     used, t_slow * 1e3, t_fast * 1e3, t_slow / t_fast))
+                     used, t_slow * 1e3, t_fast * 1e3, t_slow / t_fast, fmt_load()))
     return rows
 
 
@@ -110,14 +115,18 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="a smoke run (3 blocks of 2 steps, 1 epoch): rough numbers")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.steps, args.epochs = 3, 2, 1
     dk.set_num_threads(args.threads)
     lines = [f"Batch {args.batch}, {args.threads} thread(s); median of {args.repeats} blocks of {args.steps} steps.",
-             "", "| gates (k = 2 of 8) | (example, expert) pairs used | dense path ms/step | conditional ms/step | speedup |",
-             "|---|---|---|---|---|"]
-    for name, used, slow, fast, ratio in wall_time_rows(args.batch, args.repeats, args.steps):
-        lines.append(f"| {name} | {used:.0%} | {slow:.2f} | {fast:.2f} | {ratio:.2f}x |")
+             "", "| gates (k = 2 of 8) | (example, expert) pairs used | dense path ms/step | conditional ms/step | speedup "
+             "| load |",
+             "|---|---|---|---|---|---|"]
+    for name, used, slow, fast, ratio, load in wall_time_rows(args.batch, args.repeats, args.steps):
+        lines.append(f"| {name} | {used:.0%} | {slow:.2f} | {fast:.2f} | {ratio:.2f}x | {load} |")
     lines += ["", f"Expert FLOPs over {args.epochs} epochs (8,192 examples, batch 128, lr 1e-2; Table C.4's row):", "",
               "| gates | DSelect-k executed / dense | Top-k executed / dense | FLOPS(DSelect-k) / FLOPS(Top-k) | steps until S(Z) binary |",
               "|---|---|---|---|---|"]

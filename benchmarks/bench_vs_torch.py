@@ -16,12 +16,14 @@ Workloads (float32):
 3. the GEMM-only lower bound of that step: its necessary matrix products alone (every Dense
    forward and backward, the gates' linear maps, the static gates' mixing GEMM; no gate input
    gradient, which the step does not need), timed through dselectk.functional.dense_forward /
-   dense_backward, so through the same vendored OpenBLAS. Reported as our step time / GEMM time.
+   dense_backward, so through the same vendored OpenBLAS. Reported as our step time / GEMM time,
+   and as GFLOP/s beside the sgemm peak (a large square product, same BLAS and threads);
 4. (``--workloads cnn``) one training step of the Multi-Fashion MNIST models (issue 6, Appendix
    D.2): the MMoE of 8 CNN experts with static softmax gates (the softmax MoE of Table 2: every
    expert computed) and the shared-bottom CNN, 36 x 36 images, towers 50 -> 50 -> 10, the sum of
    two softmax cross-entropies, Adam, batch 256; reported also as the time of an epoch of the
-   paper's 100,000 training images (391 steps).
+   paper's 100,000 training images (391 steps), with its GEMM-only bound as in 3 (convolutions as
+   im2col GEMMs, see cnn_gemm_plan).
 
 The PyTorch side is benchmarks/torch_models.py (the same models: tests/test_torch_parity.py checks
 that outputs and gradients agree) with torch.optim.Adam (the fused CPU kernel where available).
@@ -40,9 +42,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -52,6 +52,7 @@ from dselectk.gates import DSelectK, TopK
 from dselectk.models import MMoE
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import PEAK_N, cpu_model, fmt_load, gflops, interleaved, sgemm_peak  # noqa: E402
 from bench_train_step import make_step  # noqa: E402
 
 try:
@@ -72,32 +73,7 @@ STEP_GATES = {  # label: the MMoE's gate
 INPUT, N_EXPERTS, UNITS, TOWER, N_TASKS = 128, 8, 256, 256, 2
 
 
-# --- timing -------------------------------------------------------------------------------------
-
-def _iterations(fn, block_time):
-    """Calls per block so that a block lasts about block_time (at least 1)."""
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    dt = time.perf_counter() - t0
-    return max(1, int(round(block_time / max(dt, 1e-9))))
-
-
-def interleaved(fns, blocks, block_time, pause):
-    """{name: median seconds per call}: blocks of each fn, interleaved (ABBA...), median over blocks."""
-    names = list(fns)
-    iters = {name: _iterations(fns[name], block_time) for name in names}
-    times = {name: [] for name in names}
-    for b in range(blocks):
-        for name in (names if b % 2 == 0 else names[::-1]):
-            fn, n = fns[name], iters[name]
-            time.sleep(pause)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            times[name].append((time.perf_counter() - t0) / n)
-    return {name: statistics.median(v) for name, v in times.items()}
-
+# --- timing (interleaved blocks: see _common.py) -------------------------------------------------
 
 def set_threads(n):
     dselectk.set_num_threads(n)
@@ -223,7 +199,7 @@ CNN_BATCH, CNN_EPOCH_STEPS = 256, -(-100_000 // 256)
 
 
 def cnn_workload(name, rng):
-    """(ours, theirs or None) training steps of multi_mnist.build_model(name) and its torch twin."""
+    """(ours, theirs or None, our model) training steps of multi_mnist.build_model(name) and its torch twin."""
     from dselectk.experiments.multi_mnist import build_model
 
     model = build_model(name, (1, 36, 36), seed=0)
@@ -231,7 +207,7 @@ def cnn_workload(name, rng):
     labels = [rng.integers(0, 10, CNN_BATCH) for _ in range(2)]
     ours = our_training_step(model, X, labels)
     if torch is None:
-        return ours, None
+        return ours, None, model
     tmodel = tm.cnn_from_dselectk(model)
     Xt, Yt = torch.from_numpy(X), [torch.from_numpy(y) for y in labels]
     with torch.no_grad():
@@ -244,7 +220,7 @@ def cnn_workload(name, rng):
         tmodel.loss(tmodel(Xt), Yt).backward()
         topt.step()
 
-    return ours, theirs
+    return ours, theirs, model
 
 
 # --- workload 3: the step's GEMMs alone ---------------------------------------------------------
@@ -266,9 +242,15 @@ def gemm_plan(batch, gate):
     return plan
 
 
-def gemm_workload(batch, gate, rng):
+def plan_flops(plan):
+    """FLOPs of a Dense plan's products: 2 rows in out for the forward, as much for dW, and for dx."""
+    return sum(2.0 * rows * i * o * (3 if need_dx else 2) for rows, i, o, need_dx, _ in plan)
+
+
+def gemm_workload(plan, rng):
+    """(callable, flops): the Dense plan's products, forward then backward, on random arrays."""
     arrays = []
-    for rows, i, o, need_dx, bias in gemm_plan(batch, gate):
+    for rows, i, o, need_dx, bias in plan:
         arrays.append(dict(x=rng.standard_normal((rows, i)).astype(np.float32),
                            W=rng.standard_normal((i, o)).astype(np.float32) * 0.05,
                            b=np.zeros(o, np.float32) if bias else None,
@@ -283,21 +265,83 @@ def gemm_workload(batch, gate, rng):
             for a in reversed(arrays):
                 F.dense_backward(a["dy"], a["x"], a["W"], a["dW"], a["db"], need_dx=a["need_dx"])
 
-    return gemms
+    return gemms, plan_flops(plan)
+
+
+CONV_COL_ELEMS = 64 * 1024  # csrc/conv.h's DSK_CONV_COL_ELEMS: the convolution's workspace per group
+
+
+def cnn_gemm_plan(model, batch, col_elems=CONV_COL_ELEMS):
+    """The matrix products of one training step of a CNN model (MMoE with CNN experts, or the
+    shared-bottom CNN), convolutions as im2col GEMMs: (kind, M, N, K, count) entries, C (M, N) =
+    op(A) (M, K) op(B) (K, N), kind "nn", "nt" (B transposed) or "tn" (A transposed), computed
+    ``count`` times. A convolution of F filters with patches of K = C KH KW entries over P output
+    positions is, per group of G examples as csrc/conv.c forms them (the most that fit col_elems
+    entries of workspace, (K + F) G P, at least 1), the forward (F, K) x (K, G P) (nn), the weight
+    gradient (F, G P) x (G P, K) (nt) and, except for a first layer (no input gradient), the patch
+    gradient (K, F) x (F, G P) (tn). A Dense layer (B, in) -> out is (B, out, in) forward (nn),
+    (in, out, B) for dW (tn) and (B, in, out) for dx (nt), once each."""
+    from dselectk.layers import CNNExpert, Conv2D, Dense, Flatten, MaxPool2D
+
+    def module_plan(module, shape, first):
+        plan = []
+        for i, layer in enumerate(module.layers):
+            need_dx = not (first and i == 0)
+            if isinstance(layer, Conv2D):
+                out = layer.output_shape(shape)
+                K, P, Fn = layer.in_channels * layer.kernel[0] * layer.kernel[1], out[1] * out[2], layer.filters
+                G = max(1, min(batch, col_elems // ((K + Fn) * P)))
+                chunks, rest = divmod(batch, G)
+                for g, count in ((G, chunks), (rest, 1 if rest else 0)):
+                    if count:
+                        plan += [("nn", Fn, g * P, K, count), ("nt", Fn, K, g * P, count)]
+                        plan += [("tn", K, g * P, Fn, count)] if need_dx else []
+                shape = out
+            elif isinstance(layer, MaxPool2D):
+                shape = layer.output_shape(shape)
+            elif isinstance(layer, Dense):
+                plan += [("nn", batch, layer.out_dim, layer.in_dim, 1), ("tn", layer.in_dim, layer.out_dim, batch, 1)]
+                plan += [("nt", batch, layer.in_dim, layer.out_dim, 1)] if need_dx else []
+                shape = (layer.out_dim,)
+            elif isinstance(layer, Flatten):
+                shape = (int(np.prod(shape)),)
+        return plan, shape
+
+    bodies = model.experts if hasattr(model, "experts") else [model.bottom]
+    plan = []
+    for body in bodies:
+        assert isinstance(body, CNNExpert)
+        plan += module_plan(body, body.input_shape, True)[0]
+    for tower in model.towers:
+        plan += module_plan(tower, (body.out_dim,), False)[0]
+    return plan
+
+
+def products_workload(plan, rng):
+    """(callable, flops) of (kind, M, N, K, count) products: nn through functional.dense_forward
+    (A B), nt through functional.linear (A B^T), tn through functional.dense_backward's weight
+    gradient (A^T B, accumulated as in the step's backward)."""
+    arrays = []
+    for kind, M, N, K, count in plan:
+        a = rng.standard_normal((M, K) if kind != "tn" else (K, M)).astype(np.float32)
+        b = rng.standard_normal((K, N) if kind != "nt" else (N, K)).astype(np.float32)
+        arrays.append((kind, a, b, np.zeros((M, N), np.float32), np.zeros((M, N), np.float32), count))
+
+    def gemms():
+        with F.trusted_inputs():
+            for kind, a, b, c, w, count in arrays:
+                for _ in range(count):
+                    if kind == "nn":
+                        F.dense_forward(a, b, out=c)
+                    elif kind == "nt":
+                        F.linear(a, b, out=c)
+                    else:
+                        F.dense_backward(b, a, w, c, need_dx=False)  # c += a^T b (w: its shape only)
+
+    return gemms, sum(2.0 * M * N * K * count for _, M, N, K, count in plan)
 
 
 # --- report ---------------------------------------------------------------------------------------
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
 
 def _fmt_rate(x):
     return "n/a" if x is None else f"{x:,.0f}"
@@ -337,7 +381,7 @@ def main(argv=None):
     info = dselectk.build_info()
     out("# dselectk vs PyTorch (CPU)")
     out()
-    out(f"- CPU: {_cpu_model()}, {os.cpu_count()} logical CPUs visible; Python {platform.python_version()}")
+    out(f"- CPU: {cpu_model()}, {os.cpu_count()} logical CPUs visible; Python {platform.python_version()}")
     out(f"- dselectk {dselectk.__version__}: openmp={info['openmp']}, BLAS={info['blas']}")
     if torch is None:
         out("- PyTorch: not installed, PyTorch columns skipped (pip install torch to fill them)")
@@ -346,6 +390,8 @@ def main(argv=None):
     out(f"- float32; median of {blocks} interleaved blocks of ~{block_time:g} s per side"
         f"{' (--quick: rough numbers)' if args.quick else ''}; threads pinned to the same count on both sides")
     out("- ours/PyTorch = dselectk examples/s divided by PyTorch examples/s, in this process run (> 1: dselectk faster)")
+    out("- load = the 1-minute load average after the row (processes running or waiting for a CPU; the machine's "
+        "CPU count is above)")
     out()
     rng = np.random.default_rng(0)
     results = {"gate": [], "comet": [], "step": [], "cnn": []}
@@ -359,8 +405,8 @@ def main(argv=None):
             continue
         out(f"## {title}")
         out()
-        out("| n | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch |")
-        out("|---:|---:|---:|---:|---:|")
+        out("| n | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch | load |")
+        out("|---:|---:|---:|---:|---:|---:|")
         for n in ns:
             ours, theirs = workload(n, rng)
             for threads in args.threads:
@@ -370,9 +416,11 @@ def main(argv=None):
                 r_ours = B_GATE / t["ours"]
                 r_theirs = B_GATE / t["theirs"] if "theirs" in t else None
                 results[key].append(dict(n=n, threads=threads, ours=r_ours, theirs=r_theirs))
-                out(f"| {n} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | {_fmt_ratio(r_ours, r_theirs)} |")
+                out(f"| {n} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | {_fmt_ratio(r_ours, r_theirs)} | "
+                    f"{fmt_load()} |")
         out()
 
+    peak, peak_flops = sgemm_peak()
     if "step" in args.workloads:
         variant = None
         out(f"## MMoE training step ({N_EXPERTS} experts Dense({UNITS}), {N_TASKS} tasks, input {INPUT}, "
@@ -380,30 +428,37 @@ def main(argv=None):
         out()
         out("step/GEMM = our step time / the time of its matrix products alone (same shapes, same BLAS). "
             "GEMM bound = PyTorch's step time / that GEMM time: the largest ours/PyTorch any implementation "
-            "of the step on this BLAS could reach (all non-GEMM work free).")
+            "of the step on this BLAS could reach (all non-GEMM work free). GFLOP/s: the FLOPs of those "
+            "products (the dense model's: a step that skips experts by conditional computation does fewer) per "
+            "second of our step and of the products alone, beside the sgemm peak: a "
+            f"{PEAK_N} x {PEAK_N} x {PEAK_N} float32 product through the same BLAS at the same thread count, "
+            "timed in the same interleaved blocks.")
         out()
         out("| gate | batch | threads | dselectk ex/s | PyTorch ex/s | ours/PyTorch | our step ms | GEMM ms "
-            "| step/GEMM | GEMM bound |")
-        out("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "| step/GEMM | GEMM bound | step GFLOP/s | GEMM GFLOP/s | sgemm peak GFLOP/s | load |")
+        out("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for batch in (128, 1024):
             X, Y = step_data(batch, rng)
             for label, gate in STEP_GATES.items():
                 ours, theirs, variant = step_workload(gate, X, Y)
-                gemms = gemm_workload(batch, gate, rng)
+                gemms, flops = gemm_workload(gemm_plan(batch, gate), rng)
                 for threads in args.threads:
                     set_threads(threads)
-                    fns = {"ours": ours, "gemm": gemms}
+                    fns = {"ours": ours, "gemm": gemms, "peak": peak}
                     if theirs is not None:
                         fns["theirs"] = theirs
                     t = interleaved(fns, blocks, block_time, pause)
                     r_ours = batch / t["ours"]
                     r_theirs = batch / t["theirs"] if "theirs" in t else None
                     results["step"].append(dict(gate=label, batch=batch, threads=threads, ours=r_ours,
-                                                theirs=r_theirs, step_s=t["ours"], gemm_s=t["gemm"]))
+                                                theirs=r_theirs, step_s=t["ours"], gemm_s=t["gemm"],
+                                                theirs_s=t.get("theirs"), peak_s=t["peak"], flops=flops))
                     out(f"| {label} | {batch} | {threads} | {_fmt_rate(r_ours)} | {_fmt_rate(r_theirs)} | "
                         f"{_fmt_ratio(r_ours, r_theirs)} | {t['ours'] * 1e3:.2f} | {t['gemm'] * 1e3:.2f} | "
                         f"{t['ours'] / t['gemm']:.2f} | "
-                        f"{'n/a' if 'theirs' not in t else format(t['theirs'] / t['gemm'], '.2f')} |")
+                        f"{'n/a' if 'theirs' not in t else format(t['theirs'] / t['gemm'], '.2f')} | "
+                        f"{gflops(flops, t['ours']):.1f} | {gflops(flops, t['gemm']):.1f} | "
+                        f"{gflops(peak_flops, t['peak']):.1f} | {fmt_load()} |")
         out()
         if variant is not None:
             out(f"PyTorch optimizer: torch.optim.Adam ({variant}).")
@@ -412,22 +467,33 @@ def main(argv=None):
     if "cnn" in args.workloads:
         out(f"## Multi-Fashion MNIST models, training step (batch {CNN_BATCH}, 36 x 36 images, Adam)")
         out()
-        out(f"epoch = {CNN_EPOCH_STEPS} steps (100,000 images), from the median step time.")
+        out(f"epoch = {CNN_EPOCH_STEPS} steps (100,000 images), from the median step time. GEMM ms: the step's "
+            "matrix products alone, convolutions as the im2col GEMMs of dselectk's kernel (groups of examples "
+            "that fit its workspace; cnn_gemm_plan), through the same BLAS; step/GEMM and GFLOP/s as in the MMoE "
+            "table.")
         out()
-        out("| model | threads | our step ms | PyTorch step ms | our epoch s | PyTorch epoch s | ours/PyTorch |")
-        out("|:---|---:|---:|---:|---:|---:|---:|")
+        out("| model | threads | our step ms | PyTorch step ms | ours/PyTorch | GEMM ms | step/GEMM | GEMM bound "
+            "| step GFLOP/s | GEMM GFLOP/s | sgemm peak GFLOP/s | our epoch s | PyTorch epoch s | load |")
+        out("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for label, name in (("MMoE, 8 CNN experts, softmax gates", "softmax"), ("shared-bottom CNN", "shared_bottom")):
-            ours, theirs = cnn_workload(name, rng)
+            ours, theirs, model = cnn_workload(name, rng)
+            gemms, flops = products_workload(cnn_gemm_plan(model, CNN_BATCH), rng)
             for threads in args.threads:
                 set_threads(threads)
-                fns = {"ours": ours} if theirs is None else {"ours": ours, "theirs": theirs}
+                fns = {"ours": ours, "gemm": gemms, "peak": peak}
+                if theirs is not None:
+                    fns["theirs"] = theirs
                 t = interleaved(fns, blocks, block_time, pause)
-                mine, tt = t["ours"], t.get("theirs")
-                results["cnn"].append(dict(model=name, threads=threads, ours_s=mine, theirs_s=tt))
-                theirs_ms, theirs_epoch, ratio = (("n/a",) * 3 if tt is None else
-                                                  (f"{tt * 1e3:.0f}", f"{tt * CNN_EPOCH_STEPS:.0f}", f"{tt / mine:.2f}"))
-                out(f"| {label} | {threads} | {mine * 1e3:.0f} | {theirs_ms} | {mine * CNN_EPOCH_STEPS:.0f} | "
-                    f"{theirs_epoch} | {ratio} |")
+                mine, tt, tg = t["ours"], t.get("theirs"), t["gemm"]
+                results["cnn"].append(dict(model=name, threads=threads, ours_s=mine, theirs_s=tt, gemm_s=tg,
+                                           peak_s=t["peak"], flops=flops))
+                theirs_ms, theirs_epoch, ratio, bound = (("n/a",) * 4 if tt is None else
+                                                         (f"{tt * 1e3:.0f}", f"{tt * CNN_EPOCH_STEPS:.0f}",
+                                                          f"{tt / mine:.2f}", f"{tt / tg:.2f}"))
+                out(f"| {label} | {threads} | {mine * 1e3:.0f} | {theirs_ms} | {ratio} | {tg * 1e3:.0f} | "
+                    f"{mine / tg:.2f} | {bound} | {gflops(flops, mine):.1f} | {gflops(flops, tg):.1f} | "
+                    f"{gflops(peak_flops, t['peak']):.1f} | {mine * CNN_EPOCH_STEPS:.0f} | {theirs_epoch} | "
+                    f"{fmt_load()} |")
         out()
 
     if args.out:

@@ -34,11 +34,25 @@ static double FN(comet_unnormalized)(real *e, const real *p, const real *a, long
     return sum;
 }
 
-void FN(comet_forward)(real *w, real *sz, real *reach_int, real *reach, real *g, real *norm,
-                       const real *A, const real *Z, long B, int k, long n, real gamma) {
+/* The arguments of comet_forward / comet_backward, for their loops over examples on the pool. */
+typedef struct {
+    real *w, *sz, *reach_int, *reach, *g, *norm, *dA, *dZ;
+    double *work;
+    const real *A, *Z, *dw, *csz, *creach_int, *creach, *cg, *cnorm;
+    long n;
+    int k, dw_per_tree;
+    real gamma;
+    double coef_h, eps;
+} FN(CometJob);
+
+static void FN(comet_forward_range)(void *arg, long lo, long hi) {
+    const FN(CometJob) *job = arg;
+    real *w = job->w, *sz = job->sz, *reach_int = job->reach_int, *reach = job->reach, *g = job->g, *norm = job->norm;
+    const real *A = job->A, *Z = job->Z, gamma = job->gamma;
+    const long n = job->n;
+    const int k = job->k;
     const comet_leaves L = comet_layout(n);
-    DSK_PARALLEL_FOR(B * k * n)
-    for (long b = 0; b < B; b++) {
+    for (long b = lo; b < hi; b++) {
         const long kn = (long)k * n, kv = (long)k * (n - 1);
         const real *Ab = A + b * kn;
         real *pb = reach + b * kn, *gb = g + b * kn, *wb = w + b * n;
@@ -73,14 +87,24 @@ void FN(comet_forward)(real *w, real *sz, real *reach_int, real *reach, real *g,
     }
 }
 
-void FN(comet_backward)(real *dA, real *dZ, double *work, const real *dw, const real *A,
-                        const real *Z, const real *sz, const real *reach_int, const real *reach,
-                        const real *g, const real *norm, long B, int k, long n, int dw_per_tree,
-                        real gamma, double lambda, double eps) {
+void FN(comet_forward)(real *w, real *sz, real *reach_int, real *reach, real *g, real *norm,
+                       const real *A, const real *Z, long B, int k, long n, real gamma) {
+    FN(CometJob) job = {w, sz, reach_int, reach, g, norm, NULL, NULL, NULL, A, Z, NULL, NULL, NULL, NULL, NULL,
+                        NULL, n, k, 0, gamma, 0, 0};
+    dsk_parallel_for(B, dsk_grain(4 * (long)k * n), FN(comet_forward_range), &job);
+}
+
+static void FN(comet_backward_range)(void *arg, long lo, long hi) {
+    const FN(CometJob) *jb = arg;
+    real *dA = jb->dA, *dZ = jb->dZ;
+    double *work = jb->work;
+    const real *dw = jb->dw, *A = jb->A, *Z = jb->Z, *sz = jb->csz, *reach_int = jb->creach_int, *reach = jb->creach;
+    const real *g = jb->cg, *norm = jb->cnorm, gamma = jb->gamma;
+    const long n = jb->n;
+    const int k = jb->k, dw_per_tree = jb->dw_per_tree;
+    const double coef_h = jb->coef_h, eps = jb->eps;
     const comet_leaves L = comet_layout(n);
-    const double coef_h = lambda / (double)B; /* the regularizer is a batch mean */
-    DSK_PARALLEL_FOR(B * k * n)
-    for (long b = 0; b < B; b++) {
+    for (long b = lo; b < hi; b++) {
         const long kn = (long)k * n, kv = (long)k * (n - 1);
         /* dw: one row per example, or one per tree (the permuted slices of local search) */
         const real *dwb = dw ? dw + b * n * (dw_per_tree ? k : 1) : NULL;
@@ -129,4 +153,14 @@ void FN(comet_backward)(real *dA, real *dZ, double *work, const real *dw, const 
             }
         }
     }
+}
+
+void FN(comet_backward)(real *dA, real *dZ, double *work, const real *dw, const real *A,
+                        const real *Z, const real *sz, const real *reach_int, const real *reach,
+                        const real *g, const real *norm, long B, int k, long n, int dw_per_tree,
+                        real gamma, double lambda, double eps) {
+    /* the regularizer is a batch mean: coef_h = lambda / B */
+    FN(CometJob) job = {NULL, NULL, NULL, NULL, NULL, NULL, dA, dZ, work, A, Z, dw, sz, reach_int, reach, g, norm,
+                        n, k, dw_per_tree, gamma, lambda / (double)B, eps};
+    dsk_parallel_for(B, dsk_grain(8 * (long)k * n), FN(comet_backward_range), &job);
 }

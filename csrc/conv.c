@@ -1,7 +1,7 @@
 /* Convolution and max pooling (NCHW), instantiated for float and double from conv_impl.h. */
 #include "conv.h"
 #include "dsk.h"
-#include <cblas.h>
+#include "gemm.h"
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -18,7 +18,7 @@ size_t conv2d_col_size(const DskConv2d *g) {
     return (size_t)(g->C * g->KH * g->KW + g->F) * (size_t)conv2d_group(g) * (size_t)(g->OH * g->OW);
 }
 
-size_t conv2d_acc_size(const DskConv2d *g) { return (size_t)g->F; }
+long conv2d_slices(const DskConv2d *g) { return g->B < DSK_CONV_SLICES ? g->B : DSK_CONV_SLICES; }
 
 /* The output columns ow in [*lo, *hi) whose input column ow sw - pl + j lies inside [0, W). */
 static void dsk_conv_valid_columns(const DskConv2d *g, long j, long *lo, long *hi) {
@@ -40,7 +40,7 @@ static void dsk_conv_valid_columns(const DskConv2d *g, long j, long *lo, long *h
 
 #define real float
 #define FN(name) name##_f32
-#define GEMM scipy_cblas_sgemm
+#define GEMM dsk_sgemm
 #include "conv_impl.h"
 #undef real
 #undef FN
@@ -48,7 +48,7 @@ static void dsk_conv_valid_columns(const DskConv2d *g, long j, long *lo, long *h
 
 #define real double
 #define FN(name) name##_f64
-#define GEMM scipy_cblas_dgemm
+#define GEMM dsk_dgemm
 #include "conv_impl.h"
 #undef real
 #undef FN

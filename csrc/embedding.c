@@ -76,30 +76,43 @@ DSK_DEFINE_EMBEDDING_IDS(int64_t, i64)
  * 0), so a sparse step over every row equals the dense step bit for bit. Rows are distinct, so the
  * parallel loop over them never writes one entry twice. */
 #define DSK_DEFINE_SPARSE_OPTIM(real, sfx)                                                         \
-    void sparse_adagrad_step_##sfx(real *table, real *accum, const int64_t *rows,                 \
-                                   const real *grad_rows, long U, long d, double lr, double eps) { \
-        DSK_PARALLEL_FOR(U * d)                                                                    \
-        for (long u = 0; u < U; u++) {                                                             \
-            real *p = table + rows[u] * d, *a = accum + rows[u] * d;                               \
-            const real *gu = grad_rows + u * d;                                                    \
+    typedef struct {                                                                               \
+        real *table, *s1, *s2;                                                                     \
+        const int64_t *rows;                                                                       \
+        const real *grad_rows;                                                                     \
+        long d;                                                                                    \
+        double lr, eps;                                                                            \
+        real step_size, inv_bc2_sqrt, b1, b2;                                                      \
+    } SparseOptim_##sfx;                                                                           \
+                                                                                                   \
+    static void sparse_adagrad_range_##sfx(void *arg, long lo, long hi) {                          \
+        const SparseOptim_##sfx *o = arg;                                                          \
+        const long d = o->d;                                                                       \
+        for (long u = lo; u < hi; u++) {                                                           \
+            real *p = o->table + o->rows[u] * d, *a = o->s1 + o->rows[u] * d;                      \
+            const real *gu = o->grad_rows + u * d;                                                 \
             for (long j = 0; j < d; j++) {                                                         \
                 const double g = (double)gu[j];                                                    \
                 const double s = (double)a[j] + g * g;                                             \
                 a[j] = (real)s;                                                                    \
-                p[j] = (real)((double)p[j] - lr * g / (sqrt(s) + eps));                            \
+                p[j] = (real)((double)p[j] - o->lr * g / (sqrt(s) + o->eps));                      \
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
-    void sparse_adam_step_##sfx(real *table, real *m, real *v, const int64_t *rows,               \
-                                const real *grad_rows, long U, long d, long step, double lr,       \
-                                double beta1, double beta2, double eps) {                          \
-        const real step_size = (real)(lr / (1 - pow(beta1, (double)step)));                       \
-        const real inv_bc2_sqrt = (real)(1 / sqrt(1 - pow(beta2, (double)step)));                 \
-        const real b1 = (real)beta1, b2 = (real)beta2, e = (real)eps;                              \
-        DSK_PARALLEL_FOR(U * d)                                                                    \
-        for (long u = 0; u < U; u++) {                                                             \
-            real *p = table + rows[u] * d, *mu = m + rows[u] * d, *vu = v + rows[u] * d;           \
-            const real *gu = grad_rows + u * d;                                                    \
+    void sparse_adagrad_step_##sfx(real *table, real *accum, const int64_t *rows,                 \
+                                   const real *grad_rows, long U, long d, double lr, double eps) { \
+        SparseOptim_##sfx o = {table, accum, NULL, rows, grad_rows, d, lr, eps, 0, 0, 0, 0};       \
+        dsk_parallel_for(U, dsk_grain(4 * d), sparse_adagrad_range_##sfx, &o);                     \
+    }                                                                                              \
+                                                                                                   \
+    static void sparse_adam_range_##sfx(void *arg, long lo, long hi) {                             \
+        const SparseOptim_##sfx *o = arg;                                                          \
+        const long d = o->d;                                                                       \
+        const real step_size = o->step_size, inv_bc2_sqrt = o->inv_bc2_sqrt, b1 = o->b1, b2 = o->b2; \
+        const real e = (real)o->eps;                                                               \
+        for (long u = lo; u < hi; u++) {                                                           \
+            real *p = o->table + o->rows[u] * d, *mu = o->s1 + o->rows[u] * d, *vu = o->s2 + o->rows[u] * d; \
+            const real *gu = o->grad_rows + u * d;                                                 \
             for (long j = 0; j < d; j++) {                                                         \
                 const real g = gu[j];                                                              \
                 const real mi = b1 * mu[j] + (1 - b1) * g;                                         \
@@ -109,6 +122,14 @@ DSK_DEFINE_EMBEDDING_IDS(int64_t, i64)
                 p[j] -= step_size * mi / (SQRT(vi) * inv_bc2_sqrt + e);                            \
             }                                                                                      \
         }                                                                                          \
+    }                                                                                              \
+    void sparse_adam_step_##sfx(real *table, real *m, real *v, const int64_t *rows,               \
+                                const real *grad_rows, long U, long d, long step, double lr,       \
+                                double beta1, double beta2, double eps) {                          \
+        SparseOptim_##sfx o = {table, m, v, rows, grad_rows, d, lr, eps,                           \
+                               (real)(lr / (1 - pow(beta1, (double)step))),                        \
+                               (real)(1 / sqrt(1 - pow(beta2, (double)step))), (real)beta1, (real)beta2}; \
+        dsk_parallel_for(U, dsk_grain(4 * d), sparse_adam_range_##sfx, &o);                        \
     }
 
 #define SQRT sqrtf

@@ -5,14 +5,35 @@
 
 #include "smooth_step_impl.h"
 
+/* Elementwise kernels' arguments: out (N) from in (N) and in2 (N). */
+typedef struct {
+    real *out;
+    const real *in, *in2, *in3;
+    real gamma;
+} FN(Elementwise);
+
+static void FN(smooth_step_range)(void *arg, long lo, long hi) {
+    const FN(Elementwise) *a = arg;
+    real *restrict s = a->out;
+    const real *restrict t = a->in, gamma = a->gamma;
+    for (long i = lo; i < hi; i++) s[i] = FN(smooth_step_value)(t[i], gamma);
+}
+
 void FN(smooth_step_forward)(real *s, const real *t, long N, real gamma) {
-    DSK_PARALLEL_FOR(N)
-    for (long i = 0; i < N; i++) s[i] = FN(smooth_step_value)(t[i], gamma);
+    FN(Elementwise) a = {s, t, NULL, NULL, gamma};
+    dsk_parallel_for(N, DSK_PARALLEL_MIN_WORK, FN(smooth_step_range), &a);
+}
+
+static void FN(smooth_step_backward_range)(void *arg, long lo, long hi) {
+    const FN(Elementwise) *a = arg;
+    real *restrict dt = a->out;
+    const real *restrict t = a->in, *restrict dout = a->in2, gamma = a->gamma;
+    for (long i = lo; i < hi; i++) dt[i] = dout[i] * FN(smooth_step_slope)(t[i], gamma);
 }
 
 void FN(smooth_step_backward)(real *dt, const real *dout, const real *t, long N, real gamma) {
-    DSK_PARALLEL_FOR(N)
-    for (long i = 0; i < N; i++) dt[i] = dout[i] * FN(smooth_step_slope)(t[i], gamma);
+    FN(Elementwise) a = {dt, t, dout, NULL, gamma};
+    dsk_parallel_for(N, DSK_PARALLEL_MIN_WORK, FN(smooth_step_backward_range), &a);
 }
 
 /* One selector row: r (n) from s (m), by doubling. After bit b the first 2^(b+1) codes hold the
@@ -104,18 +125,36 @@ static void FN(selector_row_backward)(double *ds, const real *s, int m, long n, 
     }
 }
 
+typedef struct {
+    real *out;
+    const real *s, *dr;
+    int m;
+    long n;
+} FN(Selector);
+
+static void FN(selector_range)(void *arg, long lo, long hi) {
+    const FN(Selector) *a = arg;
+    for (long i = lo; i < hi; i++) FN(selector_row_forward)(a->out + i * a->n, a->s + i * a->m, a->m, a->n);
+}
+
 void FN(selector_forward)(real *r, const real *s, long R, int m, long n) {
-    DSK_PARALLEL_FOR(R * n)
-    for (long i = 0; i < R; i++) FN(selector_row_forward)(r + i * n, s + i * m, m, n);
+    FN(Selector) a = {r, s, NULL, m, n};
+    dsk_parallel_for(R, dsk_grain(n), FN(selector_range), &a);
+}
+
+static void FN(selector_backward_range)(void *arg, long lo, long hi) {
+    const FN(Selector) *a = arg;
+    const int m = a->m;
+    for (long i = lo; i < hi; i++) {
+        double acc[DSK_MAX_BITS];
+        FN(selector_row_backward)(acc, a->s + i * m, m, a->n, a->dr + i * a->n, 1.0, NULL, 0.0, 0.0, 0.0);
+        for (int b = 0; b < m; b++) a->out[i * m + b] = (real)acc[b];
+    }
 }
 
 void FN(selector_backward)(real *ds, const real *dr, const real *s, long R, int m, long n) {
-    DSK_PARALLEL_FOR(R * n * m)
-    for (long i = 0; i < R; i++) {
-        double acc[DSK_MAX_BITS];
-        FN(selector_row_backward)(acc, s + i * m, m, n, dr + i * n, 1.0, NULL, 0.0, 0.0, 0.0);
-        for (int b = 0; b < m; b++) ds[i * m + b] = (real)acc[b];
-    }
+    FN(Selector) a = {ds, s, dr, m, n};
+    dsk_parallel_for(R, dsk_grain(n * m), FN(selector_backward_range), &a);
 }
 
 /* softmax of one row v (len) into out (len), in place allowed */
@@ -138,10 +177,24 @@ static void FN(softmax_row_backward)(real *dv, const real *dp, const real *p, lo
     for (long j = 0; j < len; j++) dv[j] = (real)(scale * p[j] * ((double)dp[j] - dot));
 }
 
-void FN(dselect_k_forward)(real *w, real *sigma, real *sz, real *r, const real *alpha,
-                           const real *Z, long B, int k, int m, long n, real gamma) {
-    DSK_PARALLEL_FOR(B * k * n)
-    for (long b = 0; b < B; b++) {
+/* The arguments of the batched gate kernels (dselect_k_*, softmax_selector_*), one struct for all. */
+typedef struct {
+    real *w, *sigma, *sz, *r, *dalpha, *dZ;
+    const real *alpha, *Z, *dw, *csigma, *csz, *cr;
+    long n;
+    int k, m;
+    real gamma;
+    double coef_h, coef_xi, eps;
+    int dw_per_selector; /* dselect_k_backward: dw holds one row per selector, else 0 */
+} FN(GateJob);
+
+static void FN(dselect_k_forward_range)(void *arg, long lo, long hi) {
+    const FN(GateJob) *a = arg;
+    real *w = a->w, *sigma = a->sigma, *sz = a->sz, *r = a->r;
+    const real *alpha = a->alpha, *Z = a->Z, gamma = a->gamma;
+    const long n = a->n;
+    const int k = a->k, m = a->m;
+    for (long b = lo; b < hi; b++) {
         real *wb = w + b * n, *sigb = sigma + b * k;
         FN(softmax_row)(sigb, alpha + b * k, k, 1);
         for (long j = 0; j < n; j++) wb[j] = 0;
@@ -156,15 +209,22 @@ void FN(dselect_k_forward)(real *w, real *sigma, real *sz, real *r, const real *
     }
 }
 
-void FN(dselect_k_backward)(real *dalpha, real *dZ, const real *dw, const real *sigma,
-                            const real *sz, const real *r, const real *Z, long B, int k, int m,
-                            long n, int dw_per_selector, real gamma, double lambda, double xi,
-                            double eps) {
-    /* The regularizers are batch means, hence the 1/B on their coefficients. */
-    const double coef_h = lambda / (double)B, coef_xi = xi / (double)B;
+void FN(dselect_k_forward)(real *w, real *sigma, real *sz, real *r, const real *alpha,
+                           const real *Z, long B, int k, int m, long n, real gamma) {
+    FN(GateJob) a = {w, sigma, sz, r, NULL, NULL, alpha, Z, NULL, NULL, NULL, NULL, n, k, m, gamma, 0, 0, 0, 0};
+    dsk_parallel_for(B, dsk_grain(k * n), FN(dselect_k_forward_range), &a);
+}
+
+static void FN(dselect_k_backward_range)(void *arg, long lo, long hi) {
+    const FN(GateJob) *a = arg;
+    real *dalpha = a->dalpha, *dZ = a->dZ;
+    const real *dw = a->dw, *sigma = a->csigma, *sz = a->csz, *r = a->cr, *Z = a->Z, gamma = a->gamma;
+    const long n = a->n;
+    const int k = a->k, m = a->m;
+    const double coef_h = a->coef_h, coef_xi = a->coef_xi, eps = a->eps;
+    const int dw_per_selector = a->dw_per_selector;
     const long dw_rows = dw_per_selector ? k : 1; /* rows of dw per example */
-    DSK_PARALLEL_FOR(B * k * n * m)
-    for (long b = 0; b < B; b++) {
+    for (long b = lo; b < hi; b++) {
         const real *sigb = sigma + b * k, *dwb = dw ? dw + b * dw_rows * n : NULL;
         real *dab = dalpha + b * k;
         /* dsigma_i = <dw_i, r_i>, then through the softmax; written into dalpha first */
@@ -195,6 +255,16 @@ void FN(dselect_k_backward)(real *dalpha, real *dZ, const real *dw, const real *
     }
 }
 
+void FN(dselect_k_backward)(real *dalpha, real *dZ, const real *dw, const real *sigma,
+                            const real *sz, const real *r, const real *Z, long B, int k, int m,
+                            long n, int dw_per_selector, real gamma, double lambda, double xi,
+                            double eps) {
+    /* The regularizers are batch means, hence the 1/B on their coefficients. */
+    FN(GateJob) a = {NULL, NULL, NULL, NULL, dalpha, dZ, NULL, Z, dw, sigma, sz, r, n, k, m, gamma,
+                     lambda / (double)B, xi / (double)B, eps, dw_per_selector};
+    dsk_parallel_for(B, dsk_grain(k * n * m), FN(dselect_k_backward_range), &a);
+}
+
 double FN(selector_entropy)(const real *r, long R, long n, double eps) {
     double total = 0;
     for (long i = 0; i < R * n; i++) total -= (double)r[i] * log((double)r[i] + eps);
@@ -211,21 +281,40 @@ double FN(selector_mass_penalty)(const real *r, long R, long n, double eps) {
     return total;
 }
 
+/* Row kernels' arguments: out (B, n) from in (B, n) (and in2). */
+typedef struct {
+    real *out;
+    const real *in, *in2;
+    long n, k;
+} FN(Rows);
+
+static void FN(softmax_range)(void *arg, long lo, long hi) {
+    const FN(Rows) *a = arg;
+    for (long b = lo; b < hi; b++) FN(softmax_row)(a->out + b * a->n, a->in + b * a->n, a->n, 1);
+}
+
 void FN(softmax_forward)(real *w, const real *logits, long B, long n) {
-    DSK_PARALLEL_FOR(B * n)
-    for (long b = 0; b < B; b++) FN(softmax_row)(w + b * n, logits + b * n, n, 1);
+    FN(Rows) a = {w, logits, NULL, n, 0};
+    dsk_parallel_for(B, dsk_grain(4 * n), FN(softmax_range), &a);
+}
+
+static void FN(softmax_backward_range)(void *arg, long lo, long hi) {
+    const FN(Rows) *a = arg;
+    const long n = a->n;
+    for (long b = lo; b < hi; b++) FN(softmax_row_backward)(a->out + b * n, a->in + b * n, a->in2 + b * n, n, 1);
 }
 
 void FN(softmax_backward)(real *dlogits, const real *dw, const real *w, long B, long n) {
-    DSK_PARALLEL_FOR(B * n)
-    for (long b = 0; b < B; b++) FN(softmax_row_backward)(dlogits + b * n, dw + b * n, w + b * n, n, 1);
+    FN(Rows) a = {dlogits, dw, w, n, 0};
+    dsk_parallel_for(B, dsk_grain(2 * n), FN(softmax_backward_range), &a);
 }
 
-void FN(topk_forward)(real *w, const real *logits, long B, long n, long k) {
-    DSK_PARALLEL_FOR(B * n * k)
-    for (long b = 0; b < B; b++) {
-        const real *v = logits + b * n;
-        real *wb = w + b * n;
+static void FN(topk_range)(void *arg, long lo, long hi) {
+    const FN(Rows) *a = arg;
+    const long n = a->n, k = a->k;
+    for (long b = lo; b < hi; b++) {
+        const real *v = a->in + b * n;
+        real *wb = a->out + b * n;
         /* w doubles as the "already kept" mark while the k largest are picked */
         for (long j = 0; j < n; j++) wb[j] = 0;
         real vmax = 0;
@@ -247,27 +336,49 @@ void FN(topk_forward)(real *w, const real *logits, long B, long n, long k) {
     }
 }
 
+void FN(topk_forward)(real *w, const real *logits, long B, long n, long k) {
+    FN(Rows) a = {w, logits, NULL, n, k};
+    dsk_parallel_for(B, dsk_grain(n * k), FN(topk_range), &a);
+}
+
 static inline double FN(softplus)(double x) { return x > 0 ? x + log1p(exp(-x)) : log1p(exp(x)); }
+
+static void FN(noisy_logits_range)(void *arg, long lo, long hi) {
+    const FN(Elementwise) *a = arg;
+    real *restrict h = a->out;
+    const real *restrict clean = a->in, *restrict raw_noise = a->in2, *restrict normal = a->in3;
+    for (long i = lo; i < hi; i++) h[i] = (real)(clean[i] + normal[i] * FN(softplus)(raw_noise[i]));
+}
 
 void FN(noisy_logits_forward)(real *h, const real *clean, const real *raw_noise,
                               const real *normal, long N) {
-    DSK_PARALLEL_FOR(N)
-    for (long i = 0; i < N; i++) h[i] = (real)(clean[i] + normal[i] * FN(softplus)(raw_noise[i]));
+    FN(Elementwise) a = {h, clean, raw_noise, normal, 0};
+    dsk_parallel_for(N, DSK_PARALLEL_MIN_WORK / 8, FN(noisy_logits_range), &a);
 }
 
-void FN(noisy_logits_backward)(real *draw, const real *dh, const real *raw_noise,
-                               const real *normal, long N) {
-    DSK_PARALLEL_FOR(N)
-    for (long i = 0; i < N; i++) {
+static void FN(noisy_logits_backward_range)(void *arg, long lo, long hi) {
+    const FN(Elementwise) *a = arg;
+    real *restrict draw = a->out;
+    const real *restrict dh = a->in, *restrict raw_noise = a->in2, *restrict normal = a->in3;
+    for (long i = lo; i < hi; i++) {
         const double sig = 1 / (1 + exp(-(double)raw_noise[i]));
         draw[i] = (real)(dh[i] * normal[i] * sig);
     }
 }
 
-void FN(softmax_selector_forward)(real *w, real *sigma, real *P, const real *alpha,
-                                  const real *beta, long B, int k, long n, real T) {
-    DSK_PARALLEL_FOR(B * k * n)
-    for (long b = 0; b < B; b++) {
+void FN(noisy_logits_backward)(real *draw, const real *dh, const real *raw_noise,
+                               const real *normal, long N) {
+    FN(Elementwise) a = {draw, dh, raw_noise, normal, 0};
+    dsk_parallel_for(N, DSK_PARALLEL_MIN_WORK / 8, FN(noisy_logits_backward_range), &a);
+}
+
+static void FN(softmax_selector_forward_range)(void *arg, long lo, long hi) {
+    const FN(GateJob) *a = arg; /* r: P, Z: beta, gamma: T */
+    real *w = a->w, *sigma = a->sigma, *P = a->r;
+    const real *alpha = a->alpha, *beta = a->Z, T = a->gamma;
+    const long n = a->n;
+    const int k = a->k;
+    for (long b = lo; b < hi; b++) {
         real *wb = w + b * n, *sigb = sigma + b * k;
         FN(softmax_row)(sigb, alpha + b * k, k, 1);
         for (long j = 0; j < n; j++) wb[j] = 0;
@@ -279,12 +390,20 @@ void FN(softmax_selector_forward)(real *w, real *sigma, real *P, const real *alp
     }
 }
 
-void FN(softmax_selector_backward)(real *dalpha, real *dbeta, const real *dw, const real *sigma,
-                                   const real *P, long B, int k, long n, real T, double lambda,
-                                   double eps) {
-    const double coef_h = lambda / (double)B;
-    DSK_PARALLEL_FOR(B * k * n)
-    for (long b = 0; b < B; b++) {
+void FN(softmax_selector_forward)(real *w, real *sigma, real *P, const real *alpha,
+                                  const real *beta, long B, int k, long n, real T) {
+    FN(GateJob) a = {w, sigma, NULL, P, NULL, NULL, alpha, beta, NULL, NULL, NULL, NULL, n, k, 0, T, 0, 0, 0, 0};
+    dsk_parallel_for(B, dsk_grain(4 * k * n), FN(softmax_selector_forward_range), &a);
+}
+
+static void FN(softmax_selector_backward_range)(void *arg, long lo, long hi) {
+    const FN(GateJob) *a = arg; /* dZ: dbeta, cr: P, gamma: T */
+    real *dalpha = a->dalpha, *dbeta = a->dZ;
+    const real *dw = a->dw, *sigma = a->csigma, *P = a->cr, T = a->gamma;
+    const long n = a->n;
+    const int k = a->k;
+    const double coef_h = a->coef_h, eps = a->eps;
+    for (long b = lo; b < hi; b++) {
         const real *sigb = sigma + b * k, *dwb = dw ? dw + b * n : NULL;
         real *dab = dalpha + b * k;
         for (int i = 0; i < k; i++) {
@@ -307,16 +426,37 @@ void FN(softmax_selector_backward)(real *dalpha, real *dbeta, const real *dw, co
     }
 }
 
+void FN(softmax_selector_backward)(real *dalpha, real *dbeta, const real *dw, const real *sigma,
+                                   const real *P, long B, int k, long n, real T, double lambda,
+                                   double eps) {
+    FN(GateJob) a = {NULL, NULL, NULL, NULL, dalpha, dbeta, NULL, NULL, dw, sigma, NULL, P, n, k, 0, T,
+                     lambda / (double)B, 0, eps, 0};
+    dsk_parallel_for(B, dsk_grain(4 * k * n), FN(softmax_selector_backward_range), &a);
+}
+
 /* Pointer to expert j's output rows for examples b.. in either layout. */
 static inline const real *FN(expert_rows)(const real *f, long j, long b, long n, long B, long d,
                                           int bnd) {
     return bnd ? f + (b * n + j) * d : f + (j * B + b) * d;
 }
 
-void FN(mix_experts_forward)(real *y, const real *f, const real *w, const unsigned char *active,
-                             long n, long B, long d, int bnd, int per_example) {
-    DSK_PARALLEL_FOR(B * n * d)
-    for (long b = 0; b < B; b++) {
+/* The mixing kernels' arguments. */
+typedef struct {
+    real *y, *dw, *df;
+    const real *f, *w, *dy;
+    const unsigned char *active;
+    long T, n, B, d;
+    int bnd, per_example, relu_mask;
+} FN(Mix);
+
+static void FN(mix_forward_range)(void *arg, long lo, long hi) {
+    const FN(Mix) *a = arg;
+    real *y = a->y;
+    const real *f = a->f, *w = a->w;
+    const unsigned char *active = a->active;
+    const long n = a->n, B = a->B, d = a->d;
+    const int bnd = a->bnd, per_example = a->per_example;
+    for (long b = lo; b < hi; b++) {
         real *yb = y + b * d;
         for (long c = 0; c < d; c++) yb[c] = 0;
         for (long j = 0; j < n; j++) {
@@ -329,60 +469,75 @@ void FN(mix_experts_forward)(real *y, const real *f, const real *w, const unsign
     }
 }
 
-void FN(mix_experts_backward)(real *dw, real *df, const real *dy, const real *f, const real *w,
-                              const unsigned char *active, long n, long B, long d, int bnd,
-                              int per_example) {
-    /* df_j[b] = w_bj dy_b, dw_bj = <dy_b, f_j[b]>. Parallel over experts for the static gate (each
-     * dw_j is a sum over the whole batch), over examples for the per-example gate. */
-    if (!per_example) {
-        DSK_PARALLEL_FOR(B * n * d)
-        for (long j = 0; j < n; j++) {
-            const int on = !active || active[j];
-            double acc = 0;
-            for (long b = 0; b < B; b++) {
-                real *dfj = (real *)FN(expert_rows)(df, j, b, n, B, d, bnd);
-                const real *dyb = dy + b * d;
-                if (!on) {
-                    for (long c = 0; c < d; c++) dfj[c] = 0;
-                    continue;
-                }
-                const real *fj = FN(expert_rows)(f, j, b, n, B, d, bnd);
-                for (long c = 0; c < d; c++) {
-                    dfj[c] = w[j] * dyb[c];
-                    acc += (double)dyb[c] * fj[c];
-                }
-            }
-            dw[j] = (real)acc;
-        }
-    } else {
-        DSK_PARALLEL_FOR(B * n * d)
+void FN(mix_experts_forward)(real *y, const real *f, const real *w, const unsigned char *active,
+                             long n, long B, long d, int bnd, int per_example) {
+    FN(Mix) a = {y, NULL, NULL, f, w, NULL, active, 1, n, B, d, bnd, per_example, 0};
+    dsk_parallel_for(B, dsk_grain(n * d), FN(mix_forward_range), &a);
+}
+
+/* df_j[b] = w_bj dy_b, dw_bj = <dy_b, f_j[b]>. Over experts for the static gate (each dw_j is a
+ * sum over the whole batch), over examples for the per-example gate. */
+static void FN(mix_backward_static_range)(void *arg, long lo, long hi) {
+    const FN(Mix) *a = arg;
+    real *dw = a->dw, *df = a->df;
+    const real *f = a->f, *w = a->w, *dy = a->dy;
+    const unsigned char *active = a->active;
+    const long n = a->n, B = a->B, d = a->d;
+    const int bnd = a->bnd;
+    for (long j = lo; j < hi; j++) {
+        const int on = !active || active[j];
+        double acc = 0;
         for (long b = 0; b < B; b++) {
+            real *dfj = (real *)FN(expert_rows)(df, j, b, n, B, d, bnd);
             const real *dyb = dy + b * d;
-            for (long j = 0; j < n; j++) {
-                real *dfj = (real *)FN(expert_rows)(df, j, b, n, B, d, bnd);
-                if (active && !active[j]) {
-                    for (long c = 0; c < d; c++) dfj[c] = 0;
-                    dw[b * n + j] = 0;
-                    continue;
-                }
-                const real *fj = FN(expert_rows)(f, j, b, n, B, d, bnd);
-                const real wj = w[b * n + j];
-                double acc = 0;
-                for (long c = 0; c < d; c++) {
-                    dfj[c] = wj * dyb[c];
-                    acc += (double)dyb[c] * fj[c];
-                }
-                dw[b * n + j] = (real)acc;
+            if (!on) {
+                for (long c = 0; c < d; c++) dfj[c] = 0;
+                continue;
             }
+            const real *fj = FN(expert_rows)(f, j, b, n, B, d, bnd);
+            for (long c = 0; c < d; c++) {
+                dfj[c] = w[j] * dyb[c];
+                acc += (double)dyb[c] * fj[c];
+            }
+        }
+        dw[j] = (real)acc;
+    }
+}
+
+static void FN(mix_backward_range)(void *arg, long lo, long hi) {
+    const FN(Mix) *a = arg;
+    real *dw = a->dw, *df = a->df;
+    const real *f = a->f, *w = a->w, *dy = a->dy;
+    const unsigned char *active = a->active;
+    const long n = a->n, B = a->B, d = a->d;
+    const int bnd = a->bnd;
+    for (long b = lo; b < hi; b++) {
+        const real *dyb = dy + b * d;
+        for (long j = 0; j < n; j++) {
+            real *dfj = (real *)FN(expert_rows)(df, j, b, n, B, d, bnd);
+            if (active && !active[j]) {
+                for (long c = 0; c < d; c++) dfj[c] = 0;
+                dw[b * n + j] = 0;
+                continue;
+            }
+            const real *fj = FN(expert_rows)(f, j, b, n, B, d, bnd);
+            const real wj = w[b * n + j];
+            double acc = 0;
+            for (long c = 0; c < d; c++) {
+                dfj[c] = wj * dyb[c];
+                acc += (double)dyb[c] * fj[c];
+            }
+            dw[b * n + j] = (real)acc;
         }
     }
 }
 
-/* Work of the multi-task mixing kernels, T n B d, saturated instead of overflowing (it only
- * decides whether a loop runs in parallel). */
-static inline long FN(mix_many_work)(long T, long n, long B, long d) {
-    const long per_task = n * B * d; /* the size of f: fits */
-    return per_task > 0 && T > LONG_MAX / per_task ? LONG_MAX : T * per_task;
+void FN(mix_experts_backward)(real *dw, real *df, const real *dy, const real *f, const real *w,
+                              const unsigned char *active, long n, long B, long d, int bnd,
+                              int per_example) {
+    FN(Mix) a = {NULL, dw, df, f, w, dy, active, 1, n, B, d, bnd, per_example, 0};
+    if (!per_example) dsk_parallel_for(n, dsk_grain(B * d), FN(mix_backward_static_range), &a);
+    else dsk_parallel_for(B, dsk_grain(n * d), FN(mix_backward_range), &a);
 }
 
 /* <x, y> over d entries, accumulated in double. Eight partial sums, each in order, so that GCC
@@ -408,13 +563,16 @@ static inline void FN(axpy_row)(real *restrict y, const real *restrict x, real a
     for (long c = 0; c < d; c++) y[c] += a * x[c];
 }
 
-void FN(mix_experts_many_forward)(real *y, const real *f, const real *w, const unsigned char *active,
-                                  long T, long n, long B, long d) {
-    /* Parallel over examples: example b owns the rows y_t[b] of every task. Per b, f_j[b] (d
-     * entries) is read from memory once and stays in L1 while it is added to the T outputs; the
-     * T rows y_t[b] stay there too. Terms are summed over j in order, as mix_experts_forward. */
-    DSK_PARALLEL_FOR(FN(mix_many_work)(T, n, B, d))
-    for (long b = 0; b < B; b++) {
+/* Parallel over examples: example b owns the rows y_t[b] of every task. Per b, f_j[b] (d entries)
+ * is read from memory once and stays in L1 while it is added to the T outputs; the T rows y_t[b]
+ * stay there too. Terms are summed over j in order, as mix_experts_forward. */
+static void FN(mix_many_forward_range)(void *arg, long lo, long hi) {
+    const FN(Mix) *a = arg;
+    real *y = a->y;
+    const real *f = a->f, *w = a->w;
+    const unsigned char *active = a->active;
+    const long T = a->T, n = a->n, B = a->B, d = a->d;
+    for (long b = lo; b < hi; b++) {
         for (long t = 0; t < T; t++) {
             real *yt = y + (t * B + b) * d;
             for (long c = 0; c < d; c++) yt[c] = 0;
@@ -431,14 +589,24 @@ void FN(mix_experts_many_forward)(real *y, const real *f, const real *w, const u
     }
 }
 
-void FN(mix_experts_many_backward)(real *dw, real *df, const real *dy, const real *f, const real *w,
-                                   const unsigned char *active, long T, long n, long B, long d, int relu_mask) {
-    /* Parallel over examples: example b owns df_j[b] for every j and dw[t, b, :] for every t. Per
-     * (b, j), f_j[b] and df_j[b] stay in L1 over the T tasks (and the T rows dy_t[b] over the n
-     * experts). df_j[b] sums the tasks in order t = 0..T-1, as a loop over tasks that adds the
-     * df of mix_experts_backward into a zeroed total would. */
-    DSK_PARALLEL_FOR(FN(mix_many_work)(T, n, B, d))
-    for (long b = 0; b < B; b++) {
+void FN(mix_experts_many_forward)(real *y, const real *f, const real *w, const unsigned char *active,
+                                  long T, long n, long B, long d) {
+    FN(Mix) a = {y, NULL, NULL, f, w, NULL, active, T, n, B, d, 0, 1, 0};
+    dsk_parallel_for(B, dsk_grain(T * n * d), FN(mix_many_forward_range), &a);
+}
+
+/* Parallel over examples: example b owns df_j[b] for every j and dw[t, b, :] for every t. Per
+ * (b, j), f_j[b] and df_j[b] stay in L1 over the T tasks (and the T rows dy_t[b] over the n
+ * experts). df_j[b] sums the tasks in order t = 0..T-1, as a loop over tasks that adds the df of
+ * mix_experts_backward into a zeroed total would. */
+static void FN(mix_many_backward_range)(void *arg, long lo, long hi) {
+    const FN(Mix) *a = arg;
+    real *dw = a->dw, *df = a->df;
+    const real *f = a->f, *w = a->w, *dy = a->dy;
+    const unsigned char *active = a->active;
+    const long T = a->T, n = a->n, B = a->B, d = a->d;
+    const int relu_mask = a->relu_mask;
+    for (long b = lo; b < hi; b++) {
         for (long j = 0; j < n; j++) {
             real *dfj = df + (j * B + b) * d;
             for (long c = 0; c < d; c++) dfj[c] = 0;
@@ -458,4 +626,10 @@ void FN(mix_experts_many_backward)(real *dw, real *df, const real *dy, const rea
                 for (long c = 0; c < d; c++) dfj[c] = fj[c] > 0 ? dfj[c] : 0;
         }
     }
+}
+
+void FN(mix_experts_many_backward)(real *dw, real *df, const real *dy, const real *f, const real *w,
+                                   const unsigned char *active, long T, long n, long B, long d, int relu_mask) {
+    FN(Mix) a = {NULL, dw, df, f, w, dy, active, T, n, B, d, 0, 1, relu_mask};
+    dsk_parallel_for(B, dsk_grain(T * n * d), FN(mix_many_backward_range), &a);
 }

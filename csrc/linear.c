@@ -1,9 +1,9 @@
 #include "linear.h"
 #include "dsk.h"
-#include <cblas.h>
+#include "gemm.h"
 #include <string.h>
 
-/* One BLAS call per product; no OpenMP region here, BLAS threads alone do the parallel work. */
+/* One product of the pool (gemm.h) per GEMM. */
 #define DSK_DEFINE_LINEAR(real, sfx, gemm)                                                        \
     void linear_forward_##sfx(real *y, const real *x, const real *W, const real *b,              \
                               int B, int p, int o) {                                             \
@@ -36,5 +36,5 @@
         }                                                                                        \
     }
 
-DSK_DEFINE_LINEAR(float, f32, scipy_cblas_sgemm)
-DSK_DEFINE_LINEAR(double, f64, scipy_cblas_dgemm)
+DSK_DEFINE_LINEAR(float, f32, dsk_sgemm)
+DSK_DEFINE_LINEAR(double, f64, dsk_dgemm)

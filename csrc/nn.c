@@ -1,7 +1,7 @@
 /* Dense layers, ReLU, dropout and losses, instantiated for float and double from nn_impl.h. */
 #include "nn.h"
 #include "dsk.h"
-#include <cblas.h>
+#include "gemm.h"
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -9,6 +9,8 @@
 
 /* Fixed number of partial sums of a loss (see nn_impl.h): independent of the thread count. */
 #define DSK_LOSS_CHUNKS 64
+/* Elementwise loops: entries per chunk of the pool (~20 us of memory traffic). */
+#define DSK_ELEMENTWISE_GRAIN 65536
 
 /* The counter-based dropout hash documented at the end of nn.h (splitmix64's finalizer). */
 static inline uint64_t dsk_mix64(uint64_t z) {
@@ -28,16 +30,20 @@ static inline double dsk_dropout_u(uint64_t key, uint64_t i) {
 
 #define real float
 #define FN(name) name##_f32
-#define GEMM scipy_cblas_sgemm
+#define GEMM_T DskGemmS
+#define GEMM_RUN dsk_sgemm_run
 #include "nn_impl.h"
 #undef real
 #undef FN
-#undef GEMM
+#undef GEMM_T
+#undef GEMM_RUN
 
 #define real double
 #define FN(name) name##_f64
-#define GEMM scipy_cblas_dgemm
+#define GEMM_T DskGemmD
+#define GEMM_RUN dsk_dgemm_run
 #include "nn_impl.h"
 #undef real
 #undef FN
-#undef GEMM
+#undef GEMM_T
+#undef GEMM_RUN

@@ -19,15 +19,33 @@
 
 #include <stdint.h>
 
+/* Dropout applied in a layer's epilogue, exactly as dropout_forward on that output (B, o) with
+ * the same (rate, seed, step, rows): entry j of row b is kept when u_i >= rate, i = b o + j, or
+ * rows[b] o + j with rows (B) (the row's place in a larger batch; NULL: none), and scaled by
+ * 1 / (1 - rate); rate in [0, 1). */
+typedef struct {
+    double rate;
+    uint64_t seed, step;
+    const int64_t *rows;
+} DskDropout;
+
 #define DSK_DECLARE_NN(real, sfx)                                                                  \
-    /* y (B, o) = x (B, p) W (p, o) + b (o); b may be NULL. W is (in, out): one GEMM. */           \
+    /* y (B, o) = act(x (B, p) W (p, o) + b (o)); b may be NULL. W is (in, out): one GEMM, cut in  \
+     * tiles (gemm.h) whose epilogue adds b and applies act while the tile is in cache: with relu, \
+     * max(., 0), then with drop (or NULL) its dropout: exactly dropout_forward(relu_forward(x W + \
+     * b)) entry by entry, without the passes over y and the arrays between them. */              \
     void dense_forward_##sfx(real *y, const real *x, const real *W, const real *b, int B, int p,   \
-                             int o);                                                               \
-    /* Backward of dense_forward for the upstream gradient dy (B, o). ACCUMULATES:                 \
+                             int o, int relu, const DskDropout *drop);                             \
+    /* Backward of dense_forward (without act: the caller has taken dy through it) for the        \
+     * upstream gradient dy (B, o). ACCUMULATES:                                                   \
      *   dW (p, o) += x^T dy,   db (o) += sum_b dy[b, :]   (db may be NULL: skipped),              \
-     * and overwrites dx (B, p) = dy W^T (dx may be NULL: skipped). x (B, p), W (p, o). */         \
+     * and overwrites dx (B, p) = dy W^T (dx may be NULL: skipped). With input_scale > 0, x is the \
+     * output of a ReLU (scaled by a dropout of keep scale input_scale, or 1 without one) and dx   \
+     * is the gradient at that ReLU's input: dx = x > 0 ? input_scale (dy W^T) : 0, the ReLU and   \
+     * dropout backwards fused into the product's epilogue (rounded as dropout_backward: the      \
+     * product times the scale in double). x (B, p), W (p, o). */                                  \
     void dense_backward_##sfx(real *dx, real *dW, real *db, const real *dy, const real *x,         \
-                              const real *W, int B, int p, int o);                                 \
+                              const real *W, int B, int p, int o, double input_scale);             \
     /* y (N) = max(x, 0); x (N). */                                                                \
     void relu_forward_##sfx(real *y, const real *x, long N);                                       \
     /* dx (N) = dy where y > 0, else 0; dy (N), y (N) the forward's output. */                     \

@@ -31,4 +31,13 @@
 DSK_DECLARE_OPTIM(float, f32)
 DSK_DECLARE_OPTIM(double, f64)
 
+/* The value check of an optimizer step, before it writes anything: 1 when every entry of the
+ * `count` slabs (N entries each) is finite and, with last_nonneg, no entry of the last slab is
+ * negative (-0.0 is fine: a sum of squares, whose square root the step takes); 0 otherwise. One
+ * pass that reads the slabs side by side, on the pool, testing bits (integer operations that
+ * vectorize for float and double alike). The caller finds the offending entry for its message
+ * only when this says 0. */
+int optim_slabs_valid_f32(const float *const *slabs, int count, int last_nonneg, long N);
+int optim_slabs_valid_f64(const double *const *slabs, int count, int last_nonneg, long N);
+
 #endif /* DSK_OPTIM_H */

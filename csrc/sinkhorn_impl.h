@@ -28,11 +28,25 @@ static void FN(normalise_columns)(double *dst, const double *src, long n) {
     }
 }
 
-void FN(sinkhorn_forward)(real *P, double *logs, const real *log_alpha, long K, long n, double tau,
-                          long iters, long slots) {
-    const long nn = n * n;
-    DSK_PARALLEL_FOR(K * iters * nn)
-    for (long k = 0; k < K; k++) {
+/* The arguments of sinkhorn_forward / sinkhorn_backward, for their loops over the K matrices on
+ * the pool. */
+typedef struct {
+    real *P, *dlog_alpha;
+    double *logs, *work;
+    const real *log_alpha, *dP, *cP;
+    const double *clogs;
+    long n, iters, slots;
+    double tau, coef, eps;
+} FN(SinkhornJob);
+
+static void FN(sinkhorn_forward_range)(void *arg, long lo, long hi) {
+    const FN(SinkhornJob) *job = arg;
+    real *P = job->P;
+    double *logs = job->logs;
+    const real *log_alpha = job->log_alpha;
+    const long n = job->n, iters = job->iters, slots = job->slots, nn = n * n;
+    const double tau = job->tau;
+    for (long k = lo; k < hi; k++) {
         double *L = logs + k * slots * nn;
         const real *A = log_alpha + k * nn;
         for (long e = 0; e < nn; e++) L[e] = (double)A[e] / tau;
@@ -49,16 +63,25 @@ void FN(sinkhorn_forward)(real *P, double *logs, const real *log_alpha, long K, 
     }
 }
 
+void FN(sinkhorn_forward)(real *P, double *logs, const real *log_alpha, long K, long n, double tau,
+                          long iters, long slots) {
+    FN(SinkhornJob) job = {P, NULL, logs, NULL, log_alpha, NULL, NULL, NULL, n, iters, slots, tau, 0, 0};
+    /* one matrix: iters half-step pairs of about 4 n^2 operations (exp and log-sum-exp) */
+    dsk_parallel_for(K, dsk_grain(4 * iters * n * n), FN(sinkhorn_forward_range), &job);
+}
+
 /* h'(p) for h(p) = -p log(p + eps) */
 static inline double FN(entropy_slope)(double p, double eps) { return -(log(p + eps) + p / (p + eps)); }
 
-void FN(sinkhorn_backward)(real *dlog_alpha, double *work, const real *dP, const real *P,
-                           const double *logs, long K, long n, double tau, long iters, double lambda,
-                           double eps) {
-    const long nn = n * n;
-    const double coef = lambda / (double)K; /* Omega is a mean over the K matrices */
-    DSK_PARALLEL_FOR(K * iters * nn)
-    for (long k = 0; k < K; k++) {
+static void FN(sinkhorn_backward_range)(void *arg, long lo, long hi) {
+    const FN(SinkhornJob) *job = arg;
+    real *dlog_alpha = job->dlog_alpha;
+    double *work = job->work;
+    const real *dP = job->dP, *P = job->cP;
+    const double *logs = job->clogs;
+    const long n = job->n, iters = job->iters, nn = n * n;
+    const double tau = job->tau, coef = job->coef, eps = job->eps;
+    for (long k = lo; k < hi; k++) {
         double *G = work + k * nn;
         const double *Lk = logs + k * 2 * iters * nn;
         const double *last = Lk + (2 * iters - 1) * nn;
@@ -102,6 +125,16 @@ void FN(sinkhorn_backward)(real *dlog_alpha, double *work, const real *dP, const
         real *D = dlog_alpha + k * nn;
         for (long e = 0; e < nn; e++) D[e] = (real)(G[e] / tau);
     }
+}
+
+void FN(sinkhorn_backward)(real *dlog_alpha, double *work, const real *dP, const real *P,
+                           const double *logs, long K, long n, double tau, long iters, double lambda,
+                           double eps) {
+    /* Omega is a mean over the K matrices: coef = lambda / K */
+    FN(SinkhornJob) job = {NULL, dlog_alpha, NULL, work, NULL, dP, P, logs, n, iters, 2 * iters, tau,
+                           lambda / (double)K, eps};
+    /* one matrix: iters half-step pairs back, about 6 n^2 operations each */
+    dsk_parallel_for(K, dsk_grain(6 * iters * n * n), FN(sinkhorn_backward_range), &job);
 }
 
 double FN(sinkhorn_entropy)(const real *P, long K, long n, double eps) {

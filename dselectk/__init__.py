@@ -12,12 +12,14 @@ import os as _os
 
 import numpy as _np  # loaded first, so the settings below do not reach NumPy's own BLAS
 
-# The kernels alternate between BLAS calls and OpenMP loops. Idle OpenBLAS threads spin for ~2^28
-# cycles and idle libgomp threads for 300k spins by default, so on few cores each pool's spinning
-# workers steal the cores the other pool is computing on (measured here: a per-example gate step
-# took 16 ms at 2 threads and 9 ms at 1). Short spins before sleeping fix that. The variables are
-# read once, when the libraries load, so they are set only around loading the extension, and a
-# value the user has set is left alone.
+# The kernels run on dselectk's own thread pool (csrc/threads.c; its idle workers spin for
+# $DSELECTK_SPIN_US, 50 us by default, then sleep), and the vendored OpenBLAS stays at one thread.
+# Should another thread pool still start in this process (OpenBLAS's, raised by threadpoolctl; the
+# libgomp that the extension links and that PyTorch may share), its idle threads would spin for
+# ~2^28 cycles (OpenBLAS) or 300k spins (libgomp) by default and steal the cores the pool computes
+# on; short spins before sleeping prevent that. The variables are read once, when the libraries
+# load, so they are set only around loading the extension, and a value the user has set is left
+# alone.
 _SPIN_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "GOMP_SPINCOUNT": "10000"}
 _set_here = [k for k in _SPIN_DEFAULTS if k not in _os.environ]
 _os.environ.update({k: _SPIN_DEFAULTS[k] for k in _set_here})
@@ -75,9 +77,9 @@ __all__ = [
 
 
 def set_num_threads(n):
-    """Threads used by the C kernels' OpenMP loops and by the vendored OpenBLAS (one knob for both;
-    the kernels never call BLAS from inside an OpenMP region). Default: $DSELECTK_NUM_THREADS, else
-    the number of CPUs this process may run on."""
+    """Threads of dselectk's pool, which runs the C kernels' parallel loops and matrix products
+    (the vendored OpenBLAS itself stays at one thread; see the README's Threads section). Default:
+    $DSELECTK_NUM_THREADS, else the number of CPUs this process may run on."""
     if isinstance(n, (bool, _np.bool_)) or not isinstance(n, (int, _np.integer)):
         raise TypeError(f"the number of threads must be an int, got {type(n).__name__}")
     _C.set_num_threads(int(n))  # ValueError outside [1, 4096], however large
@@ -89,8 +91,12 @@ def get_num_threads():
 
 
 def build_info():
-    """How the extension was built: {'openmp': bool, 'blas': str, 'num_threads': int,
-    'blas_num_threads': int}."""
+    """How the extension was built and runs: {'openmp': bool (compiled with OpenMP; the kernels
+    run on dselectk's own pool either way), 'blas': str, 'num_threads': int (the pool's, see
+    set_num_threads), 'blas_num_threads': int (the vendored BLAS's own, kept at 1: the pool splits
+    the products), 'pool_workers': int (worker threads started so far), 'parallel_min_work': int
+    (the work of a loop's chunk, below which it runs in the calling thread; 0 in the sanitizer
+    build, which threads everything)}."""
     return _C.build_info()
 
 

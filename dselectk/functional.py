@@ -98,6 +98,8 @@ __all__ = [
     "conv2d_backward",
     "max_pool2d_forward",
     "max_pool2d_backward",
+    "conv2d_relu_pool_forward",
+    "conv2d_relu_pool_backward",
     "sgd_step",
     "adam_step",
     "adagrad_step",
@@ -970,24 +972,40 @@ def linear_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, need_dx: bool 
 # its state slabs in place, one C call for all parameters, and follow torch.optim's rules.
 
 def dense_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, out: np.ndarray | None = None,
-                  relu: bool = False) -> np.ndarray:
+                  relu: bool = False, dropout: tuple | None = None) -> np.ndarray:
     """y (B, o) = x (B, p) @ W (p, o) + b (o,) (b may be None): one GEMM. Note that W is
     (in, out) here, unlike :func:`linear` whose W is (out, in). ``relu=True`` returns
-    max(y, 0) instead, applied in place right after the GEMM: exactly
-    ``relu_forward(dense_forward(x, W, b))`` without a second pass over memory or a second array."""
-    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu)
+    max(y, 0) instead, and ``dropout=(rate, seed, step)`` or ``(rate, seed, step, rows)`` then
+    applies ``dropout_forward(., rate, seed, step, rows=rows)``: both in the GEMM's epilogue, tile
+    by tile while the tile is in cache, exactly ``dropout_forward(relu_forward(dense_forward(x, W,
+    b)), ...)`` without the passes over memory and the arrays between them."""
+    if dropout is None:
+        return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu)
+    rate, seed, step, *rest = dropout
+    rows = rest[0] if rest else None
+    _check_rows(rows, x)
+    return _C.dense_forward(_array(x, "x"), _array(W, "W"), b, out, relu, rate, seed, step, rows)
 
 
 def dense_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, dW: np.ndarray, db: np.ndarray | None = None,
-                   need_dx: bool = True) -> np.ndarray | None:
+                   need_dx: bool = True, input_relu: bool = False, input_dropout: float = 0.0,
+                   out: np.ndarray | None = None) -> np.ndarray | None:
     """Backward of :func:`dense_forward` for the upstream gradient dy (B, o).
 
     ACCUMULATES in place: ``dW (p, o) += x^T dy`` (a GEMM with beta = 1) and
     ``db (o,) += dy.sum(axis=0)`` (skipped when db is None). dW and db are never copied: they
     must be C-contiguous, aligned, writeable arrays of the call's dtype and exact shape (e.g.
     views into a gradient slab) sharing no memory with dy, x or W. Returns dx = dy W^T (B, p),
-    or None when ``need_dx`` is false (the first layer)."""
-    return _C.dense_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), dW, db, need_dx)
+    or None when ``need_dx`` is false (the first layer).
+
+    ``input_relu=True``: x is the output of a ReLU (followed by a dropout of rate
+    ``input_dropout`` when > 0), and dx is returned at that ReLU's input:
+    ``relu_backward(dropout_backward(dy W^T, input_dropout, ...), x)``, in the product's epilogue
+    (a kept entry of x is > 0 exactly where the ReLU passed and the dropout kept, so x itself is
+    the mask). ``out``: an array (B, p) for dx (C-contiguous, writeable, sharing no memory with the
+    other arguments), as :func:`dense_forward`'s."""
+    return _C.dense_backward(_array(dy, "dy"), _array(x, "x"), _array(W, "W"), dW, db, need_dx, input_relu,
+                             input_dropout, out)
 
 
 def relu_forward(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -1166,6 +1184,34 @@ def conv2d_backward(dy: np.ndarray, x: np.ndarray, W: np.ndarray, dW: np.ndarray
     return _C.conv2d_backward(dy, x, W, dW, db, stride, _conv_padding(padding, W, stride), need_dx)
 
 
+def conv2d_relu_pool_forward(x: np.ndarray, W: np.ndarray, b: np.ndarray | None = None, stride: Pair = 1,
+                             padding: Padding = "valid", pool: Pair = 2,
+                             pool_stride: Pair | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Conv2D -> ReLU -> max pooling in one pass: returns ``(y, code)`` with
+    ``y == max_pool2d_forward(relu_forward(conv2d_forward(x, W, b, stride, padding)), pool,
+    pool_stride)[0]`` exactly, and ``code`` (B, F, POH, POW) uint8, the position i * PW + j of each
+    output's maximum in its window (the first in row-major order), for
+    :func:`conv2d_relu_pool_backward`. The convolution's output (B, F, OH, OW) is pooled a group of
+    examples at a time while it is in cache and never written to memory. ``pool``: int or (PH, PW),
+    windows of at most 256 entries; ``pool_stride`` defaults to the window."""
+    x, W = _array(x, "x"), _array(W, "W")
+    return _C.conv2d_relu_pool_forward(x, W, b, stride, _conv_padding(padding, W, stride), pool, pool_stride)
+
+
+def conv2d_relu_pool_backward(dy: np.ndarray, code: np.ndarray, y: np.ndarray, x: np.ndarray, W: np.ndarray,
+                              dW: np.ndarray, db: np.ndarray | None = None, stride: Pair = 1,
+                              padding: Padding = "valid", pool: Pair = 2, pool_stride: Pair | None = None,
+                              need_dx: bool = True) -> np.ndarray | None:
+    """Backward of :func:`conv2d_relu_pool_forward` for dy (B, F, POH, POW), with its outputs y and
+    code and its inputs x, W (same stride, padding, pool, pool_stride): ACCUMULATES dW (F, C, KH, KW)
+    and db (F,) (skipped when None) as :func:`conv2d_backward` and returns dx (B, C, H, W) (None
+    unless ``need_dx``); exactly conv2d_backward of relu_backward(max_pool2d_backward(dy, ...)),
+    with the gradient at the convolution's output built a group of examples at a time in cache."""
+    dy, y, x, W = _array(dy, "dy"), _array(y, "y"), _array(x, "x"), _array(W, "W")
+    return _C.conv2d_relu_pool_backward(dy, code, y, x, W, dW, db, stride, _conv_padding(padding, W, stride), pool,
+                                        pool_stride, need_dx)
+
+
 def max_pool2d_forward(x: np.ndarray, kernel: Pair = 2, stride: Pair | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Max pooling of x (B, C, H, W) over the valid windows: returns ``(y, indices)``.
 
@@ -1178,17 +1224,22 @@ def max_pool2d_forward(x: np.ndarray, kernel: Pair = 2, stride: Pair | None = No
     return _C.max_pool2d_forward(_array(x, "x"), kernel, stride)
 
 
-def max_pool2d_backward(dy: np.ndarray, indices: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
+def max_pool2d_backward(dy: np.ndarray, indices: np.ndarray, input_size: Sequence[int],
+                        relu_y: np.ndarray | None = None) -> np.ndarray:
     """Backward of :func:`max_pool2d_forward`: dx (B, C, H, W) is 0 except that each dy[b, c, oh, ow]
     is added at the input entry ``indices[b, c, oh, ow]`` (a flat index in the plane); overlapping
     windows (stride < kernel) that picked the same entry add up. ``input_size`` is (H, W) (or the
-    input's full shape (B, C, H, W)); indices may have any integer dtype, each in [0, H W)."""
+    input's full shape (B, C, H, W)); indices may have any integer dtype, each in [0, H W).
+
+    ``relu_y``: the pooling's output y (B, C, OH, OW) when its input was a ReLU's output; dx is then
+    the gradient at that ReLU's input, ``relu_backward(max_pool2d_backward(dy, ...), x)`` in one
+    pass (an entry a window picked is > 0 exactly where its y is)."""
     dy = _array(dy, "dy")
     if isinstance(input_size, (tuple, list)) and len(input_size) == 4:
         if tuple(input_size[:2]) != dy.shape[:2]:
             raise ValueError(f"input_size {tuple(input_size)} does not match dy's (B, C) = {dy.shape[:2]}")
         input_size = tuple(input_size[2:])
-    return _C.max_pool2d_backward(dy, indices, input_size)
+    return _C.max_pool2d_backward(dy, indices, input_size, relu_y)
 
 
 def sgd_step(params: np.ndarray, grads: np.ndarray, velocity: np.ndarray | None, lr: float, momentum: float = 0.0,

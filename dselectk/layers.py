@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 
 import numpy as np
 
@@ -22,6 +23,25 @@ from ._memory import check_mlp
 
 __all__ = ["Dense", "ReLU", "Dropout", "dropout_rate", "SumUnits", "MLP", "Conv2D", "MaxPool2D", "Flatten", "CNNExpert",
            "ParameterSlab", "glorot_uniform", "global_rows", "subset_rows", "current_rows", "standard_normal"]
+
+
+def reusable(holder, name, shape, dtype):
+    """``holder.<name>`` when it is an array of ``shape`` and ``dtype`` that nothing else refers
+    to (no caller kept it, no view of it is alive), else a new uninitialized array, stored there.
+
+    Layers keep their outputs and input gradients in such arrays and reuse them from one training
+    step to the next: a fresh large array costs page faults and the kernel clearing its pages (a
+    fifth of a CNN step, several percent of an MMoE step). Reuse is only safe when the previous
+    step's array is dead, which the reference count says exactly: the layers drop their caches in
+    their backward, and an array a caller still holds (a returned output, say) is never
+    overwritten: the layer allocates a new one instead."""
+    a = getattr(holder, name)
+    # three references: the attribute, `a`, and getrefcount's own argument
+    if a is not None and a.shape == shape and a.dtype == dtype and sys.getrefcount(a) == 3:
+        return a
+    a = np.empty(shape, dtype)
+    setattr(holder, name, a)
+    return a
 
 
 def glorot_uniform(rng, fan_in, fan_out, dtype):
@@ -39,15 +59,25 @@ class Dense:
         self.forward_flops = 2 * self.in_dim * self.out_dim  # per row
         self.params = {"W": glorot_uniform(rng, self.in_dim, self.out_dim, dtype), "b": np.zeros(self.out_dim, dtype)}
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self._x = None
+        self._x = self._y_buf = self._dx_buf = None
 
-    def forward(self, x, training=False, out=None, relu=False):
-        """``relu``: return max(y, 0), fused (see :func:`run_layers`)."""
+    def forward(self, x, training=False, out=None, relu=False, dropout=None):
+        """``relu``: return max(y, 0); ``dropout``: (rate, seed, step, rows) of a Dropout after the
+        ReLU: both fused into the product (see :func:`run_layers`). Without ``out`` the result is
+        this layer's reusable array (see :func:`reusable`)."""
         self._x = x
-        return F.dense_forward(x, self.params["W"], self.params["b"], out=out, relu=relu)
+        if out is None:
+            out = reusable(self, "_y_buf", (x.shape[0], self.out_dim), self.params["W"].dtype)
+        return F.dense_forward(x, self.params["W"], self.params["b"], out=out, relu=relu, dropout=dropout)
 
-    def backward(self, dout, need_dx=True):
-        return F.dense_backward(dout, self._x, self.params["W"], self.grads["W"], self.grads["b"], need_dx=need_dx)
+    def backward(self, dout, need_dx=True, input_relu=False, input_dropout=0.0):
+        """``input_relu``: x is a ReLU's output (then a dropout's of rate ``input_dropout``), and the
+        input gradient is returned at that ReLU's input (their backwards fused: see
+        :func:`backward_layers`). Drops the forward's cache."""
+        x, self._x = self._x, None
+        out = reusable(self, "_dx_buf", x.shape, x.dtype) if need_dx else None
+        return F.dense_backward(dout, x, self.params["W"], self.grads["W"], self.grads["b"], need_dx=need_dx,
+                                input_relu=input_relu, input_dropout=input_dropout, out=out)
 
 
 class ReLU:
@@ -59,7 +89,8 @@ class ReLU:
         return self._y
 
     def backward(self, dout, need_dx=True):
-        return F.relu_backward(dout, self._y)
+        y, self._y = self._y, None
+        return F.relu_backward(dout, y)
 
 
 def dropout_rate(rate, name="dropout"):
@@ -140,12 +171,28 @@ class Dropout:
         self.params, self.grads, self._training, self._rows = {}, {}, False, None
 
     def forward(self, x, training=False):
-        self._training = bool(training) and self.rate > 0
-        if not self._training:
+        if not self.start(x.shape[0], training):
             return x
-        self.step += 1
-        self._rows = current_rows(x.shape[0])[0]
         return F.dropout_forward(x, self.rate, self.seed, self.step, rows=self._rows)
+
+    def start(self, B, training):
+        """The bookkeeping of a forward of B rows (the step counter, the rows' places): True when
+        this forward drops anything. A Dense layer that applies this dropout in its own epilogue
+        calls it, then passes :meth:`args`."""
+        self._training = bool(training) and self.rate > 0
+        if self._training:
+            self.step += 1
+            self._rows = current_rows(B)[0]
+        return self._training
+
+    def args(self):
+        """(rate, seed, step, rows) of the current forward, for ``Dense.forward(dropout=...)``."""
+        return (self.rate, self.seed, self.step, self._rows)
+
+    @property
+    def active_rate(self):
+        """The rate of the last forward's mask: 0.0 when it was the identity (evaluation)."""
+        return self.rate if self._training else 0.0
 
     def backward(self, dout, need_dx=True):
         if not self._training:
@@ -175,11 +222,31 @@ def run_layers(layers, x, training=False, out=None):
 
     A Dense or Conv2D layer followed by a ReLU runs as one call (``relu=True``: the ReLU applied
     in place after the product, saving a pass over memory and an array); the ReLU layer keeps
-    that output for its backward, exactly as if it had computed it."""
+    that output for its backward, exactly as if it had computed it. Dense -> ReLU -> Dropout runs
+    as one call too (the dropout in the same epilogue). Conv2D -> ReLU -> MaxPool2D
+    runs as one kernel (:func:`~dselectk.functional.conv2d_relu_pool_forward`) that never writes
+    the convolution's output; :func:`backward_layers` runs its fused backward. The results are the
+    same bits as the layers one by one."""
     last, i = len(layers) - 1, 0
     while i <= last:
         layer = layers[i]
+        if (i + 2 <= last and isinstance(layer, Conv2D) and type(layers[i + 1]) is ReLU
+                and isinstance(layers[i + 2], MaxPool2D) and not (out is not None and i + 2 == last)):
+            x = layer.forward_relu_pool(x, layers[i + 2])
+            layers[i + 1]._y = None  # not materialized: the fused backward needs only the pooling's output
+            i += 3
+            continue
         fused = i < last and isinstance(layer, (Dense, Conv2D)) and type(layers[i + 1]) is ReLU
+        if (fused and isinstance(layer, Dense) and i + 2 <= last and type(layers[i + 2]) is Dropout
+                and not (out is not None and i + 2 == last)):
+            # Dense -> ReLU -> Dropout: the dropout in the product's epilogue too
+            drop = layers[i + 2]
+            args = drop.args() if drop.start(x.shape[0], training) else None
+            # the ReLU keeps the dropout's output: positive exactly where the ReLU passed and the
+            # dropout kept, so its backward after the dropout's gives the same values
+            x = layers[i + 1]._y = layer.forward(x, training, relu=True, dropout=args)
+            i += 3
+            continue
         # only Dense and ReLU write into out: it is (B, d), a Conv2D's output is 4-D
         target = out if out is not None and i + fused == last and isinstance(layer, (Dense, ReLU)) else None
         if fused:
@@ -199,9 +266,28 @@ def run_layers(layers, x, training=False, out=None):
 
 def backward_layers(layers, dout, need_dx=True, skip_last=False):
     """dout back through ``layers`` (all but the last with ``skip_last``); the first layer
-    computes its input gradient only if ``need_dx``."""
-    for i in range(len(layers) - 1 - bool(skip_last), -1, -1):
-        dout = layers[i].backward(dout, need_dx=need_dx or i > 0)
+    computes its input gradient only if ``need_dx``. A Conv2D -> ReLU -> MaxPool2D that the
+    forward fused runs its fused backward. A Dense layer whose input is a ReLU's output (directly,
+    or through a Dropout) returns the gradient at that ReLU's input (``input_relu``: its own input
+    is the mask), and the ReLU and Dropout are skipped: the same values as their backwards."""
+    i = len(layers) - 1 - bool(skip_last)
+    while i >= 0:
+        layer = layers[i]
+        if isinstance(layer, MaxPool2D) and layer._fused and i >= 2:
+            dout = layers[i - 2].backward_relu_pool(dout, layer, need_dx=need_dx or i > 2)
+            i -= 3
+            continue
+        if isinstance(layer, Dense) and i >= 1:
+            below = 2 if type(layers[i - 1]) is Dropout and i >= 2 and type(layers[i - 2]) is ReLU else \
+                1 if type(layers[i - 1]) is ReLU else 0
+            if below:
+                rate = layers[i - 1].active_rate if below == 2 else 0.0
+                dout = layer.backward(dout, need_dx=True, input_relu=True, input_dropout=rate)
+                layers[i - below]._y = None  # the ReLU's cached output: not needed
+                i -= 1 + below
+                continue
+        dout = layer.backward(dout, need_dx=need_dx or i > 0)
+        i -= 1
     return dout
 
 
@@ -314,6 +400,21 @@ class Conv2D:
         return F.conv2d_backward(dout, self._x, self.params["W"], self.grads["W"], self.grads["b"], self.stride,
                                  self.pads, need_dx=need_dx)
 
+    def forward_relu_pool(self, x, pool):
+        """max pooling (the MaxPool2D layer ``pool``) of ReLU of this convolution, in one kernel
+        (see :func:`run_layers`); the pooling keeps what the backward needs."""
+        self._x = x
+        pool._y, pool._idx = F.conv2d_relu_pool_forward(x, self.params["W"], self.params["b"], self.stride,
+                                                         self.pads, pool.kernel, pool.stride)
+        pool._fused = True
+        return pool._y
+
+    def backward_relu_pool(self, dout, pool, need_dx=True):
+        """Backward of :meth:`forward_relu_pool` through the pooling, the ReLU and this convolution."""
+        return F.conv2d_relu_pool_backward(dout, pool._idx, pool._y, self._x, self.params["W"], self.grads["W"],
+                                           self.grads["b"], self.stride, self.pads, pool.kernel, pool.stride,
+                                           need_dx=need_dx)
+
 
 class MaxPool2D:
     """Max pooling of NCHW images over valid ``kernel`` windows (int or pair) at ``stride`` (default:
@@ -323,6 +424,7 @@ class MaxPool2D:
         self.kernel = _pair(kernel, "kernel")
         self.stride = self.kernel if stride is None else _pair(stride, "stride")
         self.params, self.grads, self._idx, self._size = {}, {}, None, None
+        self._y, self._fused = None, False  # set by Conv2D.forward_relu_pool
 
     def output_shape(self, input_shape):
         c, h, w = input_shape
@@ -333,10 +435,13 @@ class MaxPool2D:
 
     def forward(self, x, training=False):
         y, self._idx = F.max_pool2d_forward(x, self.kernel, self.stride)
-        self._size = x.shape[2:]
+        self._size, self._y, self._fused = x.shape[2:], None, False
         return y
 
     def backward(self, dout, need_dx=True):
+        if self._fused:
+            raise RuntimeError("this MaxPool2D ran fused with the Conv2D and ReLU before it (run_layers): its "
+                               "backward is theirs, through backward_layers or Conv2D.backward_relu_pool")
         return F.max_pool2d_backward(dout, self._idx, self._size)
 
 

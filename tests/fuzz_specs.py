@@ -196,7 +196,8 @@ def _dense(g, backward=False):
     B, p, o = g.size(0, 3), g.size(0, 4), g.size(0, 3)
     a = dict(x=g.arr(B, p), W=g.arr(p, o))
     if backward:
-        return dict(dy=g.arr(B, o), **a, dW=g.arr(p, o), db=g.arr(o) if g.flag() else None, need_dx=g.flag())
+        return dict(dy=g.arr(B, o), **a, dW=g.arr(p, o), db=g.arr(o) if g.flag() else None, need_dx=g.flag(),
+                    input_relu=g.flag(), input_dropout=g.pick(0.0, 0.3))
     return dict(**a, b=g.arr(o) if g.flag() else None, relu=g.flag())
 
 
@@ -229,6 +230,22 @@ def _conv(g, backward=False):
                 need_dx=g.flag())
 
 
+def _conv_pool(g, backward=False):
+    """A convolution whose output plane fits the pooling that follows it (conv2d_relu_pool_*)."""
+    a = _conv(g, backward=True)
+    y = F.conv2d_forward(a["x"], a["W"], stride=a["stride"], padding=a["padding"])
+    OH, OW = y.shape[2:]
+    pool = g.pick(1, 2, (g.size(1, OH), g.size(1, OW)))
+    if isinstance(pool, int) and pool > min(OH, OW):
+        pool = 1
+    kw = dict(x=a["x"], W=a["W"], stride=a["stride"], padding=a["padding"], pool=pool,
+              pool_stride=g.pick(None, 1, 2, (2, 1)))
+    if not backward:
+        return dict(**kw, b=g.arr(a["W"].shape[0]) if g.flag() else None)
+    out, code = F.conv2d_relu_pool_forward(**kw)
+    return dict(dy=g.arr(*out.shape), code=code, y=out, **kw, dW=a["dW"], db=a["db"], need_dx=g.flag())
+
+
 def _pool(g, min_batch=0):
     B, C, H, W_ = g.size(min_batch, 2), g.size(1, 2), g.size(1, 5), g.size(1, 5)
     kernel = g.pick(1, 2, (g.size(1, H), g.size(1, W_)))
@@ -240,7 +257,8 @@ def _pool_backward(g):
     a = _pool(g, min_batch=1)
     y, indices = F.max_pool2d_forward(**a)
     H, W_ = a["x"].shape[2:]
-    return dict(dy=g.arr(*y.shape), indices=indices, input_size=g.pick((H, W_), a["x"].shape))
+    return dict(dy=g.arr(*y.shape), indices=indices, input_size=g.pick((H, W_), a["x"].shape),
+                relu_y=np.maximum(y, 0) if g.flag() else None)
 
 
 def _optim(g, kind):
@@ -381,7 +399,7 @@ SPECS = {
         floats=("dy", "x", "W"), scalars={"need_dx": BOOL, "need_db": BOOL}),
     "dense_forward": Spec(_dense, floats=("x", "W", "b"), out=True, scalars={"relu": BOOL}),
     "dense_backward": Spec(lambda g: _dense(g, backward=True), floats=("dy", "x", "W"), inplace=("dW", "db"),
-                           scalars={"need_dx": BOOL}),
+                           scalars={"need_dx": BOOL, "input_relu": BOOL, "input_dropout": PROB}),
     "relu_forward": Spec(lambda g: dict(x=g.sparse(*g.shape())), floats=("x",), out=True),
     "relu_backward": Spec(
         lambda g: (lambda s: dict(dy=g.arr(*s), y=np.asarray(np.maximum(g.sparse(*s), 0))))(g.shape()),
@@ -411,8 +429,15 @@ SPECS = {
     "conv2d_backward": Spec(lambda g: _conv(g, backward=True), floats=("dy", "x", "W"), inplace=("dW", "db"),
                             scalars={"stride": "pair", "padding": "padding", "need_dx": BOOL}),
     "max_pool2d_forward": Spec(_pool, floats=("x",), scalars={"kernel": "pair", "stride": "pair"}),
-    "max_pool2d_backward": Spec(_pool_backward, floats=("dy",), indices=("indices",),
+    "max_pool2d_backward": Spec(_pool_backward, floats=("dy", "relu_y"), indices=("indices",),
                                 scalars={"input_size": "pair"}),
+    "conv2d_relu_pool_forward": Spec(_conv_pool, floats=("x", "W", "b"),
+                                     scalars={"stride": "pair", "padding": "padding", "pool": "pair",
+                                              "pool_stride": "pair"}),
+    "conv2d_relu_pool_backward": Spec(lambda g: _conv_pool(g, backward=True), floats=("dy", "y", "x", "W"),
+                                      indices=("code",), inplace=("dW", "db"),
+                                      scalars={"stride": "pair", "padding": "padding", "pool": "pair",
+                                               "pool_stride": "pair", "need_dx": BOOL}),
     "sgd_step": Spec(lambda g: _optim(g, "sgd"), floats=("grads",), inplace=("params", "velocity"),
                      scalars={"lr": POSITIVE, "momentum": NONNEG, "weight_decay": NONNEG, "nesterov": BOOL}),
     "adam_step": Spec(lambda g: _optim(g, "adam"), floats=("grads",), inplace=("params", "m", "v"),

@@ -611,7 +611,30 @@ def _pool_backward_args(dt):
     return dict(dy=_u(rng, idx.shape, dt), indices=idx, input_size=(7, 6))
 
 
+def _conv_pool_args(dt):
+    rng = _rng()
+    return dict(x=_u(rng, (2, 2, 7, 6), dt), W=_u(rng, (3, 2, 3, 2), dt), b=_u(rng, (3,), dt), stride=1,
+                padding=(1, 0), pool=2, pool_stride=None)
+
+
+def _conv_pool_backward_args(dt):
+    a = _conv_pool_args(dt)
+    y, code = F.conv2d_relu_pool_forward(**a)
+    rng = _rng()
+    return dict(dy=_u(rng, y.shape, dt), code=code, y=y, x=a["x"], W=a["W"], dW=_u(rng, (3, 2, 3, 2), dt),
+                db=_u(rng, (3,), dt), stride=1, padding=(1, 0), pool=2, pool_stride=None, need_dx=True)
+
+
 SPECS.update({
+    "F.conv2d_relu_pool_forward": Spec(F.conv2d_relu_pool_forward, _conv_pool_args, ("x", "W", "b"), optional=("b",)),
+    "F.conv2d_relu_pool_backward": Spec(
+        Mutating(F.conv2d_relu_pool_backward, ("dW", "db")), _conv_pool_backward_args,
+        ("x", "W", "dy", "y", "dW", "db"), finite=("x", "W", "dy", "y"), optional=("db",), mutable=("dW", "db")),
+    "C.conv2d_relu_pool_forward": Spec(_C.conv2d_relu_pool_forward, _conv_pool_args, ("x", "W", "b"),
+                                       optional=("b",)),
+    "C.conv2d_relu_pool_backward": Spec(
+        Mutating(_C.conv2d_relu_pool_backward, ("dW", "db")), _conv_pool_backward_args,
+        ("x", "W", "dy", "y", "dW", "db"), finite=("x", "W", "dy", "y"), optional=("db",), mutable=("dW", "db")),
     "F.conv2d_forward": Spec(F.conv2d_forward, _conv_args((1, 0)), ("x", "W", "b"), optional=("b",), out=True),
     "F.conv2d_forward[same]": Spec(F.conv2d_forward, _conv_args("same"), ("x", "W", "b"), optional=("b",), out=True),
     "F.conv2d_backward": Spec(
@@ -757,8 +780,9 @@ def test_valid_call(sid):
     for dtype in (F32, F64):
         result = call_spec(spec, spec.build(dtype))
         for a in _arrays_in(result):
-            # int64: embedding_backward's row indices, max pooling's argmax indices
-            assert a.dtype == dtype or (a.dtype == np.int64 and ("pool" in sid or "embedding" in sid)) or (
+            # int64: embedding_backward's row indices, max pooling's argmax indices; uint8: the fused
+            # pooling's window positions; float64: the Sinkhorn cache, whatever the call's dtype
+            assert a.dtype == dtype or (a.dtype in (np.int64, np.uint8) and ("pool" in sid or "embedding" in sid)) or (
                 a.dtype == F64 and spec.float64_results), a.dtype
             assert np.all(np.isfinite(a))
         # and a second call gives bit-identical results

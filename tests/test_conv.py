@@ -253,3 +253,88 @@ def test_thread_count(restore_threads):
             np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-10)
         for a, b_ in zip(results[0][1], pool):
             np.testing.assert_array_equal(a, b_)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2D -> ReLU -> MaxPool2D in one kernel (the CNN experts' blocks)
+# ---------------------------------------------------------------------------------------------
+
+def _fused_case(case, dtype):
+    """A random convolution whose output plane fits a random pooling, and its arrays."""
+    rng = rng_for("fused", case)
+    while True:
+        xs, ws, stride, padding, pads = random_geometry(rng, max_hw=12)
+        OH = (xs[2] + pads[0] + pads[1] - ws[2]) // stride[0] + 1
+        OW = (xs[3] + pads[2] + pads[3] - ws[3]) // stride[1] + 1
+        pool = (int(rng.integers(1, 4)), int(rng.integers(1, 4)))
+        pool_stride = None if rng.random() < 0.5 else (int(rng.integers(1, 3)), int(rng.integers(1, 3)))
+        if pool[0] <= OH and pool[1] <= OW:
+            break
+    x, W = rng.standard_normal(xs).astype(dtype), rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype)
+    return rng, x, W, b, dict(stride=stride, padding=padding), dict(pool=pool, pool_stride=pool_stride)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(30))
+def test_conv2d_relu_pool_is_the_three_kernels_exactly(case, dtype):
+    rng, x, W, b, conv, pool = _fused_case(case, dtype)
+    a = F.conv2d_forward(x, W, b, relu=True, **conv)
+    y0, idx = F.max_pool2d_forward(a, pool["pool"], pool["pool_stride"])
+    y, code = F.conv2d_relu_pool_forward(x, W, b, **conv, **pool)
+    np.testing.assert_array_equal(y, y0)
+    assert code.dtype == np.uint8 and code.shape == y.shape
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dW0, db0, dW1, db1 = np.zeros_like(W), np.zeros_like(b), np.zeros_like(W), np.zeros_like(b)
+    dx0 = F.conv2d_backward(F.relu_backward(F.max_pool2d_backward(dy, idx, a.shape[2:]), a), x, W, dW0, db0, **conv)
+    dx1 = F.conv2d_relu_pool_backward(dy, code, y, x, W, dW1, db1, **conv, **pool)
+    np.testing.assert_array_equal(dx1, dx0)
+    np.testing.assert_array_equal(dW1, dW0)
+    # the bias gradient adds the same terms in window order (see csrc/conv_impl.h)
+    np.testing.assert_allclose(db1, db0, rtol=1e-12 if dtype == np.float64 else 1e-6, atol=1e-12)
+    assert F.conv2d_relu_pool_backward(dy, code, y, x, W, dW1, None, **conv, **pool, need_dx=False) is None
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_conv2d_relu_pool_backward_finite_differences(case):
+    rng, x, W, b, conv, pool = _fused_case(case, np.float64)
+    y, code = F.conv2d_relu_pool_forward(x, W, b, **conv, **pool)
+    dy = rng.standard_normal(y.shape)
+
+    def loss():
+        return float(np.sum(dy * F.conv2d_relu_pool_forward(x, W, b, **conv, **pool)[0]))
+
+    dW, db = np.zeros_like(W), np.zeros_like(b)
+    dx = F.conv2d_relu_pool_backward(dy, code, y, x, W, dW, db, **conv, **pool)
+    for arr, grad, name in ((x, dx, "dx"), (W, dW, "dW"), (b, db, "db")):
+        fd_check(loss, arr, grad, rng, name)
+
+
+def test_conv2d_relu_pool_rejects_bad_codes_and_pools():
+    rng = rng_for("fused-bad")
+    x, W = rng.standard_normal((2, 1, 6, 6)), rng.standard_normal((3, 1, 3, 3))
+    y, code = F.conv2d_relu_pool_forward(x, W, pool=2)
+    dW = np.zeros_like(W)
+    bad = code.copy()
+    bad[1, 2, 0, 1] = 4  # a 2 x 2 window has positions 0..3
+    with pytest.raises(ValueError, match=r"code.flat\[\d+\] = 4"):
+        F.conv2d_relu_pool_backward(np.ones_like(y), bad, y, x, W, dW, pool=2)
+    with pytest.raises(TypeError, match="uint8"):
+        F.conv2d_relu_pool_backward(np.ones_like(y), code.astype(np.int64), y, x, W, dW, pool=2)
+    with pytest.raises(ValueError, match="shape"):
+        F.conv2d_relu_pool_backward(np.ones_like(y), code[:1], y, x, W, dW, pool=2)
+    with pytest.raises(ValueError, match="larger than the convolution's output"):
+        F.conv2d_relu_pool_forward(x, W, pool=5)
+    with pytest.raises(ValueError, match="256"):
+        F.conv2d_relu_pool_forward(rng.standard_normal((1, 1, 40, 40)), W, pool=17)
+    np.testing.assert_array_equal(dW, 0)  # nothing accumulated by the refused calls
+
+
+def test_a_fused_pooling_layer_refuses_its_own_backward():
+    from dselectk.layers import CNNExpert, MaxPool2D, run_layers
+
+    net = CNNExpert((1, 12, 12), units=(4,), rng=np.random.default_rng(0), filters=(2, 3), kernel=3)
+    run_layers(net.layers, np.ones((2, 1, 12, 12), np.float32), True)
+    pool = next(layer for layer in net.layers if isinstance(layer, MaxPool2D))
+    with pytest.raises(RuntimeError, match="fused"):
+        pool.backward(np.ones((2, 2, 5, 5), np.float32))

@@ -783,7 +783,7 @@ def test_conv2d_forward_relu_is_relu_of_conv_exactly(padding, dtype):
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_run_layers_fusion_matches_the_layers_one_by_one(kind):
-    from dselectk.layers import MLP, CNNExpert, ReLU, backward_layers, run_layers
+    from dselectk.layers import MLP, CNNExpert, Conv2D, ReLU, backward_layers, run_layers
 
     rng = np.random.default_rng(0)
     if kind == "mlp":
@@ -808,7 +808,10 @@ def test_run_layers_fusion_matches_the_layers_one_by_one(kind):
     np.testing.assert_array_equal(backward_layers(net.layers, dout), dx_ref)
     for layer, ref_grads in zip(net.layers, grads_ref):
         for key, value in ref_grads.items():
-            np.testing.assert_array_equal(layer.grads[key], value)
+            if key == "b" and isinstance(layer, Conv2D):  # the fused block's db: the same terms, in window order
+                np.testing.assert_allclose(layer.grads[key], value, rtol=1e-14, atol=1e-15)
+            else:
+                np.testing.assert_array_equal(layer.grads[key], value)
     if kind == "mlp":  # and into a caller's buffer, as the models' expert outputs
         net2 = MLP(12, (16, 8), np.random.default_rng(1), dtype=np.float64)
         d0, d1 = net2.layers[0].params, net2.layers[2].params
@@ -817,3 +820,167 @@ def test_run_layers_fusion_matches_the_layers_one_by_one(kind):
         assert run_layers(net2.layers, x, True, out=out) is out
         np.testing.assert_array_equal(out, want)
         assert net2.layers[3]._y is out  # the last ReLU's backward reads the fused output
+
+
+# ---------------------------------------------------------------------------------------------
+# Epilogue fusions: dropout in the Dense forward, the ReLU / dropout backward in the Dense
+# backward's input gradient, the ReLU backward in the max-pooling backward
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 3, 7), (64, 33, 17), (700, 128, 256)])
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_dense_forward_dropout_is_dropout_of_relu_of_dense_exactly(shape, rate, dtype):
+    B, p, o = shape
+    rng = np.random.default_rng(B + p + o)
+    x, W, b = (rng.standard_normal(s).astype(dtype) for s in [(B, p), (p, o), (o,)])
+    want = F.dropout_forward(F.relu_forward(F.dense_forward(x, W, b)), rate, 11, 5)
+    np.testing.assert_array_equal(F.dense_forward(x, W, b, relu=True, dropout=(rate, 11, 5)), want)
+    want_linear = F.dropout_forward(F.dense_forward(x, W, b), rate, 11, 5)  # dropout without a ReLU
+    np.testing.assert_array_equal(F.dense_forward(x, W, b, dropout=(rate, 11, 5)), want_linear)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (6, 5, 4), (90, 64, 33), (700, 256, 128)])
+@pytest.mark.parametrize("rate", [0.0, 0.4])
+def test_dense_backward_input_mask_is_relu_and_dropout_backward_exactly(shape, rate, dtype):
+    """x is the output of ReLU -> dropout: dx = relu_backward(dropout_backward(dy W^T), relu output)."""
+    B, p, o = shape
+    rng = np.random.default_rng(B * o + p)
+    pre = rng.standard_normal((B, p)).astype(dtype)
+    a = F.relu_forward(pre)
+    x = F.dropout_forward(a, rate, 3, 9)
+    W, dy = rng.standard_normal((p, o)).astype(dtype), rng.standard_normal((B, o)).astype(dtype)
+    dW0, dW1 = np.zeros((p, o), dtype), np.zeros((p, o), dtype)
+    db0, db1 = np.zeros(o, dtype), np.zeros(o, dtype)
+    want = F.relu_backward(F.dropout_backward(F.dense_backward(dy, x, W, dW0, db0), rate, 3, 9), a)
+    got = F.dense_backward(dy, x, W, dW1, db1, input_relu=True, input_dropout=rate)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(dW1, dW0)
+    np.testing.assert_array_equal(db1, db0)
+
+
+def test_dense_backward_input_mask_finite_differences():
+    """The fused mask is the gradient at the ReLU's input of loss(dropout(relu(pre)) W)."""
+    rng = np.random.default_rng(4)
+    B, p, o, rate = 5, 6, 3, 0.3
+    pre, W, dy = rng.standard_normal((B, p)), rng.standard_normal((p, o)), rng.standard_normal((B, o))
+    pre[np.abs(pre) < 0.05] = 0.3  # keep the finite differences away from the kink
+
+    def loss(z):
+        return float(np.sum(dy * (F.dropout_forward(np.maximum(z, 0), rate, 1, 2) @ W)))
+
+    x = F.dropout_forward(F.relu_forward(pre), rate, 1, 2)
+    got = F.dense_backward(dy, x, W, np.zeros((p, o)), None, input_relu=True, input_dropout=rate)
+    num = np.zeros_like(pre)
+    for i in np.ndindex(pre.shape):
+        e = np.zeros_like(pre)
+        e[i] = 1e-6
+        num[i] = (loss(pre + e) - loss(pre - e)) / 2e-6
+    np.testing.assert_allclose(got, num, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_max_pool_backward_relu_mask_is_relu_backward_exactly(dtype):
+    rng = np.random.default_rng(2)
+    pre = rng.standard_normal((3, 4, 8, 6)).astype(dtype)
+    a = F.relu_forward(pre)
+    y, idx = F.max_pool2d_forward(a, 2)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    want = F.relu_backward(F.max_pool2d_backward(dy, idx, (8, 6)), a)
+    np.testing.assert_array_equal(F.max_pool2d_backward(dy, idx, (8, 6), relu_y=y), want)
+    with pytest.raises(ValueError, match="relu_y"):
+        F.max_pool2d_backward(dy, idx, (8, 6), relu_y=y[:, :2])
+
+
+def test_fused_arguments_are_checked():
+    x, W = np.ones((2, 3)), np.ones((3, 4))
+    for bad in (1.0, -0.1, np.nan):
+        with pytest.raises(ValueError, match="dropout_rate"):
+            F.dense_forward(x, W, relu=True, dropout=(bad, 0, 0))
+        with pytest.raises(ValueError, match="input_dropout"):
+            F.dense_backward(np.ones((2, 4)), x, W, np.zeros((3, 4)), input_relu=True, input_dropout=bad)
+    with pytest.raises(ValueError, match="dropout_seed"):
+        F.dense_forward(x, W, dropout=(0.5, -1, 0))
+    with pytest.raises(TypeError):
+        F.dense_forward(x, W, dropout=(0.5, 1.5, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers: Dense -> ReLU -> Dropout fused, and arrays reused across steps only when nothing else
+# refers to them
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("training", [True, False])
+def test_mlp_fused_forward_backward_match_the_layers_one_by_one(dropout, training):
+    from dselectk.layers import MLP, backward_layers, run_layers
+
+    rng = np.random.default_rng(3)
+    x, dout = rng.standard_normal((33, 12)), rng.standard_normal((33, 5))
+    ref, net = (MLP(12, (16, 9), np.random.default_rng(7), dropout=dropout, output_dim=5, dtype=np.float64)
+                for _ in range(2))
+    y = x
+    for layer in ref.layers:  # every layer on its own: dropout_forward, relu_backward, dropout_backward
+        y = layer.forward(y, training)
+    dx_ref = x.copy()
+    for layer in reversed(ref.layers):
+        dx_ref = layer.backward(dx_ref if layer is not ref.layers[-1] else dout)
+    fused = run_layers(net.layers, x, training)
+    np.testing.assert_array_equal(fused, y)
+    np.testing.assert_array_equal(backward_layers(net.layers, dout), dx_ref)
+    for a, b in zip(ref.layers, net.layers):
+        for key in a.grads:
+            np.testing.assert_array_equal(b.grads[key], a.grads[key])
+
+
+def test_dense_reuses_its_arrays_only_when_nothing_refers_to_them():
+    from dselectk.layers import Dense
+
+    rng = np.random.default_rng(0)
+    layer = Dense(6, 4, rng)
+    x1, x2 = (rng.standard_normal((8, 6)).astype(np.float32) for _ in range(2))
+    y1 = layer.forward(x1)
+    kept = y1.copy()
+    y2 = layer.forward(x2)  # y1 is still held here: a new array
+    assert y2 is not y1
+    np.testing.assert_array_equal(y1, kept)
+    view = y2[2:5]
+    layer.backward(np.ones_like(y2))
+    y3 = layer.forward(x1)  # a view of y2 is alive: not reused either
+    assert y3 is not y2
+    np.testing.assert_array_equal(view, y2[2:5])
+    del view, y2
+    layer.backward(np.ones_like(y3))
+    buffer_id = id(y3)
+    del y3
+    y4 = layer.forward(x2)  # nothing refers to the last output any more: its array is reused
+    assert id(y4) == buffer_id
+    np.testing.assert_array_equal(y4, F.dense_forward(x2, layer.params["W"], layer.params["b"]))
+
+
+def test_model_outputs_a_caller_keeps_survive_the_next_steps():
+    """Predictions handed to the caller are never the arrays the next step writes."""
+    import dselectk as dk
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((64, 10)).astype(np.float32)
+    Y = [rng.standard_normal(64).astype(np.float32), (rng.random(64) < 0.5).astype(np.float32)]
+    model = dk.MMoE(10, n_tasks=2, n_experts=4, expert_units=(16,), tower_units=(8,), task_losses=["mse", "bce"],
+                    gate=dk.gates.DSelectK(2, per_example=True), dropout=0.2)
+    opt = dk.optim.Adam(model.slab.data, model.slab.grad, lr=1e-2)
+    kept = []
+    for step in range(4):
+        model.zero_grad()
+        outs = model.forward(X[step * 16:(step + 1) * 16], training=True)
+        kept.append([(o, o.copy()) for o in outs])
+        _, _, douts = model.loss(outs, [y[step * 16:(step + 1) * 16] for y in Y])
+        model.backward(douts)
+        opt.step()
+    for outs in kept:
+        for o, snapshot in outs:
+            np.testing.assert_array_equal(o, snapshot)
+    preds = dk.predict(model, X, batch_size=16)  # batches of 16 against one batch of 64
+    whole = dk.predict(model, X, batch_size=64)
+    for a, b in zip(preds, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

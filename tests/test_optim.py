@@ -541,3 +541,47 @@ def test_failed_class_step_does_not_advance():
     g[1] = 1.0
     opt.step()
     assert opt.step_count == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps' value check (one pass over all slabs on the thread pool, then the update): a bad
+# value anywhere in any slab raises before anything changes
+# ---------------------------------------------------------------------------------------------
+
+_STEPS = {  # name: (call, slab names in argument order, the slab that must be >= 0 or None)
+    "sgd": (lambda s: F.sgd_step(s["params"], s["grads"], s["velocity"], 0.1, momentum=0.9),
+            ("params", "grads", "velocity"), None),
+    "adam": (lambda s: F.adam_step(s["params"], s["grads"], s["m"], s["v"], 3), ("params", "grads", "m", "v"), "v"),
+    "adagrad": (lambda s: F.adagrad_step(s["params"], s["grads"], s["accum"]), ("params", "grads", "accum"), "accum"),
+}
+_N = 100_003  # several chunks of the pool
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(_STEPS))
+def test_a_bad_value_anywhere_raises_and_changes_nothing(name, dtype, threads):
+    import dselectk
+
+    call, slabs, nonneg = _STEPS[name]
+    rng = np.random.default_rng(0)
+    before = dselectk.get_num_threads()
+    dselectk.set_num_threads(threads)
+    try:
+        for slab in slabs:
+            for where in (0, 16383, 16384, _N // 2, _N - 1):
+                bads = [np.nan, np.inf, -np.inf] + ([-1e-30, -np.finfo(dtype).tiny / 2] if slab == nonneg else [])
+                for bad in bads:
+                    state = {k: np.abs(rng.standard_normal(_N)).astype(dtype) for k in slabs}
+                    state[slab][where] = bad
+                    snap = {k: v.copy() for k, v in state.items()}
+                    with pytest.raises(ValueError, match=f"'{slab}'"):
+                        call(state)
+                    for k in slabs:
+                        np.testing.assert_array_equal(state[k], snap[k], err_msg=f"{name}: {k} changed")
+        ok = {k: np.abs(rng.standard_normal(_N)).astype(dtype) for k in slabs}
+        if nonneg:
+            ok[nonneg][7] = -0.0  # a negative zero is a sum of squares too
+        call(ok)  # no error
+    finally:
+        dselectk.set_num_threads(before)

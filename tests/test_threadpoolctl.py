@@ -1,21 +1,24 @@
 """threadpoolctl and dselectk's vendored OpenBLAS.
 
-What works: after ``import dselectk``, ``threadpoolctl.threadpool_info()`` lists the vendored
-``dselectk/_lib/libscipy_openblas*.so`` (user_api "blas", internal_api "openblas"), and
-``threadpool_limits`` changes its thread count and restores it on exit.
+dselectk runs every kernel on its own thread pool (csrc/threads.c), products included: they are cut
+into tiles, each a single-threaded call of the vendored OpenBLAS, so that no product waits on a
+descheduled BLAS thread. The BLAS's own thread count therefore stays 1 whatever
+``dselectk.set_num_threads`` says.
 
-What it does not reach: the C kernels' own OpenMP loops. They pass ``num_threads`` explicitly
-(``dselectk.set_num_threads``), so the libgomp limit that threadpoolctl sets (omp_set_num_threads)
-does not change them, and ``dselectk.get_num_threads()`` keeps its value inside the block. Use
-``dselectk.set_num_threads`` (or $DSELECTK_NUM_THREADS) for dselectk; threadpoolctl is the tool for
-limiting the BLAS alone, e.g. in a process that also runs NumPy's or PyTorch's BLAS."""
+What threadpoolctl sees: after ``import dselectk``, ``threadpoolctl.threadpool_info()`` lists the
+vendored ``dselectk/_lib/libscipy_openblas*.so`` (user_api "blas", internal_api "openblas") with
+one thread. ``threadpool_limits`` does not reach dselectk's pool (``dselectk.set_num_threads`` or
+$DSELECTK_NUM_THREADS is the knob), and a limit that raises the vendored BLAS's thread count is
+undone by dselectk's next product (which must not start BLAS threads inside its tasks)."""
 import os
 
+import numpy as np
 import pytest
 
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
 import dselectk  # noqa: E402
+from dselectk import functional as F  # noqa: E402
 
 LIB_DIR = os.path.realpath(os.path.join(os.path.dirname(dselectk.__file__), "_lib"))
 
@@ -35,29 +38,40 @@ def two_threads():
     dselectk.set_num_threads(before)
 
 
-def test_threadpool_info_lists_the_vendored_openblas(two_threads):
+def _product():
+    rng = np.random.default_rng(0)
+    x, W = rng.standard_normal((256, 64)), rng.standard_normal((64, 128))
+    np.testing.assert_allclose(F.dense_forward(x, W), x @ W, rtol=1e-12, atol=1e-12)
+
+
+def test_threadpool_info_lists_the_vendored_openblas_at_one_thread(two_threads):
     info = _ours()
     assert info["user_api"] == "blas" and info["internal_api"] == "openblas"
     assert os.path.basename(info["filepath"]).startswith("libscipy_openblas")
-    assert info["num_threads"] == 2 == dselectk.build_info()["blas_num_threads"]
-    dselectk.set_num_threads(1)
-    assert _ours()["num_threads"] == 1
+    assert info["num_threads"] == 1 == dselectk.build_info()["blas_num_threads"]
+    assert dselectk.get_num_threads() == 2
 
 
 @pytest.mark.parametrize("kwargs", [dict(limits=1), dict(limits=1, user_api="blas"), dict(limits={"libscipy_openblas": 1})])
-def test_threadpool_limits_sets_and_restores_our_blas(two_threads, kwargs):
+def test_threadpool_limits_leave_dselectk_alone(two_threads, kwargs):
     with threadpoolctl.threadpool_limits(**kwargs):
         assert _ours()["num_threads"] == 1
-        assert dselectk.build_info()["blas_num_threads"] == 1
-    assert _ours()["num_threads"] == 2
-    assert dselectk.build_info()["blas_num_threads"] == 2
+        assert dselectk.get_num_threads() == 2
+        _product()
+    assert _ours()["num_threads"] == 1
+    assert dselectk.get_num_threads() == 2
 
 
-def test_threadpool_limits_does_not_reach_the_kernels_openmp_loops(two_threads):
-    """The OpenMP thread count of the C kernels is dselectk's own setting (passed explicitly as
-    num_threads), not libgomp's: threadpoolctl leaves it alone."""
+def test_a_raised_blas_thread_count_is_undone_by_the_next_product(two_threads):
+    with threadpoolctl.threadpool_limits(limits={"libscipy_openblas": 3}):
+        _product()
+        assert _ours()["num_threads"] == 1
+    _product()
+    assert _ours()["num_threads"] == 1
+
+
+def test_threadpool_limits_does_not_reach_the_pool(two_threads):
+    """The pool's thread count is dselectk's own setting, not libgomp's: threadpoolctl leaves it."""
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
         assert dselectk.get_num_threads() == 2
         assert dselectk.build_info()["num_threads"] == 2
-    with threadpoolctl.threadpool_limits(limits=1):
-        assert dselectk.get_num_threads() == 2  # BLAS at 1 (above), the kernels' loops still at 2

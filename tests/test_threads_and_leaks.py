@@ -16,6 +16,7 @@ import gc
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -210,8 +211,44 @@ def _sinkhorn(seed, K=4, n=24, iters=60, dtype=F64):
     return inputs, run
 
 
+def _dense_fused(seed, B=1024, p=128, o=256, dtype=F32):
+    """The fused Dense layers (ReLU and dropout in the epilogue, their backward in dx's), large
+    enough that the pool cuts every product into tiles."""
+    rng = np.random.default_rng(seed)
+    x = F.relu_forward(rng.standard_normal((B, p)).astype(dtype))
+    W = (0.1 * rng.standard_normal((p, o))).astype(dtype)
+    b = rng.standard_normal(o).astype(dtype)
+    dy = rng.standard_normal((B, o)).astype(dtype)
+    inputs = [x, W, b, dy]
+
+    def run():
+        y = F.dense_forward(x, W, b, relu=True, dropout=(0.2, seed, 1))
+        dW, db = np.zeros_like(W), np.zeros_like(b)
+        dx = F.dense_backward(dy * (y > 0), x, W, dW, db, input_relu=True)
+        return y, dx, dW, db
+    return inputs, run
+
+
+def _conv(seed, B=48, dtype=F32):
+    """Convolution (a task per example forward, per slice backward), ReLU and max pooling."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, 2, 14, 14)).astype(dtype)
+    W = (0.2 * rng.standard_normal((6, 2, 3, 3))).astype(dtype)
+    b = rng.standard_normal(6).astype(dtype)
+    inputs = [x, W, b]
+
+    def run():
+        a = F.conv2d_forward(x, W, b, relu=True)
+        y, idx = F.max_pool2d_forward(a, 2)
+        da = F.max_pool2d_backward(np.cos(y), idx, a.shape[2:], relu_y=y)
+        dW, db = np.zeros_like(W), np.zeros_like(b)
+        dx = F.conv2d_backward(da, x, W, dW, db)
+        return a, y, dx, dW, db
+    return inputs, run
+
+
 def _comet(seed, B=512, p=24, n=16, k=2, dtype=F64):
-    """Per-example COMET, large enough (B k n > 32768) for its OpenMP loops to run in parallel."""
+    """Per-example COMET; its batched kernels on 4 B rows are large enough to run on several threads."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((B, p)).astype(dtype)
     U, b_U = rng.standard_normal((k, n, p)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
@@ -255,8 +292,10 @@ WORKLOADS = {
     "sinkhorn_float32": lambda seed: _sinkhorn(seed, dtype=F32),
     "elementwise_float32": _elementwise,
     "layers_losses_optimizers": _nn,
-    # large enough for the OpenMP loops of the losses, dropout and ReLU to run in parallel
-    "losses_dropout_optimizers": lambda seed: _nn(seed, B=4096, gemm=False),
+    # large enough for the loops of the losses, dropout and ReLU to run on several threads
+    "losses_dropout_optimizers": lambda seed: _nn(seed, B=16384, gemm=False),
+    "dense_fused": _dense_fused,
+    "conv": _conv,
 }
 
 
@@ -299,9 +338,11 @@ def test_concurrent_mixed_workloads_and_out(restore_threads):
 
 
 @pytest.mark.parametrize("workload", ["top_k", "mix_experts", "softmax_selector", "elementwise_float32",
-                                      "losses_dropout_optimizers", "comet_kernels_float32", "sinkhorn"])
+                                      "losses_dropout_optimizers", "conv", "comet_kernels_float32", "sinkhorn"])
 def test_results_do_not_depend_on_num_threads(workload, restore_threads):
-    """Kernels without BLAS split work by rows (or experts): the thread count cannot change a bit."""
+    """Kernels without BLAS split work by rows (or experts), and the convolution's tasks (groups,
+    fixed slices of the batch) and their single-threaded products depend on the geometry only:
+    the thread count cannot change a bit."""
     _, run = WORKLOADS[workload](7)
     results = []
     for nt in (1, 2, 3):
@@ -309,6 +350,67 @@ def test_results_do_not_depend_on_num_threads(workload, restore_threads):
         results.append(run())
     assert_same(results[1], results[0])
     assert_same(results[2], results[0])
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_tiled_products_close_across_num_threads(threads, restore_threads):
+    """The pool cuts products into tiles without splitting the inner dimension: every entry is
+    the same dot product whatever the thread count (to the BLAS's rounding of a sub-block)."""
+    _, run = WORKLOADS["dense_fused"](5)
+    dselectk.set_num_threads(1)
+    one = run()
+    dselectk.set_num_threads(threads)
+    for got, want in zip(run(), one):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_survives_fork(restore_threads):
+    """A child forked while the parent's pool has workers starts without them and creates its own."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    dselectk.set_num_threads(2)
+    _, run = WORKLOADS["dense_fused"](1)
+    want = run()
+    assert dselectk.build_info()["pool_workers"] >= 1
+    code = textwrap.dedent("""
+        import os, sys, numpy as np, dselectk
+        from dselectk import functional as F
+        dselectk.set_num_threads(2)
+        x = np.ones((2048, 256), np.float32); W = np.full((256, 256), 0.01, np.float32)
+        F.dense_forward(x, W)  # workers in the parent
+        pid = os.fork()
+        if pid == 0:
+            y = F.dense_forward(x, W)
+            os._exit(0 if np.allclose(y, 2.56) else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(dselectk.__file__))))
+    assert res.returncode == 0, res.stderr
+    for got, w in zip(run(), want):  # and the parent's pool still works
+        np.testing.assert_allclose(got, w, rtol=1e-6)
+
+
+def test_small_work_starts_no_thread():
+    """Work below two chunks runs in the calling thread: a small model trains at 2 threads without
+    the pool starting a worker (which on a loaded machine could only cost time)."""
+    if dselectk.build_info()["parallel_min_work"] == 0:
+        pytest.skip("the sanitizer build threads every loop, however small")
+    code = textwrap.dedent("""
+        import numpy as np, dselectk
+        dselectk.set_num_threads(2)
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((256, 12)).astype(np.float32)
+        Y = [rng.standard_normal(256).astype(np.float32)]
+        model = dselectk.MMoE(12, n_tasks=1, n_experts=4, expert_units=(16,), tower_units=(8,))
+        dselectk.fit(model, X, Y, epochs=2, batch_size=64, verbose=0)
+        print(dselectk.build_info()["pool_workers"])
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(dselectk.__file__))))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "0"
 
 
 def test_blas_results_close_across_num_threads(restore_threads):
@@ -328,11 +430,12 @@ def test_blas_results_close_across_num_threads(restore_threads):
 
 def test_build_info_keys_and_types():
     info = dselectk.build_info()
-    assert set(info) == {"openmp", "blas", "num_threads", "blas_num_threads"}
+    assert set(info) == {"openmp", "blas", "num_threads", "blas_num_threads", "pool_workers", "parallel_min_work"}
     assert isinstance(info["openmp"], bool)
     assert isinstance(info["blas"], str) and info["blas"]
     assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
     assert isinstance(info["blas_num_threads"], int) and info["blas_num_threads"] >= 1
+    assert isinstance(info["pool_workers"], int) and info["pool_workers"] >= 0
     assert info["num_threads"] == dselectk.get_num_threads()
 
 
@@ -342,7 +445,7 @@ def test_set_num_threads_roundtrip(n, restore_threads):
     assert dselectk.get_num_threads() == n
     info = dselectk.build_info()
     assert info["num_threads"] == n
-    assert info["blas_num_threads"] == n, "one knob for the kernels and the vendored BLAS"
+    assert info["blas_num_threads"] == 1, "the pool splits the products; the BLAS itself stays at one thread"
 
 
 def test_set_num_threads_rejects_bad_values(restore_threads):

@@ -3,7 +3,7 @@
 #include "common.h"
 
 #include "conv.h"
-#include "nn.h"
+#include "dsk.h"
 
 /* Largest kernel size, stride, padding or pooling input size accepted: keeps every product of
  * the geometry far from overflowing. */
@@ -144,14 +144,14 @@ static PyObject *py_conv2d_forward(PyObject *Py_UNUSED(self), PyObject *args, Py
     npy_intp bdims[1] = {g.F};
     if (optional_input(b_obj, "b", &tn, 1, bdims, "(F,)", 1, &b) < 0) goto done;
     hold_from(&h, b_obj, b);
-    npy_intp ydims[4] = {g.B, g.F, g.OH, g.OW}, cdims[1] = {(npy_intp)conv2d_col_size(&g)};
+    const int slots = dsk_get_num_threads();
+    npy_intp ydims[4] = {g.B, g.F, g.OH, g.OW}, cdims[1] = {(npy_intp)conv2d_col_size(&g) * slots};
     PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 4, ydims, &h));
     if (!y) goto done;
     PyArrayObject *col = hold(&h, new_array(tn, 1, cdims));
     if (!col) goto done;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, conv2d_forward, DATA(y), DATA(col), DATA(x), DATA(Wt), OPTDATA(b), &g);
-    if (relu) DISPATCH(tn, relu_forward, DATA(y), DATA(y), (long)PyArray_SIZE(y));
+    DISPATCH(tn, conv2d_forward, DATA(y), DATA(col), slots, DATA(x), DATA(Wt), OPTDATA(b), relu, &g);
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)y);
 done:
@@ -159,6 +159,33 @@ done:
     Py_XDECREF(zero);
     release(&h);
     return result;
+}
+
+/* The outputs and workspaces of a convolution's backward (conv.h), all held by h: dW (F, C, KH, KW)
+ * and db (F,) (db_obj None: skipped), accumulated in place; dx (B, C, H, W), new, when need_dx
+ * (else NULL); col, one workspace per thread of the pool (slots of them); acc and part, the
+ * partial bias and weight gradients of the batch's slices. -1 with an exception set. */
+typedef struct {
+    PyArrayObject *dW, *db, *dx, *col, *acc, *part;
+    int slots;
+} ConvGrads;
+
+static int conv_grads(PyObject *dW_obj, PyObject *db_obj, int need_dx, int *tn, const DskConv2d *g, Hold *h,
+                      ConvGrads *c) {
+    npy_intp wdims[4] = {g->F, g->C, g->KH, g->KW}, bdims[1] = {g->F}, xdims[4] = {g->B, g->C, g->H, g->W};
+    c->db = c->dx = NULL;
+    if (!(c->dW = hold(h, inplace_array(dW_obj, "dW", tn, 4, wdims, "(F, C, KH, KW)", h, 0)))) return -1;
+    if (db_obj != Py_None && !(c->db = hold_from(h, db_obj, inplace_array(db_obj, "db", tn, 1, bdims, "(F,)", h, 0))))
+        return -1;
+    if (need_dx && !(c->dx = hold(h, new_array(*tn, 4, xdims)))) return -1;
+    c->slots = dsk_get_num_threads();
+    const npy_intp S = conv2d_slices(g);
+    npy_intp cdims[1] = {(npy_intp)conv2d_col_size(g) * c->slots}, adims[1] = {S * g->F},
+             pdims[1] = {S * g->F * g->C * g->KH * g->KW};
+    c->col = hold(h, new_array(*tn, 1, cdims));
+    c->acc = hold(h, new_array(NPY_DOUBLE, 1, adims));
+    c->part = hold(h, new_array(*tn, 1, pdims));
+    return c->col && c->acc && c->part ? 0 : -1;
 }
 
 PyDoc_STRVAR(conv2d_backward_doc,
@@ -180,30 +207,158 @@ static PyObject *py_conv2d_backward(PyObject *Py_UNUSED(self), PyObject *args, P
                     &stride_obj, &pad_obj, &need_dx))
         goto done;
     int tn = NPY_NOTYPE;
-    PyArrayObject *x, *Wt, *db = NULL, *dx = NULL;
+    PyArrayObject *x, *Wt;
     DskConv2d g;
     if (conv_inputs(x_obj, W_obj, stride_obj ? stride_obj : one, pad_obj ? pad_obj : zero, &tn, &h, &x, &Wt, &g) < 0)
         goto done;
     npy_intp ydims[4] = {g.B, g.F, g.OH, g.OW};
     PyArrayObject *dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 4, ydims, "(B, F, OH, OW)", 1));
     if (!dy) goto done;
-    npy_intp wdims[4] = {g.F, g.C, g.KH, g.KW}, bdims[1] = {g.F}, xdims[4] = {g.B, g.C, g.H, g.W};
-    PyArrayObject *dW = inplace_array(dW_obj, "dW", &tn, 4, wdims, "(F, C, KH, KW)", &h, 0);
-    if (!hold(&h, dW)) goto done;
-    if (db_obj != Py_None && !(db = hold_from(&h, db_obj, inplace_array(db_obj, "db", &tn, 1, bdims, "(F,)", &h, 0))))
-        goto done;
-    if (need_dx && !(dx = hold(&h, new_array(tn, 4, xdims)))) goto done;
-    npy_intp cdims[1] = {(npy_intp)conv2d_col_size(&g)}, adims[1] = {(npy_intp)conv2d_acc_size(&g)};
-    PyArrayObject *col = hold(&h, new_array(tn, 1, cdims)), *acc = hold(&h, new_array(NPY_DOUBLE, 1, adims));
-    if (!col || !acc) goto done;
+    ConvGrads c;
+    if (conv_grads(dW_obj, db_obj, need_dx, &tn, &g, &h, &c) < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, conv2d_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(col), DATA(acc), DATA(dy), DATA(x),
-             DATA(Wt), &g);
+    DISPATCH(tn, conv2d_backward, OPTDATA(c.dx), DATA(c.dW), OPTDATA(c.db), DATA(c.col), c.slots, DATA(c.part),
+             DATA(c.acc), DATA(dy), DATA(x), DATA(Wt), &g);
     Py_END_ALLOW_THREADS
-    result = Py_NewRef(dx ? (PyObject *)dx : Py_None);
+    result = Py_NewRef(c.dx ? (PyObject *)c.dx : Py_None);
 done:
     Py_XDECREF(one);
     Py_XDECREF(zero);
+    release(&h);
+    return result;
+}
+
+/* The pooling of conv2d_relu_pool_*: pool (int or pair) and pool_stride (None: the pool) over the
+ * convolution's output plane of g; the windows must fit it and hold at most 256 entries. */
+static int pool_geometry(PyObject *pool_obj, PyObject *stride_obj, const DskConv2d *g, DskPool2d *p) {
+    if (parse_pair(pool_obj, "pool", 1, &p->KH, &p->KW) < 0) return -1;
+    p->sh = p->KH, p->sw = p->KW;
+    if (stride_obj && stride_obj != Py_None && parse_pair(stride_obj, "pool_stride", 1, &p->sh, &p->sw) < 0) return -1;
+    if (p->KH * p->KW > 256) {
+        PyErr_Format(PyExc_ValueError, "pool windows of at most 256 entries are supported (their positions are "
+                     "bytes), got (%ld, %ld)", p->KH, p->KW);
+        return -1;
+    }
+    if (p->KH > g->OH || p->KW > g->OW) {
+        PyErr_Format(PyExc_ValueError, "the pool window (%ld, %ld) is larger than the convolution's output plane "
+                     "(OH, OW) = (%ld, %ld)", p->KH, p->KW, g->OH, g->OW);
+        return -1;
+    }
+    p->OH = (g->OH - p->KH) / p->sh + 1;
+    p->OW = (g->OW - p->KW) / p->sw + 1;
+    return 0;
+}
+
+PyDoc_STRVAR(conv2d_relu_pool_forward_doc,
+"conv2d_relu_pool_forward(x, W, b=None, stride=1, padding=0, pool=2, pool_stride=None) -> (y, code)\n\n"
+"max_pool2d_forward(relu_forward(conv2d_forward(x, W, b, stride, padding)), pool, pool_stride) in one\n"
+"pass, without the convolution's output: y (B, F, POH, POW) and code (B, F, POH, POW) uint8, the\n"
+"position i * PW + j of each output's maximum in its window (for conv2d_relu_pool_backward).\n"
+"Windows of at most 256 entries.");
+
+static PyObject *py_conv2d_relu_pool_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "W", "b", "stride", "padding", "pool", "pool_stride", NULL};
+    PyObject *x_obj, *W_obj, *b_obj = NULL, *stride_obj = NULL, *pad_obj = NULL, *pool_obj = NULL, *pst_obj = NULL;
+    PyObject *one = PyLong_FromLong(1), *zero = PyLong_FromLong(0), *two = PyLong_FromLong(2), *result = NULL;
+    Hold h = {0};
+    if (!one || !zero || !two) goto done;
+    if (!parse_args(args, kw, "OO|OOOOO", kwlist, &x_obj, &W_obj, &b_obj, &stride_obj, &pad_obj, &pool_obj, &pst_obj))
+        goto done;
+    int tn = NPY_NOTYPE;
+    PyArrayObject *x, *Wt, *b = NULL;
+    DskConv2d g;
+    DskPool2d p;
+    if (conv_inputs(x_obj, W_obj, stride_obj ? stride_obj : one, pad_obj ? pad_obj : zero, &tn, &h, &x, &Wt, &g) < 0)
+        goto done;
+    if (pool_geometry(pool_obj ? pool_obj : two, pst_obj, &g, &p) < 0) goto done;
+    npy_intp bdims[1] = {g.F};
+    if (optional_input(b_obj, "b", &tn, 1, bdims, "(F,)", 1, &b) < 0) goto done;
+    hold_from(&h, b_obj, b);
+    const int slots = dsk_get_num_threads();
+    npy_intp ydims[4] = {g.B, g.F, p.OH, p.OW}, cdims[1] = {(npy_intp)conv2d_col_size(&g) * slots};
+    PyArrayObject *y = hold(&h, new_array(tn, 4, ydims)), *code = hold(&h, new_array(NPY_UINT8, 4, ydims));
+    PyArrayObject *col = hold(&h, new_array(tn, 1, cdims));
+    if (!y || !code || !col) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, conv2d_relu_pool_forward, DATA(y), DATA(code), DATA(col), slots, DATA(x), DATA(Wt), OPTDATA(b), &g,
+             &p);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(OO)", y, code);
+done:
+    Py_XDECREF(one);
+    Py_XDECREF(zero);
+    Py_XDECREF(two);
+    release(&h);
+    return result;
+}
+
+PyDoc_STRVAR(conv2d_relu_pool_backward_doc,
+"conv2d_relu_pool_backward(dy, code, y, x, W, dW, db=None, stride=1, padding=0, pool=2, pool_stride=None,\n"
+"                          need_dx=True) -> dx or None\n\n"
+"Backward of conv2d_relu_pool_forward for dy (B, F, POH, POW), with its outputs y and code and its\n"
+"inputs x, W: ACCUMULATES dW and db (as conv2d_backward) and returns dx (B, C, H, W), or None unless\n"
+"need_dx. Equal to conv2d_backward(relu_backward(max_pool2d_backward(dy, ...), relu output), ...).\n"
+"code must be uint8, each value < the window's size.");
+
+static PyObject *py_conv2d_relu_pool_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"dy", "code", "y", "x", "W", "dW", "db", "stride", "padding", "pool", "pool_stride",
+                             "need_dx", NULL};
+    PyObject *dy_obj, *code_obj, *y_obj, *x_obj, *W_obj, *dW_obj, *db_obj = Py_None, *stride_obj = NULL,
+             *pad_obj = NULL, *pool_obj = NULL, *pst_obj = NULL;
+    PyObject *one = PyLong_FromLong(1), *zero = PyLong_FromLong(0), *two = PyLong_FromLong(2), *result = NULL;
+    int need_dx = 1;
+    Hold h = {0};
+    if (!one || !zero || !two) goto done;
+    if (!parse_args(args, kw, "OOOOOO|OOOOOp", kwlist, &dy_obj, &code_obj, &y_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
+                    &stride_obj, &pad_obj, &pool_obj, &pst_obj, &need_dx))
+        goto done;
+    int tn = NPY_NOTYPE;
+    PyArrayObject *x, *Wt;
+    DskConv2d g;
+    DskPool2d p;
+    if (conv_inputs(x_obj, W_obj, stride_obj ? stride_obj : one, pad_obj ? pad_obj : zero, &tn, &h, &x, &Wt, &g) < 0)
+        goto done;
+    if (pool_geometry(pool_obj ? pool_obj : two, pst_obj, &g, &p) < 0) goto done;
+    npy_intp ydims[4] = {g.B, g.F, p.OH, p.OW};
+    PyArrayObject *dy = hold_from(&h, dy_obj, input_array(dy_obj, "dy", &tn, 4, ydims, "(B, F, POH, POW)", 1));
+    if (!dy) goto done;
+    npy_intp y2dims[4] = {g.B, g.F, p.OH, p.OW};
+    PyArrayObject *y = hold_from(&h, y_obj, input_array(y_obj, "y", &tn, 4, y2dims, "(B, F, POH, POW)", 1));
+    if (!y) goto done;
+    if (!PyArray_Check(code_obj) || PyArray_TYPE((PyArrayObject *)code_obj) != NPY_UINT8) {
+        PyErr_Format(PyExc_TypeError, "argument 'code' must be the uint8 array conv2d_relu_pool_forward returns, got %s",
+                     PyArray_Check(code_obj) ? PyArray_DESCR((PyArrayObject *)code_obj)->typeobj->tp_name
+                                             : Py_TYPE(code_obj)->tp_name);
+        goto done;
+    }
+    PyArrayObject *code = hold_from(&h, code_obj, (PyArrayObject *)PyArray_FROM_OTF(code_obj, NPY_UINT8, NPY_ARRAY_IN_ARRAY));
+    if (!code) goto done;
+    char got[128], want[128];
+    if (PyArray_NDIM(code) != 4 || !PyArray_CompareLists(PyArray_DIMS(code), ydims, 4)) {
+        format_shape(got, sizeof got, PyArray_NDIM(code), PyArray_DIMS(code));
+        format_shape(want, sizeof want, 4, ydims);
+        PyErr_Format(PyExc_ValueError, "argument 'code' must have the shape of dy %s, got %s", want, got);
+        goto done;
+    }
+    const uint8_t *cv = DATA(code);
+    const npy_intp ncodes = PyArray_SIZE(code);
+    for (npy_intp i = 0; i < ncodes; i++)
+        if (cv[i] >= p.KH * p.KW) {
+            PyErr_Format(PyExc_ValueError, "argument 'code' must hold window positions < %ld (the pool's size), got "
+                         "code.flat[%ld] = %d", p.KH * p.KW, (long)i, (int)cv[i]);
+            goto done;
+        }
+    ConvGrads c;
+    if (conv_grads(dW_obj, db_obj, need_dx, &tn, &g, &h, &c) < 0) goto done;
+    Py_BEGIN_ALLOW_THREADS
+    DISPATCH(tn, conv2d_relu_pool_backward, OPTDATA(c.dx), DATA(c.dW), OPTDATA(c.db), DATA(c.col), c.slots,
+             DATA(c.part), DATA(c.acc), DATA(dy), DATA(code), DATA(y), DATA(x), DATA(Wt), &g, &p);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(c.dx ? (PyObject *)c.dx : Py_None);
+done:
+    Py_XDECREF(one);
+    Py_XDECREF(zero);
+    Py_XDECREF(two);
     release(&h);
     return result;
 }
@@ -254,17 +409,19 @@ done:
 }
 
 PyDoc_STRVAR(max_pool2d_backward_doc,
-"max_pool2d_backward(dy, indices, input_size) -> dx\n\n"
+"max_pool2d_backward(dy, indices, input_size, relu_y=None) -> dx\n\n"
 "Backward of max_pool2d_forward: dy (B, C, OH, OW), indices (B, C, OH, OW) of any integer dtype, each\n"
 "in [0, H W), input_size (H, W) (int or pair). dx (B, C, H, W) is 0 except dx[b, c].flat[indices] +=\n"
-"dy, so overlapping windows that picked the same entry add up.");
+"dy, so overlapping windows that picked the same entry add up. relu_y (B, C, OH, OW): the pooling's\n"
+"output when its input was a ReLU's output; then dx is the gradient at the ReLU's input (only\n"
+"entries with relu_y > 0 pass dy): relu_backward(max_pool2d_backward(...), x), fused.");
 
 static PyObject *py_max_pool2d_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"dy", "indices", "input_size", NULL};
-    PyObject *dy_obj, *idx_obj, *size_obj, *result = NULL;
+    static char *kwlist[] = {"dy", "indices", "input_size", "relu_y", NULL};
+    PyObject *dy_obj, *idx_obj, *size_obj, *relu_obj = Py_None, *result = NULL;
     long H, W;
     Hold h = {0};
-    if (!parse_args(args, kw, "OOO", kwlist, &dy_obj, &idx_obj, &size_obj)) return NULL;
+    if (!parse_args(args, kw, "OOO|O", kwlist, &dy_obj, &idx_obj, &size_obj, &relu_obj)) return NULL;
     if (parse_pair(size_obj, "input_size", 1, &H, &W) < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp ydims[4] = {-1, -1, -1, -1};
@@ -280,12 +437,16 @@ static PyObject *py_max_pool2d_backward(PyObject *Py_UNUSED(self), PyObject *arg
     PyArrayObject *idx = hold(&h, index_array(idx_obj, "indices", "flat indices into the input plane", 4, idims,
                                               "(B, C, OH, OW) of dy", (npy_intp)(H * W), "H W", 0));
     if (!idx) goto done;
+    PyArrayObject *relu_y = NULL;
+    npy_intp rdims[4] = {ydims[0], ydims[1], ydims[2], ydims[3]};
+    if (optional_input(relu_obj, "relu_y", &tn, 4, rdims, "(B, C, OH, OW) of dy", 1, &relu_y) < 0) goto done;
+    hold_from(&h, relu_obj, relu_y);
     npy_intp xdims[4] = {ydims[0], ydims[1], H, W};
     PyArrayObject *dx = hold(&h, new_array(tn, 4, xdims));
     if (!dx) goto done;
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, max_pool2d_backward, DATA(dx), DATA(dy), DATA(idx), (long)(ydims[0] * ydims[1]), H * W,
-             (long)(ydims[2] * ydims[3]));
+    DISPATCH(tn, max_pool2d_backward, DATA(dx), DATA(dy), DATA(idx), OPTDATA(relu_y), (long)(ydims[0] * ydims[1]),
+             H * W, (long)(ydims[2] * ydims[3]));
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)dx);
 done:
@@ -296,6 +457,8 @@ done:
 PyMethodDef dsk_conv_methods[] = {
     KW(conv2d_forward),
     KW(conv2d_backward),
+    KW(conv2d_relu_pool_forward),
+    KW(conv2d_relu_pool_backward),
     KW(max_pool2d_forward),
     KW(max_pool2d_backward),
     {NULL, NULL, 0, NULL},

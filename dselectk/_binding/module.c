@@ -98,13 +98,14 @@ static PyObject *py_check_finite(PyObject *Py_UNUSED(self), PyObject *args) {
 }
 
 static PyObject *py_build_info(PyObject *Py_UNUSED(self), PyObject *Py_UNUSED(unused)) {
-    return Py_BuildValue("{s:O,s:s,s:i,s:i}", "openmp", DSK_HAVE_OPENMP ? Py_True : Py_False, "blas",
+    return Py_BuildValue("{s:O,s:s,s:i,s:i,s:i,s:l}", "openmp", DSK_HAVE_OPENMP ? Py_True : Py_False, "blas",
                          DSK_BLAS_NAME, "num_threads", dsk_get_num_threads(), "blas_num_threads",
-                         dsk_blas_get_num_threads());
+                         dsk_blas_get_num_threads(), "pool_workers", dsk_pool_workers(), "parallel_min_work",
+                         (long)DSK_PARALLEL_MIN_WORK);
 }
 
 static PyMethodDef module_methods[] = {
-    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads of the OpenMP loops and the BLAS."},
+    {"set_num_threads", py_set_num_threads, METH_O, "set_num_threads(n): threads of the kernels' pool (loops and products)."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"set_finite_checks", py_set_finite_checks, METH_O,
      "set_finite_checks(on) -> previous: this thread's NaN/Inf scans of kernel inputs (see "

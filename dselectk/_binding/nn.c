@@ -15,17 +15,29 @@ static int loss_weights(PyObject *obj, int *tn, npy_intp B, Hold *h, PyArrayObje
 }
 
 PyDoc_STRVAR(dense_forward_doc,
-"dense_forward(x, W, b=None, out=None, relu=False) -> y\n\n"
+"dense_forward(x, W, b=None, out=None, relu=False, dropout_rate=0.0, dropout_seed=0, dropout_step=0,\n"
+"              dropout_rows=None) -> y\n\n"
 "y (B, o) = x (B, p) W (p, o) + b (o,); b may be None. W is (in, out), unlike linear_forward's\n"
-"(out, in). One SGEMM/DGEMM of the vendored OpenBLAS. relu=True returns max(y, 0) instead, applied\n"
-"in place while y is still in cache (exactly relu_forward(dense_forward(x, W, b))).");
+"(out, in). One SGEMM/DGEMM of the vendored OpenBLAS, cut in tiles on the thread pool. relu=True\n"
+"returns max(y, 0) instead, and dropout_rate > 0 then applies dropout_forward(., dropout_rate,\n"
+"dropout_seed, dropout_step, rows=dropout_rows), both in each tile's epilogue while it is in cache (exactly\n"
+"dropout_forward(relu_forward(dense_forward(x, W, b)), ...)).");
 
 static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"x", "W", "b", "out", "relu", NULL};
-    PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *result = NULL;
+    static char *kwlist[] = {"x", "W", "b", "out", "relu", "dropout_rate", "dropout_seed", "dropout_step",
+                             "dropout_rows", NULL};
+    PyObject *x_obj, *W_obj, *b_obj = NULL, *out_obj = NULL, *seed_obj = NULL, *step_obj = NULL, *rows_obj = Py_None;
+    PyObject *result = NULL;
     int relu = 0;
+    double rate = 0;
+    unsigned long long seed = 0, step = 0;
     Hold h = {0};
-    if (!parse_args(args, kw, "OO|OOp", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu)) return NULL;
+    if (!parse_args(args, kw, "OO|OOpdOOO", kwlist, &x_obj, &W_obj, &b_obj, &out_obj, &relu, &rate, &seed_obj,
+                    &step_obj, &rows_obj))
+        return NULL;
+    if (check_unit(rate, "dropout_rate") < 0 || (seed_obj && parse_count(seed_obj, "dropout_seed", 0, UINT64_MAX, &seed) < 0) ||
+        (step_obj && parse_count(step_obj, "dropout_step", 0, UINT64_MAX, &step) < 0))
+        return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *b = NULL;
@@ -38,12 +50,20 @@ static PyObject *py_dense_forward(PyObject *Py_UNUSED(self), PyObject *args, PyO
     if (optional_input(b_obj, "b", &tn, 1, bdims, "(o,)", 1, &b) < 0) goto done;
     hold_from(&h, b_obj, b);
     if (check_blas_dims(xdims[0], xdims[1], wdims[1]) < 0) goto done;
+    PyArrayObject *rows = NULL;
+    if (rows_obj != Py_None) { /* rows[b] * o + o <= 2^63: every hashed index fits (as dropout_forward) */
+        npy_intp rdims[1] = {xdims[0]};
+        rows = hold(&h, index_array(rows_obj, "dropout_rows", "row positions", 1, rdims, "(B,)",
+                                    (npy_intp)(INT64_MAX / (wdims[1] > 0 ? wdims[1] : 1)), "2**63 / o", 0));
+        if (!rows) goto done;
+    }
     npy_intp ydims[2] = {xdims[0], wdims[1]};
     PyArrayObject *y = hold(&h, output_array(out_obj, "out", tn, 2, ydims, &h));
     if (!y) goto done;
+    const DskDropout drop = {rate, (uint64_t)seed, (uint64_t)step, rows ? (const int64_t *)DATA(rows) : NULL};
     Py_BEGIN_ALLOW_THREADS
-    DISPATCH(tn, dense_forward, DATA(y), DATA(x), DATA(W), OPTDATA(b), (int)xdims[0], (int)xdims[1], (int)wdims[1]);
-    if (relu) DISPATCH(tn, relu_forward, DATA(y), DATA(y), (long)PyArray_SIZE(y));
+    DISPATCH(tn, dense_forward, DATA(y), DATA(x), DATA(W), OPTDATA(b), (int)xdims[0], (int)xdims[1], (int)wdims[1],
+             relu, rate > 0 ? &drop : NULL);
     Py_END_ALLOW_THREADS
     result = Py_NewRef((PyObject *)y);
 done:
@@ -52,20 +72,26 @@ done:
 }
 
 PyDoc_STRVAR(dense_backward_doc,
-"dense_backward(dy, x, W, dW, db=None, need_dx=True) -> dx or None\n\n"
+"dense_backward(dy, x, W, dW, db=None, need_dx=True, input_relu=False, input_dropout=0.0, out=None)\n"
+"    -> dx or None\n\n"
 "Backward of dense_forward for dy (B, o), x (B, p), W (p, o). ACCUMULATES in place:\n"
 "dW (p, o) += x^T dy and db (o,) += dy summed over the batch (skipped when db is None); dW and db\n"
 "must be C-contiguous, writeable arrays of the call's dtype and exact shape that share no memory\n"
-"with the inputs (they are never copied). Returns dx = dy W^T (B, p), or None unless need_dx.");
+"with the inputs (they are never copied). Returns dx = dy W^T (B, p), or None unless need_dx.\n"
+"input_relu=True: x is a ReLU's output (then dropout_forward's with rate input_dropout, if > 0),\n"
+"and dx is the gradient at that ReLU's input: relu_backward(dropout_backward(dy W^T, ...), x),\n"
+"fused into the product's epilogue. out: an array (B, p) for dx (as dense_forward's out).");
 
 static PyObject *py_dense_backward(PyObject *Py_UNUSED(self), PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"dy", "x", "W", "dW", "db", "need_dx", NULL};
-    PyObject *dy_obj, *x_obj, *W_obj, *dW_obj, *db_obj = Py_None, *result = NULL;
-    int need_dx = 1;
+    static char *kwlist[] = {"dy", "x", "W", "dW", "db", "need_dx", "input_relu", "input_dropout", "out", NULL};
+    PyObject *dy_obj, *x_obj, *W_obj, *dW_obj, *db_obj = Py_None, *out_obj = Py_None, *result = NULL;
+    int need_dx = 1, input_relu = 0;
+    double input_dropout = 0;
     Hold h = {0};
-    if (!parse_args(args, kw, "OOOO|Op", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj,
-                    &need_dx))
+    if (!parse_args(args, kw, "OOOO|OppdO", kwlist, &dy_obj, &x_obj, &W_obj, &dW_obj, &db_obj, &need_dx,
+                    &input_relu, &input_dropout, &out_obj))
         return NULL;
+    if (check_unit(input_dropout, "input_dropout") < 0) return NULL;
     int tn = NPY_NOTYPE;
     npy_intp xdims[2] = {-1, -1};
     PyArrayObject *x = hold_from(&h, x_obj, input_array(x_obj, "x", &tn, 2, xdims, "(B, p)", 1)), *db = NULL, *dx = NULL;
@@ -82,10 +108,11 @@ static PyObject *py_dense_backward(PyObject *Py_UNUSED(self), PyObject *args, Py
     if (!hold(&h, dW)) goto done;
     if (db_obj != Py_None && !(db = hold_from(&h, db_obj, inplace_array(db_obj, "db", &tn, 1, bdims, "(o,)", &h, 0))))
         goto done;
-    if (need_dx && !(dx = hold(&h, new_array(tn, 2, xdims)))) goto done;
+    if (need_dx && !(dx = hold(&h, output_array(out_obj, "out", tn, 2, xdims, &h)))) goto done;
+    const double scale = input_relu ? 1 / (1 - input_dropout) : 0;
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, dense_backward, OPTDATA(dx), DATA(dW), OPTDATA(db), DATA(dy), DATA(x), DATA(W), (int)xdims[0],
-             (int)xdims[1], (int)wdims[1]);
+             (int)xdims[1], (int)wdims[1], scale);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(dx ? (PyObject *)dx : Py_None);
 done:

@@ -6,6 +6,26 @@
 
 #include "optim.h"
 
+/* check_slabs (common.h) with the fast pass first: optim_slabs_valid reads the slabs side by side
+ * on the pool, and only when it finds a bad value does check_slabs scan them one by one for the
+ * message naming the first (slab, index). Skipped inside trusted_inputs(), like every scan. */
+static int check_step_slabs(int tn, PyArrayObject *const *slabs, const char *const *names, int count,
+                            int last_nonneg) {
+    if (!finite_checks_on) return 0;
+    const void *data[4];
+    const long N = (long)PyArray_SIZE(slabs[0]);
+    for (int j = 0; j < count; j++) data[j] = DATA(slabs[j]);
+    int valid;
+    Py_BEGIN_ALLOW_THREADS
+    valid = tn == NPY_FLOAT ? optim_slabs_valid_f32((const float *const *)data, count, last_nonneg, N)
+                            : optim_slabs_valid_f64((const double *const *)data, count, last_nonneg, N);
+    Py_END_ALLOW_THREADS
+    if (valid) return 0;
+    if (check_slabs(slabs, names, count, last_nonneg) < 0) return -1;
+    PyErr_SetString(PyExc_ValueError, "an optimizer slab changed during the step's value check (another thread?)");
+    return -1;
+}
+
 /* params (N) and grads (N) of an optimizer step: params sets the dtype and N and is updated in
  * place; grads is read only and shares no memory with params. Their values are checked with the
  * state's, in one pass (check_slabs). */
@@ -60,7 +80,7 @@ static PyObject *py_sgd_step(PyObject *Py_UNUSED(self), PyObject *args, PyObject
     }
     const char *names[3] = {"params", "grads", "velocity"};
     PyArrayObject *slabs[3] = {params, grads, velocity};
-    if (check_slabs(slabs, names, momentum != 0 ? 3 : 2, 0) < 0) goto done; /* velocity: read with momentum */
+    if (check_step_slabs(tn, slabs, names, momentum != 0 ? 3 : 2, 0) < 0) goto done; /* velocity: read with momentum */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, sgd_step, DATA(params), momentum != 0 ? OPTDATA(velocity) : NULL, DATA(grads), (long)N[0], lr,
              momentum, weight_decay, nesterov);
@@ -101,7 +121,7 @@ static PyObject *py_adam_step(PyObject *Py_UNUSED(self), PyObject *args, PyObjec
     if (!(v = hold_from(&h, v_obj, inplace_array(v_obj, "v", &tn, 1, N, "(N,)", &h, 0)))) goto done;
     const char *names[4] = {"params", "grads", "m", "v"};
     PyArrayObject *slabs[4] = {params, grads, m, v};
-    if (check_slabs(slabs, names, 4, 1) < 0) goto done; /* v >= 0 */
+    if (check_step_slabs(tn, slabs, names, 4, 1) < 0) goto done; /* v >= 0 */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, adam_step, DATA(params), DATA(m), DATA(v), DATA(grads), (long)N[0], (long)step, lr, beta1, beta2,
              eps, weight_decay);
@@ -136,7 +156,7 @@ static PyObject *py_adagrad_step(PyObject *Py_UNUSED(self), PyObject *args, PyOb
     if (!(accum = hold_from(&h, a_obj, inplace_array(a_obj, "accum", &tn, 1, N, "(N,)", &h, 0)))) goto done;
     const char *names[3] = {"params", "grads", "accum"};
     PyArrayObject *slabs[3] = {params, grads, accum};
-    if (check_slabs(slabs, names, 3, 1) < 0) goto done; /* accum >= 0 */
+    if (check_step_slabs(tn, slabs, names, 3, 1) < 0) goto done; /* accum >= 0 */
     Py_BEGIN_ALLOW_THREADS
     DISPATCH(tn, adagrad_step, DATA(params), DATA(accum), DATA(grads), (long)N[0], lr, eps, weight_decay);
     Py_END_ALLOW_THREADS
