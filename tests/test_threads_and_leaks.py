@@ -364,6 +364,15 @@ def test_tiled_products_close_across_num_threads(threads, restore_threads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _run_fresh_interpreter(code):
+    """``python -c code`` importing the dselectk these tests import: from the directory above it (an
+    installed package's site-packages, or a checkout built in place), never from the current
+    directory, where a source checkout's unbuilt dselectk/ would shadow an installed one (CI)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dselectk.__file__)))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=root))
+
+
 def test_pool_survives_fork(restore_threads):
     """A child forked while the parent's pool has workers starts without them and creates its own."""
     if not hasattr(os, "fork"):
@@ -385,8 +394,7 @@ def test_pool_survives_fork(restore_threads):
         _, status = os.waitpid(pid, 0)
         sys.exit(os.waitstatus_to_exitcode(status))
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(dselectk.__file__))))
+    res = _run_fresh_interpreter(code)
     assert res.returncode == 0, res.stderr
     for got, w in zip(run(), want):  # and the parent's pool still works
         np.testing.assert_allclose(got, w, rtol=1e-6)
@@ -407,8 +415,7 @@ def test_small_work_starts_no_thread():
         dselectk.fit(model, X, Y, epochs=2, batch_size=64, verbose=0)
         print(dselectk.build_info()["pool_workers"])
     """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(dselectk.__file__))))
+    res = _run_fresh_interpreter(code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[-1] == "0"
 
