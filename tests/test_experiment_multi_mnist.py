@@ -129,10 +129,20 @@ def test_full_protocol(dataset, path):
             assert all(s <= 2 for s in r["selected_experts"]), (name, r)
 
 
+def _experiment_script():
+    """benchmarks/multi_fashion_mnist_experiment.py as a module (benchmarks/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "mfm_experiment", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "multi_fashion_mnist_experiment.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_trial_function_and_experiment_script(tmp_path):
     """multi_mnist_trial's metrics, and benchmarks/multi_fashion_mnist_experiment.py end to end on
     the glyph source (tiny sizes; the script's --path reads any directory of IDX files)."""
-    import importlib.util
     import json
 
     directory = str(_write_glyph_source(tmp_path / "glyphs", n_train=600, n_test=200, seed=2))
@@ -144,10 +154,7 @@ def test_trial_function_and_experiment_script(tmp_path):
     assert 0 < metrics["expert_flops"] <= metrics["expert_flops_dense"]
     assert metrics["binary"] in (0.0, 1.0) and (metrics["binary"] == 1.0) == (not math.isnan(metrics["binary_pct"]))
 
-    spec = importlib.util.spec_from_file_location(
-        "mfm_experiment", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "multi_fashion_mnist_experiment.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _experiment_script()
     out = tmp_path / "out"
     argv = ["--path", directory, "--models", "shared_bottom", "top_k", "--trials", "2", "--tune-train", "128",
             "--tune-val", "64", "--tune-epochs", "1", "--reps", "2", "--epochs", "1", "--n-train", "256", "--n-val",
@@ -175,7 +182,6 @@ def test_comet_plus_trains_with_a_hardened_permutation(tmp_path):
     training, each gate's permutation is hardened to a permutation per tree, recorded in the History,
     and the model still learns; then benchmarks/multi_fashion_mnist_experiment.py's comet+ row starts
     from comet's chosen configuration and differs from it only by ls_frac."""
-    import importlib.util
     import json
 
     directory = str(_write_glyph_source(tmp_path / "glyphs", n_train=600, n_test=200, seed=3))
@@ -192,10 +198,7 @@ def test_comet_plus_trains_with_a_hardened_permutation(tmp_path):
         np.testing.assert_array_equal(perm, record["permutation"])
     assert all(acc > 0.3 for acc in out["test_accuracy"]), out  # chance: 0.1
 
-    spec = importlib.util.spec_from_file_location(
-        "mfm_experiment", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "multi_fashion_mnist_experiment.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _experiment_script()
     argv = ["--path", directory, "--trials", "1", "--tune-train", "128", "--tune-val", "64", "--tune-epochs", "1",
             "--reps", "1", "--epochs", "2", "--n-train", "256", "--n-val", "64", "--n-test", "64", "--workers", "1",
             "--out", str(tmp_path / "out"), "--quiet"]
