@@ -23,7 +23,7 @@ experiments. ``comet+`` (COMET + local search, COMET+) is a row of its own: COME
 configuration (``comet`` must have been run first, in this or an earlier call) plus the permutation
 local search for the first ``ls_frac`` of the epochs, ``ls_frac`` tuned over the authors' 0.01-0.1
 ({0.01, 0.03, 0.1}, as in benchmarks/local_search_experiments.py) with the same tuning runs; the
-other local-search options at their defaults (one permutation per gate, tau 1e-3 -> 1e-7). So the
+other local-search options at their defaults (one permutation per tree of each task gate, tau 1e-3 -> 1e-7). So the
 row differs from ``comet`` only by the local search, which a light random search over the whole
 grid would not guarantee.
 """
