@@ -1,7 +1,7 @@
 """The paper's Multi-Fashion MNIST experiment (Table 2, Appendix D.2) with the sweep runner.
 
     apt-get install -y dataset-fashion-mnist     # the IDX files under /usr/share/datasets/fashion-mnist
-    python benchmarks/multi_fashion_mnist_experiment.py [--models dselect_k top_k softmax shared_bottom]
+    python benchmarks/multi_fashion_mnist_experiment.py [--models dselect_k top_k softmax shared_bottom comet comet+]
         [--trials 3] [--tune-train 5000] [--tune-val 5000] [--tune-epochs 2] [--reps 3] [--epochs 3]
         [--patience 2] [--workers 2]
         [--out benchmarks/results/multi_fashion_mnist]
@@ -17,6 +17,15 @@ configuration, with new seeds, on the full data (100,000 / 20,000 / 20,000 image
 ``<out>/trials.jsonl`` (a rerun resumes). Writes ``<out>/table2.md`` / ``.csv``: test accuracy of
 each task (mean +- standard error), selected experts, % of steps until S(Z) was binary, and the
 expert FLOPs executed relative to the dense model and to Top-k.
+
+COMET (Ibrahim et al., KDD 2023; issue #13) is tuned on DSelect-k's grid, as in the other COMET
+experiments. ``comet+`` (COMET + local search, COMET+) is a row of its own: COMET's chosen
+configuration (``comet`` must have been run first, in this or an earlier call) plus the permutation
+local search for the first ``ls_frac`` of the epochs, ``ls_frac`` tuned over the authors' 0.01-0.1
+({0.01, 0.03, 0.1}, as in benchmarks/local_search_experiments.py) with the same tuning runs; the
+other local-search options at their defaults (one permutation per tree of each task gate, tau 1e-3 -> 1e-7). So the
+row differs from ``comet`` only by the local search, which a light random search over the whole
+grid would not guarantee.
 """
 from __future__ import annotations
 
@@ -39,6 +48,11 @@ GRIDS = {
     "softmax": {"lr": [0.01, 0.001], "expert_layers": [1, 3, 5]},
     "shared_bottom": {"lr": [0.01, 0.001], "expert_layers": [1, 3, 5]},
 }
+GRIDS["comet"] = GRIDS["dselect_k"]  # COMET takes DSelect-k's grid (lr, k, gamma, expert layers)
+# rows with local search: row -> (the model whose chosen configuration they start from, the local-search
+# grid tuned on top of it)
+LOCAL_SEARCH_ROWS = {"comet+": ("comet", {"ls_frac": [0.01, 0.03, 0.1]})}
+SMOOTH_STEP = ("dselect_k", "comet", "comet+")  # the gates whose S(Z) becomes binary
 PAPER = {  # Table 2, Multi-Fashion MNIST: accuracy of task 1, task 2, experts
     "dselect_k": ("83.78 ± 0.05", "83.34 ± 0.05", "1.8"), "top_k": ("83.44 ± 0.07", "82.66 ± 0.08", "4"),
     "softmax": ("83.48 ± 0.04", "82.81 ± 0.04", "8"), "shared_bottom": ("82.05 ± 0.05", "81.37 ± 0.06", "-"),
@@ -57,12 +71,18 @@ def _chosen(out):
         return json.load(f)
 
 
+def row_of(config):
+    """The table row of a trial's config: its model, with "+" where it ran local search."""
+    return config["model"] + ("+" if config.get("ls_frac") else "")
+
+
 def write_table(out):
     """The table of the final runs; where <out>/chosen_configs.json names a model's configuration
     (a rerun with more tuning trials may have chosen another one), only that configuration's runs."""
     chosen = _chosen(out)
-    records = [r for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].endswith("/final")
-               and (r["config"]["model"] not in chosen or r["config"] == chosen[r["config"]["model"]]["config"])]
+    records = [{**r, "config": {**r["config"], "model": row_of(r["config"])}}  # grouped by row
+               for r in load_records(os.path.join(out, "trials.jsonl")) if r["sweep"].endswith("/final")
+               and (row_of(r["config"]) not in chosen or r["config"] == chosen[row_of(r["config"])]["config"])]
     if not records:
         _log("no final runs recorded yet")
         return
@@ -71,7 +91,7 @@ def write_table(out):
         m["test_acc1_pct"], m["test_acc2_pct"] = 100 * m["test_acc1"], 100 * m["test_acc2"]
         if m["expert_flops_dense"]:
             m["flops_vs_dense"] = m["expert_flops"] / m["expert_flops_dense"]
-        if r["config"]["model"] == "dselect_k":
+        if r["config"]["model"] in SMOOTH_STEP:
             m["binary_runs"] = m["binary"]  # summed below: runs whose S(Z) became binary
         if m.get("binary_pct") != m.get("binary_pct"):  # NaN: never binary; counts in no mean
             del m["binary_pct"]
@@ -90,13 +110,32 @@ def write_table(out):
              "", "The paper's Table 2 (Multi-Fashion MNIST, static gates, 100 repetitions):",
              "", "| model | accuracy 1 | accuracy 2 | experts |", "|---|---|---|---|"]
     lines += [f"| {name} | {a} | {b} | {e} |" for name, (a, b, e) in PAPER.items()]
-    if "dselect_k" in flops and "top_k" in flops:
-        lines += ["", "Expert FLOPs of a whole training run, DSelect-k / Top-k (Table C.4's FLOPS(DSelect-k)/"
-                  f"FLOPS(Top-k)), mean over repetitions: {np.mean(flops['dselect_k']) / np.mean(flops['top_k']):.3f}"]
+    if "top_k" in flops:
+        ratios = [f"{name} {np.mean(flops[name]) / np.mean(flops['top_k']):.3f}" for name in SMOOTH_STEP if name in flops]
+        if ratios:
+            lines += ["", "Expert FLOPs of a whole training run, relative to Top-k (Table C.4's FLOPS(DSelect-k)/"
+                      f"FLOPS(Top-k)), mean over repetitions: {', '.join(ratios)}"]
     with open(os.path.join(out, "table2.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     table.to_csv(os.path.join(out, "table2.csv"))
     _log(f"wrote {out}/table2.md")
+
+
+def _tuning_grid(name, args):
+    """The tuning sweep's grid of a row: its model's grid at the tuning sizes; for a local-search row
+    the configuration chosen for its base model, at the tuning sizes, plus the local-search grid."""
+    sizes = {"n_train": [args.tune_train], "n_val": [args.tune_val], "n_test": [1_000], "epochs": [args.tune_epochs],
+             "early_stopping_patience": [None]}
+    if name not in LOCAL_SEARCH_ROWS:
+        return {"dataset": ["fashion_mnist"], "path": [args.path], "model": [name], **sizes, **GRIDS[name]}
+    base, search = LOCAL_SEARCH_ROWS[name]
+    chosen = _chosen(args.out)
+    if base not in chosen:
+        raise SystemExit(f"{name} starts from the configuration chosen for {base}, and {args.out}/chosen_configs.json "
+                         f"has none: run --models {base} {name}")
+    config = {**chosen[base]["config"], "path": args.path}
+    config.update({key: value[0] for key, value in sizes.items()})
+    return {**{key: [value] for key, value in config.items()}, **search}
 
 
 def main(argv=None):
@@ -105,7 +144,8 @@ def main(argv=None):
     ap.add_argument("--path", default=None, help="directory of the Fashion-MNIST IDX files (default: the Debian "
                     "package's)")
     ap.add_argument("--models", nargs="+", default=["shared_bottom", "dselect_k", "top_k", "softmax"],
-                    choices=list(GRIDS))
+                    choices=list(GRIDS) + list(LOCAL_SEARCH_ROWS),
+                    help="rows to run; comet+ starts from comet's chosen configuration (run comet first)")
     ap.add_argument("--trials", type=int, default=3, help="configurations tried per model")
     ap.add_argument("--tune-train", type=int, default=5_000, help="training images of a tuning run")
     ap.add_argument("--tune-val", type=int, default=5_000, help="validation images of a tuning run")
@@ -128,11 +168,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     path, t0 = os.path.join(args.out, "trials.jsonl"), time.time()
     for name in args.models:
-        grid = {"dataset": ["fashion_mnist"], "path": [args.path], "model": [name], "n_train": [args.tune_train],
-                "n_val": [args.tune_val], "n_test": [1_000], "epochs": [args.tune_epochs],
-                "early_stopping_patience": [None], **GRIDS[name]}
-        _log(f"{name}: tuning {args.trials} configurations on {args.tune_train} images")
-        tuned = Sweep(M.multi_mnist_trial, grid, n_trials=args.trials, seed=args.seed, metric="val_error",
+        grid, n_trials = _tuning_grid(name, args), args.trials
+        if name in LOCAL_SEARCH_ROWS:
+            n_trials = len(LOCAL_SEARCH_ROWS[name][1]["ls_frac"])  # every local-search length once
+        _log(f"{name}: tuning {n_trials} configurations on {args.tune_train} images")
+        tuned = Sweep(M.multi_mnist_trial, grid, n_trials=n_trials, seed=args.seed, metric="val_error",
                       constraint=binary_constraint, results_path=path, name=f"multi_fashion/{name}/tune").run(
             max_workers=args.workers, progress=not args.quiet)
         best, met = tuned.best_config, True

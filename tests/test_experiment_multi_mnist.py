@@ -129,10 +129,20 @@ def test_full_protocol(dataset, path):
             assert all(s <= 2 for s in r["selected_experts"]), (name, r)
 
 
+def _experiment_script():
+    """benchmarks/multi_fashion_mnist_experiment.py as a module (benchmarks/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "mfm_experiment", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "multi_fashion_mnist_experiment.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_trial_function_and_experiment_script(tmp_path):
     """multi_mnist_trial's metrics, and benchmarks/multi_fashion_mnist_experiment.py end to end on
     the glyph source (tiny sizes; the script's --path reads any directory of IDX files)."""
-    import importlib.util
     import json
 
     directory = str(_write_glyph_source(tmp_path / "glyphs", n_train=600, n_test=200, seed=2))
@@ -144,10 +154,7 @@ def test_trial_function_and_experiment_script(tmp_path):
     assert 0 < metrics["expert_flops"] <= metrics["expert_flops_dense"]
     assert metrics["binary"] in (0.0, 1.0) and (metrics["binary"] == 1.0) == (not math.isnan(metrics["binary_pct"]))
 
-    spec = importlib.util.spec_from_file_location(
-        "mfm_experiment", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "multi_fashion_mnist_experiment.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _experiment_script()
     out = tmp_path / "out"
     argv = ["--path", directory, "--models", "shared_bottom", "top_k", "--trials", "2", "--tune-train", "128",
             "--tune-val", "64", "--tune-epochs", "1", "--reps", "2", "--epochs", "1", "--n-train", "256", "--n-val",
@@ -168,3 +175,40 @@ def test_trial_function_and_experiment_script(tmp_path):
     assert set(chosen) == {"shared_bottom", "top_k"}
     table = (out / "table2.md").read_text()
     assert "| top_k | 2 |" in table and "| shared_bottom | 2 |" in table  # the chosen configuration's 2 runs each
+
+
+def test_comet_plus_trains_with_a_hardened_permutation(tmp_path):
+    """COMET + local search (the script's comet+ row) on the glyph source: the soft phase ends inside
+    training, each gate's permutation is hardened to a permutation per tree, recorded in the History,
+    and the model still learns; then benchmarks/multi_fashion_mnist_experiment.py's comet+ row starts
+    from comet's chosen configuration and differs from it only by ls_frac."""
+    import json
+
+    directory = str(_write_glyph_source(tmp_path / "glyphs", n_train=600, n_test=200, seed=3))
+    data = I.multi_mnist(directory, n_train=1024, n_val=128, n_test=256, seed=3, shift=2)
+    out = E.train_and_test(data, "comet", epochs=8, batch_size=64, lr=1e-2, ls_frac=0.25, return_model=True,
+                           seed=0, **SMALL)  # soft phase: 2 of the 8 epochs (32 of 128 steps)
+    model, history = out["model"], out["history"]
+    assert [r["step"] for r in history.permutations] == [32, 32]
+    for gate, record in zip(model.gates, history.permutations):
+        perm = gate.permutation
+        assert perm is not None and perm.shape == (SMALL["k"], SMALL["n_experts"])  # one per tree
+        for row in perm:
+            assert sorted(row.tolist()) == list(range(SMALL["n_experts"]))
+        np.testing.assert_array_equal(perm, record["permutation"])
+    assert all(acc > 0.3 for acc in out["test_accuracy"]), out  # chance: 0.1
+
+    script = _experiment_script()
+    argv = ["--path", directory, "--trials", "1", "--tune-train", "128", "--tune-val", "64", "--tune-epochs", "1",
+            "--reps", "1", "--epochs", "2", "--n-train", "256", "--n-val", "64", "--n-test", "64", "--workers", "1",
+            "--out", str(tmp_path / "out"), "--quiet"]
+    with pytest.raises(SystemExit, match="run --models comet comet\\+"):
+        script.main(argv + ["--models", "comet+"])  # comet+ needs comet's choice
+    script.main(argv + ["--models", "comet", "comet+"])
+    records = [json.loads(line) for line in (tmp_path / "out" / "trials.jsonl").read_text().splitlines()]
+    assert [r["config"]["ls_frac"] for r in records if r["sweep"] == "multi_fashion/comet+/tune"] == [0.01, 0.03, 0.1]
+    chosen = json.loads((tmp_path / "out" / "chosen_configs.json").read_text())
+    plus = dict(chosen["comet+"]["config"])
+    assert plus.pop("ls_frac") in (0.01, 0.03, 0.1) and plus == chosen["comet"]["config"]
+    table = (tmp_path / "out" / "table2.md").read_text()
+    assert "| comet | 1 |" in table and "| comet+ | 1 |" in table
